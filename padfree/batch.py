@@ -1,0 +1,147 @@
+"""PackedBatch: the one data structure that flows through padfree.
+
+Valid tokens of a batch of variable-length sequences are packed once into flat ``[T]`` tensors
+(T = number of real tokens). ``cu_seqlens`` (prefix sum of the lengths) says where each sequence starts.
+Padding is rebuilt only by :meth:`PackedBatch.unpack`, when a caller asks for ``[B, S, H]`` output.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+
+@dataclass(frozen=True)
+class PackedBatch:
+    input_ids: torch.Tensor
+    """``[T]`` int64: token ids of the real tokens, sequence after sequence."""
+    token_type_ids: torch.Tensor
+    """``[T]`` int64: segment ids (zeros when the caller gave none)."""
+    position_ids: torch.Tensor
+    """``[T]`` int64: position of each token inside its own sequence, restarting at 0. A model's position
+    offset (RoBERTa's ``padding_idx + 1``) is applied by the model, so one batch serves every family."""
+    cu_seqlens: torch.Tensor
+    """``[B+1]`` int32: prefix sum of the sequence lengths; sequence b is tokens ``cu_seqlens[b]:cu_seqlens[b+1]``."""
+    max_seqlen: int
+    """Length of the longest sequence, a host int (computed while batching, never by a device sync later)."""
+    pad_index: torch.Tensor | None = None
+    """``[T]`` int64, only for batches built from a padded tensor: where each packed token sits in ``[B*S]``."""
+    padded_shape: tuple[int, int] | None = None
+    """``(B, S)`` of the padded tensor the batch came from, if any."""
+
+    @property
+    def num_tokens(self) -> int:
+        """T, the number of real tokens."""
+        return self.input_ids.shape[0]
+
+    @property
+    def batch_size(self) -> int:
+        """B, the number of sequences."""
+        return self.cu_seqlens.shape[0] - 1
+
+    @property
+    def seqlens(self) -> torch.Tensor:
+        """``[B]`` int64 lengths."""
+        return self.cu_seqlens.diff().long()
+
+    def to(self, device: torch.device | str) -> "PackedBatch":
+        """The same batch with every tensor on ``device`` (host ints stay)."""
+        move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
+        return PackedBatch(move(self.input_ids), move(self.token_type_ids), move(self.position_ids),
+                           move(self.cu_seqlens), self.max_seqlen, move(self.pad_index), self.padded_shape)
+
+    # ------------------------------------------------------------------ constructors
+    @classmethod
+    def from_padded(cls, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                    token_type_ids: torch.Tensor | None = None) -> "PackedBatch":
+        """Pack a padded batch. ``input_ids``, ``attention_mask`` (and ``token_type_ids``): ``[B, S]``.
+
+        The mask may use any padding side, or any 0/1 pattern: its ones are the real tokens, taken in order.
+        Raises ``ValueError`` for shape mismatches, a mask with values other than 0/1, or a row with no real token.
+        """
+        input_ids = torch.as_tensor(input_ids)
+        attention_mask = torch.as_tensor(attention_mask, device=input_ids.device)
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be 2-D [batch, seq]; got shape {tuple(input_ids.shape)}")
+        if attention_mask.shape != input_ids.shape:
+            raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} does not match "
+                             f"input_ids shape {tuple(input_ids.shape)}")
+        if token_type_ids is not None:
+            token_type_ids = torch.as_tensor(token_type_ids, device=input_ids.device)
+            if token_type_ids.shape != input_ids.shape:
+                raise ValueError(f"token_type_ids shape {tuple(token_type_ids.shape)} does not match "
+                                 f"input_ids shape {tuple(input_ids.shape)}")
+        if input_ids.dtype.is_floating_point or input_ids.dtype == torch.bool:
+            raise ValueError(f"input_ids must be an integer tensor; got {input_ids.dtype}")
+        B, S = input_ids.shape
+        if B == 0:
+            raise ValueError("empty batch: input_ids has no rows")
+        mask = attention_mask.to(torch.int64)
+        if attention_mask.dtype != torch.bool and not bool(((mask == 0) | (mask == 1)).all()):
+            raise ValueError("attention_mask must contain only 0 and 1 (1 = real token); "
+                             f"found values {sorted(set(attention_mask.unique().tolist()) - {0, 1})[:5]}")
+        lengths = mask.sum(dim=1)  # [B]
+        lengths_host = lengths.tolist()  # the one host sync of packing: T and max_seqlen size everything after
+        empty_rows = [b for b, n in enumerate(lengths_host) if n == 0]
+        if empty_rows:
+            raise ValueError(f"attention_mask rows {empty_rows[:10]} have no real token; every sequence needs >= 1")
+        flat_mask = mask.reshape(-1).bool()  # [B*S]
+        pad_index = flat_mask.nonzero().squeeze(1)  # [T] positions of real tokens in [B*S], row-major order
+        position_ids = (mask.cumsum(dim=1) - 1).reshape(-1)[pad_index]  # [T] restart at 0 in each row
+        ids = input_ids.reshape(-1)[pad_index].long()
+        types = (token_type_ids.reshape(-1)[pad_index].long() if token_type_ids is not None
+                 else torch.zeros_like(ids))
+        cu = torch.zeros(B + 1, dtype=torch.int32, device=input_ids.device)
+        cu[1:] = lengths.cumsum(0)
+        return cls(ids, types, position_ids, cu, max(lengths_host), pad_index, (B, S))
+
+    @classmethod
+    def from_sequences(cls, sequences: Sequence[Sequence[int]],
+                       token_type_ids: Sequence[Sequence[int]] | None = None,
+                       device: torch.device | str = "cpu") -> "PackedBatch":
+        """Pack a list of token-id lists (each one sequence, no padding)."""
+        if len(sequences) == 0:
+            raise ValueError("empty batch: no sequences given")
+        lengths = [len(s) for s in sequences]
+        empty = [i for i, n in enumerate(lengths) if n == 0]
+        if empty:
+            raise ValueError(f"sequences {empty[:10]} are empty; every sequence needs >= 1 token")
+        if token_type_ids is not None:
+            if [len(t) for t in token_type_ids] != lengths:
+                raise ValueError("token_type_ids must have exactly one entry per token of each sequence")
+            types = torch.tensor([t for seq in token_type_ids for t in seq], dtype=torch.int64)
+        ids = torch.tensor([t for seq in sequences for t in seq], dtype=torch.int64)
+        if token_type_ids is None:
+            types = torch.zeros_like(ids)
+        cu = torch.zeros(len(lengths) + 1, dtype=torch.int32)
+        cu[1:] = torch.tensor(lengths).cumsum(0)
+        positions = torch.cat([torch.arange(n) for n in lengths])
+        batch = cls(ids, types, positions, cu, max(lengths))
+        return batch if torch.device(device).type == "cpu" else batch.to(device)
+
+    # ------------------------------------------------------------------ unpacking
+    def unpack(self, x: torch.Tensor) -> torch.Tensor:
+        """Scatter packed ``[T, ...]`` back to padded ``[B, S, ...]`` with zeros at pads.
+
+        For a batch built by :meth:`from_sequences`, S is ``max_seqlen`` and padding is on the right.
+        """
+        if x.shape[0] != self.num_tokens:
+            raise ValueError(f"unpack expects {self.num_tokens} packed rows, got {x.shape[0]}")
+        if self.pad_index is not None:
+            B, S = self.padded_shape
+            index = self.pad_index
+        else:
+            B, S = self.batch_size, self.max_seqlen
+            starts = self.cu_seqlens[:-1].long().repeat_interleave(self.seqlens, output_size=self.num_tokens)
+            seq = torch.arange(B, device=x.device).repeat_interleave(self.seqlens, output_size=self.num_tokens)
+            index = seq * S + (torch.arange(self.num_tokens, device=x.device) - starts)
+        out = x.new_zeros((B * S,) + tuple(x.shape[1:]))  # [B*S, ...]
+        out[index] = x
+        return out.view((B, S) + tuple(x.shape[1:]))
+
+    def sequence_index(self) -> torch.Tensor:
+        """``[T]`` int64: the sequence each packed token belongs to."""
+        B = self.batch_size
+        return torch.arange(B, device=self.cu_seqlens.device).repeat_interleave(
+            self.seqlens, output_size=self.num_tokens)

@@ -1,0 +1,98 @@
+"""Loading Hugging Face checkpoints into padfree encoders.
+
+A checkpoint (a local directory or an in-memory ``transformers`` model) is read once, its keys mapped by
+the family's explicit table (QKV fused into one ``[3H, H]`` weight here), every key and shape checked, and
+the encoder built on the meta device and filled with ``load_state_dict(assign=True)``.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+
+from .config import ModelConfig
+from .models.encoder import Encoder
+from .models.families import Family, family_for
+
+log = logging.getLogger("padfree")
+
+
+def read_checkpoint(source) -> tuple[dict, dict[str, torch.Tensor]]:
+    """``(config dict, state dict)`` from a directory or an in-memory ``transformers`` model."""
+    if hasattr(source, "state_dict") and hasattr(source, "config"):
+        return source.config.to_dict(), dict(source.state_dict())
+    path = Path(source)
+    if not (path / "config.json").is_file():
+        raise ValueError(f"{path} is not a Hugging Face model directory: no config.json")
+    config = json.loads((path / "config.json").read_text())
+    return config, _read_weights(path)
+
+
+def _read_weights(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+    if (path / "model.safetensors").is_file():
+        return load_file(path / "model.safetensors")
+    for index_name, loader in (("model.safetensors.index.json", load_file),
+                               ("pytorch_model.bin.index.json", _load_bin)):
+        if (path / index_name).is_file():
+            shards = sorted(set(json.loads((path / index_name).read_text())["weight_map"].values()))
+            return {k: v for shard in shards for k, v in loader(path / shard).items()}
+    if (path / "pytorch_model.bin").is_file():
+        return _load_bin(path / "pytorch_model.bin")
+    raise ValueError(f"no weights in {path}: expected model.safetensors or pytorch_model.bin")
+
+
+def _load_bin(file: Path) -> dict[str, torch.Tensor]:
+    return torch.load(file, map_location="cpu", weights_only=True)
+
+
+def map_weights(family: Family, cfg: ModelConfig, hf_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """padfree's state dict from a checkpoint's, by the family's table. ``ValueError`` naming missing keys."""
+    state = dict(hf_state)
+    for prefix in family.prefixes:  # task checkpoints nest the base model under a prefix
+        if any(k.startswith(prefix) for k in state):
+            state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+            break
+    out, missing, used = {}, [], set()
+    for name, source in family.weight_table(cfg).items():
+        sources = (source,) if isinstance(source, str) else source
+        absent = [s for s in sources if s not in state]
+        if absent:
+            if name not in family.optional:
+                missing.extend(absent)
+            continue
+        out[name] = state[sources[0]] if len(sources) == 1 else torch.cat([state[s] for s in sources], dim=0)
+        used.update(sources)
+    if missing:
+        raise ValueError(f"checkpoint for {family.name} is missing {len(missing)} weights: "
+                         f"{missing[:8]}{' ...' if len(missing) > 8 else ''}")
+    unused = sorted(set(state) - used - {"embeddings.position_ids", "embeddings.token_type_ids"})
+    if unused:
+        log.debug("padfree: ignored %d checkpoint keys: %s", len(unused), unused[:8])
+    return out
+
+
+def from_pretrained(source, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+                    backend: str = "auto") -> Encoder:
+    """A padfree :class:`Encoder` from a Hugging Face directory or in-memory ``transformers`` model.
+
+    ``backend``: "auto" (the registry's priority order) or a backend name ("torch", "triton").
+    """
+    if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"dtype {dtype} is not supported; use torch.float32, torch.bfloat16 or torch.float16")
+    hf_config, hf_state = read_checkpoint(source)
+    family = family_for(hf_config.get("model_type", "<missing model_type>"))
+    cfg = family.make_config(hf_config)
+    state = map_weights(family, cfg, hf_state)
+    with torch.device("meta"):
+        model = Encoder(cfg, has_pooler="pooler.weight" in state)
+    expected = model.state_dict()
+    wrong = [f"{k}: {tuple(v.shape)} != {tuple(expected[k].shape)}" for k, v in state.items()
+             if v.shape != expected[k].shape]
+    if wrong:
+        raise ValueError(f"checkpoint shapes do not match its config: {wrong[:8]}")
+    state = {k: v.to(device=device, dtype=dtype) for k, v in state.items()}
+    model.load_state_dict(state, assign=True, strict=True)
+    return model.prepare(backend)

@@ -1,0 +1,43 @@
+"""padfree's ops: the primitives the models call, each with a pure-PyTorch reference and backends.
+
+The public functions here pick a backend per call (convenient for users and tests); encoders resolve theirs
+once through :class:`padfree.ops.registry.Kernels`.
+"""
+from __future__ import annotations
+
+import torch
+
+from .activations import canonical_activation
+from .reference import (add_bias_residual_layer_norm_ref, bias_act_ref, embed_layer_norm_ref,
+                        varlen_attention_ref)
+from .registry import BACKENDS, Backend, Kernels, select
+
+
+def varlen_attention(qkv, cu_seqlens, max_seqlen, num_heads, qkv_bias=None, scale=None, backend="auto"):
+    """Self-attention inside each packed sequence: ``qkv [T, 3H]`` -> context ``[T, H]``."""
+    _, fn = select("varlen_attention", qkv.device, qkv.dtype, qkv.shape[1] // 3 // num_heads, backend)
+    return fn(qkv, cu_seqlens, max_seqlen, num_heads, qkv_bias, scale)
+
+
+def add_bias_residual_layer_norm(x, bias, residual, weight, ln_bias, eps, backend="auto"):
+    """``LayerNorm(x + bias + residual)`` with fp32 statistics: ``[T, H]``."""
+    _, fn = select("add_bias_residual_layer_norm", x.device, x.dtype, backend=backend)
+    return fn(x, bias, residual, weight, ln_bias, eps)
+
+
+def bias_act(x, bias, activation, backend="auto"):
+    """``act(x + bias)``: ``[T, F]``; ``activation`` a canonical or Hugging Face name."""
+    _, fn = select("bias_act", x.device, x.dtype, backend=backend)
+    return fn(x, bias, canonical_activation(activation))
+
+
+def embed_layer_norm(input_ids, position_ids, token_type_ids, word, position, token_type, weight, bias, eps,
+                     backend="auto"):
+    """``LayerNorm(word[ids] + position[pos] + token_type[types])``: ``[T, E]``."""
+    _, fn = select("embed_layer_norm", word.device, word.dtype, backend=backend)
+    return fn(input_ids, position_ids, token_type_ids, word, position, token_type, weight, bias, eps)
+
+
+__all__ = ["varlen_attention", "add_bias_residual_layer_norm", "bias_act", "embed_layer_norm",
+           "varlen_attention_ref", "add_bias_residual_layer_norm_ref", "bias_act_ref", "embed_layer_norm_ref",
+           "BACKENDS", "Backend", "Kernels", "select", "canonical_activation"]

@@ -1,0 +1,97 @@
+"""Backend registry: which implementation of each op runs for a device, dtype and head size.
+
+Each backend declares what it supports as data; :meth:`Backend.validate` returns the reasons it cannot run
+a given case. :func:`select` walks the priority list and returns the first backend that fits, logging the
+choice; if none fits (or a named backend does not), it raises one ``ValueError`` listing every reason.
+Kernel modules are imported only when a backend is chosen, so a missing Triton never breaks ``import padfree``.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import logging
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+log = logging.getLogger("padfree")
+
+OPS = ("varlen_attention", "add_bias_residual_layer_norm", "bias_act", "embed_layer_norm")
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str
+    devices: frozenset[str]                  # device types it runs on ("cpu", "cuda")
+    dtypes: frozenset[torch.dtype]
+    module: str                              # module holding one function per op it implements
+    ops: frozenset[str]                      # which of OPS it implements
+    head_dims: frozenset[int] | None = None  # attention head sizes it supports; None = any
+    requires: str | None = None              # a Python package it needs (checked lazily)
+
+    def validate(self, op: str, device: torch.device, dtype: torch.dtype, head_dim: int | None = None) -> list[str]:
+        """Every reason this backend cannot run ``op`` here (empty list = it can)."""
+        reasons = []
+        if op not in self.ops:
+            reasons.append(f"does not implement {op}")
+        if device.type not in self.devices:
+            reasons.append(f"device {device.type} not in {sorted(self.devices)}")
+        if dtype not in self.dtypes:
+            reasons.append(f"dtype {dtype} not in {sorted(str(d) for d in self.dtypes)}")
+        if op == "varlen_attention" and self.head_dims is not None and head_dim not in self.head_dims:
+            reasons.append(f"head size {head_dim} not in {sorted(self.head_dims)}")
+        if self.requires and importlib.util.find_spec(self.requires) is None:
+            reasons.append(f"package {self.requires!r} is not installed")
+        return reasons
+
+    def function(self, op: str) -> Callable:
+        return getattr(importlib.import_module(self.module), op)
+
+
+_FLOATS = frozenset({torch.float32, torch.float16, torch.bfloat16})
+
+# Priority order: the first backend that validates is chosen under backend="auto".
+BACKENDS: list[Backend] = [
+    Backend("triton", frozenset({"cuda"}), _FLOATS, "padfree.ops.triton_backend", frozenset(OPS),
+            head_dims=frozenset({16, 32, 64, 80, 96, 128}), requires="triton"),
+    Backend("torch", frozenset({"cpu", "cuda"}), _FLOATS, "padfree.ops.torch_backend", frozenset(OPS)),
+]
+
+
+def select(op: str, device: torch.device | str, dtype: torch.dtype, head_dim: int | None = None,
+           backend: str = "auto") -> tuple[str, Callable]:
+    """``(backend name, function)`` for ``op``; ``ValueError`` with every reason when nothing fits."""
+    device = torch.device(device)
+    candidates = BACKENDS if backend == "auto" else [b for b in BACKENDS if b.name == backend]
+    if not candidates:
+        raise ValueError(f"unknown backend {backend!r}; known: {['auto'] + [b.name for b in BACKENDS]}")
+    reasons = {}
+    for b in candidates:
+        why = b.validate(op, device, dtype, head_dim)
+        if not why:
+            if reasons:
+                log.info("padfree: %s uses backend %s (%s)", op, b.name,
+                         "; ".join(f"{n}: {', '.join(r)}" for n, r in reasons.items()))
+            else:
+                log.info("padfree: %s uses backend %s", op, b.name)
+            return b.name, b.function(op)
+        reasons[b.name] = why
+    detail = "; ".join(f"{n}: {', '.join(r)}" for n, r in reasons.items())
+    raise ValueError(f"no backend can run {op} on {device.type} with {dtype}"
+                     f"{'' if head_dim is None else f' and head size {head_dim}'}: {detail}")
+
+
+@dataclass(frozen=True)
+class Kernels:
+    """The functions an encoder calls, resolved once at construction (no per-call dispatch)."""
+    varlen_attention: Callable
+    add_bias_residual_layer_norm: Callable
+    bias_act: Callable
+    embed_layer_norm: Callable
+    names: dict
+
+    @classmethod
+    def resolve(cls, device, dtype: torch.dtype, head_dim: int, backend: str = "auto") -> "Kernels":
+        chosen = {op: select(op, device, dtype, head_dim, backend) for op in OPS}
+        return cls(**{op: fn for op, (_, fn) in chosen.items()}, names={op: n for op, (n, _) in chosen.items()})
