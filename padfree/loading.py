@@ -19,15 +19,23 @@ from .models.families import Family, family_for
 log = logging.getLogger("padfree")
 
 
-def read_checkpoint(source) -> tuple[dict, dict[str, torch.Tensor]]:
-    """``(config dict, state dict)`` from a directory or an in-memory ``transformers`` model."""
-    if hasattr(source, "state_dict") and hasattr(source, "config"):
-        return source.config.to_dict(), dict(source.state_dict())
+def _is_model(source) -> bool:
+    return hasattr(source, "state_dict") and hasattr(source, "config")
+
+
+def read_config(source) -> dict:
+    """The ``config.json`` dict of a directory or an in-memory ``transformers`` model."""
+    if _is_model(source):
+        return source.config.to_dict()
     path = Path(source)
     if not (path / "config.json").is_file():
         raise ValueError(f"{path} is not a Hugging Face model directory: no config.json")
-    config = json.loads((path / "config.json").read_text())
-    return config, _read_weights(path)
+    return json.loads((path / "config.json").read_text())
+
+
+def read_weights(source) -> dict[str, torch.Tensor]:
+    """The state dict of a directory (safetensors or PyTorch, sharded or not) or an in-memory model."""
+    return dict(source.state_dict()) if _is_model(source) else _read_weights(Path(source))
 
 
 def _read_weights(path: Path) -> dict[str, torch.Tensor]:
@@ -82,10 +90,10 @@ def from_pretrained(source, dtype: torch.dtype = torch.float32, device: torch.de
     """
     if dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise ValueError(f"dtype {dtype} is not supported; use torch.float32, torch.bfloat16 or torch.float16")
-    hf_config, hf_state = read_checkpoint(source)
+    hf_config = read_config(source)
     family = family_for(hf_config.get("model_type", "<missing model_type>"))
     cfg = family.make_config(hf_config)
-    state = map_weights(family, cfg, hf_state)
+    state = map_weights(family, cfg, read_weights(source))
     with torch.device("meta"):
         model = Encoder(cfg, has_pooler="pooler.weight" in state)
     expected = model.state_dict()
