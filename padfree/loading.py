@@ -22,13 +22,26 @@ log = logging.getLogger("padfree")
 
 def read_checkpoint(source) -> tuple[dict, dict[str, torch.Tensor]]:
     """``(config dict, state dict)`` from a directory or an in-memory ``transformers`` model."""
-    if hasattr(source, "state_dict") and hasattr(source, "config"):
-        return source.config.to_dict(), dict(source.state_dict())
+    return read_config(source), read_state(source)
+
+
+def _is_model(source) -> bool:
+    return hasattr(source, "state_dict") and hasattr(source, "config")
+
+
+def read_config(source) -> dict:
+    """The checkpoint's ``config.json`` as a dict (read before any weight, so config errors come first)."""
+    if _is_model(source):
+        return source.config.to_dict()
     path = Path(source)
     if not (path / "config.json").is_file():
         raise ValueError(f"{path} is not a Hugging Face model directory: no config.json")
-    config = json.loads((path / "config.json").read_text())
-    return config, _read_weights(path)
+    return json.loads((path / "config.json").read_text())
+
+
+def read_state(source) -> dict[str, torch.Tensor]:
+    """Every checkpoint tensor by its Hugging Face name."""
+    return dict(source.state_dict()) if _is_model(source) else _read_weights(Path(source))
 
 
 def _read_weights(path: Path) -> dict[str, torch.Tensor]:
@@ -102,9 +115,10 @@ def load(source, dtype: torch.dtype = torch.float32, device: torch.device | str 
          backend: str = "auto") -> Loaded:
     """Read a checkpoint once and build its encoder; the raw config and state stay available for heads."""
     check_dtype(dtype)
-    hf_config, hf_state = read_checkpoint(source)
+    hf_config = read_config(source)
     family = family_for(hf_config.get("model_type", "<missing model_type>"))
-    cfg = family.make_config(hf_config)
+    cfg = family.make_config(hf_config)  # unsupported types/activations fail here, before any weight is read
+    hf_state = read_state(source)
     state = map_weights(family, cfg, hf_state)
     with torch.device("meta"):
         model = Encoder(cfg, has_pooler="pooler.weight" in state)
