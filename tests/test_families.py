@@ -25,7 +25,7 @@ from padfree.ops.torch_backend import varlen_attention as varlen_attention_torch
 from family_zoo import CASES, LENGTHS, MAX_LEN, ZOO, batch, make, max_diff
 
 FP32_TOL = 1e-4
-# bf16 padfree against the fp32 HF output. Measured worst case on these shapes: ~0.06 (hidden states are
+# bf16 padfree against the fp32 HF output. Measured worst case on these shapes: 0.078 (ALBERT) (hidden states are
 # O(1) after LayerNorm; bf16 keeps 8 mantissa bits, so ~2^-8 relative error per op, summed over layers).
 BF16_TOL = 0.125
 
