@@ -66,10 +66,10 @@ class RelativeTables:
     """
 
     def __init__(self, cfg: ModelConfig, table: torch.Tensor, norm: tuple | None, max_seqlen: int):
-        rows = relative_rows(cfg, max_seqlen, table.device)  # [2L-1]
-        lo, hi = int(rows.min()), int(rows.max())  # host ints: max_seqlen is small, this is one tiny sync
+        rows = relative_rows(cfg, max_seqlen, "cpu")  # [2L-1], computed on the host: no device sync
+        lo, hi = int(rows.min()), int(rows.max())
         self.cfg = cfg
-        self.index = rows - lo  # rows of the sliced tables
+        self.index = (rows - lo).to(table.device, non_blocking=True)  # rows of the sliced tables
         used = table[lo:hi + 1]  # [R, heads] (MPNet) or [R, H] (DeBERTa)
         if norm is not None:  # DeBERTa norm_rel_ebd: LayerNorm each row of the embedding table
             used = F.layer_norm(used.float(), used.shape[-1:], norm[0].float(), norm[1].float(),
