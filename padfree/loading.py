@@ -20,17 +20,12 @@ from .models.families import Family, family_for
 log = logging.getLogger("padfree")
 
 
-def read_checkpoint(source) -> tuple[dict, dict[str, torch.Tensor]]:
-    """``(config dict, state dict)`` from a directory or an in-memory ``transformers`` model."""
-    return read_config(source), read_state(source)
-
-
 def _is_model(source) -> bool:
     return hasattr(source, "state_dict") and hasattr(source, "config")
 
 
 def read_config(source) -> dict:
-    """The checkpoint's ``config.json`` as a dict (read before any weight, so config errors come first)."""
+    """The ``config.json`` dict of a directory or an in-memory ``transformers`` model."""
     if _is_model(source):
         return source.config.to_dict()
     path = Path(source)
@@ -39,8 +34,8 @@ def read_config(source) -> dict:
     return json.loads((path / "config.json").read_text())
 
 
-def read_state(source) -> dict[str, torch.Tensor]:
-    """Every checkpoint tensor by its Hugging Face name."""
+def read_weights(source) -> dict[str, torch.Tensor]:
+    """The state dict of a directory (safetensors or PyTorch, sharded or not) or an in-memory model."""
     return dict(source.state_dict()) if _is_model(source) else _read_weights(Path(source))
 
 
@@ -118,7 +113,7 @@ def load(source, dtype: torch.dtype = torch.float32, device: torch.device | str 
     hf_config = read_config(source)
     family = family_for(hf_config.get("model_type", "<missing model_type>"))
     cfg = family.make_config(hf_config)  # unsupported types/activations fail here, before any weight is read
-    hf_state = read_state(source)
+    hf_state = read_weights(source)
     state = map_weights(family, cfg, hf_state)
     with torch.device("meta"):
         model = Encoder(cfg, has_pooler="pooler.weight" in state)

@@ -1,0 +1,101 @@
+"""``LayerNorm(x + bias + residual)`` in Triton: one pass over memory, fp32 statistics.
+
+Each program normalises ``ROWS`` rows held whole in registers (``BLOCK`` = the row length rounded up to a power
+of two, masked): it reads x, residual (and the bias, weight and LayerNorm bias once), writes the output, and
+never re-reads a row. Mean and variance are taken in fp32 by two passes over the registers (no E[x^2] - E[x]^2
+cancellation).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .reference import add_bias_residual_layer_norm_ref  # noqa: F401  (the definition of this op)
+
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+MAX_HIDDEN = 16384  # whole rows live in registers
+
+
+# ----------------------------------------------------------------------------------------------------------
+# kernel
+# ----------------------------------------------------------------------------------------------------------
+@triton.jit
+def _add_bias_residual_layer_norm_kernel(x_ptr, bias_ptr, res_ptr, w_ptr, b_ptr, out_ptr, n_rows, n_cols,
+                                         stride_x, stride_res, stride_out, eps,
+                                         HAS_BIAS: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)  # [ROWS]
+    cols = tl.arange(0, BLOCK)  # [BLOCK]
+    col_ok = cols < n_cols
+    mask = (rows[:, None] < n_rows) & col_ok[None, :]
+    rows64 = rows.to(tl.int64)[:, None]
+    y = tl.load(x_ptr + rows64 * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    y += tl.load(res_ptr + rows64 * stride_res + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        y += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    mean = tl.sum(y, 1) / n_cols  # [ROWS]
+    centred = tl.where(mask, y - mean[:, None], 0.0)
+    var = tl.sum(centred * centred, 1) / n_cols
+    rstd = 1.0 / tl.sqrt(var + eps)
+    w = tl.load(w_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+    b = tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+    out = centred * rstd[:, None] * w[None, :] + b[None, :]
+    tl.store(out_ptr + rows64 * stride_out + cols[None, :], out.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# launcher
+# ----------------------------------------------------------------------------------------------------------
+def row_config(n_cols: int, elem_size: int) -> tuple[int, int, int]:
+    """(BLOCK, ROWS, num_warps) for row-wise kernels over rows of ``n_cols`` elements (shared with embedding)."""
+    block = triton.next_power_of_2(max(n_cols, 16))
+    rows = max(1, min(16, 2048 // block))  # ~2K elements per program for short rows
+    num_warps = min(16, max(4, block * rows * elem_size // 2048))
+    return block, rows, num_warps
+
+
+def _check(x, bias, residual, weight, ln_bias):
+    if x.dim() != 2:
+        raise ValueError(f"x must be [T, H]; got {tuple(x.shape)}")
+    T, H = x.shape
+    if x.dtype not in _DTYPES:
+        raise ValueError(f"dtype {x.dtype} not supported; supported: {[str(d) for d in _DTYPES]}")
+    if H > MAX_HIDDEN:
+        raise ValueError(f"hidden size {H} > {MAX_HIDDEN} not supported by the Triton LayerNorm")
+    if residual.shape != x.shape:
+        raise ValueError(f"residual must be {tuple(x.shape)}; got {tuple(residual.shape)}")
+    if weight is None or ln_bias is None:
+        raise ValueError("weight and ln_bias are required")
+    for name, t in (("bias", bias), ("weight", weight), ("ln_bias", ln_bias)):
+        if t is not None and (t.shape != (H,) or not t.is_contiguous()):
+            raise ValueError(f"{name} must be a contiguous [{H}]; got {tuple(t.shape)}")
+    for name, t in (("residual", residual), ("bias", bias), ("weight", weight), ("ln_bias", ln_bias)):
+        if t is not None and t.device != x.device:
+            raise ValueError(f"{name} is on {t.device}, x on {x.device}")
+
+
+def launch_add_bias_residual_layer_norm(x, bias, residual, weight, ln_bias, eps):
+    _check(x, bias, residual, weight, ln_bias)
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    if residual.stride(1) != 1:
+        residual = residual.contiguous()
+    T, H = x.shape
+    out = torch.empty(T, H, dtype=x.dtype, device=x.device)
+    if T == 0:
+        return out
+    block, rows, num_warps = row_config(H, x.element_size())
+    _add_bias_residual_layer_norm_kernel[(triton.cdiv(T, rows),)](
+        x, x if bias is None else bias, residual, weight, ln_bias, out, T, H,
+        x.stride(0), residual.stride(0), out.stride(0), float(eps),
+        HAS_BIAS=bias is not None, ROWS=rows, BLOCK=block, num_warps=num_warps)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# public function
+# ----------------------------------------------------------------------------------------------------------
+def add_bias_residual_layer_norm(x: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor,
+                                 weight: torch.Tensor, ln_bias: torch.Tensor, eps: float) -> torch.Tensor:
+    """See :func:`padfree.ops.reference.add_bias_residual_layer_norm_ref`: ``[T, H]`` in x's dtype."""
+    return launch_add_bias_residual_layer_norm(x, bias, residual, weight, ln_bias, eps)

@@ -1,0 +1,253 @@
+"""The Triton kernels against their fp32 references.
+
+Without a GPU the kernels run in Triton's CPU interpreter (``TRITON_INTERPRET=1``) at small sizes; on a CUDA
+machine the same tests run compiled on the GPU at larger sizes.
+
+Tolerance rule (as in flash-attention's tests): with both errors measured as the max absolute difference from
+the op's fp32 reference evaluated on fp32 upcasts of the same inputs,
+    error(kernel) <= 2 * error(plain PyTorch in the kernel's dtype) + ATOL[dtype].
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # must be set before the kernels are defined
+triton = pytest.importorskip("triton")
+
+from padfree.ops import torch_backend  # noqa: E402
+from padfree.ops.activations import ACTIVATIONS, apply_activation  # noqa: E402
+from padfree.ops.reference import (add_bias_residual_layer_norm_ref, bias_act_ref,  # noqa: E402
+                                   embed_layer_norm_ref, varlen_attention_ref)
+from padfree.ops.triton_activation import bias_act  # noqa: E402
+from padfree.ops.triton_attention import (HEAD_DIMS, launch_varlen_attention,  # noqa: E402
+                                          varlen_attention)
+from padfree.ops.triton_embedding import embed_layer_norm  # noqa: E402
+from padfree.ops.triton_layer_norm import add_bias_residual_layer_norm  # noqa: E402
+
+GPU = torch.cuda.is_available()
+DEVICE = "cuda" if GPU else "cpu"
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+ATOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3}
+needs_gpu = pytest.mark.skipif(not GPU, reason="needs a CUDA GPU")
+# Triton 3.6's CPU interpreter truncates fp32 -> bf16 casts where the GPU rounds to nearest: one more bf16 ulp.
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def assert_close_to_ref(out, ref32, plain, dtype, what=""):
+    """The tolerance rule above; ``ref32`` is the fp32 reference, ``plain`` plain PyTorch in ``dtype``."""
+    assert out.dtype == dtype and out.shape == ref32.shape, (out.dtype, out.shape, ref32.shape)
+    assert torch.isfinite(out).all(), f"{what}: non-finite output"
+    err = (out.float() - ref32.float()).abs().max().item()
+    base = (plain.float() - ref32.float()).abs().max().item()
+    atol = ATOL[dtype]
+    if INTERPRETED and dtype == torch.bfloat16:
+        atol += ref32.float().abs().max().item() * 2 ** -7
+    assert err <= 2 * base + atol, f"{what}: kernel error {err:.3g} > 2 x plain {base:.3g} + {atol:.3g}"
+
+
+def cu_seqlens_of(lengths):
+    return torch.tensor([0] + list(torch.tensor(lengths).cumsum(0).tolist()), dtype=torch.int32, device=DEVICE)
+
+
+def ragged_lengths(max_len, n, gen):
+    """``n`` random lengths in [1, max_len], plus a length-1 sequence and a full-length one."""
+    rand = torch.randint(1, max_len + 1, (n,), generator=gen).tolist()
+    return [1] + rand[: n // 2] + [max_len] + rand[n // 2:]
+
+
+# ------------------------------------------------------------------------------------------------ attention
+def plain_attention(qkv, cu_seqlens, num_heads, qkv_bias, scale):
+    """Per-sequence ``softmax(q k^T * scale) v`` in qkv's own dtype (what plain PyTorch code computes)."""
+    T, three_h = qkv.shape
+    d = three_h // 3 // num_heads
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    x = (qkv if qkv_bias is None else qkv + qkv_bias).view(T, 3, num_heads, d)
+    out = torch.empty(T, num_heads, d, dtype=qkv.dtype, device=qkv.device)
+    bounds = cu_seqlens.tolist()
+    for s, e in zip(bounds[:-1], bounds[1:]):
+        q, k, v = (x[s:e, i].transpose(0, 1) for i in range(3))  # [heads, L, d]
+        p = torch.softmax((q @ k.transpose(1, 2)) * scale, dim=-1)
+        out[s:e] = (p @ v).transpose(0, 1)
+    return out.reshape(T, -1)
+
+
+def check_attention(lengths, num_heads, head_dim, dtype, with_bias=True, scale=None, config=None, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    cu = cu_seqlens_of(lengths)
+    T, H = sum(lengths), num_heads * head_dim
+    qkv = torch.randn(T, 3 * H, generator=gen).to(DEVICE, dtype)
+    bias = (0.5 * torch.randn(3 * H, generator=gen)).to(DEVICE, dtype) if with_bias else None
+    max_len = max(lengths)
+    if config is None:
+        out = varlen_attention(qkv, cu, max_len, num_heads, bias, scale)
+    else:
+        out = launch_varlen_attention(qkv, cu, max_len, num_heads, bias, scale, **config)
+    ref = varlen_attention_ref(qkv.float(), cu, max_len, num_heads, None if bias is None else bias.float(), scale)
+    plain = plain_attention(qkv, cu, num_heads, bias, scale)
+    assert_close_to_ref(out, ref, plain, dtype, f"attention d={head_dim} {dtype} {config}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("head_dim", HEAD_DIMS)
+def test_attention_head_sizes(head_dim, dtype):
+    """Every head size (the padded ones 80 and 96 too) and dtype, on a small ragged batch."""
+    if GPU:  # one batch for the streaming path, one for the single-tile path
+        for max_len in (300, 50):
+            lengths = ragged_lengths(max_len, 6, torch.Generator().manual_seed(head_dim))
+            check_attention(lengths, 4, head_dim, dtype, seed=head_dim)
+    else:
+        check_attention([1, 5, 20, 3], 2, head_dim, dtype, seed=head_dim)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_attention_long_path(dtype):
+    """The streaming (online-softmax) path: several key blocks, a partial last block, a zero-length sequence."""
+    if GPU:
+        lengths = ragged_lengths(700, 10, torch.Generator().manual_seed(1)) + [0]
+        check_attention(lengths, 12, 64, dtype)
+    else:
+        lengths = [1, 33, 48, 0, 7, 48]  # interpreter config: 16x16 tiles
+        check_attention(lengths, 2, 32, dtype)
+        check_attention(lengths, 2, 32, dtype, with_bias=False, scale=0.3,
+                        config=dict(block_m=32, block_n=16, single_tile=False, num_warps=4, num_stages=1))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_attention_single_tile_path(dtype):
+    """The short-sequence path: all keys of a sequence in one tile."""
+    if GPU:
+        check_attention(ragged_lengths(64, 40, torch.Generator().manual_seed(2)), 12, 64, dtype)
+        lengths = ragged_lengths(128, 8, torch.Generator().manual_seed(3))
+        check_attention(lengths, 12, 64, dtype, config=dict(block_m=32, block_n=128, single_tile=True,
+                                                           num_warps=4, num_stages=1))
+    else:
+        lengths = [1, 30, 12, 30]
+        check_attention(lengths, 2, 32, dtype)
+        check_attention([1, 40, 0, 17], 2, 32, dtype, scale=0.2,
+                        config=dict(block_m=16, block_n=64, single_tile=True, num_warps=4, num_stages=1))
+
+
+def test_attention_rejects_unsupported():
+    qkv = torch.zeros(4, 3 * 2 * 48, device=DEVICE, dtype=torch.float16)
+    with pytest.raises(ValueError, match="head size 48"):
+        varlen_attention(qkv, cu_seqlens_of([4]), 4, 2)
+    qkv = torch.zeros(4, 3 * 2 * 64, device=DEVICE, dtype=torch.float16)
+    with pytest.raises(ValueError, match="int32"):
+        varlen_attention(qkv, cu_seqlens_of([4]).long(), 4, 2)
+    with pytest.raises(ValueError, match="dtype"):
+        varlen_attention(qkv.double(), cu_seqlens_of([4]), 4, 2)
+    with pytest.raises(ValueError, match="host int"):
+        varlen_attention(qkv, cu_seqlens_of([4]), torch.tensor(4), 2)
+
+
+@needs_gpu
+def test_attention_cuda_graph():
+    """No host synchronisation: a forward is captured in a CUDA graph and replayed on new inputs."""
+    lengths = [3, 130, 77, 1]
+    cu = cu_seqlens_of(lengths)
+    H, heads = 768, 12
+    qkv = torch.randn(sum(lengths), 3 * H, device="cuda", dtype=torch.float16)
+    bias = torch.randn(3 * H, device="cuda", dtype=torch.float16)
+    varlen_attention(qkv, cu, max(lengths), heads, bias)  # compile outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = varlen_attention(qkv, cu, max(lengths), heads, bias)
+    qkv.copy_(torch.randn_like(qkv))
+    graph.replay()
+    torch.cuda.synchronize()
+    ref = varlen_attention_ref(qkv.float(), cu, max(lengths), heads, bias.float())
+    assert_close_to_ref(out, ref, plain_attention(qkv, cu, heads, bias, None), torch.float16, "graph")
+
+
+@needs_gpu
+def test_registry_selects_triton():
+    from padfree.ops import select
+    name, fn = select("varlen_attention", "cuda", torch.float16, 64)
+    assert name == "triton" and fn is varlen_attention
+
+
+# ------------------------------------------------------------------------------------------------ LayerNorm
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("hidden", [96, 100] if not GPU else [768, 1000, 1024, 4096])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_add_bias_residual_layer_norm(hidden, dtype, with_bias):
+    gen = torch.Generator().manual_seed(hidden)
+    T = 37 if not GPU else 3001
+    x, res = ((2 * torch.randn(T, hidden, generator=gen) + 1).to(DEVICE, dtype) for _ in range(2))
+    bias = torch.randn(hidden, generator=gen).to(DEVICE, dtype) if with_bias else None
+    w = (1 + 0.1 * torch.randn(hidden, generator=gen)).to(DEVICE, dtype)
+    b = (0.1 * torch.randn(hidden, generator=gen)).to(DEVICE, dtype)
+    out = add_bias_residual_layer_norm(x, bias, res, w, b, 1e-12)
+    up = lambda t: None if t is None else t.float()  # noqa: E731
+    ref = add_bias_residual_layer_norm_ref(x.float(), up(bias), res.float(), w.float(), b.float(), 1e-12)
+    plain = torch_backend.add_bias_residual_layer_norm(x, bias, res, w, b, 1e-12)
+    assert_close_to_ref(out, ref, plain, dtype, f"layer norm H={hidden}")
+
+
+# ------------------------------------------------------------------------------------------------ bias + act
+@pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")  # interpreter: exp(+large) = inf
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("activation", sorted(ACTIVATIONS))
+def test_bias_act(activation, dtype):
+    gen = torch.Generator().manual_seed(7)
+    T, F = (19, 1100) if not GPU else (2001, 3072)
+    x = (3 * torch.randn(T, F, generator=gen)).to(DEVICE, dtype)
+    x[0, :8] = torch.tensor([-60.0, -20.0, -9.0, -1e-3, 0.0, 1e-3, 9.0, 20.0], dtype=dtype)  # tails of exp/erf
+    bias = torch.randn(F, generator=gen).to(DEVICE, dtype)
+    bias[:8] = 0
+    for b in (bias, None):
+        out = bias_act(x, b, activation)
+        ref = bias_act_ref(x.float(), None if b is None else b.float(), activation)
+        plain = torch_backend.bias_act(x, b, activation)
+        assert_close_to_ref(out, ref, plain, dtype, f"{activation} bias={b is not None}")
+
+
+def test_bias_act_rejects_unknown():
+    with pytest.raises(ValueError, match="activation"):
+        bias_act(torch.zeros(2, 4, device=DEVICE), None, "gelu_new")  # HF name: canonicalise first
+
+
+def test_activation_formulas_match_pytorch():
+    """The kernel's one-exp forms equal PyTorch's definitions (checked in fp64, no kernel involved)."""
+    x = torch.linspace(-30, 30, 10001, dtype=torch.float64)
+    u = math.sqrt(2 / math.pi) * (x + 0.044715 * x ** 3)
+    assert torch.allclose(x / (1 + torch.exp(-2 * u)), apply_activation(x, "gelu_tanh"), atol=1e-12)
+    assert torch.allclose(x / (1 + torch.exp(-1.702 * x)), apply_activation(x, "quick_gelu"), atol=1e-12)
+
+
+# ------------------------------------------------------------------------------------------------ embedding
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("tables", ["all", "no_type", "word_only"])
+@pytest.mark.parametrize("id_dtype", [torch.int64, torch.int32])
+def test_embed_layer_norm(tables, dtype, id_dtype):
+    gen = torch.Generator().manual_seed(3)
+    V, P, E, T = (50, 16, 96, 23) if not GPU else (30522, 512, 768, 4001)
+    word = torch.randn(V, E, generator=gen).to(DEVICE, dtype)
+    pos = torch.randn(P, E, generator=gen).to(DEVICE, dtype) if tables != "word_only" else None
+    typ = torch.randn(2, E, generator=gen).to(DEVICE, dtype) if tables == "all" else None
+    w = (1 + 0.1 * torch.randn(E, generator=gen)).to(DEVICE, dtype)
+    b = (0.1 * torch.randn(E, generator=gen)).to(DEVICE, dtype)
+    ids = torch.randint(0, V, (T,), generator=gen).to(DEVICE, id_dtype)
+    ids[0], ids[-1] = 0, V - 1
+    pos_ids = torch.randint(0, P, (T,), generator=gen).to(DEVICE, id_dtype) if pos is not None else None
+    type_ids = torch.randint(0, 2, (T,), generator=gen).to(DEVICE, id_dtype) if typ is not None else None
+    out = embed_layer_norm(ids, pos_ids, type_ids, word, pos, typ, w, b, 1e-12)
+    up = lambda t: None if t is None else t.float()  # noqa: E731
+    ref = embed_layer_norm_ref(ids, pos_ids, type_ids, word.float(), up(pos), up(typ), w.float(), b.float(), 1e-12)
+    plain = torch_backend.embed_layer_norm(ids, pos_ids, type_ids, word, pos, typ, w, b, 1e-12)
+    assert_close_to_ref(out, ref, plain, dtype, f"embedding {tables}")
+
+
+def test_backend_exports_match_torch_backend():
+    import inspect
+
+    from padfree.ops import triton_backend
+    for name in ("varlen_attention", "add_bias_residual_layer_norm", "bias_act", "embed_layer_norm"):
+        assert (inspect.signature(getattr(triton_backend, name)).parameters.keys()
+                == inspect.signature(getattr(torch_backend, name)).parameters.keys()), name
