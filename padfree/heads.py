@@ -88,7 +88,8 @@ class SequenceClassifier:
         """The classifier on the first token of each sequence: ``[T, H]`` -> ``[B, num_labels]`` fp32."""
         x = hidden[batch.cu_seqlens[:-1].long()]  # [B, H]
         if self.dense is not None:
-            x = apply_activation(F.linear(x, *self.dense), self.activation)
+            x = F.linear(x, *self.dense)
+            x = torch.tanh(x) if self.activation == "tanh" else apply_activation(x, self.activation)
         return F.linear(x, *self.out).float()
 
     def __call__(self, input_ids, attention_mask=None, token_type_ids=None) -> torch.Tensor:

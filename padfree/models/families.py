@@ -22,7 +22,7 @@ class HeadSpec:
     ``dense``/``out`` are checkpoint key prefixes (full names, e.g. ``"classifier.dense"``); ``dense`` None
     means the classifier reads the first token's hidden state directly."""
     dense: str | None
-    activation: str   # canonical activation after ``dense`` (tanh, relu, gelu, ...)
+    activation: str   # "tanh" or a canonical activation after ``dense`` (see head_activation)
     out: str
 
 
@@ -36,6 +36,11 @@ class Family:
     optional: tuple[str, ...] = ()     # padfree names that may be absent (e.g. the pooler)
     sequence_head: Callable[[dict], HeadSpec] | None = None  # the *ForSequenceClassification head
     token_head: str = "classifier"     # the *ForTokenClassification linear layer's key prefix
+
+
+def head_activation(name: str) -> str:
+    """A classifier head's activation: tanh (not an FFN activation, so not a kernel op) or a canonical one."""
+    return "tanh" if name == "tanh" else canonical_activation(name)
 
 
 def _check_absolute(c: dict) -> None:
@@ -237,7 +242,7 @@ FAMILIES: list[Family] = [
     # DeBERTa's ContextPooler: dense + pooler_hidden_act on the first token, then the classifier.
     Family("deberta-v2", ("deberta-v2",), ("deberta.",), _deberta_v2_config, _deberta_v2_weights,
            sequence_head=lambda c: HeadSpec("pooler.dense",
-                                            canonical_activation(c.get("pooler_hidden_act") or "gelu"),
+                                            head_activation(c.get("pooler_hidden_act") or "gelu"),
                                             "classifier")),
 ]
 

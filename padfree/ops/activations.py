@@ -14,7 +14,6 @@ HF_ACTIVATIONS = {
     "silu": "silu",
     "swish": "silu",
     "quick_gelu": "quick_gelu",     # x * sigmoid(1.702 x)
-    "tanh": "tanh",                 # classification poolers (BERT, RoBERTa heads)
 }
 ACTIVATIONS = frozenset(HF_ACTIVATIONS.values())
 
@@ -39,8 +38,6 @@ def apply_activation(x: torch.Tensor, activation: str) -> torch.Tensor:
         return F.relu(x)
     if activation == "silu":
         return F.silu(x)
-    if activation == "tanh":
-        return torch.tanh(x)
     if activation == "quick_gelu":
         return x * torch.sigmoid(1.702 * x)
     raise ValueError(f"unknown canonical activation {activation!r}; expected one of {sorted(ACTIVATIONS)}")
