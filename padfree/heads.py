@@ -196,7 +196,8 @@ class CrossEncoder:
     """Reranking: score (query, passage) pairs with a sequence-classification checkpoint.
 
     Loads a Hugging Face ``*ForSequenceClassification`` directory or a sentence-transformers CrossEncoder
-    directory (its ``activation_fn`` from ``config.json``; default: sigmoid for one label, none otherwise).
+    directory (``activation_fn`` from ``config_sentence_transformers.json``, or from ``config.json`` in older
+    layouts; default: sigmoid for one label, none otherwise; ``max_seq_length`` from ``sentence_bert_config.json``).
     """
 
     def __init__(self, classifier: SequenceClassifier, tokenizer, activation: str, max_length: int | None = None):
@@ -220,8 +221,9 @@ class CrossEncoder:
         loaded = load(model_dir, dtype, device, backend)
         clf = SequenceClassifier(loaded, _maybe_tokenizer(model_dir) or _maybe_tokenizer(path))
         conf = loaded.hf_config
-        fn = ((conf.get("sentence_transformers") or {}).get("activation_fn")
-              or conf.get("sbert_ce_default_activation_function"))
+        st_conf = _read_json(path / "config_sentence_transformers.json")  # sentence-transformers >= 5 layout
+        fn = (st_conf.get("activation_fn") or (conf.get("sentence_transformers") or {}).get("activation_fn")
+              or conf.get("sbert_ce_default_activation_function"))  # older layouts keep it in config.json
         if fn is None:
             activation = "sigmoid" if clf.num_labels == 1 else "identity"
         else:
@@ -229,7 +231,9 @@ class CrossEncoder:
             if name not in _CE_ACTIVATIONS:
                 raise ValueError(f"unsupported CrossEncoder activation_fn {fn!r}; supported: {sorted(_CE_ACTIVATIONS)}")
             activation = _CE_ACTIVATIONS[name]
-        return cls(clf, clf.tokenizer, activation, max_length or conf.get("max_length"))
+        limit = max_length or _read_json(model_dir / "sentence_bert_config.json").get("max_seq_length") \
+            or conf.get("max_length")
+        return cls(clf, clf.tokenizer, activation, limit)
 
     def score(self, pairs: Sequence[tuple[str, str]], batch_tokens: int = 8192) -> np.ndarray:
         """Scores ``[N]`` (or ``[N, num_labels]``) for (query, passage) pairs, in input order."""
@@ -267,6 +271,10 @@ class CrossEncoder:
             order = np.argsort(-s, kind="stable")[:top_k]
             out.append([{"corpus_id": int(i), "score": float(s[i])} for i in order])
         return out
+
+
+def _read_json(file: Path) -> dict:
+    return json.loads(file.read_text()) if file.is_file() else {}
 
 
 def _maybe_tokenizer(source):

@@ -131,6 +131,18 @@ def test_cross_encoder_matches_sentence_transformers(family, tmp_path):
     assert per_query[0] == ranked[:2] and len(per_query[1]) == 2
 
 
+def test_cross_encoder_sentence_transformers_directory(tmp_path):
+    """A directory written by sentence-transformers' CrossEncoder.save (modules.json, its activation_fn)."""
+    from sentence_transformers import CrossEncoder as STCrossEncoder
+    save_with_tokenizer(make("mpnet", 0, "seq", num_labels=1), tmp_path / "hf")
+    theirs = STCrossEncoder(str(tmp_path / "hf"), device="cpu", activation_fn=torch.nn.Identity())
+    theirs.save(str(tmp_path / "st"))
+    ours = padfree.CrossEncoder.from_pretrained(tmp_path / "st")
+    pairs = [("query", p) for p in TEXTS]
+    assert ours.activation == "identity"
+    assert np.abs(ours.score(pairs) - theirs.predict(pairs, convert_to_numpy=True)).max() <= FP32_TOL
+
+
 @pytest.mark.parametrize("family", list(ZOO))
 def test_sentence_embeddings_every_family(family, tmp_path):
     model = make(family, 0)
