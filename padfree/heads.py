@@ -19,6 +19,7 @@ from .batch import PackedBatch
 from .loading import Loaded, load
 from .models.encoder import Encoder
 from .ops.activations import apply_activation
+from .sentence import token_budget_batches
 
 PROBLEM_TYPES = ("single_label_classification", "multi_label_classification", "regression")
 
@@ -38,13 +39,20 @@ def _labels(hf_config: dict, num_labels: int) -> list[str]:
     return [id2label.get(i, f"LABEL_{i}") for i in range(num_labels)]
 
 
-def _encode_texts(tokenizer, encoder: Encoder, texts, pairs=None, max_length: int | None = None) -> PackedBatch:
-    """Tokenize (pairs of) texts with a Hugging Face fast tokenizer into a PackedBatch, without padding."""
+def _tokenize(tokenizer, encoder: Encoder, texts, pairs=None, max_length: int | None = None):
+    """``(ids, token types or None)``: (pairs of) texts through a Hugging Face fast tokenizer, unpadded, cut to
+    the model's limit. Token types only for families with more than one."""
     limit = min(x for x in (max_length, encoder.config.max_sequence_length, tokenizer.model_max_length) if x)
+    with_types = encoder.config.type_vocab_size > 1
     enc = tokenizer(list(texts), None if pairs is None else list(pairs), truncation=True, max_length=int(limit),
-                    padding=False, return_token_type_ids=encoder.config.type_vocab_size > 1)
-    types = enc.get("token_type_ids") if encoder.config.type_vocab_size > 1 else None
-    return PackedBatch.from_sequences(enc["input_ids"], types, device=encoder.device)
+                    padding=False, return_token_type_ids=with_types)
+    return enc["input_ids"], enc.get("token_type_ids") if with_types else None
+
+
+def _encode_texts(tokenizer, encoder: Encoder, texts, pairs=None, max_length: int | None = None) -> PackedBatch:
+    """Tokenize (pairs of) texts into one PackedBatch, without padding."""
+    ids, types = _tokenize(tokenizer, encoder, texts, pairs, max_length)
+    return PackedBatch.from_sequences(ids, types, device=encoder.device)
 
 
 class SequenceClassifier:
@@ -236,19 +244,23 @@ class CrossEncoder:
         return cls(clf, clf.tokenizer, activation, limit)
 
     def score(self, pairs: Sequence[tuple[str, str]], batch_tokens: int = 8192) -> np.ndarray:
-        """Scores ``[N]`` (or ``[N, num_labels]``) for (query, passage) pairs, in input order."""
+        """Scores ``[N]`` (or ``[N, num_labels]``) for (query, passage) pairs, in input order; pairs are
+        batched in order by a budget of ``batch_tokens`` real tokens."""
+        encoder = self.classifier.encoder
+        if len(pairs) == 0:
+            return np.empty((0,) if self.classifier.num_labels == 1 else (0, self.classifier.num_labels), np.float32)
+        ids, types = _tokenize(self.tokenizer, encoder, [q for q, _ in pairs], [p for _, p in pairs], self.max_length)
         out = []
-        for start in range(0, len(pairs), 64):
-            chunk = pairs[start:start + 64]
-            batch = _encode_texts(self.tokenizer, self.classifier.encoder, [q for q, _ in chunk],
-                                  [p for _, p in chunk], self.max_length)
+        for start, end in token_budget_batches([len(s) for s in ids], batch_tokens):
+            batch = PackedBatch.from_sequences(ids[start:end], None if types is None else types[start:end],
+                                               device=encoder.device)
             logits = self.classifier.logits_packed(batch)
             if self.activation == "sigmoid":
                 logits = logits.sigmoid()
             elif self.activation == "tanh":
                 logits = logits.tanh()
             out.append(logits)
-        scores = torch.cat(out).cpu().numpy() if out else np.empty((0, self.classifier.num_labels), np.float32)
+        scores = torch.cat(out).cpu().numpy()
         return scores[:, 0] if self.classifier.num_labels == 1 else scores
 
     def rank(self, query: str, passages: Sequence[str], top_k: int | None = None) -> list[dict]:

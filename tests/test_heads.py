@@ -125,6 +125,7 @@ def test_cross_encoder_matches_sentence_transformers(family, tmp_path):
     pairs = [("query", p) for p in TEXTS] + [("python code", p) for p in TEXTS[:2]]
     ref = theirs.predict(pairs, convert_to_numpy=True)
     assert np.abs(ours.score(pairs) - ref).max() <= FP32_TOL
+    assert np.abs(ours.score(pairs, batch_tokens=16) - ref).max() <= FP32_TOL  # several token-budget batches
     ranked = ours.rank("query", TEXTS)
     assert [r["corpus_id"] for r in ranked] == list(np.argsort(-ref[:len(TEXTS)], kind="stable"))
     per_query = ours.rerank(["query", "python code"], [TEXTS, TEXTS[:2]], top_k=2)
