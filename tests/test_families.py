@@ -22,7 +22,7 @@ from padfree.ops.reference import varlen_attention_ref
 from padfree.ops.registry import BACKENDS, Backend, select
 from padfree.ops.torch_backend import varlen_attention as varlen_attention_torch
 
-from family_zoo import CASES, LENGTHS, MAX_LEN, ZOO, batch, make, max_diff
+from family_zoo import CASES, LENGTHS, MAX_LEN, ZOO, batch, make, max_diff, randomize
 
 FP32_TOL = 1e-4
 # bf16 padfree against the fp32 HF output. Measured worst case on these shapes: 0.078 (ALBERT) (hidden states are
@@ -55,6 +55,24 @@ def test_hidden_state_parity_bf16(family):
     ids, mask, types, kw = batch(model, LENGTHS, "left")
     err = max_diff(enc(ids, mask, types).last_hidden_state, hf_hidden(model, ids, mask, kw), mask)
     assert err <= BF16_TOL, f"{family} bf16: {err:.3f}"
+
+
+@pytest.mark.parametrize("family,extra", [
+    # DeBERTa-v3's real bucket sizes (256 buckets, 512 positions): 300-token sequences reach the log branch
+    ("deberta-v2", dict(position_buckets=256, max_position_embeddings=512, num_hidden_layers=1)),
+    # MPNet beyond its max_distance of 128, where every far distance shares the last bucket
+    ("mpnet", dict(max_position_embeddings=514, num_hidden_layers=1)),
+])
+def test_long_sequences_relative_buckets(family, extra):
+    cfg_cls, base = ZOO[family][0], ZOO[family][1]
+    kwargs = dict(ZOO[family][4][0], **extra)
+    torch.manual_seed(0)
+    model = randomize(base(cfg_cls(vocab_size=60, **kwargs)))
+    enc = padfree.from_pretrained(model)
+    for side in ("right", "left"):
+        ids, mask, types, kw = batch(model, [300, 1, 270], side)
+        err = max_diff(enc(ids, mask, types).last_hidden_state, hf_hidden(model, ids, mask, kw), mask)
+        assert err <= FP32_TOL, f"{family} long {side}: {err:.2e}"
 
 
 def test_packed_equals_padded_and_each_sequence_alone():
