@@ -1,5 +1,5 @@
 """Quick CPU check that packing carries over to other families: padfree (packed) vs transformers (padded to
-the longest sequence), random weights at base shapes (BERT-, DistilBERT-, ALBERT-, DeBERTa-v3-base).
+the longest sequence), random weights at base shapes (BERT-, DistilBERT-, MPNet-, ALBERT-, DeBERTa-v3-base).
 
 Usage: python benchmarks/cpu_families.py [--threads N] [--sequences N] [--reps N] [--markdown PATH]
 A stand-in until ``padfree bench`` has W1 entries for these families. The two implementations run
@@ -26,6 +26,7 @@ def models() -> dict:
     return {
         "bert-base": t.BertModel(t.BertConfig(**BASE), add_pooling_layer=False),
         "distilbert-base": t.DistilBertModel(t.DistilBertConfig(vocab_size=V)),
+        "mpnet-base": t.MPNetModel(t.MPNetConfig(**BASE, max_position_embeddings=514), add_pooling_layer=False),
         "albert-base": t.AlbertModel(t.AlbertConfig(embedding_size=128, **BASE), add_pooling_layer=False),
         "deberta-v3-base": t.DebertaV2Model(t.DebertaV2Config(
             **BASE, relative_attention=True, pos_att_type=["p2c", "c2p"], share_att_key=True, position_buckets=256,
