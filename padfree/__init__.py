@@ -1,10 +1,12 @@
 """padfree: padding-free inference for BERT-family encoders on variable-length batches."""
 from .batch import PackedBatch
 from .config import ModelConfig
+from .heads import CrossEncoder, SequenceClassifier, TokenClassifier, words_from_tokens
 from .loading import from_pretrained
 from .models.encoder import Encoder, EncoderOutput
 from .pooling import pool
 from .sentence import SentenceEncoder
 
-__all__ = ["PackedBatch", "ModelConfig", "Encoder", "EncoderOutput", "SentenceEncoder", "from_pretrained", "pool"]
+__all__ = ["PackedBatch", "ModelConfig", "Encoder", "EncoderOutput", "SentenceEncoder", "from_pretrained", "pool",
+           "SequenceClassifier", "TokenClassifier", "CrossEncoder", "words_from_tokens"]
 __version__ = "0.1.0"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -88,12 +89,32 @@ def from_pretrained(source, dtype: torch.dtype = torch.float32, device: torch.de
 
     ``backend``: "auto" (the registry's priority order) or a backend name ("torch", "triton").
     """
+    return load(source, dtype, device, backend).encoder
+
+
+@dataclass
+class Loaded:
+    """What :func:`load` read: the encoder plus the checkpoint it came from (for task heads)."""
+    encoder: Encoder
+    family: Family
+    hf_config: dict                   # the checkpoint's config.json
+    hf_state: dict[str, torch.Tensor]  # every checkpoint tensor, by its Hugging Face name
+
+
+def check_dtype(dtype: torch.dtype) -> None:
     if dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise ValueError(f"dtype {dtype} is not supported; use torch.float32, torch.bfloat16 or torch.float16")
+
+
+def load(source, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+         backend: str = "auto") -> Loaded:
+    """Read a checkpoint once and build its encoder; the raw config and state stay available for heads."""
+    check_dtype(dtype)
     hf_config = read_config(source)
     family = family_for(hf_config.get("model_type", "<missing model_type>"))
-    cfg = family.make_config(hf_config)
-    state = map_weights(family, cfg, read_weights(source))
+    cfg = family.make_config(hf_config)  # unsupported types/activations fail here, before any weight is read
+    hf_state = read_weights(source)
+    state = map_weights(family, cfg, hf_state)
     with torch.device("meta"):
         model = Encoder(cfg, has_pooler="pooler.weight" in state)
     expected = model.state_dict()
@@ -103,4 +124,4 @@ def from_pretrained(source, dtype: torch.dtype = torch.float32, device: torch.de
         raise ValueError(f"checkpoint shapes do not match its config: {wrong[:8]}")
     state = {k: v.to(device=device, dtype=dtype) for k, v in state.items()}
     model.load_state_dict(state, assign=True, strict=True)
-    return model.prepare(backend)
+    return Loaded(model.prepare(backend), family, hf_config, hf_state)

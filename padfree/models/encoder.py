@@ -1,7 +1,9 @@
 """One generic post-LayerNorm encoder that runs on packed tokens ``[T, H]``.
 
-Every family (BERT, RoBERTa, ...) is this module with its own config and weight table; nothing here
-ever sees a pad token. The ops it calls are resolved once per device/dtype by the backend registry.
+Every family (BERT, RoBERTa, DistilBERT, ALBERT, ELECTRA, MPNet, DeBERTa-v2/v3) is this module with its own
+config and weight table; the differences are fields of :class:`ModelConfig` (embedding width and projection,
+shared layers, absolute positions or not, relative attention kind). Nothing here ever sees a pad token.
+The ops it calls are resolved once per device/dtype by the backend registry.
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ from torch import nn
 from ..batch import PackedBatch
 from ..config import ModelConfig
 from ..ops.registry import Kernels
+from .relative import RelativeTables, deberta_span
 
 
 class EncoderLayer(nn.Module):
@@ -28,16 +31,39 @@ class EncoderLayer(nn.Module):
         self.ffn_in = nn.Linear(H, Fi)
         self.ffn_out = nn.Linear(Fi, H)
         self.ffn_norm = nn.LayerNorm(H, eps=cfg.layer_norm_eps)
+        own_positions = cfg.relative_attention == "disentangled" and not cfg.share_att_key
+        # DeBERTa without share_att_key: per-layer projections of the relative embeddings
+        self.pos_key = nn.Linear(H, H) if own_positions and "c2p" in cfg.pos_att_type else None
+        self.pos_query = nn.Linear(H, H) if own_positions and "p2c" in cfg.pos_att_type else None
 
 
 class Embeddings(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        H = cfg.hidden_size
-        self.word = nn.Embedding(cfg.vocab_size, H)
-        self.position = nn.Embedding(cfg.max_position_embeddings, H)
-        self.token_type = nn.Embedding(cfg.type_vocab_size, H) if cfg.type_vocab_size else None
-        self.norm = nn.LayerNorm(H, eps=cfg.layer_norm_eps)
+        E, H = cfg.embedding_width, cfg.hidden_size
+        self.word = nn.Embedding(cfg.vocab_size, E)
+        self.position = nn.Embedding(cfg.max_position_embeddings, E) if cfg.absolute_positions else None
+        self.token_type = nn.Embedding(cfg.type_vocab_size, E) if cfg.type_vocab_size else None
+        self.norm = nn.LayerNorm(H if cfg.norm_after_projection else E, eps=cfg.layer_norm_eps)
+        # E -> H (ALBERT, ELECTRA, DeBERTa with embedding_size != hidden_size)
+        self.project = nn.Linear(E, H, bias=cfg.embedding_projection_bias) if E != H else None
+
+
+class RelativePositions(nn.Module):
+    """The relative-position tables shared by all layers: MPNet's ``[buckets, heads]`` bias or DeBERTa's
+    ``[2 * span, H]`` relative embeddings (with their optional LayerNorm)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        if cfg.relative_attention == "bias":
+            self.table = nn.Parameter(torch.empty(cfg.relative_buckets, cfg.num_heads))
+        else:
+            self.table = nn.Parameter(torch.empty(2 * deberta_span(cfg), cfg.hidden_size))
+        self.norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps) if cfg.norm_rel_embeddings else None
+
+    def for_batch(self, cfg: ModelConfig, max_seqlen: int) -> RelativeTables:
+        norm = None if self.norm is None else (self.norm.weight, self.norm.bias)
+        return RelativeTables(cfg, self.table, norm, max_seqlen)
 
 
 @dataclass
@@ -57,13 +83,15 @@ class Encoder(nn.Module):
         self.config = cfg
         self.embeddings = Embeddings(cfg)
         self.layers = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.num_layers))
+        self.relative = RelativePositions(cfg) if cfg.relative_attention != "none" else None
         self.pooler = nn.Linear(cfg.hidden_size, cfg.hidden_size) if has_pooler else None
         self.kernels: Kernels | None = None  # set by prepare()
 
     def prepare(self, backend: str = "auto") -> "Encoder":
         """Resolve the ops for this encoder's device and dtype (call after loading or moving it)."""
         w = self.embeddings.word.weight
-        self.kernels = Kernels.resolve(w.device, w.dtype, self.config.head_dim, backend)
+        self.kernels = Kernels.resolve(w.device, w.dtype, self.config.head_dim, backend,
+                                       relative_scores=self.relative is not None)
         self.eval()
         return self
 
@@ -100,19 +128,41 @@ class Encoder(nn.Module):
             self.prepare()
         if check:
             self.check_batch(batch)
-        k, cfg, e = self.kernels, self.config, self.embeddings
-        x = k.embed_layer_norm(batch.input_ids, batch.position_ids, batch.token_type_ids, e.word.weight,
-                               e.position.weight[cfg.position_offset:],  # offset rows skipped by a view
-                               None if e.token_type is None else e.token_type.weight,
-                               e.norm.weight, e.norm.bias, cfg.layer_norm_eps)  # [T, H]
-        for layer in self.layers:
-            x = self._layer(layer, x, batch)
+        x = self._embed(batch)  # [T, H]
+        rel = None if self.relative is None else self.relative.for_batch(self.config, batch.max_seqlen)
+        for i in self.config.schedule:  # ALBERT runs shared layers several times
+            x = self._layer(self.layers[i], x, batch, rel)
         return x
 
-    def _layer(self, layer: EncoderLayer, x: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
+    def _embed(self, batch: PackedBatch) -> torch.Tensor:
+        """``LayerNorm(word + position + type)`` then the optional E -> H projection (DeBERTa: projection
+        first, LayerNorm over H after): ``[T, H]``."""
+        k, cfg, e = self.kernels, self.config, self.embeddings
+        position = None if e.position is None else e.position.weight[cfg.position_offset:]  # offset rows skipped
+        token_type = None if e.token_type is None else e.token_type.weight
+        if e.project is not None and cfg.norm_after_projection:
+            y = F.embedding(batch.input_ids, e.word.weight)  # [T, E]
+            if position is not None:
+                y = y + F.embedding(batch.position_ids, position)
+            if token_type is not None:
+                y = y + F.embedding(batch.token_type_ids, token_type)
+            y = F.linear(y, e.project.weight, e.project.bias)  # [T, H]
+            return F.layer_norm(y, y.shape[-1:], e.norm.weight, e.norm.bias, cfg.layer_norm_eps)
+        x = k.embed_layer_norm(batch.input_ids, batch.position_ids, batch.token_type_ids, e.word.weight,
+                               position, token_type, e.norm.weight, e.norm.bias, cfg.layer_norm_eps)  # [T, E]
+        return x if e.project is None else F.linear(x, e.project.weight, e.project.bias)  # [T, H]
+
+    def _layer(self, layer: EncoderLayer, x: torch.Tensor, batch: PackedBatch,
+               rel: RelativeTables | None = None) -> torch.Tensor:
         k, cfg = self.kernels, self.config
         qkv = F.linear(x, layer.qkv.weight)  # [T, 3H]; the QKV bias is added inside attention
-        ctx = k.varlen_attention(qkv, batch.cu_seqlens, batch.max_seqlen, cfg.num_heads, layer.qkv.bias)  # [T, H]
+        if rel is None and not cfg.pos_att_type:  # the plain call every backend accepts
+            ctx = k.varlen_attention(qkv, batch.cu_seqlens, batch.max_seqlen, cfg.num_heads, layer.qkv.bias)
+        else:
+            scores = None if rel is None else rel.scores(layer.qkv.weight, layer.qkv.bias, layer.pos_key,
+                                                         layer.pos_query)
+            ctx = k.varlen_attention(qkv, batch.cu_seqlens, batch.max_seqlen, cfg.num_heads, layer.qkv.bias,
+                                     cfg.attention_scale, **({} if scores is None else {"rel": scores}))  # [T, H]
         h = k.add_bias_residual_layer_norm(F.linear(ctx, layer.attn_out.weight), layer.attn_out.bias, x,
                                            layer.attn_norm.weight, layer.attn_norm.bias, cfg.layer_norm_eps)
         f = k.bias_act(F.linear(h, layer.ffn_in.weight), layer.ffn_in.bias, cfg.activation)  # [T, F]

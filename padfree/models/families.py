@@ -16,6 +16,17 @@ WeightTable = dict[str, "str | tuple[str, ...]"]
 
 
 @dataclass(frozen=True)
+class HeadSpec:
+    """A sequence-classification head as the checkpoint stores it: ``out(act(dense(h_first)))``.
+
+    ``dense``/``out`` are checkpoint key prefixes (full names, e.g. ``"classifier.dense"``); ``dense`` None
+    means the classifier reads the first token's hidden state directly."""
+    dense: str | None
+    activation: str   # "tanh" or a canonical activation after ``dense`` (see head_activation)
+    out: str
+
+
+@dataclass(frozen=True)
 class Family:
     name: str
     model_types: tuple[str, ...]       # Hugging Face model_type values served by this family
@@ -23,53 +34,216 @@ class Family:
     make_config: Callable[[dict], ModelConfig]
     weight_table: Callable[[ModelConfig], WeightTable]
     optional: tuple[str, ...] = ()     # padfree names that may be absent (e.g. the pooler)
+    sequence_head: Callable[[dict], HeadSpec] | None = None  # the *ForSequenceClassification head
+    token_head: str = "classifier"     # the *ForTokenClassification linear layer's key prefix
+
+
+def head_activation(name: str) -> str:
+    """A classifier head's activation: tanh (not an FFN activation, so not a kernel op) or a canonical one."""
+    return "tanh" if name == "tanh" else canonical_activation(name)
+
+
+def _check_absolute(c: dict) -> None:
+    kind = c.get("position_embedding_type") or "absolute"
+    if kind != "absolute":
+        raise ValueError(f"position_embedding_type {kind!r} is not supported; padfree supports 'absolute'")
 
 
 def _bert_like_config(family: str, position_offset: Callable[[dict], int]) -> Callable[[dict], ModelConfig]:
     def make(c: dict) -> ModelConfig:
-        if c.get("position_embedding_type", "absolute") != "absolute":
-            raise ValueError(f"position_embedding_type {c['position_embedding_type']!r} is not supported; "
-                             "padfree supports 'absolute'")
+        _check_absolute(c)
         return ModelConfig(
             family=family, vocab_size=c["vocab_size"], hidden_size=c["hidden_size"],
             num_layers=c["num_hidden_layers"], num_heads=c["num_attention_heads"],
             intermediate_size=c["intermediate_size"], max_position_embeddings=c["max_position_embeddings"],
             type_vocab_size=c.get("type_vocab_size", 2), layer_norm_eps=c.get("layer_norm_eps", 1e-12),
             activation=canonical_activation(c.get("hidden_act", "gelu")), position_offset=position_offset(c),
-            pad_token_id=c.get("pad_token_id"))
+            pad_token_id=c.get("pad_token_id"), embedding_size=c.get("embedding_size"))  # ELECTRA: E
     return make
 
 
-def _bert_weights(cfg: ModelConfig) -> WeightTable:
-    table: WeightTable = {
-        "embeddings.word.weight": "embeddings.word_embeddings.weight",
-        "embeddings.position.weight": "embeddings.position_embeddings.weight",
-        "embeddings.token_type.weight": "embeddings.token_type_embeddings.weight",
-        "embeddings.norm.weight": "embeddings.LayerNorm.weight",
-        "embeddings.norm.bias": "embeddings.LayerNorm.bias",
-        "pooler.weight": "pooler.dense.weight",
-        "pooler.bias": "pooler.dense.bias",
-    }
+def _distilbert_config(c: dict) -> ModelConfig:
+    return ModelConfig(
+        family="distilbert", vocab_size=c["vocab_size"], hidden_size=c["dim"], num_layers=c["n_layers"],
+        num_heads=c["n_heads"], intermediate_size=c["hidden_dim"],
+        max_position_embeddings=c["max_position_embeddings"],
+        type_vocab_size=0,     # DistilBERT has no token types
+        layer_norm_eps=1e-12,  # fixed in DistilBERT's code, not in its config
+        activation=canonical_activation(c.get("activation", "gelu")), pad_token_id=c.get("pad_token_id"))
+
+
+def _albert_config(c: dict) -> ModelConfig:
+    _check_absolute(c)
+    n, groups, inner = c["num_hidden_layers"], c.get("num_hidden_groups", 1), c.get("inner_group_num", 1)
+    # HF: depth i runs every inner layer of group int(i / (n / groups)); parameter layer = group * inner + j
+    schedule = tuple(int(i / (n / groups)) * inner + j for i in range(n) for j in range(inner))
+    return ModelConfig(
+        family="albert", vocab_size=c["vocab_size"], hidden_size=c["hidden_size"], num_layers=groups * inner,
+        num_heads=c["num_attention_heads"], intermediate_size=c["intermediate_size"],
+        max_position_embeddings=c["max_position_embeddings"], type_vocab_size=c.get("type_vocab_size", 2),
+        layer_norm_eps=c.get("layer_norm_eps", 1e-12),
+        activation=canonical_activation(c.get("hidden_act", "gelu_new")), pad_token_id=c.get("pad_token_id"),
+        embedding_size=c.get("embedding_size", 128), layer_schedule=schedule, layer_group_size=inner)
+
+
+def _mpnet_config(c: dict) -> ModelConfig:
+    buckets = c.get("relative_attention_num_buckets", 32)
+    if buckets != 32:  # HF computes MPNet's buckets with a hard-coded 32 whatever the table size
+        raise ValueError(f"relative_attention_num_buckets {buckets} is not supported; MPNet uses 32")
+    return ModelConfig(
+        family="mpnet", vocab_size=c["vocab_size"], hidden_size=c["hidden_size"],
+        num_layers=c["num_hidden_layers"], num_heads=c["num_attention_heads"],
+        intermediate_size=c["intermediate_size"], max_position_embeddings=c["max_position_embeddings"],
+        type_vocab_size=0, layer_norm_eps=c.get("layer_norm_eps", 1e-12),
+        activation=canonical_activation(c.get("hidden_act", "gelu")),
+        position_offset=2,  # HF MPNet numbers positions from its hard-coded padding_idx 1, plus 1
+        pad_token_id=c.get("pad_token_id"), relative_attention="bias", relative_buckets=buckets,
+        max_relative_positions=128)  # HF's max_distance of the buckets
+
+
+def _deberta_v2_config(c: dict) -> ModelConfig:
+    if (c.get("conv_kernel_size") or 0) > 0:
+        raise ValueError("DeBERTa's convolution layer (conv_kernel_size > 0, e.g. deberta-v2-xlarge) is not "
+                         "supported")
+    H, heads = c["hidden_size"], c["num_attention_heads"]
+    if c.get("attention_head_size") not in (None, H // heads):
+        raise ValueError(f"attention_head_size {c['attention_head_size']} != hidden_size / heads is not supported")
+    pos_att_type = c.get("pos_att_type") or ()
+    if isinstance(pos_att_type, str):
+        pos_att_type = [t.strip() for t in pos_att_type.lower().split("|") if t.strip()]
+    norm_rel = [t.strip() for t in (c.get("norm_rel_ebd") or "none").lower().split("|")]
+    max_rel = c.get("max_relative_positions") or -1
+    return ModelConfig(
+        family="deberta-v2", vocab_size=c["vocab_size"], hidden_size=H, num_layers=c["num_hidden_layers"],
+        num_heads=heads, intermediate_size=c["intermediate_size"],
+        max_position_embeddings=c["max_position_embeddings"], type_vocab_size=c.get("type_vocab_size", 0),
+        layer_norm_eps=c.get("layer_norm_eps", 1e-7), activation=canonical_activation(c.get("hidden_act", "gelu")),
+        pad_token_id=c.get("pad_token_id"), embedding_size=c.get("embedding_size"),
+        embedding_projection_bias=False, norm_after_projection=True,
+        absolute_positions=c.get("position_biased_input", True),
+        relative_attention="disentangled" if c.get("relative_attention") else "none",
+        relative_buckets=max(c.get("position_buckets") or -1, 0),
+        max_relative_positions=max_rel if max_rel >= 1 else c["max_position_embeddings"],
+        pos_att_type=tuple(pos_att_type), share_att_key=bool(c.get("share_att_key")),
+        norm_rel_embeddings="layer_norm" in norm_rel)
+
+
+LAYER_NAMES = ("qkv", "attn_out", "attn_norm", "ffn_in", "ffn_out", "ffn_norm")
+
+
+def _layers(cfg: ModelConfig, prefix: Callable[[int], str], q: str, k: str, v: str, attn_out: str,
+            attn_norm: str, ffn_in: str, ffn_out: str, ffn_norm: str) -> WeightTable:
+    """The per-layer part of a weight table; ``prefix(i)`` is parameter layer i's checkpoint prefix."""
+    table: WeightTable = {}
     for i in range(cfg.num_layers):
-        hf = f"encoder.layer.{i}."
-        pf = f"layers.{i}."
+        hf, pf = prefix(i), f"layers.{i}."
         for p in ("weight", "bias"):
-            table[pf + "qkv." + p] = tuple(f"{hf}attention.self.{n}.{p}" for n in ("query", "key", "value"))
-            table[pf + "attn_out." + p] = f"{hf}attention.output.dense.{p}"
-            table[pf + "attn_norm." + p] = f"{hf}attention.output.LayerNorm.{p}"
-            table[pf + "ffn_in." + p] = f"{hf}intermediate.dense.{p}"
-            table[pf + "ffn_out." + p] = f"{hf}output.dense.{p}"
-            table[pf + "ffn_norm." + p] = f"{hf}output.LayerNorm.{p}"
+            table[pf + "qkv." + p] = tuple(f"{hf}{n}.{p}" for n in (q, k, v))
+            for name, src in zip(LAYER_NAMES[1:], (attn_out, attn_norm, ffn_in, ffn_out, ffn_norm)):
+                table[f"{pf}{name}.{p}"] = f"{hf}{src}.{p}"
     return table
 
 
+def _embeddings(cfg: ModelConfig, word="embeddings.word_embeddings", position="embeddings.position_embeddings",
+                token_type="embeddings.token_type_embeddings", norm="embeddings.LayerNorm",
+                project: str | None = None) -> WeightTable:
+    table: WeightTable = {"embeddings.word.weight": f"{word}.weight",
+                          "embeddings.norm.weight": f"{norm}.weight", "embeddings.norm.bias": f"{norm}.bias"}
+    if cfg.absolute_positions:
+        table["embeddings.position.weight"] = f"{position}.weight"
+    if cfg.type_vocab_size:
+        table["embeddings.token_type.weight"] = f"{token_type}.weight"
+    if cfg.embedding_width != cfg.hidden_size:
+        table["embeddings.project.weight"] = f"{project}.weight"
+        if cfg.embedding_projection_bias:
+            table["embeddings.project.bias"] = f"{project}.bias"
+    return table
+
+
+_BERT_LAYER = dict(q="attention.self.query", k="attention.self.key", v="attention.self.value",
+                   attn_out="attention.output.dense", attn_norm="attention.output.LayerNorm",
+                   ffn_in="intermediate.dense", ffn_out="output.dense", ffn_norm="output.LayerNorm")
+
+
+def _bert_weights(cfg: ModelConfig) -> WeightTable:
+    table = _embeddings(cfg, project="embeddings_project")  # ELECTRA's projection when E != H
+    table.update({"pooler.weight": "pooler.dense.weight", "pooler.bias": "pooler.dense.bias"})
+    table.update(_layers(cfg, lambda i: f"encoder.layer.{i}.", **_BERT_LAYER))
+    return table
+
+
+def _distilbert_weights(cfg: ModelConfig) -> WeightTable:
+    table = _embeddings(cfg)
+    table.update(_layers(cfg, lambda i: f"transformer.layer.{i}.", q="attention.q_lin", k="attention.k_lin",
+                         v="attention.v_lin", attn_out="attention.out_lin", attn_norm="sa_layer_norm",
+                         ffn_in="ffn.lin1", ffn_out="ffn.lin2", ffn_norm="output_layer_norm"))
+    return table
+
+
+def _albert_weights(cfg: ModelConfig) -> WeightTable:
+    table = _embeddings(cfg, project="encoder.embedding_hidden_mapping_in")
+    table.update({"pooler.weight": "pooler.weight", "pooler.bias": "pooler.bias"})
+    inner = cfg.layer_group_size
+    table.update(_layers(cfg, lambda i: f"encoder.albert_layer_groups.{i // inner}.albert_layers.{i % inner}.",
+                         q="attention.query", k="attention.key", v="attention.value", attn_out="attention.dense",
+                         attn_norm="attention.LayerNorm", ffn_in="ffn", ffn_out="ffn_output",
+                         ffn_norm="full_layer_layer_norm"))
+    return table
+
+
+def _mpnet_weights(cfg: ModelConfig) -> WeightTable:
+    table = _embeddings(cfg)
+    table.update({"pooler.weight": "pooler.dense.weight", "pooler.bias": "pooler.dense.bias",
+                  "relative.table": "encoder.relative_attention_bias.weight"})
+    table.update(_layers(cfg, lambda i: f"encoder.layer.{i}.", q="attention.attn.q", k="attention.attn.k",
+                         v="attention.attn.v", attn_out="attention.attn.o", attn_norm="attention.LayerNorm",
+                         ffn_in="intermediate.dense", ffn_out="output.dense", ffn_norm="output.LayerNorm"))
+    return table
+
+
+def _deberta_v2_weights(cfg: ModelConfig) -> WeightTable:
+    table = _embeddings(cfg, project="embeddings.embed_proj")
+    layer = dict(_BERT_LAYER, q="attention.self.query_proj", k="attention.self.key_proj",
+                 v="attention.self.value_proj")
+    table.update(_layers(cfg, lambda i: f"encoder.layer.{i}.", **layer))
+    if cfg.relative_attention == "disentangled":
+        table["relative.table"] = "encoder.rel_embeddings.weight"
+        if cfg.norm_rel_embeddings:
+            table.update({"relative.norm.weight": "encoder.LayerNorm.weight",
+                          "relative.norm.bias": "encoder.LayerNorm.bias"})
+        for i in range(cfg.num_layers):
+            for p in ("weight", "bias"):
+                if not cfg.share_att_key and "c2p" in cfg.pos_att_type:
+                    table[f"layers.{i}.pos_key.{p}"] = f"encoder.layer.{i}.attention.self.pos_key_proj.{p}"
+                if not cfg.share_att_key and "p2c" in cfg.pos_att_type:
+                    table[f"layers.{i}.pos_query.{p}"] = f"encoder.layer.{i}.attention.self.pos_query_proj.{p}"
+    return table
+
+
+_POOLER = ("pooler.weight", "pooler.bias")
+_TANH_HEAD = HeadSpec("classifier.dense", "tanh", "classifier.out_proj")  # RoBERTa-style head on <s>
+
 FAMILIES: list[Family] = [
     Family("bert", ("bert",), ("bert.",), _bert_like_config("bert", lambda c: 0), _bert_weights,
-           optional=("pooler.weight", "pooler.bias")),
+           optional=_POOLER, sequence_head=lambda c: HeadSpec("bert.pooler.dense", "tanh", "classifier")),
     # RoBERTa numbers positions from padding_idx + 1; its token-type table has one row.
     Family("roberta", ("roberta", "xlm-roberta", "camembert"), ("roberta.",),
            _bert_like_config("roberta", lambda c: c.get("pad_token_id", 1) + 1), _bert_weights,
-           optional=("pooler.weight", "pooler.bias")),
+           optional=_POOLER, sequence_head=lambda c: _TANH_HEAD),
+    Family("distilbert", ("distilbert",), ("distilbert.",), _distilbert_config, _distilbert_weights,
+           sequence_head=lambda c: HeadSpec("pre_classifier", "relu", "classifier")),
+    Family("albert", ("albert",), ("albert.",), _albert_config, _albert_weights, optional=_POOLER,
+           sequence_head=lambda c: HeadSpec("albert.pooler", "tanh", "classifier")),
+    # ELECTRA's head uses (erf) GELU where BERT uses tanh, fixed in HF's code.
+    Family("electra", ("electra",), ("electra.",), _bert_like_config("electra", lambda c: 0), _bert_weights,
+           optional=_POOLER, sequence_head=lambda c: HeadSpec("classifier.dense", "gelu", "classifier.out_proj")),
+    Family("mpnet", ("mpnet",), ("mpnet.",), _mpnet_config, _mpnet_weights, optional=_POOLER,
+           sequence_head=lambda c: _TANH_HEAD),
+    # DeBERTa's ContextPooler: dense + pooler_hidden_act on the first token, then the classifier.
+    Family("deberta-v2", ("deberta-v2",), ("deberta.",), _deberta_v2_config, _deberta_v2_weights,
+           sequence_head=lambda c: HeadSpec("pooler.dense",
+                                            head_activation(c.get("pooler_hidden_act") or "gelu"),
+                                            "classifier")),
 ]
 
 

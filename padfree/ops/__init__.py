@@ -11,12 +11,18 @@ from .activations import canonical_activation
 from .reference import (add_bias_residual_layer_norm_ref, bias_act_ref, embed_layer_norm_ref,
                         varlen_attention_ref)
 from .registry import BACKENDS, Backend, Kernels, select
+from .relative import RelativeScores
 
 
-def varlen_attention(qkv, cu_seqlens, max_seqlen, num_heads, qkv_bias=None, scale=None, backend="auto"):
-    """Self-attention inside each packed sequence: ``qkv [T, 3H]`` -> context ``[T, H]``."""
-    _, fn = select("varlen_attention", qkv.device, qkv.dtype, qkv.shape[1] // 3 // num_heads, backend)
-    return fn(qkv, cu_seqlens, max_seqlen, num_heads, qkv_bias, scale)
+def varlen_attention(qkv, cu_seqlens, max_seqlen, num_heads, qkv_bias=None, scale=None, backend="auto", rel=None):
+    """Self-attention inside each packed sequence: ``qkv [T, 3H]`` -> context ``[T, H]``.
+
+    ``rel``: optional :class:`RelativeScores` (relative-position score terms, per sequence)."""
+    _, fn = select("varlen_attention", qkv.device, qkv.dtype, qkv.shape[1] // 3 // num_heads, backend,
+                   relative_scores=rel is not None)
+    if rel is None:
+        return fn(qkv, cu_seqlens, max_seqlen, num_heads, qkv_bias, scale)
+    return fn(qkv, cu_seqlens, max_seqlen, num_heads, qkv_bias, scale, rel=rel)
 
 
 def add_bias_residual_layer_norm(x, bias, residual, weight, ln_bias, eps, backend="auto"):
@@ -40,4 +46,4 @@ def embed_layer_norm(input_ids, position_ids, token_type_ids, word, position, to
 
 __all__ = ["varlen_attention", "add_bias_residual_layer_norm", "bias_act", "embed_layer_norm",
            "varlen_attention_ref", "add_bias_residual_layer_norm_ref", "bias_act_ref", "embed_layer_norm_ref",
-           "BACKENDS", "Backend", "Kernels", "select", "canonical_activation"]
+           "BACKENDS", "Backend", "Kernels", "select", "canonical_activation", "RelativeScores"]

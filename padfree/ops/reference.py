@@ -12,14 +12,17 @@ import torch
 import torch.nn.functional as F
 
 from .activations import apply_activation
+from .relative import RelativeScores, relative_score_terms
 
 
 def varlen_attention_ref(qkv: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int, num_heads: int,
-                         qkv_bias: torch.Tensor | None = None, scale: float | None = None) -> torch.Tensor:
+                         qkv_bias: torch.Tensor | None = None, scale: float | None = None,
+                         rel: RelativeScores | None = None) -> torch.Tensor:
     """Multi-head self-attention inside each sequence of a packed batch.
 
     qkv: ``[T, 3*H]`` (Q | K | V, each ``[heads, head_dim]``); qkv_bias: ``[3*H]`` added before attention;
-    returns the context ``[T, H]`` in qkv's dtype, computed in fp32.
+    rel: optional relative-position score terms (see :class:`padfree.ops.relative.RelativeScores`), taken
+    within each sequence; returns the context ``[T, H]`` in qkv's dtype, computed in fp32.
     """
     T, three_h = qkv.shape
     H = three_h // 3
@@ -31,7 +34,10 @@ def varlen_attention_ref(qkv: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen
     bounds = cu_seqlens.tolist()
     for start, end in zip(bounds[:-1], bounds[1:]):
         q, k, v = (x[start:end, i].transpose(0, 1) for i in range(3))  # each [heads, L, d]
-        p = torch.softmax((q @ k.transpose(1, 2)) * scale, dim=-1)  # [heads, L, L]
+        s = (q @ k.transpose(1, 2)) * scale  # [heads, L, L]
+        if rel is not None:
+            s = s + relative_score_terms(q[None], k[None], rel, max_seqlen, scale)[0]
+        p = torch.softmax(s, dim=-1)  # [heads, L, L]
         out[start:end] = (p @ v).transpose(0, 1)  # [L, heads, d]
     return out.reshape(T, H).to(qkv.dtype)
 

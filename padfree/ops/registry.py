@@ -29,9 +29,14 @@ class Backend:
     ops: frozenset[str]                      # which of OPS it implements
     head_dims: frozenset[int] | None = None  # attention head sizes it supports; None = any
     requires: str | None = None              # a Python package it needs (checked lazily)
+    relative_scores: bool = False            # its varlen_attention accepts ``rel=`` (relative-position score
+                                             # terms: MPNet's bias, DeBERTa's c2p/p2c)
 
-    def validate(self, op: str, device: torch.device, dtype: torch.dtype, head_dim: int | None = None) -> list[str]:
-        """Every reason this backend cannot run ``op`` here (empty list = it can)."""
+    def validate(self, op: str, device: torch.device, dtype: torch.dtype, head_dim: int | None = None,
+                 relative_scores: bool = False) -> list[str]:
+        """Every reason this backend cannot run ``op`` here (empty list = it can).
+
+        ``relative_scores``: the caller will pass relative-position score terms to ``varlen_attention``."""
         reasons = []
         if op not in self.ops:
             reasons.append(f"does not implement {op}")
@@ -41,6 +46,8 @@ class Backend:
             reasons.append(f"dtype {dtype} not in {sorted(str(d) for d in self.dtypes)}")
         if op == "varlen_attention" and self.head_dims is not None and head_dim not in self.head_dims:
             reasons.append(f"head size {head_dim} not in {sorted(self.head_dims)}")
+        if op == "varlen_attention" and relative_scores and not self.relative_scores:
+            reasons.append("no relative-position score terms (rel=) in its varlen_attention")
         if self.requires and importlib.util.find_spec(self.requires) is None:
             reasons.append(f"package {self.requires!r} is not installed")
         return reasons
@@ -55,20 +62,23 @@ _FLOATS = frozenset({torch.float32, torch.float16, torch.bfloat16})
 BACKENDS: list[Backend] = [
     Backend("triton", frozenset({"cuda"}), _FLOATS, "padfree.ops.triton_backend", frozenset(OPS),
             head_dims=frozenset({16, 32, 64, 80, 96, 128}), requires="triton"),
-    Backend("torch", frozenset({"cpu", "cuda"}), _FLOATS, "padfree.ops.torch_backend", frozenset(OPS)),
+    Backend("torch", frozenset({"cpu", "cuda"}), _FLOATS, "padfree.ops.torch_backend", frozenset(OPS),
+            relative_scores=True),
 ]
 
 
 def select(op: str, device: torch.device | str, dtype: torch.dtype, head_dim: int | None = None,
-           backend: str = "auto") -> tuple[str, Callable]:
-    """``(backend name, function)`` for ``op``; ``ValueError`` with every reason when nothing fits."""
+           backend: str = "auto", relative_scores: bool = False) -> tuple[str, Callable]:
+    """``(backend name, function)`` for ``op``; ``ValueError`` with every reason when nothing fits.
+
+    ``relative_scores``: the model passes relative-position score terms to ``varlen_attention``."""
     device = torch.device(device)
     candidates = BACKENDS if backend == "auto" else [b for b in BACKENDS if b.name == backend]
     if not candidates:
         raise ValueError(f"unknown backend {backend!r}; known: {['auto'] + [b.name for b in BACKENDS]}")
     reasons = {}
     for b in candidates:
-        why = b.validate(op, device, dtype, head_dim)
+        why = b.validate(op, device, dtype, head_dim, relative_scores)
         if not why:
             if reasons:
                 log.info("padfree: %s uses backend %s (%s)", op, b.name,
@@ -92,6 +102,7 @@ class Kernels:
     names: dict
 
     @classmethod
-    def resolve(cls, device, dtype: torch.dtype, head_dim: int, backend: str = "auto") -> "Kernels":
-        chosen = {op: select(op, device, dtype, head_dim, backend) for op in OPS}
+    def resolve(cls, device, dtype: torch.dtype, head_dim: int, backend: str = "auto",
+                relative_scores: bool = False) -> "Kernels":
+        chosen = {op: select(op, device, dtype, head_dim, backend, relative_scores) for op in OPS}
         return cls(**{op: fn for op, (_, fn) in chosen.items()}, names={op: n for op, (n, _) in chosen.items()})

@@ -10,14 +10,20 @@ import torch
 import torch.nn.functional as F
 
 from .activations import apply_activation
+from .relative import RelativeScores, relative_score_terms
 
 
 def varlen_attention(qkv: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int, num_heads: int,
-                     qkv_bias: torch.Tensor | None = None, scale: float | None = None) -> torch.Tensor:
-    """See :func:`padfree.ops.reference.varlen_attention_ref`. ``[T, 3H]`` -> ``[T, H]``."""
+                     qkv_bias: torch.Tensor | None = None, scale: float | None = None,
+                     rel: RelativeScores | None = None) -> torch.Tensor:
+    """See :func:`padfree.ops.reference.varlen_attention_ref`. ``[T, 3H]`` -> ``[T, H]``.
+
+    Relative-position terms (``rel``) become an additive ``[g, heads, L, L]`` mask per group of equal-length
+    sequences: built per sequence length, never for a padded batch."""
     T, three_h = qkv.shape
     H = three_h // 3
     d = H // num_heads
+    scale_ = 1.0 / d ** 0.5 if scale is None else scale
     if qkv_bias is not None:
         qkv = qkv + qkv_bias
     x = qkv.view(T, 3, num_heads, d)
@@ -37,7 +43,8 @@ def varlen_attention(qkv: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: in
             rows = (starts[:, None] + torch.arange(n, device=qkv.device)).reshape(-1)  # [g*L]
             qkv_g = x[rows].view(len(members), n, 3, num_heads, d)  # [g, L, 3, heads, d]
         q, k, v = (qkv_g[:, :, i].transpose(1, 2) for i in range(3))  # each [g, heads, L, d]
-        ctx = F.scaled_dot_product_attention(q, k, v, scale=scale).transpose(1, 2)  # [g, L, heads, d]
+        mask = None if rel is None else relative_score_terms(q, k, rel, max_seqlen, scale_).to(q.dtype)
+        ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale_).transpose(1, 2)  # [g, L, heads, d]
         if rows is None:
             out[bounds[members[0]]:bounds[members[0]] + n] = ctx[0]
         else:

@@ -1,0 +1,303 @@
+"""Task heads on the packed encoder: sequence classification, token classification, cross-encoder reranking.
+
+Each head is loaded from a Hugging Face ``*ForSequenceClassification`` / ``*ForTokenClassification``
+checkpoint of any padfree family; the classifier's shape is the family's own (:class:`HeadSpec`): BERT/ALBERT
+pooler + classifier, RoBERTa/MPNet dense + tanh + out_proj, DistilBERT pre_classifier + ReLU, ELECTRA
+dense + GELU, DeBERTa ContextPooler. Heads read the packed hidden states ``[T, H]``: no pad is computed.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .batch import PackedBatch
+from .loading import Loaded, load
+from .models.encoder import Encoder
+from .ops.activations import apply_activation
+from .sentence import token_budget_batches
+
+PROBLEM_TYPES = ("single_label_classification", "multi_label_classification", "regression")
+
+
+def _linear(state: dict, prefix: str, device, dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(weight, bias)`` of the checkpoint's linear layer ``prefix``; ``ValueError`` naming it if absent."""
+    if f"{prefix}.weight" not in state:
+        raise ValueError(f"checkpoint has no {prefix}.weight: is it a task checkpoint (*ForSequenceClassification "
+                         "or *ForTokenClassification) of this family?")
+    w = state[f"{prefix}.weight"].to(device=device, dtype=dtype)
+    b = state.get(f"{prefix}.bias")
+    return w, None if b is None else b.to(device=device, dtype=dtype)
+
+
+def _labels(hf_config: dict, num_labels: int) -> list[str]:
+    id2label = {int(k): v for k, v in (hf_config.get("id2label") or {}).items()}
+    return [id2label.get(i, f"LABEL_{i}") for i in range(num_labels)]
+
+
+def _tokenize(tokenizer, encoder: Encoder, texts, pairs=None, max_length: int | None = None):
+    """``(ids, token types or None)``: (pairs of) texts through a Hugging Face fast tokenizer, unpadded, cut to
+    the model's limit. Token types only for families with more than one."""
+    limit = min(x for x in (max_length, encoder.config.max_sequence_length, tokenizer.model_max_length) if x)
+    with_types = encoder.config.type_vocab_size > 1
+    enc = tokenizer(list(texts), None if pairs is None else list(pairs), truncation=True, max_length=int(limit),
+                    padding=False, return_token_type_ids=with_types)
+    return enc["input_ids"], enc.get("token_type_ids") if with_types else None
+
+
+def _encode_texts(tokenizer, encoder: Encoder, texts, pairs=None, max_length: int | None = None) -> PackedBatch:
+    """Tokenize (pairs of) texts into one PackedBatch, without padding."""
+    ids, types = _tokenize(tokenizer, encoder, texts, pairs, max_length)
+    return PackedBatch.from_sequences(ids, types, device=encoder.device)
+
+
+class SequenceClassifier:
+    """Logits ``[B, num_labels]`` for each sequence, and labels from the config's ``id2label``.
+
+    ``problem_type`` (from the config, as Hugging Face reads it): single-label (softmax), multi-label
+    (sigmoid, every label above a threshold) or regression (raw values; num_labels == 1 by default).
+    """
+
+    def __init__(self, loaded: Loaded, tokenizer=None):
+        enc, cfg, state = loaded.encoder, loaded.hf_config, loaded.hf_state
+        if loaded.family.sequence_head is None:
+            raise ValueError(f"family {loaded.family.name} has no sequence-classification head mapping")
+        spec = loaded.family.sequence_head(cfg)
+        self.encoder = enc
+        self.dense = None if spec.dense is None else _linear(state, spec.dense, enc.device, enc.dtype)
+        self.activation = spec.activation
+        self.out = _linear(state, spec.out, enc.device, enc.dtype)
+        self.num_labels = self.out[0].shape[0]
+        self.id2label = _labels(cfg, self.num_labels)
+        problem = cfg.get("problem_type") or ("regression" if self.num_labels == 1 else "single_label_classification")
+        if problem not in PROBLEM_TYPES:
+            raise ValueError(f"unsupported problem_type {problem!r}; expected one of {PROBLEM_TYPES}")
+        self.problem_type = problem
+        self.tokenizer = tokenizer
+
+    @classmethod
+    def from_pretrained(cls, source, dtype: torch.dtype = torch.float32, device="cpu", backend: str = "auto",
+                        tokenizer=None) -> "SequenceClassifier":
+        """From a ``*ForSequenceClassification`` directory or in-memory model. A directory's fast tokenizer is
+        loaded (for :meth:`predict`) unless ``tokenizer`` is given."""
+        return cls(load(source, dtype, device, backend), tokenizer or _maybe_tokenizer(source))
+
+    @torch.inference_mode()
+    def logits_packed(self, batch: PackedBatch) -> torch.Tensor:
+        """``[B, num_labels]`` fp32 logits for a packed batch."""
+        hidden = self.encoder.forward_packed(batch)  # [T, H]
+        return self.head(hidden, batch)
+
+    def head(self, hidden: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
+        """The classifier on the first token of each sequence: ``[T, H]`` -> ``[B, num_labels]`` fp32."""
+        x = hidden[batch.cu_seqlens[:-1].long()]  # [B, H]
+        if self.dense is not None:
+            x = F.linear(x, *self.dense)
+            x = torch.tanh(x) if self.activation == "tanh" else apply_activation(x, self.activation)
+        return F.linear(x, *self.out).float()
+
+    def __call__(self, input_ids, attention_mask=None, token_type_ids=None) -> torch.Tensor:
+        """Hugging Face-style call on a padded ``[B, S]`` batch (any padding side): logits ``[B, num_labels]``."""
+        input_ids = torch.as_tensor(input_ids, device=self.encoder.device)
+        mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+        return self.logits_packed(PackedBatch.from_padded(input_ids, mask, token_type_ids))
+
+    def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
+        """Softmax (single-label), sigmoid (multi-label) or the raw values (regression)."""
+        if self.problem_type == "single_label_classification":
+            return logits.softmax(-1)
+        if self.problem_type == "multi_label_classification":
+            return logits.sigmoid()
+        return logits
+
+    def labels(self, logits: torch.Tensor, threshold: float = 0.5) -> list:
+        """Per sequence: the argmax label (single-label), the list of labels whose sigmoid is above
+        ``threshold`` (multi-label), or the predicted value(s) (regression)."""
+        if self.problem_type == "single_label_classification":
+            return [self.id2label[i] for i in logits.argmax(-1).tolist()]
+        if self.problem_type == "multi_label_classification":
+            return [[self.id2label[i] for i, on in enumerate(row) if on]
+                    for row in (logits.sigmoid() > threshold).tolist()]
+        return [row[0] if len(row) == 1 else row for row in logits.tolist()]
+
+    def predict(self, texts: Sequence[str], pairs: Sequence[str] | None = None, threshold: float = 0.5) -> list:
+        """Labels for texts (or text pairs); needs a tokenizer."""
+        if self.tokenizer is None:
+            raise ValueError("no tokenizer: load from a directory with tokenizer files or pass tokenizer=")
+        return self.labels(self.logits_packed(_encode_texts(self.tokenizer, self.encoder, texts, pairs)), threshold)
+
+
+class TokenClassifier:
+    """Logits for every real token (packed ``[T, num_labels]``), e.g. named-entity tags."""
+
+    def __init__(self, loaded: Loaded, tokenizer=None):
+        enc = loaded.encoder
+        self.encoder = enc
+        self.out = _linear(loaded.hf_state, loaded.family.token_head, enc.device, enc.dtype)
+        self.num_labels = self.out[0].shape[0]
+        self.id2label = _labels(loaded.hf_config, self.num_labels)
+        self.tokenizer = tokenizer
+
+    @classmethod
+    def from_pretrained(cls, source, dtype: torch.dtype = torch.float32, device="cpu", backend: str = "auto",
+                        tokenizer=None) -> "TokenClassifier":
+        return cls(load(source, dtype, device, backend), tokenizer or _maybe_tokenizer(source))
+
+    @torch.inference_mode()
+    def logits_packed(self, batch: PackedBatch) -> torch.Tensor:
+        """``[T, num_labels]`` fp32 logits, one row per real token."""
+        return F.linear(self.encoder.forward_packed(batch), *self.out).float()
+
+    def __call__(self, input_ids, attention_mask=None, token_type_ids=None) -> torch.Tensor:
+        """Padded ``[B, S]`` in, ``[B, S, num_labels]`` out with zeros at pads."""
+        input_ids = torch.as_tensor(input_ids, device=self.encoder.device)
+        mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+        batch = PackedBatch.from_padded(input_ids, mask, token_type_ids)
+        return batch.unpack(self.logits_packed(batch))
+
+    def predict(self, texts: Sequence[str]) -> list[list[dict]]:
+        """Per text, one entry per word: ``{"word", "label", "score", "start", "end"}`` (the label of each
+        word's first sub-token; offsets are character spans in the text). Needs a fast tokenizer."""
+        if self.tokenizer is None:
+            raise ValueError("no tokenizer: load from a directory with tokenizer files or pass tokenizer=")
+        limit = min(self.encoder.config.max_sequence_length, self.tokenizer.model_max_length)
+        enc = self.tokenizer(list(texts), truncation=True, max_length=limit, return_offsets_mapping=True)
+        batch = PackedBatch.from_sequences(enc["input_ids"], device=self.encoder.device)
+        logits = self.logits_packed(batch)
+        bounds = batch.cu_seqlens.tolist()
+        return [words_from_tokens(logits[bounds[b]:bounds[b + 1]], enc.word_ids(b), self.id2label,
+                                  enc["offset_mapping"][b], texts[b]) for b in range(len(texts))]
+
+
+def words_from_tokens(logits: torch.Tensor, word_ids: Sequence[int | None], id2label: Sequence[str],
+                      offsets: Sequence[tuple[int, int]] | None = None, text: str | None = None) -> list[dict]:
+    """Map one sequence's token logits ``[L, C]`` back to words with a fast tokenizer's ``word_ids``
+    (None for special tokens): each word takes its first sub-token's label; with ``offsets`` the word's
+    character span covers all its sub-tokens."""
+    probs = logits.float().softmax(-1)
+    words: dict[int, dict] = {}
+    for t, w in enumerate(word_ids):
+        if w is None:
+            continue
+        if w not in words:
+            score, label = probs[t].max(-1)
+            words[w] = {"word_index": w, "label": id2label[int(label)], "score": float(score), "token": t}
+            if offsets is not None:
+                words[w]["start"], words[w]["end"] = offsets[t]
+        elif offsets is not None:
+            words[w]["end"] = offsets[t][1]
+    out = [words[w] for w in sorted(words)]
+    if text is not None and offsets is not None:
+        for w in out:
+            w["word"] = text[w["start"]:w["end"]]
+    return out
+
+
+_CE_ACTIVATIONS = {"Sigmoid": "sigmoid", "Identity": "identity", "Tanh": "tanh"}
+
+
+class CrossEncoder:
+    """Reranking: score (query, passage) pairs with a sequence-classification checkpoint.
+
+    Loads a Hugging Face ``*ForSequenceClassification`` directory or a sentence-transformers CrossEncoder
+    directory (``activation_fn`` from ``config_sentence_transformers.json``, or from ``config.json`` in older
+    layouts; default: sigmoid for one label, none otherwise; ``max_seq_length`` from ``sentence_bert_config.json``).
+    """
+
+    def __init__(self, classifier: SequenceClassifier, tokenizer, activation: str, max_length: int | None = None):
+        if tokenizer is None:
+            raise ValueError("CrossEncoder needs a fast tokenizer")
+        self.classifier = classifier
+        self.tokenizer = tokenizer
+        self.activation = activation  # "sigmoid", "identity" or "tanh", applied to the logits
+        self.max_length = max_length
+
+    @classmethod
+    def from_pretrained(cls, path, dtype: torch.dtype = torch.float32, device="cpu", backend: str = "auto",
+                        max_length: int | None = None) -> "CrossEncoder":
+        path = Path(path)
+        model_dir = path
+        modules = path / "modules.json"
+        if modules.is_file():  # a modular layout: the Transformer module's folder holds the checkpoint
+            for m in json.loads(modules.read_text()):
+                if m["type"].rsplit(".", 1)[-1] in ("Transformer", "CrossEncoder") and m.get("path"):
+                    model_dir = path / m["path"]
+        loaded = load(model_dir, dtype, device, backend)
+        clf = SequenceClassifier(loaded, _maybe_tokenizer(model_dir) or _maybe_tokenizer(path))
+        conf = loaded.hf_config
+        st_conf = _read_json(path / "config_sentence_transformers.json")  # sentence-transformers >= 5 layout
+        fn = (st_conf.get("activation_fn") or (conf.get("sentence_transformers") or {}).get("activation_fn")
+              or conf.get("sbert_ce_default_activation_function"))  # older layouts keep it in config.json
+        if fn is None:
+            activation = "sigmoid" if clf.num_labels == 1 else "identity"
+        else:
+            name = fn.rsplit(".", 1)[-1]
+            if name not in _CE_ACTIVATIONS:
+                raise ValueError(f"unsupported CrossEncoder activation_fn {fn!r}; supported: {sorted(_CE_ACTIVATIONS)}")
+            activation = _CE_ACTIVATIONS[name]
+        limit = max_length or _read_json(model_dir / "sentence_bert_config.json").get("max_seq_length") \
+            or conf.get("max_length")
+        return cls(clf, clf.tokenizer, activation, limit)
+
+    def score(self, pairs: Sequence[tuple[str, str]], batch_tokens: int = 8192) -> np.ndarray:
+        """Scores ``[N]`` (or ``[N, num_labels]``) for (query, passage) pairs, in input order; pairs are
+        batched in order by a budget of ``batch_tokens`` real tokens."""
+        encoder = self.classifier.encoder
+        if len(pairs) == 0:
+            return np.empty((0,) if self.classifier.num_labels == 1 else (0, self.classifier.num_labels), np.float32)
+        ids, types = _tokenize(self.tokenizer, encoder, [q for q, _ in pairs], [p for _, p in pairs], self.max_length)
+        out = []
+        for start, end in token_budget_batches([len(s) for s in ids], batch_tokens):
+            batch = PackedBatch.from_sequences(ids[start:end], None if types is None else types[start:end],
+                                               device=encoder.device)
+            logits = self.classifier.logits_packed(batch)
+            if self.activation == "sigmoid":
+                logits = logits.sigmoid()
+            elif self.activation == "tanh":
+                logits = logits.tanh()
+            out.append(logits)
+        scores = torch.cat(out).cpu().numpy()
+        return scores[:, 0] if self.classifier.num_labels == 1 else scores
+
+    def rank(self, query: str, passages: Sequence[str], top_k: int | None = None) -> list[dict]:
+        """Passages sorted by descending score: ``[{"corpus_id", "score"}]`` (sentence-transformers' shape)."""
+        scores = self.score([(query, p) for p in passages])
+        if scores.ndim != 1:
+            raise ValueError("rank() needs a single-score model (num_labels == 1)")
+        order = np.argsort(-scores, kind="stable")[:top_k]
+        return [{"corpus_id": int(i), "score": float(scores[i])} for i in order]
+
+    def rerank(self, queries: Sequence[str], passages: Sequence[Sequence[str]], top_k: int | None = None
+               ) -> list[list[dict]]:
+        """:meth:`rank` for each query with its own candidate passages, scored in one pass."""
+        pairs = [(q, p) for q, ps in zip(queries, passages, strict=True) for p in ps]
+        scores = self.score(pairs)
+        out, start = [], 0
+        for ps in passages:
+            s = scores[start:start + len(ps)]
+            start += len(ps)
+            order = np.argsort(-s, kind="stable")[:top_k]
+            out.append([{"corpus_id": int(i), "score": float(s[i])} for i in order])
+        return out
+
+
+def _read_json(file: Path) -> dict:
+    return json.loads(file.read_text()) if file.is_file() else {}
+
+
+def _maybe_tokenizer(source):
+    """The directory's fast tokenizer, or None (in-memory models, directories without tokenizer files)."""
+    if not isinstance(source, (str, Path)):
+        return None
+    path = Path(source)
+    if not any((path / f).is_file() for f in ("tokenizer.json", "vocab.txt", "tokenizer_config.json")):
+        return None
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(str(path))
+    if not tok.is_fast:
+        raise ValueError(f"{path} has no fast tokenizer (tokenizer.json); padfree needs one")
+    return tok

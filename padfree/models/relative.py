@@ -1,0 +1,98 @@
+"""Relative-position attention of the families that have it, as :class:`RelativeScores` for the attention op.
+
+- MPNet: a ``[buckets, heads]`` bias table shared by all layers, indexed by T5-style log buckets of ``j - i``.
+- DeBERTa-v2/v3: disentangled attention. A relative embedding table (optionally LayerNorm-ed) is projected by
+  each layer into position keys (content-to-position, c2p) and position queries (position-to-content, p2c),
+  indexed by DeBERTa's log buckets of ``i - j``.
+
+Distances are taken inside each sequence of the packed batch (``i``, ``j`` restart at 0 per sequence), so
+one ``[2 * max_seqlen - 1]`` index serves the whole batch; tables are sliced to the rows it can reach.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from ..config import ModelConfig
+from ..ops.relative import RelativeScores
+
+
+def mpnet_bucket(distance: torch.Tensor, num_buckets: int, max_distance: int) -> torch.Tensor:
+    """MPNet's (T5's bidirectional) bucket of ``distance = i - j`` (HF computes it from ``j - i``)."""
+    n = distance  # HF: n = -(j - i)
+    half = num_buckets // 2
+    ret = (n < 0).long() * half
+    n = n.abs()
+    max_exact = half // 2
+    large = max_exact + (torch.log(n.float() / max_exact) / math.log(max_distance / max_exact)
+                         * (half - max_exact)).long()
+    large = torch.clamp(large, max=half - 1)
+    return ret + torch.where(n < max_exact, n, large)
+
+
+def deberta_bucket(distance: torch.Tensor, bucket_size: int, max_position: int) -> torch.Tensor:
+    """DeBERTa's log bucket of ``distance = i - j`` (exact below ``bucket_size // 2``, logarithmic after)."""
+    sign = torch.sign(distance)
+    mid = bucket_size // 2
+    abs_pos = torch.where((distance < mid) & (distance > -mid), torch.tensor(mid - 1).type_as(distance),
+                          distance.abs())
+    log_pos = torch.ceil(torch.log(abs_pos / mid) / torch.log(torch.tensor((max_position - 1) / mid))
+                         * (mid - 1)) + mid
+    return torch.where(abs_pos <= mid, distance.type_as(log_pos), log_pos * sign).long()
+
+
+def relative_rows(cfg: ModelConfig, max_seqlen: int, device) -> torch.Tensor:
+    """``[2 * max_seqlen - 1]`` int64: the table row of each distance ``i - j`` in ``[-(L-1), L-1]``."""
+    distance = torch.arange(-(max_seqlen - 1), max_seqlen, device=device)
+    if cfg.relative_attention == "bias":
+        return mpnet_bucket(distance, cfg.relative_buckets, cfg.max_relative_positions)
+    span = deberta_span(cfg)
+    if cfg.relative_buckets > 0 and cfg.max_relative_positions > 0:
+        distance = deberta_bucket(distance, cfg.relative_buckets, cfg.max_relative_positions)
+    return torch.clamp(distance + span, 0, 2 * span - 1)
+
+
+def deberta_span(cfg: ModelConfig) -> int:
+    """DeBERTa's attention span: the relative table has ``2 * span`` rows."""
+    return cfg.relative_buckets if cfg.relative_buckets > 0 else cfg.max_relative_positions
+
+
+class RelativeTables:
+    """Per-batch relative-position state: the distance index and the table rows it reaches.
+
+    Built once per forward pass (shared by every layer); :meth:`scores` gives each layer its terms.
+    """
+
+    def __init__(self, cfg: ModelConfig, table: torch.Tensor, norm: tuple | None, max_seqlen: int):
+        rows = relative_rows(cfg, max_seqlen, "cpu")  # [2L-1], computed on the host: no device sync
+        lo, hi = int(rows.min()), int(rows.max())
+        self.cfg = cfg
+        self.index = (rows - lo).to(table.device, non_blocking=True)  # rows of the sliced tables
+        used = table[lo:hi + 1]  # [R, heads] (MPNet) or [R, H] (DeBERTa)
+        if norm is not None:  # DeBERTa norm_rel_ebd: LayerNorm each row of the embedding table
+            used = F.layer_norm(used.float(), used.shape[-1:], norm[0].float(), norm[1].float(),
+                                cfg.layer_norm_eps).to(used.dtype)
+        self.table = used
+
+    def scores(self, qkv_weight: torch.Tensor, qkv_bias: torch.Tensor, pos_key=None, pos_query=None
+               ) -> RelativeScores:
+        """The layer's :class:`RelativeScores`. ``qkv_weight [3H, H]``/``qkv_bias [3H]``: the layer's fused
+        projections (DeBERTa share_att_key); ``pos_key``/``pos_query``: its own position projections, if any."""
+        cfg = self.cfg
+        if cfg.relative_attention == "bias":
+            return RelativeScores(self.index, bias=self.table.t())  # [heads, R]
+        H, heads = cfg.hidden_size, cfg.num_heads
+
+        def project(w, b):  # [R, H] -> [heads, R, d]
+            return F.linear(self.table, w, b).view(-1, heads, cfg.head_dim).transpose(0, 1)
+
+        pk = pq = None
+        if "c2p" in cfg.pos_att_type:
+            pk = (project(qkv_weight[H:2 * H], qkv_bias[H:2 * H]) if cfg.share_att_key
+                  else project(pos_key.weight, pos_key.bias))
+        if "p2c" in cfg.pos_att_type:
+            pq = (project(qkv_weight[:H], qkv_bias[:H]) if cfg.share_att_key
+                  else project(pos_query.weight, pos_query.bias))
+        return RelativeScores(self.index, pos_key=pk, pos_query=pq)

@@ -1,0 +1,189 @@
+"""Every family against Hugging Face transformers: hidden states at real positions, fp32 and bf16.
+
+Two random-weight shapes per family, a batch of mixed lengths (1 and the maximum included), both padding
+sides. Hugging Face numbers absolute positions from column 0 even with left padding, so the HF reference
+gets explicit per-sequence ``position_ids`` (see family_zoo.batch); padfree restarts at each sequence's
+first real token by construction.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+
+import pytest
+import torch
+import transformers as t
+
+import padfree
+from padfree.models import relative
+from padfree.ops import RelativeScores
+from padfree.ops.reference import varlen_attention_ref
+from padfree.ops.registry import BACKENDS, Backend, select
+from padfree.ops.torch_backend import varlen_attention as varlen_attention_torch
+
+from family_zoo import CASES, LENGTHS, MAX_LEN, ZOO, batch, make, max_diff, randomize
+
+FP32_TOL = 1e-4
+# bf16 padfree against the fp32 HF output. Measured worst case on these shapes: 0.078 (ALBERT) (hidden states are
+# O(1) after LayerNorm; bf16 keeps 8 mantissa bits, so ~2^-8 relative error per op, summed over layers).
+BF16_TOL = 0.125
+
+
+def hf_hidden(model, ids, mask, kw):
+    with torch.no_grad():
+        return model(input_ids=ids, attention_mask=mask, **kw).last_hidden_state
+
+
+@pytest.mark.parametrize("family,shape", CASES)
+def test_hidden_state_parity_fp32(family, shape):
+    model = make(family, shape)
+    enc = padfree.from_pretrained(model)
+    for side in ("right", "left"):
+        ids, mask, types, kw = batch(model, LENGTHS, side)
+        ref = hf_hidden(model, ids, mask, kw)
+        out = enc(ids, mask, types).last_hidden_state
+        err = max_diff(out, ref, mask)
+        assert err <= FP32_TOL, f"{family}[{shape}] {side}: {err:.2e}"
+        assert float(out[~mask.bool()].abs().max()) == 0.0  # zeros at pads
+
+
+@pytest.mark.parametrize("family", list(ZOO))
+def test_hidden_state_parity_bf16(family):
+    model = make(family, 0)
+    enc = padfree.from_pretrained(model, dtype=torch.bfloat16)
+    ids, mask, types, kw = batch(model, LENGTHS, "left")
+    err = max_diff(enc(ids, mask, types).last_hidden_state, hf_hidden(model, ids, mask, kw), mask)
+    assert err <= BF16_TOL, f"{family} bf16: {err:.3f}"
+
+
+@pytest.mark.parametrize("family,extra", [
+    # DeBERTa-v3's real bucket sizes (256 buckets, 512 positions): 300-token sequences reach the log branch
+    ("deberta-v2", dict(position_buckets=256, max_position_embeddings=512, num_hidden_layers=1)),
+    # MPNet beyond its max_distance of 128, where every far distance shares the last bucket
+    ("mpnet", dict(max_position_embeddings=514, num_hidden_layers=1)),
+])
+def test_long_sequences_relative_buckets(family, extra):
+    cfg_cls, base = ZOO[family][0], ZOO[family][1]
+    kwargs = dict(ZOO[family][4][0], **extra)
+    torch.manual_seed(0)
+    model = randomize(base(cfg_cls(vocab_size=60, **kwargs)))
+    enc = padfree.from_pretrained(model)
+    for side in ("right", "left"):
+        ids, mask, types, kw = batch(model, [300, 1, 270], side)
+        err = max_diff(enc(ids, mask, types).last_hidden_state, hf_hidden(model, ids, mask, kw), mask)
+        assert err <= FP32_TOL, f"{family} long {side}: {err:.2e}"
+
+
+def test_packed_equals_padded_and_each_sequence_alone():
+    """Packing several sequences gives each the same states as running it alone (relative terms included)."""
+    model = make("deberta-v2", 0)
+    enc = padfree.from_pretrained(model)
+    seqs = [[5, 6, 7], [9] * 20, [11]]
+    h = enc.forward_packed(padfree.PackedBatch.from_sequences(seqs))
+    alone = torch.cat([enc.forward_packed(padfree.PackedBatch.from_sequences([s])) for s in seqs])
+    assert max_diff(h, alone) <= 1e-5
+
+
+def test_deberta_log_buckets_match_hf():
+    """The log-bucket branch (distances beyond position_buckets / 2) equals HF's, at v3's real sizes too."""
+    from transformers.models.deberta_v2.modeling_deberta_v2 import make_log_bucket_position
+    d = torch.arange(-600, 601)
+    for buckets, max_pos in ((8, 40), (256, 512)):
+        assert torch.equal(relative.deberta_bucket(d, buckets, max_pos),
+                           make_log_bucket_position(d, buckets, max_pos).long())
+    shapes = ZOO["deberta-v2"][4]
+    assert MAX_LEN > shapes[0]["position_buckets"]  # the parity batch reaches the log branch
+
+
+def test_mpnet_buckets_match_hf():
+    from transformers.models.mpnet.modeling_mpnet import MPNetEncoder
+    d = torch.arange(-300, 301)
+    assert torch.equal(relative.mpnet_bucket(d, 32, 128), MPNetEncoder.relative_position_bucket(-d))
+
+
+@pytest.mark.parametrize("family", list(ZOO))
+def test_load_from_saved_directory(family, tmp_path):
+    model = make(family, 1)
+    model.save_pretrained(tmp_path)
+    enc_dir = padfree.from_pretrained(tmp_path)
+    enc_mem = padfree.from_pretrained(model)
+    ids, mask, types, _ = batch(model, [3, 11, 1], "right")
+    assert max_diff(enc_dir(ids, mask, types).last_hidden_state, enc_mem(ids, mask, types).last_hidden_state) == 0
+
+
+def test_family_config_is_declarative():
+    albert = padfree.from_pretrained(make("albert", 1)).config
+    assert albert.num_layers == 4 and albert.layer_schedule == (0, 1, 0, 1, 2, 3, 2, 3)
+    assert albert.embedding_width == 24 and albert.activation == "gelu"
+    deb = padfree.from_pretrained(make("deberta-v2", 0)).config
+    assert (deb.relative_attention, deb.relative_buckets, deb.share_att_key, deb.norm_rel_embeddings,
+            deb.absolute_positions) == ("disentangled", 8, True, True, False)
+    assert math.isclose(deb.attention_scale, 1 / math.sqrt(16 * 3))
+    assert padfree.from_pretrained(make("mpnet", 0)).config.relative_attention == "bias"
+    assert padfree.from_pretrained(make("distilbert", 0)).config.type_vocab_size == 0
+
+
+def test_unsupported_model_type(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2", "vocab_size": 10}))
+    with pytest.raises(ValueError, match="unsupported model_type 'gpt2'"):
+        padfree.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("family,key", [("bert", "hidden_act"), ("distilbert", "activation")])
+def test_unsupported_activation(family, key, tmp_path):
+    model = make(family, 0)
+    model.config.__dict__[key] = "mish"  # a valid HF activation padfree does not implement
+    model.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="unsupported activation 'mish'"):
+        padfree.from_pretrained(tmp_path)
+
+
+def test_unsupported_deberta_conv():
+    cfg = t.DebertaV2Config(**ZOO["deberta-v2"][4][0], vocab_size=60, conv_kernel_size=3)
+    with pytest.raises(ValueError, match="conv_kernel_size"):
+        padfree.from_pretrained(t.DebertaV2Model(cfg))
+
+
+# ---------------------------------------------------------------- the attention op's relative-score interface
+def _random_rel(heads, d, max_seqlen, rows=7, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    index = torch.randint(0, rows, (2 * max_seqlen - 1,), generator=g)
+    return RelativeScores(index, bias=torch.randn(heads, rows, generator=g),
+                          pos_key=torch.randn(heads, rows, d, generator=g),
+                          pos_query=torch.randn(heads, rows, d, generator=g))
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
+def test_varlen_attention_relative_terms(dtype, tol):
+    heads, d, lengths = 2, 8, [3, 1, 7, 7, 2]
+    cu = torch.tensor([0] + lengths).cumsum(0).to(torch.int32)
+    qkv = torch.randn(sum(lengths), 3 * heads * d, generator=torch.Generator().manual_seed(1))
+    bias = torch.randn(3 * heads * d)
+    rel = _random_rel(heads, d, max(lengths))
+    ref = varlen_attention_ref(qkv, cu, max(lengths), heads, bias, 0.3, rel)
+    # the reference itself against an explicit per-element formula, for one sequence
+    x = (qkv + bias).view(-1, 3, heads, d)[3:4]  # the length-1 sequence attends to itself only
+    assert torch.allclose(ref[3], x[0, 2].reshape(-1), atol=1e-6)
+    out = varlen_attention_torch(qkv.to(dtype), cu, max(lengths), heads, bias.to(dtype), 0.3, rel)
+    assert max_diff(out, ref) <= tol
+    assert max_diff(padfree.ops.varlen_attention(qkv, cu, max(lengths), heads, bias, 0.3, rel=rel), ref) <= 1e-5
+
+
+def test_registry_relative_capability(caplog):
+    """A backend without relative-score support is skipped for models that need it, with the reason logged."""
+    no_rel = Backend("norel", frozenset({"cpu"}), frozenset({torch.float32}), "padfree.ops.torch_backend",
+                     frozenset({"varlen_attention"}))
+    assert no_rel.validate("varlen_attention", torch.device("cpu"), torch.float32, 16) == []
+    reasons = no_rel.validate("varlen_attention", torch.device("cpu"), torch.float32, 16, relative_scores=True)
+    assert any("relative" in r for r in reasons)
+    BACKENDS.insert(0, no_rel)
+    try:
+        with caplog.at_level(logging.INFO, logger="padfree"):
+            name, _ = select("varlen_attention", "cpu", torch.float32, 16, relative_scores=True)
+        assert name == "torch" and "relative" in caplog.text
+        assert select("varlen_attention", "cpu", torch.float32, 16)[0] == "norel"
+        with pytest.raises(ValueError, match="relative"):
+            select("varlen_attention", "cpu", torch.float32, 16, backend="norel", relative_scores=True)
+    finally:
+        BACKENDS.remove(no_rel)
