@@ -21,7 +21,6 @@ import weakref
 import torch
 import torch.nn.functional as F
 
-from . import torch_backend
 from .activations import apply_activation
 
 # canonical activation -> oneDNN eltwise post-op (name, algorithm) of torch.ops.mkldnn._linear_pointwise
@@ -80,6 +79,47 @@ def qkv_varlen_attention(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     returns the context ``[T, H]`` in x's dtype."""
     qkv = _linear(x, weight, bias)  # [T, 3H], bias added inside the product
     if qkv.dtype == torch.bfloat16 and _ATTENTION_IN_FP32:
-        qkv = qkv.float()  # one pass; fp32 attention is faster than bf16 on CPU here, and exact-er
-    ctx = torch_backend.varlen_attention(qkv, cu_seqlens, max_seqlen, num_heads, None, scale)
-    return ctx.to(x.dtype)
+        qkv = qkv.float()  # one pass; fp32 attention is as fast as bf16 on CPU here, and more accurate
+    return varlen_attention_runs(qkv, cu_seqlens, num_heads, scale).to(x.dtype)
+
+
+def varlen_attention_runs(qkv: torch.Tensor, cu_seqlens: torch.Tensor, num_heads: int,
+                          scale: float | None = None) -> torch.Tensor:
+    """Attention on ``qkv [T, 3H]`` (bias already in) -> ``[T, H]``, one SDPA call per *run* of consecutive
+    sequences of equal length: a run is a contiguous slice of the packed tensor, viewed as ``[g, L, 3, heads, d]``
+    with no gather and written back with no scatter. Batches sorted by length (SentenceEncoder sorts inside
+    each token-budget batch) have one run per distinct length."""
+    T, three_h = qkv.shape
+    H = three_h // 3
+    d = H // num_heads
+    x = qkv.view(T, 3, num_heads, d)
+    out = torch.empty(T, num_heads, d, dtype=qkv.dtype, device=qkv.device)
+    for start, count, n in _runs(cu_seqlens):
+        end = start + count * n
+        g = x[start:end].view(count, n, 3, num_heads, d)  # a view of the run
+        q, k, v = (g[:, :, i].transpose(1, 2) for i in range(3))  # each [count, heads, L, d], strided views
+        ctx = F.scaled_dot_product_attention(q, k, v, scale=scale)  # [count, heads, L, d]
+        out[start:end].view(count, n, num_heads, d).copy_(ctx.transpose(1, 2))
+    return out.view(T, H)
+
+
+_runs_cache: list = [None, None]  # [weakref to the cu_seqlens tensor last seen, its runs]
+
+
+def _runs(cu_seqlens: torch.Tensor) -> list[tuple[int, int, int]]:
+    """``(first token, number of sequences, length)`` of each run of equal lengths; computed once per batch
+    (every layer passes the same ``cu_seqlens`` tensor), so the host sync happens once, not per layer."""
+    ref = _runs_cache[0]
+    if ref is not None and ref() is cu_seqlens:
+        return _runs_cache[1]
+    bounds = cu_seqlens.tolist()
+    runs: list[tuple[int, int, int]] = []
+    for s, e in zip(bounds[:-1], bounds[1:]):
+        n = e - s
+        if runs and runs[-1][2] == n:
+            first, count, _ = runs[-1]
+            runs[-1] = (first, count + 1, n)
+        else:
+            runs.append((s, 1, n))
+    _runs_cache[0], _runs_cache[1] = weakref.ref(cu_seqlens), runs
+    return runs
