@@ -2,7 +2,7 @@
 
 Examples::
 
-    padfree bench --quick                                  # W1 + W2, fp32 and bf16 on CPU, ~10 min on 2 cores
+    padfree bench --quick                                  # W1 + W2, fp32 and bf16 on CPU, ~11 min on 2 cores
     padfree bench --quick --json 'benchmarks/results/cpu-epyc-2c-{workload}.json' \\
         --markdown 'benchmarks/results/cpu-epyc-2c-{workload}.md' --plot benchmarks/results/cpu-epyc-2c-w1.png
     padfree bench --device cuda --dtype fp16,bf16          # GPU: adds the varlen_attn packed baseline
@@ -44,7 +44,7 @@ def parse_args(argv):
     p.add_argument("--systems", default=",".join(W1_SYSTEMS), help="W1 systems to run (default all that can)")
     p.add_argument("--no-mha", action="store_true", help="skip the MHA-only comparison")
     p.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
-                   help="the torch.compile baseline: auto = GPU, and CPU outside --quick (compiling takes minutes on 2 cores)")
+                   help="the torch.compile baseline: auto = GPU, and CPU outside --quick (compiling takes ~45 s on 2 cores)")
     p.add_argument("--batch", help="override the W1 batch sizes (comma list)")
     p.add_argument("--max-len", help="override the W1 max lengths (comma list)")
     p.add_argument("--w2-texts", type=int, help="number of corpus texts for W2")
@@ -78,8 +78,8 @@ def _log(msg: str) -> None:
 def _builders(args, shape: str):
     compile_ok = args.compile == "on" or (args.compile == "auto" and (args.device != "cpu" or not args.quick))
     why = ("disabled by --compile off" if args.compile == "off" else
-           "left out of --quick on CPU: inductor compiles BERT for minutes on 2 cores; run without --quick "
-           "or with --compile on")
+           "left out of --quick on CPU to keep it near 10 min (compiling takes ~45 s per dtype on 2 cores, then "
+           "its timed runs); run without --quick or with --compile on")
     return {
         "padfree": lambda m, d: bl.build_padfree(m, d, args.device),
         "hf-eager": lambda m, d: bl.build_hf_eager(m, d, args.device),
