@@ -8,8 +8,8 @@ epilogues save whole passes over ``[T, F]`` / ``[T, H]`` (see benchmarks/NOTES.m
 - ``linear_bias_act``: bias and GELU/ReLU/SiLU run inside the matrix product (oneDNN eltwise post-op);
 - ``linear_residual_layer_norm``: bias and residual add inside the product (oneDNN binary post-op), then LayerNorm;
 - ``qkv_varlen_attention``: the QKV product with its bias inside, then attention per group of equal-length
-  sequences straight on strided views of ``[T, 3H]`` (bf16 attention runs in fp32: PyTorch's bf16 CPU flash
-  kernel is slower than its fp32 one at these sizes, and fp32 is also more accurate).
+  sequences straight on strided views of ``[T, 3H]`` (PyTorch's CPU flash
+  kernel runs in bf16: converting to fp32 was speed-neutral on W1 and 20 % slower on W2, see NOTES.md).
 
 Packed weights are cached per parameter (weakly, and keyed by the parameter's version counter, so an in-place
 update of the weight repacks it). Shapes: T = packed tokens, K = input features, N = output features.
@@ -26,7 +26,7 @@ from .activations import apply_activation
 # canonical activation -> oneDNN eltwise post-op (name, algorithm) of torch.ops.mkldnn._linear_pointwise
 _POST_OPS = {"gelu": ("gelu", "none"), "gelu_tanh": ("gelu", "tanh"), "relu": ("relu", ""), "silu": ("swish", "")}
 
-_ATTENTION_IN_FP32 = True
+_ATTENTION_IN_FP32 = False  # measured: the fp32 upcast costs ~20 % of a W2 bf16 encode (NOTES.md #2)
 
 _packed: dict[int, tuple[weakref.ref, int, torch.Tensor]] = {}  # id(weight) -> (weight ref, version, packed)
 
@@ -79,7 +79,7 @@ def qkv_varlen_attention(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     returns the context ``[T, H]`` in x's dtype."""
     qkv = _linear(x, weight, bias)  # [T, 3H], bias added inside the product
     if qkv.dtype == torch.bfloat16 and _ATTENTION_IN_FP32:
-        qkv = qkv.float()  # one pass; fp32 attention is as fast as bf16 on CPU here, and more accurate
+        qkv = qkv.float()  # kept as an option: fp32 softmax/accumulation; costs two conversion passes
     return varlen_attention_runs(qkv, cu_seqlens, num_heads, scale).to(x.dtype)
 
 
