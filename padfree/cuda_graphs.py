@@ -46,7 +46,7 @@ class CudaGraphEncoder:
     def _check_capturable(encoder: Encoder) -> None:
         if encoder.device.type != "cuda":
             raise ValueError(f"CUDA graphs need an encoder on a CUDA device; this one is on {encoder.device}")
-        syncing = [op for op, name in encoder.kernels.names.items() if name != "triton"]
+        syncing = [op for op, name in encoder.kernels.names.items() if name not in ("triton", "composed(triton)")]
         if syncing:
             raise ValueError(f"CUDA graphs need the triton backend for every op; {syncing} use "
                              f"{[encoder.kernels.names[o] for o in syncing]}, which read offsets on the host")

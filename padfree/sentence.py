@@ -131,12 +131,15 @@ class SentenceEncoder:
             from tqdm.auto import tqdm
             bar = tqdm(total=len(texts), unit="text", desc="padfree encode")
         for start, end in batches:
-            batch = PackedBatch.from_sequences(ids[start:end], device=self.encoder.device)
+            # inside a batch, sequences go by length: equal lengths then sit side by side, and attention runs
+            # once per distinct length on a view, with no gather (the batches themselves keep arrival order)
+            order = sorted(range(start, end), key=lambda i: len(ids[i]))
+            batch = PackedBatch.from_sequences([ids[i] for i in order], device=self.encoder.device)
             hidden = self.encoder.forward_packed(batch)
             emb = torch.cat([pool(hidden, batch, m) for m in self.pooling], dim=-1)
             if norm:
                 emb = normalize(emb)
-            out[start:end] = emb.cpu().numpy()
+            out[order] = emb.cpu().numpy()
             if bar is not None:
                 bar.update(end - start)
         if bar is not None:

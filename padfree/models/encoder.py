@@ -155,19 +155,21 @@ class Encoder(nn.Module):
     def _layer(self, layer: EncoderLayer, x: torch.Tensor, batch: PackedBatch,
                rel: RelativeTables | None = None) -> torch.Tensor:
         k, cfg = self.kernels, self.config
-        qkv = F.linear(x, layer.qkv.weight)  # [T, 3H]; the QKV bias is added inside attention
-        if rel is None and not cfg.pos_att_type:  # the plain call every backend accepts
-            ctx = k.varlen_attention(qkv, batch.cu_seqlens, batch.max_seqlen, cfg.num_heads, layer.qkv.bias)
-        else:
+        if rel is None and not cfg.pos_att_type:  # the fused QKV product + attention every backend has
+            ctx = k.qkv_varlen_attention(x, layer.qkv.weight, layer.qkv.bias, batch.cu_seqlens, batch.max_seqlen,
+                                         cfg.num_heads)  # [T, H]
+        else:  # relative-position terms go to the primitive, whose backend declared it accepts them
+            qkv = F.linear(x, layer.qkv.weight)  # [T, 3H]; the QKV bias is added inside attention
             scores = None if rel is None else rel.scores(layer.qkv.weight, layer.qkv.bias, layer.pos_key,
                                                          layer.pos_query)
             ctx = k.varlen_attention(qkv, batch.cu_seqlens, batch.max_seqlen, cfg.num_heads, layer.qkv.bias,
                                      cfg.attention_scale, **({} if scores is None else {"rel": scores}))  # [T, H]
-        h = k.add_bias_residual_layer_norm(F.linear(ctx, layer.attn_out.weight), layer.attn_out.bias, x,
-                                           layer.attn_norm.weight, layer.attn_norm.bias, cfg.layer_norm_eps)
-        f = k.bias_act(F.linear(h, layer.ffn_in.weight), layer.ffn_in.bias, cfg.activation)  # [T, F]
-        return k.add_bias_residual_layer_norm(F.linear(f, layer.ffn_out.weight), layer.ffn_out.bias, h,
-                                              layer.ffn_norm.weight, layer.ffn_norm.bias, cfg.layer_norm_eps)
+        # each remaining op is a linear fused with its consumer (a backend's epilogue, or F.linear + the primitive)
+        h = k.linear_residual_layer_norm(ctx, layer.attn_out.weight, layer.attn_out.bias, x,
+                                         layer.attn_norm.weight, layer.attn_norm.bias, cfg.layer_norm_eps)
+        f = k.linear_bias_act(h, layer.ffn_in.weight, layer.ffn_in.bias, cfg.activation)  # [T, F]
+        return k.linear_residual_layer_norm(f, layer.ffn_out.weight, layer.ffn_out.bias, h,
+                                            layer.ffn_norm.weight, layer.ffn_norm.bias, cfg.layer_norm_eps)
 
     def pool_cls(self, hidden: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
         """The BERT pooler: ``tanh(W · h_CLS + b)``, ``[B, H]``; ``ValueError`` if the checkpoint has none."""

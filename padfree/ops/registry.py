@@ -19,6 +19,11 @@ log = logging.getLogger("padfree")
 
 OPS = ("varlen_attention", "add_bias_residual_layer_norm", "bias_act", "embed_layer_norm")
 
+# Fused ops: a linear together with what consumes its output. A backend may implement them (the CPU oneDNN
+# backend does, with the matrix-product epilogues); where none does, Kernels composes them from F.linear and the
+# primitives it resolved, so a backend that only has the primitives (Triton) runs exactly as before.
+FUSED_OPS = ("qkv_varlen_attention", "linear_bias_act", "linear_residual_layer_norm")
+
 
 @dataclass(frozen=True)
 class Backend:
@@ -31,6 +36,7 @@ class Backend:
     requires: str | None = None              # a Python package it needs (checked lazily)
     relative_scores: bool = False            # its varlen_attention accepts ``rel=`` (relative-position score
                                              # terms: MPNet's bias, DeBERTa's c2p/p2c)
+    needs_mkldnn: bool = False               # runs on PyTorch's oneDNN (mkldnn) CPU build
 
     def validate(self, op: str, device: torch.device, dtype: torch.dtype, head_dim: int | None = None,
                  relative_scores: bool = False) -> list[str]:
@@ -50,6 +56,10 @@ class Backend:
             reasons.append("no relative-position score terms (rel=) in its varlen_attention")
         if self.requires and importlib.util.find_spec(self.requires) is None:
             reasons.append(f"package {self.requires!r} is not installed")
+        if self.needs_mkldnn and not torch.backends.mkldnn.is_available():
+            reasons.append("this PyTorch build has no oneDNN (mkldnn)")
+        if self.needs_mkldnn and dtype == torch.bfloat16 and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+            reasons.append("this CPU has no oneDNN bf16 support")
         return reasons
 
     def function(self, op: str) -> Callable:
@@ -62,6 +72,9 @@ _FLOATS = frozenset({torch.float32, torch.float16, torch.bfloat16})
 BACKENDS: list[Backend] = [
     Backend("triton", frozenset({"cuda"}), _FLOATS, "padfree.ops.triton_backend", frozenset(OPS),
             head_dims=frozenset({16, 32, 64, 80, 96, 128}), requires="triton"),
+    # fused linear ops only; fp16 on CPU has no fast oneDNN path here, so it is left to the composition
+    Backend("onednn", frozenset({"cpu"}), frozenset({torch.float32, torch.bfloat16}), "padfree.ops.onednn_backend",
+            frozenset(FUSED_OPS), needs_mkldnn=True),
     Backend("torch", frozenset({"cpu", "cuda"}), _FLOATS, "padfree.ops.torch_backend", frozenset(OPS),
             relative_scores=True),
 ]
@@ -99,10 +112,40 @@ class Kernels:
     add_bias_residual_layer_norm: Callable
     bias_act: Callable
     embed_layer_norm: Callable
+    qkv_varlen_attention: Callable
+    """``(x [T, H], weight [3H, H], bias, cu_seqlens, max_seqlen, num_heads)`` -> context ``[T, H]``."""
+    linear_bias_act: Callable
+    """``(x [T, K], weight [N, K], bias, activation)`` -> ``act(x W^T + b)`` ``[T, N]``."""
+    linear_residual_layer_norm: Callable
+    """``(x [T, K], weight [N, K], bias, residual [T, N], ln_weight, ln_bias, eps)`` -> ``[T, N]``."""
     names: dict
 
     @classmethod
     def resolve(cls, device, dtype: torch.dtype, head_dim: int, backend: str = "auto",
                 relative_scores: bool = False) -> "Kernels":
         chosen = {op: select(op, device, dtype, head_dim, backend, relative_scores) for op in OPS}
-        return cls(**{op: fn for op, (_, fn) in chosen.items()}, names={op: n for op, (n, _) in chosen.items()})
+        fns = {op: fn for op, (_, fn) in chosen.items()}
+        names = {op: n for op, (n, _) in chosen.items()}
+        for op in FUSED_OPS:
+            try:
+                names[op], fns[op] = select(op, device, dtype, head_dim, backend)
+            except ValueError:  # no backend fuses it here: compose it from the primitives just resolved
+                names[op], fns[op] = f"composed({names[_FUSED_FROM[op]]})", _compose(op, fns)
+                log.info("padfree: %s composed from F.linear and %s", op, names[_FUSED_FROM[op]])
+        return cls(**fns, names=names)
+
+
+_FUSED_FROM = {"qkv_varlen_attention": "varlen_attention", "linear_bias_act": "bias_act",
+               "linear_residual_layer_norm": "add_bias_residual_layer_norm"}
+
+
+def _compose(op: str, fns: dict[str, Callable]) -> Callable:
+    """The fused op as F.linear followed by the resolved primitive (the bias goes to the primitive)."""
+    import torch.nn.functional as F
+    attention, bias_act, add_ln = fns["varlen_attention"], fns["bias_act"], fns["add_bias_residual_layer_norm"]
+    if op == "qkv_varlen_attention":
+        return lambda x, w, b, cu, max_seqlen, heads, scale=None: attention(F.linear(x, w), cu, max_seqlen, heads,
+                                                                             b, scale)
+    if op == "linear_bias_act":
+        return lambda x, w, b, activation: bias_act(F.linear(x, w), b, activation)
+    return lambda x, w, b, residual, ln_w, ln_b, eps: add_ln(F.linear(x, w), b, residual, ln_w, ln_b, eps)

@@ -1,0 +1,224 @@
+"""The systems W1 compares, each built once per (model, dtype, device) and then called per batch.
+
+Every builder returns a callable ``(case) -> output [B, S, H]`` or raises :class:`Skip` with the reason it
+cannot run here (missing package, no GPU, unsupported dtype or family); the report lists those reasons.
+All systems get the same weights (one Hugging Face model with random weights from the seed) and the same
+padded inputs; padfree is timed through its Hugging Face-compatible call, so packing and the padded output
+it rebuilds are inside its time, as they are for the padding-free baseline.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import os
+import tempfile
+import time
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class Skip(Exception):
+    """A system that cannot run here; the message is the reason shown in the report."""
+
+
+Runner = Callable[[object], torch.Tensor]
+
+
+def _hf(model, dtype, device, attn: str):
+    m = copy.deepcopy(model).to(device=device, dtype=dtype)
+    m.set_attn_implementation(attn)
+    return m.eval()
+
+
+def _call_hf(m, device) -> Runner:
+    @torch.inference_mode()
+    def run(case):
+        return m(input_ids=case.input_ids.to(device), attention_mask=case.attention_mask.to(device)).last_hidden_state
+    return run
+
+
+def build_padfree(model, dtype, device) -> Runner:
+    import padfree
+    try:
+        enc = padfree.from_pretrained(model, dtype=dtype, device=device)
+    except ValueError as e:
+        raise Skip(f"padfree does not load this family yet: {e}") from None
+
+    def run(case):
+        return enc(input_ids=case.input_ids.to(device), attention_mask=case.attention_mask.to(device)).last_hidden_state
+    run.encoder = enc
+    return run
+
+
+def build_hf_eager(model, dtype, device) -> Runner:
+    return _call_hf(_hf(model, dtype, device, "eager"), device)
+
+
+def build_hf_sdpa(model, dtype, device) -> Runner:
+    return _call_hf(_hf(model, dtype, device, "sdpa"), device)
+
+
+def build_hf_sdpa_compiled(model, dtype, device, allowed: bool = True, why_not: str = "") -> Runner:
+    """``torch.compile`` (inductor, dynamic shapes so one compilation serves every length) of HF sdpa.
+    The compilation happens in the warm-up call, whose time the report shows."""
+    if not allowed:
+        raise Skip(why_not)
+    m = _hf(model, dtype, device, "sdpa")
+    compiled = torch.compile(m, dynamic=True)
+    return _call_hf(compiled, device)
+
+
+class _OrtExport(torch.nn.Module):
+    """HF model with the classic additive ``[B, 1, 1, S]`` mask, so the exported graph masks pads correctly
+    (transformers 5 drops an all-ones mask while tracing)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask):
+        ext = (1.0 - attention_mask[:, None, None, :].to(torch.float32)) * -10000.0  # [B, 1, 1, S]
+        return self.model(input_ids=input_ids, attention_mask=ext).last_hidden_state
+
+
+def build_ort(model, dtype, device, shape_name: str, log=print) -> Runner:
+    """ONNX Runtime on the graph exported from the same model and run through ORT's BERT optimizer
+    (``onnxruntime.transformers.optimizer``, model_type bert): fused SkipLayerNorm and BiasGelu; padded."""
+    try:
+        import onnxruntime as ort
+        from onnxruntime.transformers.optimizer import optimize_model
+        import onnx  # noqa: F401  (the exporter and the optimizer need it)
+    except ImportError as e:
+        raise Skip(f"missing package: {e.name} (pip install padfree[bench])") from None
+    provider = "CUDAExecutionProvider" if device.startswith("cuda") else "CPUExecutionProvider"
+    if provider not in ort.get_available_providers():
+        raise Skip(f"onnxruntime has no {provider} (installed: {ort.get_available_providers()})")
+    if device == "cpu" and dtype != torch.float32:
+        raise Skip("ONNX Runtime's CPU provider has no bf16/fp16 kernels for BERT (MatMul, Attention); fp32 only")
+    cfg = model.config
+    tmp = tempfile.mkdtemp(prefix="padfree-ort-")
+    raw, opt_path = os.path.join(tmp, "model.onnx"), os.path.join(tmp, "model_opt.onnx")
+    t0 = time.perf_counter()
+    ids = torch.randint(1, 100, (2, 16))
+    mask = torch.ones_like(ids)
+    mask[0, 10:] = 0  # a real pad, so that the masking path is traced
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(_OrtExport(copy.deepcopy(model).float().eval()).eval(), (ids, mask), raw,
+                          input_names=["input_ids", "attention_mask"], output_names=["last_hidden_state"],
+                          dynamic_axes={n: {0: "batch", 1: "seq"} for n in ("input_ids", "attention_mask",
+                                                                           "last_hidden_state")},
+                          opset_version=17, dynamo=False)
+    opt = optimize_model(raw, model_type="bert", num_heads=cfg.num_attention_heads, hidden_size=cfg.hidden_size,
+                         use_gpu=device.startswith("cuda"))
+    if dtype == torch.float16:
+        opt.convert_float_to_float16(keep_io_types=True)
+    opt.save_model_to_file(opt_path)
+    fused = {k: v for k, v in opt.get_fused_operator_statistics().items() if v}
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = torch.get_num_threads()
+    session = ort.InferenceSession(opt_path, so, providers=[provider])
+    log(f"  ORT: exported and optimized in {time.perf_counter() - t0:.1f}s; fused ops {fused}")
+
+    def run(case):
+        feed = {"input_ids": case.input_ids.numpy(), "attention_mask": case.attention_mask.numpy()}
+        return torch.from_numpy(session.run(None, feed)[0])
+    run.fused_ops = fused
+    return run
+
+
+class PackedTorchBert:
+    """The padding-free PyTorch peer: BERT on packed tokens with ``torch.nn.attention.varlen.varlen_attn``
+    (FlashAttention's varlen kernel; CUDA only), stock ``F.linear``/``F.layer_norm``/``F.gelu`` elsewhere."""
+
+    def __init__(self, model, dtype, device):
+        from torch.nn.attention.varlen import varlen_attn
+        self.varlen_attn = varlen_attn
+        m = copy.deepcopy(model).to(device=device, dtype=dtype).eval()
+        self.emb, self.layers, self.cfg, self.device = m.embeddings, m.encoder.layer, m.config, device
+
+    @torch.inference_mode()
+    def __call__(self, case) -> torch.Tensor:
+        ids, mask = case.input_ids.to(self.device), case.attention_mask.to(self.device)
+        B, S = ids.shape
+        lengths = mask.sum(1)
+        cu = F.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)  # [B+1]
+        max_len = int(lengths.max())
+        index = mask.reshape(-1).nonzero().squeeze(1)  # [T] positions of real tokens in [B*S]
+        pos = (mask.cumsum(1) - 1).reshape(-1)[index]
+        e = self.emb
+        x = e.word_embeddings(ids.reshape(-1)[index]) + e.position_embeddings(pos) + e.token_type_embeddings(
+            torch.zeros_like(pos))
+        x = e.LayerNorm(x)  # [T, H]
+        heads = self.cfg.num_attention_heads
+        for layer in self.layers:
+            a = layer.attention
+            q, k, v = (lin(x).view(-1, heads, x.shape[1] // heads) for lin in (a.self.query, a.self.key, a.self.value))
+            ctx = self.varlen_attn(q, k, v, cu, cu, max_len, max_len).reshape(x.shape)  # [T, H]
+            x = a.output.LayerNorm(a.output.dense(ctx) + x)
+            f = F.gelu(layer.intermediate.dense(x))
+            x = layer.output.LayerNorm(layer.output.dense(f) + x)
+        out = x.new_zeros(B * S, x.shape[1])
+        out[index] = x
+        return out.view(B, S, -1)
+
+
+def build_torch_varlen(model, dtype, device) -> Runner:
+    if not device.startswith("cuda"):
+        raise Skip("torch.nn.attention.varlen.varlen_attn runs on CUDA only")
+    try:
+        from torch.nn.attention.varlen import varlen_attn  # noqa: F401
+    except ImportError:
+        raise Skip(f"torch {torch.__version__} has no torch.nn.attention.varlen") from None
+    if not hasattr(model, "encoder") or not hasattr(model.embeddings, "token_type_embeddings"):
+        raise Skip("the packed PyTorch baseline is written for BERT-shaped models")
+    return PackedTorchBert(model, dtype, device)
+
+
+# ---------------------------------------------------------------------------------------------- MHA only
+def mha_inputs(case, hidden: int, heads: int, dtype, device, seed: int = 0):
+    """Random ``qkv`` projections of the case: padded ``[B, S, 3H]`` and packed ``[T, 3H]`` (the same
+    values at real tokens), a bias ``[3H]``, ``cu_seqlens`` and the padded mask."""
+    g = torch.Generator().manual_seed(seed + case.max_len)
+    B, S = case.input_ids.shape
+    padded = torch.randn(B, S, 3 * hidden, generator=g).to(dtype)
+    bias = torch.randn(3 * hidden, generator=g).to(dtype)
+    mask = case.attention_mask.bool()
+    packed = padded[mask]  # [T, 3H]
+    cu = torch.tensor([0, *case.lengths]).cumsum(0).to(torch.int32)
+    return {"padded": padded.to(device), "packed": packed.to(device), "bias": bias.to(device),
+            "cu": cu.to(device), "mask": mask.to(device), "heads": heads, "max_len": max(case.lengths)}
+
+
+def mha_padded_eager(inp) -> torch.Tensor:
+    """PyTorch padded attention written out: ``Q K^T``, masked softmax, ``P V``: ``[B, S, H]``."""
+    qkv = inp["padded"] + inp["bias"]
+    B, S, three_h = qkv.shape
+    h = inp["heads"]
+    d = three_h // 3 // h
+    q, k, v = qkv.view(B, S, 3, h, d).permute(2, 0, 3, 1, 4)  # each [B, h, S, d]
+    scores = (q @ k.transpose(-1, -2)) / math.sqrt(d)  # [B, h, S, S]
+    scores = scores.masked_fill(~inp["mask"][:, None, None, :], float("-inf"))
+    return (scores.softmax(-1) @ v).transpose(1, 2).reshape(B, S, -1)
+
+
+def mha_padded_sdpa(inp) -> torch.Tensor:
+    """PyTorch padded attention through ``scaled_dot_product_attention`` with a key-padding mask."""
+    qkv = inp["padded"] + inp["bias"]
+    B, S, three_h = qkv.shape
+    h = inp["heads"]
+    q, k, v = qkv.view(B, S, 3, h, three_h // 3 // h).permute(2, 0, 3, 1, 4)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=inp["mask"][:, None, None, :])
+    return out.transpose(1, 2).reshape(B, S, -1)
+
+
+def mha_padfree(attention) -> Callable:
+    """padfree's varlen attention op (as the encoder's backend resolved it) on the packed ``[T, 3H]``."""
+    def run(inp):
+        return attention(inp["packed"], inp["cu"], inp["max_len"], inp["heads"], inp["bias"])
+    return run

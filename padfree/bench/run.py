@@ -1,0 +1,236 @@
+"""``padfree bench``: W1 (the ByteTransformer protocol) and W2 (a real corpus), side by side with the baselines.
+
+Examples::
+
+    padfree bench --quick                                  # W1 + W2, fp32 and bf16 on CPU, ~11 min on 2 cores
+    padfree bench --quick --json 'benchmarks/results/cpu-epyc-2c-{workload}.json' \\
+        --markdown 'benchmarks/results/cpu-epyc-2c-{workload}.md' --plot benchmarks/results/cpu-epyc-2c-w1.png
+    padfree bench --device cuda --dtype fp16,bf16          # GPU: adds the varlen_attn packed baseline
+
+A ``{workload}`` in an output path writes one file per workload (w1, w2); without it, one file holds both.
+Timed runs (``RunPolicy``): full sweep 1 warm-up + 10 timed runs; ``--quick`` 1 warm-up + 5 timed runs, cut to
+no fewer than 3 where a configuration's rounds would take more than 60 s (the padded baselines at max length 512
+on a 2-core CPU), and W2 on 1500 texts with 3 timed runs. Systems are timed in interleaved rounds (timing.py).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import torch
+
+from . import baselines as bl
+from . import machine, report
+from .timing import RunPolicy, time_interleaved
+from .workloads import MODEL_SHAPES, Shape, attention_flops, build_hf_model, encoder_flops, make_w1_case, w1_grid
+
+W1_SYSTEMS = ("padfree", "hf-eager", "hf-sdpa", "hf-sdpa-compile", "ort", "torch-varlen")
+QUICK_POLICY = RunPolicy(runs=5, min_runs=3, budget_s=60.0)
+FULL_POLICY = RunPolicy(runs=10, min_runs=5, budget_s=600.0)
+QUICK_W2 = (1500, RunPolicy(runs=3, min_runs=3))
+FULL_W2 = (6000, RunPolicy(runs=5, min_runs=5))
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="padfree bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="batch 16, max length 64/128/256/512, fewer runs, W2 on 1500 texts")
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    p.add_argument("--dtype", help="comma list of fp32,bf16,fp16 (default: fp32,bf16 on CPU; fp16,bf16 on GPU)")
+    p.add_argument("--workload", default="w1,w2", help="comma list of w1,w2 (default both)")
+    p.add_argument("--model-shape", default="bert-base", help=f"W1 model shapes, comma list of {','.join(MODEL_SHAPES)}")
+    p.add_argument("--systems", default=",".join(W1_SYSTEMS), help="W1 systems to run (default all that can)")
+    p.add_argument("--no-mha", action="store_true", help="skip the MHA-only comparison")
+    p.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
+                   help="the torch.compile baseline: auto = GPU, and CPU outside --quick (compiling takes ~45 s on 2 cores)")
+    p.add_argument("--batch", help="override the W1 batch sizes (comma list)")
+    p.add_argument("--max-len", help="override the W1 max lengths (comma list)")
+    p.add_argument("--w2-texts", type=int, help="number of corpus texts for W2")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, help="torch/ORT intra-op threads (default: torch's)")
+    p.add_argument("--json", help="write results as JSON ('{workload}' in the path: one file per workload)")
+    p.add_argument("--markdown", help="write a Markdown report (same '{workload}' rule)")
+    p.add_argument("--plot", help="write the W1 speedup plot (PNG)")
+    args = p.parse_args(argv)
+    args.workloads = _list(args.workload, ("w1", "w2"), "--workload")
+    args.dtypes = _list(args.dtype or ("fp32,bf16" if args.device == "cpu" else "fp16,bf16"), tuple(bl.DTYPES), "--dtype")
+    args.shapes = _list(args.model_shape, MODEL_SHAPES, "--model-shape")
+    args.systems = _list(args.systems, W1_SYSTEMS, "--systems")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        p.error("--device cuda but torch.cuda.is_available() is False")
+    return args
+
+
+def _list(value: str, allowed, flag: str) -> list[str]:
+    items = [v.strip() for v in value.split(",") if v.strip()]
+    bad = [v for v in items if v not in allowed]
+    if bad or not items:
+        raise SystemExit(f"{flag}: unknown {bad or value!r}; choose from {list(allowed)}")
+    return items
+
+
+def _log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def _builders(args, shape: str):
+    compile_ok = args.compile == "on" or (args.compile == "auto" and (args.device != "cpu" or not args.quick))
+    why = ("disabled by --compile off" if args.compile == "off" else
+           "left out of --quick on CPU to keep it near 10 min (compiling takes ~45 s per dtype on 2 cores, then "
+           "its timed runs); run without --quick or with --compile on")
+    return {
+        "padfree": lambda m, d: bl.build_padfree(m, d, args.device),
+        "hf-eager": lambda m, d: bl.build_hf_eager(m, d, args.device),
+        "hf-sdpa": lambda m, d: bl.build_hf_sdpa(m, d, args.device),
+        "hf-sdpa-compile": lambda m, d: bl.build_hf_sdpa_compiled(m, d, args.device, compile_ok, why),
+        "ort": lambda m, d: bl.build_ort(m, d, args.device, shape, _log),
+        "torch-varlen": lambda m, d: bl.build_torch_varlen(m, d, args.device),
+    }
+
+
+def _valid_max_diff(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor) -> float:
+    m = mask.to(a.device).bool()
+    return float((a.float()[m] - b.float().to(a.device)[m]).abs().max())
+
+
+def run_w1(args, peaks: dict, result: dict) -> None:
+    policy = QUICK_POLICY if args.quick else FULL_POLICY
+    grid = w1_grid(args.quick)
+    if args.batch or args.max_len:
+        bs = [int(x) for x in args.batch.split(",")] if args.batch else sorted({b for b, _ in grid})
+        ss = [int(x) for x in args.max_len.split(",")] if args.max_len else sorted({s for _, s in grid})
+        grid = [(b, s) for s in ss for b in bs]
+    max_len = max(s for _, s in grid)
+    for shape in args.shapes:
+        model = build_hf_model(shape, max_len, args.seed)
+        fl_shape = Shape.of(model.config)
+        for dname in args.dtypes:
+            dtype = bl.DTYPES[dname]
+            _log(f"W1 {shape} {dname}: building systems")
+            runners, skipped = {}, {}
+            for name, build in _builders(args, shape).items():
+                if name not in args.systems:
+                    continue
+                try:
+                    runners[name] = build(model, dtype)
+                except bl.Skip as e:
+                    skipped[name] = str(e)
+                    _log(f"  {name}: skipped: {e}")
+            for batch, s in grid:
+                case = make_w1_case(batch, s, model.config.vocab_size, args.seed)
+                flops = encoder_flops(case.lengths, fl_shape)
+                outputs = {}
+
+                def call(name, fn):
+                    def go():
+                        outputs[name] = fn(case)
+                    return go
+                timings = time_interleaved({n: call(n, f) for n, f in runners.items()}, policy, args.device, _log)
+                base = dict(workload="w1", model_shape=shape, dtype=dname, batch=batch, max_len=s,
+                            tokens=case.tokens, padded_tokens=case.padded_tokens, flops=flops)
+                t_pf = timings["padfree"].median_s if "padfree" in timings else None
+                ref = outputs.get("hf-sdpa")
+                for name, tm in timings.items():
+                    row = dict(base, system=name, status="ok" if tm.error is None else "skipped", reason=tm.error,
+                               times_ms=[t * 1e3 for t in tm.times_s], warmup_s=tm.warmup_s)
+                    if tm.median_s:
+                        row.update(median_ms=tm.median_s * 1e3, tokens_per_s=case.tokens / tm.median_s,
+                                   gflops=flops / tm.median_s / 1e9,
+                                   pct_peak=100 * flops / tm.median_s / 1e9 / peaks[dname]["gflops"])
+                        if name != "padfree" and t_pf:
+                            row["speedup"] = tm.median_s / t_pf
+                        if ref is not None and name in outputs and name != "hf-sdpa":
+                            row["max_abs_diff_vs_hf_sdpa"] = _valid_max_diff(outputs[name], ref, case.attention_mask)
+                    result["w1"].append(row)
+                for name, reason in skipped.items():
+                    result["w1"].append(dict(base, system=name, status="skipped", reason=reason))
+                _log(f"W1 {shape} {dname} b{batch} s{s} T={case.tokens}: " + ", ".join(
+                    f"{n} {t.median_s * 1e3:.0f}ms" for n, t in timings.items() if t.median_s))
+            if not args.no_mha and "padfree" in runners:
+                run_mha(args, model, dname, runners["padfree"].encoder, grid, policy, peaks, result)
+            del runners
+
+
+def run_mha(args, model, dname, encoder, grid, policy, peaks, result) -> None:
+    cfg = model.config
+    dtype = bl.DTYPES[dname]
+    for batch, s in grid:
+        case = make_w1_case(batch, s, cfg.vocab_size, args.seed)
+        inp = bl.mha_inputs(case, cfg.hidden_size, cfg.num_attention_heads, dtype, args.device, args.seed)
+        systems = {"mha-padfree": bl.mha_padfree(encoder.kernels.varlen_attention),
+                   "mha-padded-eager": bl.mha_padded_eager, "mha-padded-sdpa": bl.mha_padded_sdpa}
+        timings = time_interleaved({n: (lambda f=f: f(inp)) for n, f in systems.items()}, policy, args.device, _log)
+        flops = attention_flops(case.lengths, cfg.hidden_size)
+        t_pf = timings["mha-padfree"].median_s
+        for name, tm in timings.items():
+            row = dict(workload="mha", dtype=dname, batch=batch, max_len=s, tokens=case.tokens, flops=flops,
+                       system=name, status="ok" if tm.error is None else "skipped", reason=tm.error,
+                       times_ms=[t * 1e3 for t in tm.times_s])
+            if tm.median_s:
+                row.update(median_ms=tm.median_s * 1e3, gflops=flops / tm.median_s / 1e9)
+                if name != "mha-padfree" and t_pf:
+                    row["speedup"] = tm.median_s / t_pf
+            result["mha"].append(row)
+        _log(f"MHA {dname} b{batch} s{s}: " + ", ".join(f"{n} {t.median_s * 1e3:.1f}ms"
+                                                         for n, t in timings.items() if t.median_s))
+
+
+def _outputs(path: str | None, workloads: list[str]) -> dict[str, str]:
+    """workload -> file; '{workload}' in the path splits per workload, else one file for all."""
+    if not path:
+        return {}
+    if "{workload}" in path:
+        return {w: path.format(workload=w) for w in workloads}
+    return {"all": path}
+
+
+def _subset(result: dict, workload: str) -> dict:
+    keep = {"w1": ("w1", "mha"), "w2": ("w2", "w2_corpus"), "all": ("w1", "mha", "w2", "w2_corpus")}[workload]
+    return {k: v for k, v in result.items() if k not in ("w1", "mha", "w2", "w2_corpus") or k in keep}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    import transformers
+    transformers.logging.set_verbosity_error()
+    info = machine.machine_info(args.device)
+    policy = QUICK_POLICY if args.quick else FULL_POLICY
+    w2_texts, w2_policy = QUICK_W2 if args.quick else FULL_W2
+    meta = {"machine": info, "machine_line": machine.describe(info), "versions": machine.versions(),
+            "git_revision": machine.git_revision(), "date": machine.now_utc(),
+            "command": "padfree bench " + " ".join(sys.argv[1:] if argv is None else argv),
+            "device": args.device, "dtypes": args.dtypes, "seed": args.seed, "quick": args.quick,
+            "timing": (f"median of {policy.runs} timed runs after 1 warm-up (cut to >= {policy.min_runs} where a "
+                       f"configuration's rounds pass {policy.budget_s:.0f} s), systems interleaved round by round; "
+                       f"W2: {w2_policy.runs} timed runs")}
+    _log(f"padfree bench on {meta['machine_line']}; git {meta['git_revision']}")
+    result = {"meta": meta, "peaks": {}, "w1": [], "mha": [], "w2": [], "w2_corpus": {}}
+    t0 = time.perf_counter()
+    for d in args.dtypes:
+        result["peaks"][d] = machine.matmul_peak(bl.DTYPES[d], args.device)
+        _log(f"matmul peak {d}: {result['peaks'][d]['gflops']:.0f} GFLOP/s {result['peaks'][d]['gflops_by_path']}")
+    if "w1" in args.workloads:
+        run_w1(args, result["peaks"], result)
+    if "w2" in args.workloads:
+        from .corpus import stdlib_paragraphs
+        from .w2 import run_w2
+        texts = stdlib_paragraphs(limit=args.w2_texts or w2_texts)
+        result["w2"], result["w2_corpus"] = run_w2(texts, args.dtypes, args.device, w2_policy, log=_log)
+    meta["elapsed_s"] = time.perf_counter() - t0
+    for w, path in _outputs(args.json, args.workloads).items():
+        report.write_json(_subset(result, w), path)
+        _log(f"wrote {path}")
+    for w, path in _outputs(args.markdown, args.workloads).items():
+        report.write_markdown(_subset(result, w), path)
+        _log(f"wrote {path}")
+    if args.plot and report.write_plot(result, args.plot):
+        _log(f"wrote {args.plot}")
+    print(report.markdown(result))
+    _log(f"done in {meta['elapsed_s']:.0f} s")
+    return result

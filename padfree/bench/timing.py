@@ -1,0 +1,81 @@
+"""Side-by-side timing: every system of one configuration is timed in interleaved rounds.
+
+A shared, noisy machine slows whatever runs while a colleague's job runs; interleaving (round r times system A,
+then B, then C, ...) spreads that noise over all systems alike, so the ratios hold even when absolute times
+move. Each system first runs once untimed (warm-up: oneDNN primitive creation, ORT session set-up, compilation;
+its time is kept and reported as ``warmup_s``). GPU times use CUDA events after a synchronisation.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+
+@dataclass(frozen=True)
+class RunPolicy:
+    """How many timed runs: ``runs`` per system, cut to no fewer than ``min_runs`` once the timed rounds of a
+    configuration would pass ``budget_s`` (the expensive padded baselines at long lengths in ``--quick``)."""
+    runs: int = 5
+    min_runs: int = 3
+    budget_s: float = float("inf")
+
+
+@dataclass
+class Timing:
+    times_s: list[float] = field(default_factory=list)
+    warmup_s: float | None = None
+    error: str | None = None
+
+    @property
+    def median_s(self) -> float | None:
+        return statistics.median(self.times_s) if self.times_s else None
+
+
+class _Timer:
+    def __init__(self, device: str):
+        self.cuda = device.startswith("cuda")
+        if self.cuda:
+            import torch
+            self.torch = torch
+
+    def __call__(self, fn: Callable[[], object]) -> float:
+        if not self.cuda:
+            t = time.perf_counter()
+            fn()
+            return time.perf_counter() - t
+        torch = self.torch
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize()
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end) / 1e3
+
+
+def time_interleaved(systems: dict[str, Callable[[], object]], policy: RunPolicy, device: str = "cpu",
+                     log: Callable[[str], None] = lambda s: None) -> dict[str, Timing]:
+    """Warm each system up once, then time them in rounds; a system that raises is recorded with its error
+    and left out of later rounds (never silently dropped)."""
+    timer = _Timer(device)
+    out = {name: Timing() for name in systems}
+    live = {}
+    for name, fn in systems.items():
+        try:
+            out[name].warmup_s = timer(fn)
+            live[name] = fn
+        except Exception as e:  # noqa: BLE001 - the reason is the result
+            out[name].error = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+            log(f"  {name}: failed: {out[name].error}")
+    spent = 0.0
+    for r in range(policy.runs):
+        t_round = time.perf_counter()
+        for name, fn in live.items():
+            out[name].times_s.append(timer(fn))
+        spent += time.perf_counter() - t_round
+        done = r + 1
+        if done >= policy.min_runs and spent / done * (done + 1) > policy.budget_s:
+            break
+    return out

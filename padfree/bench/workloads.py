@@ -1,0 +1,129 @@
+"""Workloads of ``padfree bench``: W1 (the ByteTransformer protocol) and the FLOP count everything is judged by.
+
+W1 is synthetic, as in the paper: a BERT-family model of a standard shape with random weights from a fixed
+seed, batches whose lengths are integers drawn uniformly in ``[ceil(0.2 * max), max]`` (mean 0.6 * max),
+random in-vocabulary token ids, right padding. Every case is generated from ``(seed, batch, max_len)`` alone,
+so a case is the same whatever else the run contains.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+FULL_BATCHES = (1, 2, 4, 8, 16)
+FULL_MAX_LENS = (64, 128, 256, 384, 512, 768, 1024)
+QUICK_BATCHES = (16,)
+QUICK_MAX_LENS = (64, 128, 256, 512)
+
+MODEL_SHAPES = ("bert-base", "distilbert-base", "albert-base", "deberta-base")
+
+
+def w1_grid(quick: bool) -> list[tuple[int, int]]:
+    """``(batch, max_len)`` pairs of W1, in the order they run (by max length, then batch)."""
+    batches, lens = (QUICK_BATCHES, QUICK_MAX_LENS) if quick else (FULL_BATCHES, FULL_MAX_LENS)
+    return [(b, s) for s in lens for b in batches]
+
+
+def w1_lengths(batch: int, max_len: int, seed: int = 0) -> list[int]:
+    """``batch`` lengths, integers uniform in ``[ceil(0.2 * max_len), max_len]``; fixed by (seed, batch, max_len)."""
+    if batch < 1 or max_len < 1:
+        raise ValueError(f"batch and max_len must be >= 1; got {batch}, {max_len}")
+    g = torch.Generator().manual_seed(_case_seed(seed, batch, max_len))
+    lo = max(1, math.ceil(0.2 * max_len))
+    return torch.randint(lo, max_len + 1, (batch,), generator=g).tolist()
+
+
+def _case_seed(seed: int, batch: int, max_len: int) -> int:
+    return seed * 1_000_003 + batch * 10_007 + max_len
+
+
+@dataclass(frozen=True)
+class W1Case:
+    batch: int
+    max_len: int
+    lengths: tuple[int, ...]
+    input_ids: torch.Tensor       # [B, S] int64, random in-vocab ids, zeros (pad) after each length
+    attention_mask: torch.Tensor  # [B, S] int64, ones on the real tokens (right padding)
+
+    @property
+    def tokens(self) -> int:
+        """Valid (real) tokens of the batch."""
+        return sum(self.lengths)
+
+    @property
+    def padded_tokens(self) -> int:
+        """Tokens a padded implementation computes: batch * max_len."""
+        return self.batch * self.max_len
+
+
+def make_w1_case(batch: int, max_len: int, vocab_size: int, seed: int = 0) -> W1Case:
+    """One W1 batch: lengths from :func:`w1_lengths`, padded to ``max_len`` (the protocol's max, not the
+    batch's longest, as a padded framework given that max length would)."""
+    lengths = w1_lengths(batch, max_len, seed)
+    g = torch.Generator().manual_seed(_case_seed(seed, batch, max_len) + 1)
+    ids = torch.randint(1, vocab_size, (batch, max_len), generator=g)  # [B, S]; id 0 is the pad token
+    mask = (torch.arange(max_len)[None, :] < torch.tensor(lengths)[:, None]).long()  # [B, S]
+    return W1Case(batch, max_len, tuple(lengths), ids * mask, mask)
+
+
+def hf_config(shape: str, max_len: int = 512):
+    """A ``transformers`` config of the named standard shape (position table extended to ``max_len``)."""
+    import transformers as tf
+    positions = max(512, max_len)
+    if shape == "bert-base":
+        return tf.BertConfig(max_position_embeddings=positions)
+    if shape == "distilbert-base":
+        return tf.DistilBertConfig(max_position_embeddings=positions)
+    if shape == "albert-base":  # ALBERT base: hidden 768, 12 heads, FFN 3072, embeddings 128, shared layers
+        return tf.AlbertConfig(hidden_size=768, num_attention_heads=12, intermediate_size=3072,
+                               embedding_size=128, max_position_embeddings=positions)
+    if shape == "deberta-base":
+        return tf.DebertaConfig(max_position_embeddings=positions)
+    raise ValueError(f"unknown model shape {shape!r}; known: {list(MODEL_SHAPES)}")
+
+
+def build_hf_model(shape: str, max_len: int, seed: int = 0, attn_implementation: str = "sdpa"):
+    """The base model of ``shape`` with random weights from ``seed`` (eval mode, fp32, CPU)."""
+    import transformers as tf
+    cfg = hf_config(shape, max_len)
+    cfg._attn_implementation = attn_implementation
+    torch.manual_seed(seed)
+    cls = {"bert-base": tf.BertModel, "distilbert-base": tf.DistilBertModel, "albert-base": tf.AlbertModel,
+           "deberta-base": tf.DebertaModel}[shape]
+    kwargs = {"add_pooling_layer": False} if shape in ("bert-base", "albert-base") else {}
+    return cls(cfg, **kwargs).eval()
+
+
+@dataclass(frozen=True)
+class Shape:
+    """What the FLOP count needs of a model."""
+    layers: int
+    hidden: int
+    ffn: int
+
+    @classmethod
+    def of(cls, hf_cfg) -> "Shape":
+        get = lambda *names: next(getattr(hf_cfg, n) for n in names if hasattr(hf_cfg, n))  # noqa: E731
+        return cls(get("num_hidden_layers", "n_layers"), get("hidden_size", "dim"), get("intermediate_size", "hidden_dim"))
+
+
+def encoder_flops(lengths, shape: Shape) -> int:
+    """FLOPs of the encoder layers over the valid tokens only (a multiply-add counts 2).
+
+    Per layer and sequence of length L, with hidden size H and FFN size F:
+    - the four projections (QKV ``3H x H``, output ``H x H``) and the FFN (``F x H`` and ``H x F``):
+      ``2 * L * (4 * H * H + 2 * H * F)``;
+    - attention scores ``Q K^T`` and context ``P V`` over all heads: ``2 * 2 * L * L * H``.
+    Not counted (a few % at most): embeddings, biases, softmax, activations, LayerNorms, and family extras
+    (ALBERT's embedding projection, DeBERTa's relative-position terms), so the figure is conservative.
+    """
+    H, F = shape.hidden, shape.ffn
+    per_layer = sum(2 * L * (4 * H * H + 2 * H * F) + 4 * L * L * H for L in lengths)
+    return shape.layers * per_layer
+
+
+def attention_flops(lengths, hidden: int) -> int:
+    """FLOPs of one multi-head attention (scores and context) over the valid tokens: ``sum 4 * L^2 * H``."""
+    return sum(4 * L * L * hidden for L in lengths)

@@ -1,0 +1,157 @@
+"""padfree bench: the W1 workload generator, the FLOP count, the run policy, and the report writers.
+No timings are asserted (the machines are shared and noisy); everything here runs in about a second."""
+import json
+import math
+
+import pytest
+import torch
+
+from padfree.bench import report, workloads
+from padfree.bench.run import _outputs, _subset, parse_args
+from padfree.bench.timing import RunPolicy, time_interleaved
+
+
+# ------------------------------------------------------------------------------------------- workloads
+@pytest.mark.parametrize("max_len", [1, 5, 64, 128, 384, 1024])
+def test_w1_lengths_are_uniform_in_range_and_fixed_by_seed(max_len):
+    lengths = workloads.w1_lengths(16, max_len, seed=0)
+    assert len(lengths) == 16
+    assert all(math.ceil(0.2 * max_len) <= n <= max_len for n in lengths)
+    assert lengths == workloads.w1_lengths(16, max_len, seed=0)
+    if max_len >= 64:
+        assert lengths != workloads.w1_lengths(16, max_len, seed=1)
+
+
+def test_w1_lengths_mean_is_about_0_6_max():
+    lengths = [n for b in range(200) for n in workloads.w1_lengths(16, 500, seed=b)]
+    assert abs(sum(lengths) / len(lengths) / 500 - 0.6) < 0.01
+
+
+def test_w1_case_is_right_padded_with_in_vocab_ids():
+    case = workloads.make_w1_case(8, 64, vocab_size=1000, seed=3)
+    assert case.input_ids.shape == case.attention_mask.shape == (8, 64)
+    assert case.attention_mask.sum(1).tolist() == list(case.lengths)
+    for b, n in enumerate(case.lengths):
+        assert case.attention_mask[b, :n].all() and not case.attention_mask[b, n:].any()
+        assert (case.input_ids[b, :n] >= 1).all() and (case.input_ids[b, n:] == 0).all()
+    assert int(case.input_ids.max()) < 1000
+    assert case.tokens == sum(case.lengths) and case.padded_tokens == 8 * 64
+    again = workloads.make_w1_case(8, 64, vocab_size=1000, seed=3)
+    assert torch.equal(case.input_ids, again.input_ids)
+
+
+def test_w1_grid_quick_and_full():
+    assert workloads.w1_grid(quick=True) == [(16, 64), (16, 128), (16, 256), (16, 512)]
+    full = workloads.w1_grid(quick=False)
+    assert len(full) == 5 * 7 and (1, 64) in full and (16, 1024) in full
+
+
+def test_encoder_flops_formula():
+    shape = workloads.Shape(layers=12, hidden=768, ffn=3072)
+    # one sequence of length L: 12 * (2 L (4 H^2 + 2 H F) + 4 L^2 H)
+    L = 100
+    assert workloads.encoder_flops([L], shape) == 12 * (2 * L * (4 * 768 ** 2 + 2 * 768 * 3072) + 4 * L * L * 768)
+    assert workloads.encoder_flops([3, 5], shape) == (workloads.encoder_flops([3], shape)
+                                                      + workloads.encoder_flops([5], shape))
+    assert workloads.attention_flops([2, 3], 8) == 4 * 8 * (4 + 9)
+
+
+def test_shape_of_transformers_configs():
+    cfg = workloads.hf_config("bert-base", 1024)
+    assert cfg.max_position_embeddings == 1024
+    assert workloads.Shape.of(cfg) == workloads.Shape(12, 768, 3072)
+    assert workloads.Shape.of(workloads.hf_config("distilbert-base")) == workloads.Shape(6, 768, 3072)
+    with pytest.raises(ValueError, match="unknown model shape"):
+        workloads.hf_config("gpt2")
+
+
+# ------------------------------------------------------------------------------------------- timing
+def test_time_interleaved_records_errors_and_cuts_runs_to_the_budget():
+    calls = []
+    timings = time_interleaved({"a": lambda: calls.append("a"), "bad": lambda: 1 / 0},
+                               RunPolicy(runs=5, min_runs=3, budget_s=1e9))
+    assert len(timings["a"].times_s) == 5 and timings["a"].warmup_s is not None
+    assert timings["bad"].times_s == [] and "ZeroDivisionError" in timings["bad"].error
+    cut = time_interleaved({"a": lambda: None}, RunPolicy(runs=50, min_runs=3, budget_s=0.0))
+    assert len(cut["a"].times_s) == 3
+
+
+# ------------------------------------------------------------------------------------------- reports
+def fake_result():
+    meta = {"machine_line": "Test CPU, 2 cores", "versions": {"torch": "2.x", "padfree": "0.1.0"},
+            "git_revision": "abc123", "date": "2026-01-01T00:00:00Z", "command": "padfree bench --quick",
+            "timing": "median of 5", "machine": {"cpu": "Test CPU", "cpu_cores": 2}}
+    w1 = []
+    for dtype, pf in (("fp32", 1.0), ("bf16", 0.5)):
+        for s, mult in ((64, 2.0), (128, 1.5)):
+            base = dict(workload="w1", model_shape="bert-base", dtype=dtype, batch=16, max_len=s, tokens=600,
+                        padded_tokens=16 * s, flops=10 ** 11)
+            w1.append(dict(base, system="padfree", status="ok", median_ms=pf * s, tokens_per_s=1.0, gflops=100.0,
+                           pct_peak=90.0 if s >= 128 else 80.0))
+            w1.append(dict(base, system="hf-sdpa", status="ok", median_ms=pf * s * mult, speedup=mult))
+            w1.append(dict(base, system="ort", status="skipped", reason="no bf16 kernels"))
+    mha = [dict(workload="mha", dtype="fp32", batch=16, max_len=64, tokens=600, system="mha-padfree", status="ok",
+                median_ms=1.0, gflops=10.0),
+           dict(workload="mha", dtype="fp32", batch=16, max_len=64, tokens=600, system="mha-padded-sdpa",
+                status="ok", median_ms=3.0, speedup=3.0)]
+    w2 = [dict(workload="w2", dtype="fp32", system="sentence-transformers", status="ok", texts=10, tokens=300,
+               median_s=2.0, texts_per_s=5.0, tokens_per_s=150.0),
+          dict(workload="w2", dtype="fp32", system="padfree", status="ok", texts=10, tokens=300, median_s=1.0,
+               texts_per_s=10.0, tokens_per_s=300.0, speedup_vs_st=2.0, speedup_vs_st_fp32=2.0,
+               min_cosine_vs_st=0.9999999, min_cosine_vs_st_fp32=0.9999999)]
+    corpus = dict(texts=10, tokens=300, mean_tokens=30.0, p50_tokens=25, p99_tokens=90, max_tokens=100,
+                  source="stdlib", model="MiniLM")
+    return {"meta": meta, "peaks": {"fp32": {"gflops": 200.0, "gflops_by_path": {"torch.mm": 180.0}}},
+            "w1": w1, "mha": mha, "w2": w2, "w2_corpus": corpus}
+
+
+def test_summaries_are_geometric_means_of_the_rows():
+    r = fake_result()
+    gm = {(s["dtype"], s["baseline"]): s["geomean_speedup"] for s in report.w1_summary(r)}
+    assert gm[("fp32", "hf-sdpa")] == pytest.approx(math.sqrt(2.0 * 1.5))
+    assert ("fp32", "ort") not in gm  # skipped rows have no speedup
+    ratio = report.dtype_ratio_summary(r)[0]
+    assert ratio["geomean_speedup"] == pytest.approx(2.0)
+    peak = {p["dtype"]: p for p in report.padfree_peak_summary(r)}
+    assert peak["fp32"]["min_pct_peak_maxlen_ge_128"] == 90.0
+
+
+def test_json_round_trip_carries_meta_and_summary(tmp_path):
+    r = fake_result()
+    path = tmp_path / "sub" / "out.json"
+    report.write_json(r, path)
+    back = json.loads(path.read_text())
+    assert back["schema"] == report.SCHEMA
+    assert back["meta"]["git_revision"] == "abc123" and back["meta"]["machine_line"] == "Test CPU, 2 cores"
+    assert back["w1"] == r["w1"] and back["summary"]["w1"]
+
+
+def test_markdown_has_machine_tables_skips_and_speedups():
+    md = report.markdown(fake_result())
+    for text in ("Test CPU, 2 cores", "abc123", "2026-01-01", "torch 2.x", "## bert-base, fp32", "## bert-base, bf16",
+                 "| 16 | 128 | 600 |", "(1.50×)", "skipped: **ort**: no bf16 kernels", "MHA only", "W2",
+                 "0.9999999", "padfree bf16 over padfree fp32: **2.00×**"):
+        assert text in md, text
+    assert "ort ms" not in md  # a system that never ran has no column, only its skip reason
+
+
+def test_plot_writes_a_png(tmp_path):
+    path = tmp_path / "w1.png"
+    assert report.write_plot(fake_result(), path)
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not report.write_plot({"meta": {}, "w1": []}, tmp_path / "none.png")
+
+
+def test_output_paths_split_per_workload():
+    assert _outputs("r/x-{workload}.json", ["w1", "w2"]) == {"w1": "r/x-w1.json", "w2": "r/x-w2.json"}
+    assert _outputs("r/x.json", ["w1", "w2"]) == {"all": "r/x.json"}
+    r = fake_result()
+    assert "w2" not in _subset(r, "w1") and "mha" in _subset(r, "w1") and "w1" not in _subset(r, "w2")
+
+
+def test_cli_arguments():
+    a = parse_args(["--quick", "--dtype", "bf16", "--workload", "w2"])
+    assert a.quick and a.dtypes == ["bf16"] and a.workloads == ["w2"] and a.shapes == ["bert-base"]
+    assert parse_args([]).dtypes == ["fp32", "bf16"]
+    with pytest.raises(SystemExit):
+        parse_args(["--workload", "w3"])

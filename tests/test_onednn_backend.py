@@ -1,0 +1,75 @@
+"""The CPU oneDNN backend's fused linear ops against the pure-PyTorch references, and the registry's composition."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from padfree import ops
+from padfree.ops.registry import Kernels
+
+onednn = pytest.importorskip("padfree.ops.onednn_backend")
+pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="no oneDNN in this torch build")
+
+TOL = {torch.float32: dict(atol=2e-5, rtol=2e-5), torch.bfloat16: dict(atol=3e-2, rtol=3e-2)}
+
+
+def _data(T=23, K=48, N=40, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x, w, b = torch.randn(T, K, generator=g), torch.randn(N, K, generator=g) / K ** 0.5, torch.randn(N, generator=g)
+    return x.to(dtype), w.to(dtype), b.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("act", ["gelu", "gelu_tanh", "relu", "silu", "quick_gelu"])
+def test_linear_bias_act(dtype, act):
+    x, w, b = _data(dtype=dtype)
+    ref = ops.bias_act_ref(F.linear(x.float(), w.float()), b, act)
+    torch.testing.assert_close(onednn.linear_bias_act(x, w, b, act).float(), ref, **TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_linear_residual_layer_norm(dtype):
+    x, w, b = _data(dtype=dtype)
+    g = torch.Generator().manual_seed(5)
+    r, lw, lb = torch.randn(23, 40, generator=g).to(dtype), torch.randn(40, generator=g), torch.randn(40, generator=g)
+    ref = ops.add_bias_residual_layer_norm_ref(F.linear(x.float(), w.float()), b, r, lw, lb, 1e-12)
+    out = onednn.linear_residual_layer_norm(x, w, b, r, lw.to(dtype), lb.to(dtype), 1e-12)
+    torch.testing.assert_close(out.float(), ref.float(), **TOL[dtype])
+
+
+@pytest.mark.parametrize("lengths", [[1], [5, 5, 5, 1, 17, 17, 2], [33] * 3 + [2], [4, 9, 4, 9]])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_qkv_varlen_attention_matches_reference(lengths, dtype):
+    heads, H = 4, 32
+    T = sum(lengths)
+    x, w, b = _data(T=T, K=H, N=3 * H, dtype=dtype, seed=len(lengths))
+    cu = torch.tensor([0] + lengths).cumsum(0).to(torch.int32)
+    ref = ops.varlen_attention_ref(F.linear(x.float(), w.float()), cu, max(lengths), heads, b.float())
+    out = onednn.qkv_varlen_attention(x, w, b, cu, max(lengths), heads)
+    torch.testing.assert_close(out.float(), ref, **TOL[dtype])
+
+
+def test_runs_group_consecutive_equal_lengths():
+    cu = torch.tensor([0, 3, 6, 7, 9, 11, 14], dtype=torch.int32)  # lengths 3 3 1 2 2 3
+    assert onednn._runs(cu) == [(0, 2, 3), (6, 1, 1), (7, 2, 2), (11, 1, 3)]
+
+
+def test_packed_weight_is_cached_and_repacked_after_an_in_place_update():
+    x, w, b = _data()
+    w = torch.nn.Parameter(w, requires_grad=False)
+    first = onednn.linear_bias_act(x, w, b, "relu")
+    assert onednn.packed_weight(w) is onednn.packed_weight(w)
+    with torch.no_grad():
+        w.mul_(2)
+    torch.testing.assert_close(onednn.linear_bias_act(x, w, None, "relu"), F.relu(F.linear(x, w)))
+    assert not torch.allclose(first, onednn.linear_bias_act(x, w, b, "relu"))
+
+
+def test_registry_picks_onednn_on_cpu_and_composes_elsewhere():
+    k = Kernels.resolve("cpu", torch.float32, 64)
+    assert k.names["linear_bias_act"] == "onednn" and k.names["varlen_attention"] == "torch"
+    k16 = Kernels.resolve("cpu", torch.float16, 64)  # no oneDNN fp16 path: composed from the torch primitives
+    assert k16.names["linear_bias_act"] == "composed(torch)"
+    kt = Kernels.resolve("cpu", torch.float32, 64, backend="torch")
+    x, w, b = _data()
+    torch.testing.assert_close(kt.linear_bias_act(x, w, b, "gelu"), k.linear_bias_act(x, w, b, "gelu"),
+                               atol=2e-5, rtol=2e-5)
