@@ -17,7 +17,7 @@ FULL_MAX_LENS = (64, 128, 256, 384, 512, 768, 1024)
 QUICK_BATCHES = (16,)
 QUICK_MAX_LENS = (64, 128, 256, 512)
 
-MODEL_SHAPES = ("bert-base", "distilbert-base", "albert-base", "deberta-base")
+MODEL_SHAPES = ("bert-base", "distilbert-base", "albert-base", "deberta-v3-base")
 
 
 def w1_grid(quick: bool) -> list[tuple[int, int]]:
@@ -79,19 +79,23 @@ def hf_config(shape: str, max_len: int = 512):
     if shape == "albert-base":  # ALBERT base: hidden 768, 12 heads, FFN 3072, embeddings 128, shared layers
         return tf.AlbertConfig(hidden_size=768, num_attention_heads=12, intermediate_size=3072,
                                embedding_size=128, max_position_embeddings=positions)
-    if shape == "deberta-base":
-        return tf.DebertaConfig(max_position_embeddings=positions)
+    if shape == "deberta-v3-base":  # DeBERTa-v3 base: disentangled attention, shared keys, 256 log buckets
+        return tf.DebertaV2Config(hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+                                  intermediate_size=3072, vocab_size=128100, type_vocab_size=0,
+                                  relative_attention=True, pos_att_type=["p2c", "c2p"], share_att_key=True,
+                                  position_buckets=256, norm_rel_ebd="layer_norm", position_biased_input=False,
+                                  max_relative_positions=-1, layer_norm_eps=1e-7, max_position_embeddings=positions)
     raise ValueError(f"unknown model shape {shape!r}; known: {list(MODEL_SHAPES)}")
 
 
-def build_hf_model(shape: str, max_len: int, seed: int = 0, attn_implementation: str = "sdpa"):
+def build_hf_model(shape: str, max_len: int, seed: int = 0, attn_implementation: str = "eager"):
     """The base model of ``shape`` with random weights from ``seed`` (eval mode, fp32, CPU)."""
     import transformers as tf
     cfg = hf_config(shape, max_len)
     cfg._attn_implementation = attn_implementation
     torch.manual_seed(seed)
     cls = {"bert-base": tf.BertModel, "distilbert-base": tf.DistilBertModel, "albert-base": tf.AlbertModel,
-           "deberta-base": tf.DebertaModel}[shape]
+           "deberta-v3-base": tf.DebertaV2Model}[shape]
     kwargs = {"add_pooling_layer": False} if shape in ("bert-base", "albert-base") else {}
     return cls(cfg, **kwargs).eval()
 
