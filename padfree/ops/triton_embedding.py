@@ -11,7 +11,7 @@ import triton
 import triton.language as tl
 
 from .reference import embed_layer_norm_ref  # noqa: F401  (the definition of this op)
-from .triton_layer_norm import MAX_HIDDEN, row_config
+from .triton_layer_norm import MAX_HIDDEN, _layer_norm_store, row_config
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _ID_DTYPES = (torch.int32, torch.int64)
@@ -38,15 +38,8 @@ def _embed_layer_norm_kernel(ids_ptr, pos_ids_ptr, type_ids_ptr, word_ptr, pos_p
     if HAS_TYPE:
         typ = tl.load(type_ids_ptr + rows, mask=row_ok, other=0).to(tl.int64)
         y += tl.load(type_ptr + typ[:, None] * stride_type + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    mean = tl.sum(y, 1) / n_cols
-    centred = tl.where(mask, y - mean[:, None], 0.0)
-    var = tl.sum(centred * centred, 1) / n_cols
-    rstd = 1.0 / tl.sqrt(var + eps)
-    w = tl.load(w_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
-    b = tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
-    out = centred * rstd[:, None] * w[None, :] + b[None, :]
     rows64 = rows.to(tl.int64)[:, None]
-    tl.store(out_ptr + rows64 * stride_out + cols[None, :], out.to(out_ptr.dtype.element_ty), mask=mask)
+    _layer_norm_store(y, mask, cols, col_ok, n_cols, eps, w_ptr, b_ptr, out_ptr + rows64 * stride_out)
 
 
 # ----------------------------------------------------------------------------------------------------------

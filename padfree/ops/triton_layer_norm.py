@@ -21,6 +21,20 @@ MAX_HIDDEN = 16384  # whole rows live in registers
 # kernel
 # ----------------------------------------------------------------------------------------------------------
 @triton.jit
+def _layer_norm_store(y, mask, cols, col_ok, n_cols, eps, w_ptr, b_ptr, out_rows):
+    """LayerNorm of the fp32 tile ``y [ROWS, BLOCK]`` (statistics over its ``n_cols`` valid columns), stored at
+    ``out_rows [ROWS, 1]`` (each row's output pointer) + ``cols``. Shared by the embedding kernel."""
+    mean = tl.sum(y, 1) / n_cols  # [ROWS]
+    centred = tl.where(mask, y - mean[:, None], 0.0)
+    var = tl.sum(centred * centred, 1) / n_cols
+    rstd = 1.0 / tl.sqrt(var + eps)
+    w = tl.load(w_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+    b = tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+    out = centred * rstd[:, None] * w[None, :] + b[None, :]
+    tl.store(out_rows + cols[None, :], out.to(out_rows.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _add_bias_residual_layer_norm_kernel(x_ptr, bias_ptr, res_ptr, w_ptr, b_ptr, out_ptr, n_rows, n_cols,
                                          stride_x, stride_res, stride_out, eps,
                                          HAS_BIAS: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
@@ -33,14 +47,7 @@ def _add_bias_residual_layer_norm_kernel(x_ptr, bias_ptr, res_ptr, w_ptr, b_ptr,
     y += tl.load(res_ptr + rows64 * stride_res + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     if HAS_BIAS:
         y += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-    mean = tl.sum(y, 1) / n_cols  # [ROWS]
-    centred = tl.where(mask, y - mean[:, None], 0.0)
-    var = tl.sum(centred * centred, 1) / n_cols
-    rstd = 1.0 / tl.sqrt(var + eps)
-    w = tl.load(w_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
-    b = tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
-    out = centred * rstd[:, None] * w[None, :] + b[None, :]
-    tl.store(out_ptr + rows64 * stride_out + cols[None, :], out.to(out_ptr.dtype.element_ty), mask=mask)
+    _layer_norm_store(y, mask, cols, col_ok, n_cols, eps, w_ptr, b_ptr, out_ptr + rows64 * stride_out)
 
 
 # ----------------------------------------------------------------------------------------------------------
