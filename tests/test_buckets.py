@@ -24,6 +24,17 @@ def test_bucketed_forward_equals_eager(enc, lengths):
     torch.testing.assert_close(runner.forward_packed(batch), enc.forward_packed(batch), atol=1e-5, rtol=1e-5)
 
 
+def test_static_buffers_refilled_between_batches(enc):
+    """One runner, several batches through the same bucket: the in-place refilled offsets must be re-read."""
+    runner = CudaGraphEncoder(enc, buckets=(64,), max_batch=8, capture=False)
+    batches = [padfree.PackedBatch.from_sequences([list(range(1, n + 1)) for n in lengths])
+               for lengths in ([3, 17, 1], [20, 20], [5] * 8)]
+    expected = [enc.forward_packed(b) for b in batches]
+    got = [runner.forward_packed(b) for b in batches]  # back to back: only the static buffers change
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, atol=1e-5, rtol=1e-5)
+
+
 def test_bucketed_forward_still_validates(enc):
     runner = CudaGraphEncoder(enc, buckets=(16,), max_batch=4, capture=False)
     with pytest.raises(ValueError, match="outside the vocabulary"):

@@ -21,26 +21,19 @@ import weakref
 import torch
 import torch.nn.functional as F
 
+from . import torch_backend
 from .activations import apply_activation
 
 # canonical activation -> oneDNN eltwise post-op (name, algorithm) of torch.ops.mkldnn._linear_pointwise
 _POST_OPS = {"gelu": ("gelu", "none"), "gelu_tanh": ("gelu", "tanh"), "relu": ("relu", ""), "silu": ("swish", "")}
 
-_ATTENTION_IN_FP32 = False  # measured: the fp32 upcast costs ~20 % of a W2 bf16 encode (NOTES.md #2)
 
 _packed: dict[int, tuple[weakref.ref, int, torch.Tensor]] = {}  # id(weight) -> (weight ref, version, packed)
 
 
-def _version(t: torch.Tensor) -> int:
-    try:
-        return t._version
-    except RuntimeError:  # inference tensors keep no version counter; they cannot be modified in place either
-        return -1
-
-
 def packed_weight(weight: torch.Tensor) -> torch.Tensor:
     """``weight [N, K]`` reordered once into oneDNN's blocked layout (cached while the parameter lives)."""
-    key, version = id(weight), _version(weight)
+    key, version = id(weight), torch_backend.tensor_version(weight)
     hit = _packed.get(key)
     if hit is not None and hit[0]() is weight and hit[1] == version:
         return hit[2]
@@ -78,48 +71,4 @@ def qkv_varlen_attention(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     """Self-attention of each packed sequence on ``x [T, H]`` with the fused ``[3H, H]`` QKV projection:
     returns the context ``[T, H]`` in x's dtype."""
     qkv = _linear(x, weight, bias)  # [T, 3H], bias added inside the product
-    if qkv.dtype == torch.bfloat16 and _ATTENTION_IN_FP32:
-        qkv = qkv.float()  # kept as an option: fp32 softmax/accumulation; costs two conversion passes
-    return varlen_attention_runs(qkv, cu_seqlens, num_heads, scale).to(x.dtype)
-
-
-def varlen_attention_runs(qkv: torch.Tensor, cu_seqlens: torch.Tensor, num_heads: int,
-                          scale: float | None = None) -> torch.Tensor:
-    """Attention on ``qkv [T, 3H]`` (bias already in) -> ``[T, H]``, one SDPA call per *run* of consecutive
-    sequences of equal length: a run is a contiguous slice of the packed tensor, viewed as ``[g, L, 3, heads, d]``
-    with no gather and written back with no scatter. Batches sorted by length (SentenceEncoder sorts inside
-    each token-budget batch) have one run per distinct length."""
-    T, three_h = qkv.shape
-    H = three_h // 3
-    d = H // num_heads
-    x = qkv.view(T, 3, num_heads, d)
-    out = torch.empty(T, num_heads, d, dtype=qkv.dtype, device=qkv.device)
-    for start, count, n in _runs(cu_seqlens):
-        end = start + count * n
-        g = x[start:end].view(count, n, 3, num_heads, d)  # a view of the run
-        q, k, v = (g[:, :, i].transpose(1, 2) for i in range(3))  # each [count, heads, L, d], strided views
-        ctx = F.scaled_dot_product_attention(q, k, v, scale=scale)  # [count, heads, L, d]
-        out[start:end].view(count, n, num_heads, d).copy_(ctx.transpose(1, 2))
-    return out.view(T, H)
-
-
-_runs_cache: list = [None, None]  # [weakref to the cu_seqlens tensor last seen, its runs]
-
-
-def _runs(cu_seqlens: torch.Tensor) -> list[tuple[int, int, int]]:
-    """``(first token, number of sequences, length)`` of each run of equal lengths; computed once per batch
-    (every layer passes the same ``cu_seqlens`` tensor), so the host sync happens once, not per layer."""
-    ref = _runs_cache[0]
-    if ref is not None and ref() is cu_seqlens:
-        return _runs_cache[1]
-    bounds = cu_seqlens.tolist()
-    runs: list[tuple[int, int, int]] = []
-    for s, e in zip(bounds[:-1], bounds[1:]):
-        n = e - s
-        if runs and runs[-1][2] == n:
-            first, count, _ = runs[-1]
-            runs[-1] = (first, count + 1, n)
-        else:
-            runs.append((s, 1, n))
-    _runs_cache[0], _runs_cache[1] = weakref.ref(cu_seqlens), runs
-    return runs
+    return torch_backend.varlen_attention(qkv, cu_seqlens, max_seqlen, num_heads, None, scale)

@@ -1,10 +1,14 @@
 """The portable backend: padfree's ops written with stock PyTorch operators (oneDNN/MKL on the CPU).
 
-Runs on any device and dtype. Attention groups sequences of equal length into one batched
-``scaled_dot_product_attention`` call, so no pad token is ever computed and short sequences do not each
-pay a call's overhead.
+Runs on any device and dtype. Attention makes one batched ``scaled_dot_product_attention`` call per *run*
+of consecutive sequences of equal length: a run is a contiguous slice of the packed tensor, viewed as
+``[g, L, 3, heads, d]`` with no gather and written back with no scatter, so no pad token is ever computed and
+short sequences do not each pay a call's overhead (``SentenceEncoder`` sorts inside each batch, so each
+distinct length is one run).
 """
 from __future__ import annotations
+
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -18,7 +22,7 @@ def varlen_attention(qkv: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: in
                      rel: RelativeScores | None = None) -> torch.Tensor:
     """See :func:`padfree.ops.reference.varlen_attention_ref`. ``[T, 3H]`` -> ``[T, H]``.
 
-    Relative-position terms (``rel``) become an additive ``[g, heads, L, L]`` mask per group of equal-length
+    Relative-position terms (``rel``) become an additive ``[g, heads, L, L]`` mask per run of equal-length
     sequences: built per sequence length, never for a padded batch."""
     T, three_h = qkv.shape
     H = three_h // 3
@@ -28,27 +32,13 @@ def varlen_attention(qkv: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: in
         qkv = qkv + qkv_bias
     x = qkv.view(T, 3, num_heads, d)
     out = torch.empty(T, num_heads, d, dtype=qkv.dtype, device=qkv.device)
-    bounds = cu_seqlens.tolist()
-    lengths = [e - s for s, e in zip(bounds[:-1], bounds[1:])]
-    groups: dict[int, list[int]] = {}
-    for b, n in enumerate(lengths):
-        groups.setdefault(n, []).append(b)
-    for n, members in groups.items():
-        if len(members) == 1:
-            s = bounds[members[0]]
-            qkv_g = x[s:s + n].unsqueeze(0)  # [1, L, 3, heads, d], a view
-            rows = None
-        else:
-            starts = torch.tensor([bounds[b] for b in members], device=qkv.device)
-            rows = (starts[:, None] + torch.arange(n, device=qkv.device)).reshape(-1)  # [g*L]
-            qkv_g = x[rows].view(len(members), n, 3, num_heads, d)  # [g, L, 3, heads, d]
-        q, k, v = (qkv_g[:, :, i].transpose(1, 2) for i in range(3))  # each [g, heads, L, d]
+    for start, count, n in equal_length_runs(cu_seqlens):
+        end = start + count * n
+        g = x[start:end].view(count, n, 3, num_heads, d)  # a view of the run, no gather
+        q, k, v = (g[:, :, i].transpose(1, 2) for i in range(3))  # each [count, heads, L, d], strided views
         mask = None if rel is None else relative_score_terms(q, k, rel, max_seqlen, scale_).to(q.dtype)
-        ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale_).transpose(1, 2)  # [g, L, heads, d]
-        if rows is None:
-            out[bounds[members[0]]:bounds[members[0]] + n] = ctx[0]
-        else:
-            out[rows] = ctx.reshape(-1, num_heads, d)
+        ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale_)  # [count, heads, L, d]
+        out[start:end].view(count, n, num_heads, d).copy_(ctx.transpose(1, 2))  # written in place, no scatter
     return out.view(T, H)
 
 
@@ -73,3 +63,34 @@ def embed_layer_norm(input_ids, position_ids, token_type_ids, word, position, to
     if token_type is not None:
         y = y + F.embedding(token_type_ids, token_type)
     return F.layer_norm(y, y.shape[-1:], weight, bias, eps)
+
+
+_runs_cache: list = [None, None, None]  # [weakref to the cu_seqlens tensor last seen, its version, its runs]
+
+
+def tensor_version(t: torch.Tensor) -> int:
+    """The tensor's in-place modification counter (-1 for inference tensors, which keep none)."""
+    try:
+        return t._version
+    except RuntimeError:
+        return -1
+
+
+def equal_length_runs(cu_seqlens: torch.Tensor) -> list[tuple[int, int, int]]:
+    """``(first token, number of sequences, length)`` of each run of equal lengths; computed once per batch
+    (every layer passes the same ``cu_seqlens`` tensor), so the host sync happens once, not per layer. A tensor
+    refilled in place (CUDA-graph static buffers) has a new version and is read again."""
+    ref, version = _runs_cache[0], tensor_version(cu_seqlens)
+    if ref is not None and ref() is cu_seqlens and _runs_cache[1] == version:
+        return _runs_cache[2]
+    bounds = cu_seqlens.tolist()
+    runs: list[tuple[int, int, int]] = []
+    for s, e in zip(bounds[:-1], bounds[1:]):
+        n = e - s
+        if runs and runs[-1][2] == n:
+            first, count, _ = runs[-1]
+            runs[-1] = (first, count + 1, n)
+        else:
+            runs.append((s, 1, n))
+    _runs_cache[:] = [weakref.ref(cu_seqlens), version, runs]
+    return runs
