@@ -89,7 +89,7 @@ def randomize(model: torch.nn.Module, seed: int = 0, std: float = 0.2) -> torch.
 def make(family: str, shape: int, kind: str = "base", seed: int = 0, **extra):
     """A random-weight HF model: ``kind`` = "base", "seq" or "token"."""
     cfg_cls, base, seq, tok, shapes = ZOO[family]
-    cfg = cfg_cls(vocab_size=VOCAB, **shapes[shape], **extra)
+    cfg = cfg_cls(vocab_size=VOCAB, **{**shapes[shape], **extra})  # extra overrides the shape's settings
     cls = {"base": base, "seq": seq, "token": tok}[kind]
     torch.manual_seed(seed)
     return randomize(cls(cfg), seed)

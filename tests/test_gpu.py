@@ -1,5 +1,6 @@
-"""End to end on a CUDA GPU (skipped without one): BERT-base parity with transformers in fp16/bf16 through
-the Triton backend, and CUDA-graph replay equal to the eager forward."""
+"""End to end on a CUDA GPU (skipped without one): BERT-base and DeBERTa-v3-base parity with transformers in
+fp16/bf16 through the Triton backend (DeBERTa's relative terms inside the attention kernel), and CUDA-graph
+replay equal to the eager forward."""
 import pytest
 import torch
 
@@ -14,6 +15,15 @@ def bert_base(seed=0):
     return BertModel(BertConfig(attn_implementation="eager")).eval().cuda()  # 12 layers, 768, 12 heads
 
 
+def deberta_v3_base(seed=0):
+    from transformers import DebertaV2Config, DebertaV2Model
+    torch.manual_seed(seed)
+    cfg = DebertaV2Config(relative_attention=True, pos_att_type=["p2c", "c2p"], position_buckets=256,
+                          max_relative_positions=-1, share_att_key=True, norm_rel_ebd="layer_norm",
+                          position_biased_input=False, type_vocab_size=0, layer_norm_eps=1e-7, vocab_size=128100)
+    return DebertaV2Model(cfg).eval().cuda()  # the deberta-v3-base shape: 12 layers, 768, 12 heads
+
+
 def ragged(lengths, vocab=30522, seed=0):
     g = torch.Generator().manual_seed(seed)
     S = max(lengths)
@@ -23,14 +33,15 @@ def ragged(lengths, vocab=30522, seed=0):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_bert_base_parity_half(dtype):
-    hf = bert_base()
+@pytest.mark.parametrize("family", ["bert", "deberta-v3"])
+def test_base_parity_half(family, dtype):
+    hf = bert_base() if family == "bert" else deberta_v3_base()
     ids, mask = ragged([1, 512, 77, 300, 128, 5, 64, 200])
     with torch.no_grad():
         ref = hf(input_ids=ids, attention_mask=mask).last_hidden_state
         hf_half = hf.to(dtype)(input_ids=ids, attention_mask=mask).last_hidden_state.float()
     enc = padfree.from_pretrained(hf.float(), dtype=dtype, device="cuda")
-    assert set(enc.kernels.names.values()) == {"triton"}
+    assert set(enc.kernels.names.values()) == {"triton", "composed(triton)"}  # fused ops: F.linear + kernel
     out = enc(input_ids=ids, attention_mask=mask).last_hidden_state.float()
     real = mask.bool()
     ours, theirs = (out[real] - ref[real]).abs().max().item(), (hf_half[real] - ref[real]).abs().max().item()
@@ -49,9 +60,11 @@ def test_bert_base_parity_fp32():
     assert (out[real] - ref[real]).abs().max().item() <= 5e-3
 
 
-def test_cuda_graph_replay_matches_eager():
+@pytest.mark.parametrize("family", ["bert", "deberta-v3"])
+def test_cuda_graph_replay_matches_eager(family):
     from padfree.cuda_graphs import CudaGraphEncoder
-    enc = padfree.from_pretrained(bert_base(), dtype=torch.float16, device="cuda")
+    enc = padfree.from_pretrained(bert_base() if family == "bert" else deberta_v3_base(), dtype=torch.float16,
+                                  device="cuda")
     runner = CudaGraphEncoder(enc, buckets=(64, 256), max_batch=8)
     for lengths in ([3, 17, 1], [60], [100, 90, 50], [7] * 8, [300]):
         batch = padfree.PackedBatch.from_sequences(

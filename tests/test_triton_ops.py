@@ -23,6 +23,7 @@ from padfree.ops import torch_backend  # noqa: E402
 from padfree.ops.activations import ACTIVATIONS, apply_activation  # noqa: E402
 from padfree.ops.reference import (add_bias_residual_layer_norm_ref, bias_act_ref,  # noqa: E402
                                    embed_layer_norm_ref, varlen_attention_ref)
+from padfree.ops.relative import RelativeScores, relative_score_terms  # noqa: E402
 from padfree.ops.triton_activation import bias_act  # noqa: E402
 from padfree.ops.triton_attention import (HEAD_DIMS, launch_varlen_attention,  # noqa: E402
                                           varlen_attention)
@@ -61,8 +62,9 @@ def ragged_lengths(max_len, n, gen):
 
 
 # ------------------------------------------------------------------------------------------------ attention
-def plain_attention(qkv, cu_seqlens, num_heads, qkv_bias, scale):
-    """Per-sequence ``softmax(q k^T * scale) v`` in qkv's own dtype (what plain PyTorch code computes)."""
+def plain_attention(qkv, cu_seqlens, num_heads, qkv_bias, scale, rel=None, max_seqlen=0):
+    """Per-sequence ``softmax(q k^T * scale + rel terms) v`` in qkv's own dtype (what plain PyTorch code
+    computes; the relative terms are rounded to that dtype as an additive mask)."""
     T, three_h = qkv.shape
     d = three_h // 3 // num_heads
     scale = 1.0 / math.sqrt(d) if scale is None else scale
@@ -71,7 +73,10 @@ def plain_attention(qkv, cu_seqlens, num_heads, qkv_bias, scale):
     bounds = cu_seqlens.tolist()
     for s, e in zip(bounds[:-1], bounds[1:]):
         q, k, v = (x[s:e, i].transpose(0, 1) for i in range(3))  # [heads, L, d]
-        p = torch.softmax((q @ k.transpose(1, 2)) * scale, dim=-1)
+        logits = (q @ k.transpose(1, 2)) * scale
+        if rel is not None:
+            logits = logits + relative_score_terms(q[None], k[None], rel, max_seqlen, scale)[0].to(qkv.dtype)
+        p = torch.softmax(logits, dim=-1)
         out[s:e] = (p @ v).transpose(0, 1)
     return out.reshape(T, -1)
 
@@ -132,6 +137,54 @@ def test_attention_single_tile_path(dtype):
                         config=dict(block_m=16, block_n=64, single_tile=True, num_warps=4, num_stages=1))
 
 
+def random_rel(kind, heads, head_dim, max_seqlen, dtype, rows=11, seed=0):
+    """Relative terms of one kind: "bias" (MPNet), "disentangled" (DeBERTa c2p + p2c) or "all". The index is
+    random, so distance i - j and j - i read different rows (a swapped c2p/p2c or sign cannot pass)."""
+    g = torch.Generator().manual_seed(seed)
+    index = torch.randint(0, rows, (2 * max_seqlen - 1,), generator=g).to(DEVICE)
+    table = lambda *shape: torch.randn(*shape, generator=g).to(DEVICE, dtype)  # noqa: E731
+    bias = table(heads, rows) if kind in ("bias", "all") else None
+    pos_key = table(heads, rows, head_dim) if kind in ("disentangled", "all") else None
+    pos_query = table(heads, rows, head_dim) if kind in ("disentangled", "all") else None
+    return RelativeScores(index, bias=bias, pos_key=pos_key, pos_query=pos_query)
+
+
+def to_fp32(rel):
+    up = lambda t: None if t is None else t.float()  # noqa: E731
+    return RelativeScores(rel.index, bias=up(rel.bias), pos_key=up(rel.pos_key), pos_query=up(rel.pos_query))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kind", ["bias", "disentangled", "all"])
+def test_attention_relative_terms(kind, dtype):
+    """MPNet's bias and DeBERTa's c2p/p2c inside the kernel, on the single-tile and the streaming path."""
+    heads, head_dim = (12, 64) if GPU else (2, 32)
+    cases = ([ragged_lengths(60, 20, torch.Generator().manual_seed(4)),
+              ragged_lengths(400, 8, torch.Generator().manual_seed(5)) + [0]] if GPU
+             else [[1, 30, 12, 30], [1, 33, 48, 0, 7, 48]])
+    for lengths in cases:
+        gen = torch.Generator().manual_seed(len(lengths))
+        cu, max_len = cu_seqlens_of(lengths), max(lengths)
+        H = heads * head_dim
+        qkv = torch.randn(sum(lengths), 3 * H, generator=gen).to(DEVICE, dtype)
+        bias = (0.5 * torch.randn(3 * H, generator=gen)).to(DEVICE, dtype)
+        rel = random_rel(kind, heads, head_dim, max_len, dtype)
+        out = varlen_attention(qkv, cu, max_len, heads, bias, 0.2, rel=rel)
+        ref = varlen_attention_ref(qkv.float(), cu, max_len, heads, bias.float(), 0.2, to_fp32(rel))
+        plain = plain_attention(qkv, cu, heads, bias, 0.2, rel, max_len)
+        assert_close_to_ref(out, ref, plain, dtype, f"relative {kind} max {max_len}")
+
+
+def test_attention_relative_terms_checked():
+    qkv = torch.zeros(4, 3 * 2 * 32, device=DEVICE)
+    cu = cu_seqlens_of([4])
+    rel = random_rel("all", 2, 32, 4, torch.float32)
+    with pytest.raises(ValueError, match="rel.index"):
+        varlen_attention(qkv, cu, 5, 2, rel=rel)  # index built for another max_seqlen
+    with pytest.raises(ValueError, match="same R rows"):
+        varlen_attention(qkv, cu, 4, 2, rel=RelativeScores(rel.index, bias=rel.bias, pos_key=rel.pos_key[:, :3]))
+
+
 def test_attention_rejects_unsupported():
     qkv = torch.zeros(4, 3 * 2 * 48, device=DEVICE, dtype=torch.float16)
     with pytest.raises(ValueError, match="head size 48"):
@@ -163,6 +216,33 @@ def test_attention_cuda_graph():
     torch.cuda.synchronize()
     ref = varlen_attention_ref(qkv.float(), cu, max(lengths), heads, bias.float())
     assert_close_to_ref(out, ref, plain_attention(qkv, cu, heads, bias, None), torch.float16, "graph")
+
+
+@pytest.fixture
+def triton_everywhere(monkeypatch):
+    """The Triton backend allowed on this machine's device (on the CPU its kernels run in the interpreter)."""
+    import dataclasses
+
+    from padfree.ops import registry
+    backends = [dataclasses.replace(b, devices=b.devices | {DEVICE}) if b.name == "triton" else b
+                for b in registry.BACKENDS]
+    monkeypatch.setattr(registry, "BACKENDS", backends)
+
+
+@pytest.mark.parametrize("family,shape", [("bert", 1), ("mpnet", 1), ("deberta-v2", 0), ("deberta-v2", 1)])
+def test_encoder_on_triton_backend(family, shape, triton_everywhere):
+    """Whole models through the Triton backend (every op a kernel, relative terms in the attention kernel)
+    against Hugging Face, fp32: the wiring between encoder and kernels, not only each kernel."""
+    import padfree
+    from family_zoo import LENGTHS, batch, make, max_diff
+    model = make(family, shape, **({"num_attention_heads": 3} if shape == 1 else {}))  # head size 16
+    enc = padfree.from_pretrained(model, device=DEVICE, backend="triton")
+    assert set(enc.kernels.names.values()) == {"triton", "composed(triton)"}  # fused ops: F.linear + kernel
+    ids, mask, types, kw = batch(model, LENGTHS, "right")
+    with torch.no_grad():
+        ref = model(input_ids=ids, attention_mask=mask, **kw).last_hidden_state
+    out = enc(ids.to(DEVICE), mask.to(DEVICE), None if types is None else types.to(DEVICE)).last_hidden_state
+    assert max_diff(out.cpu(), ref, mask) <= 1e-4
 
 
 @needs_gpu

@@ -71,7 +71,7 @@ _FLOATS = frozenset({torch.float32, torch.float16, torch.bfloat16})
 # Priority order: the first backend that validates is chosen under backend="auto".
 BACKENDS: list[Backend] = [
     Backend("triton", frozenset({"cuda"}), _FLOATS, "padfree.ops.triton_backend", frozenset(OPS),
-            head_dims=frozenset({16, 32, 64, 80, 96, 128}), requires="triton"),
+            head_dims=frozenset({16, 32, 64, 80, 96, 128}), requires="triton", relative_scores=True),
     # fused linear ops only; fp16 on CPU has no fast oneDNN path here, so it is left to the composition
     Backend("onednn", frozenset({"cpu"}), frozenset({torch.float32, torch.bfloat16}), "padfree.ops.onednn_backend",
             frozenset(FUSED_OPS), needs_mkldnn=True),

@@ -15,6 +15,11 @@ logit of a query row, a constant that softmax cancels, so it is skipped (this is
 rounding of ``k + b_k`` in low precision). Since each softmax row sums to one, the V bias adds ``b_v`` to every
 output row, so it is added once to the result instead of to every V block.
 
+Relative positions (MPNet's bucketed bias, DeBERTa's content-to-position and position-to-content terms) are
+added to each tile's logits from small tables, by a gather on ``r = index[i - j + max_seqlen - 1]``: the bias
+from ``[heads, R]``, c2p/p2c from per-token ``[heads, T, R]`` score tables computed by one batched product
+before the launch. No padded or ``S x S`` bias exists.
+
 Short sequences (``max_seqlen <= SHORT_MAX``) take a single-tile path: the whole key range of a sequence is one
 tile and the softmax is computed directly (no running rescale). Block sizes come from measurements (see
 ``attention_config``).
@@ -30,9 +35,11 @@ import triton
 import triton.language as tl
 
 from .reference import varlen_attention_ref  # noqa: F401  (the definition of this op)
+from .relative import RelativeScores
 
 HEAD_DIMS = (16, 32, 64, 80, 96, 128)
 LOG2E = 1.4426950408889634
+_LOG2E = tl.constexpr(LOG2E)  # kernels may read only constexpr globals
 _DOT_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 
 
@@ -50,8 +57,29 @@ def _mma(a, b, acc, PRECISION: tl.constexpr, INTERPRET: tl.constexpr):
 
 
 @triton.jit
-def _attn_kv_block(acc, l_i, m_i, q, k_base, v_base, start_n, offs_n, offs_d, seqlen, stride_row, qk_scale,
+def _relative_terms(offs_m, cols, seqlen, max_seqlen, row0, head, index_ptr, bias_ptr, c2p_ptr, p2c_ptr, R,
+                    stride_rel_head, HAS_REL_BIAS: tl.constexpr, HAS_C2P: tl.constexpr, HAS_P2C: tl.constexpr):
+    """The relative-position terms of one ``[BLOCK_M, BLOCK_N]`` tile, fp32, in natural-log units (already
+    scaled): ``c2p[q_i, r] + p2c[k_j, r] + bias[r]`` with ``r = index[i - j + max_seqlen - 1]``. Each is a
+    gather from a small table (``[heads, R]`` or ``[heads, T, R]``); pairs outside the sequence read zero."""
+    valid = (offs_m[:, None] < seqlen) & (cols[None, :] < seqlen)
+    r = tl.load(index_ptr + (offs_m[:, None] - cols[None, :] + (max_seqlen - 1)), mask=valid, other=0)
+    extra = tl.zeros(r.shape, tl.float32)
+    head_off = head.to(tl.int64) * stride_rel_head
+    if HAS_C2P:  # indexed by the query's row
+        extra += tl.load(c2p_ptr + head_off + (row0 + offs_m)[:, None] * R + r, mask=valid, other=0.0).to(tl.float32)
+    if HAS_P2C:  # indexed by the key's row
+        extra += tl.load(p2c_ptr + head_off + (row0 + cols)[None, :] * R + r, mask=valid, other=0.0).to(tl.float32)
+    if HAS_REL_BIAS:
+        extra += tl.load(bias_ptr + head * R + r, mask=valid, other=0.0).to(tl.float32)
+    return extra
+
+
+@triton.jit
+def _attn_kv_block(acc, l_i, m_i, q, k_base, v_base, start_n, offs_m, offs_n, offs_d, seqlen, stride_row,
+                   qk_scale, max_seqlen, row0, head, index_ptr, rel_bias_ptr, c2p_ptr, p2c_ptr, R, stride_rel_head,
                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, MASK_N: tl.constexpr,
+                   HAS_REL_BIAS: tl.constexpr, HAS_C2P: tl.constexpr, HAS_P2C: tl.constexpr,
                    PRECISION: tl.constexpr, INTERPRET: tl.constexpr):
     """One step of the online softmax over keys ``start_n + offs_n``; returns the updated (acc, l_i, m_i)."""
     cols = start_n + offs_n  # [BLOCK_N] key positions inside the sequence
@@ -71,11 +99,14 @@ def _attn_kv_block(acc, l_i, m_i, q, k_base, v_base, start_n, offs_n, offs_d, se
         else:
             k = tl.load(k_base + ptr_off)
             v = tl.load(v_base + ptr_off)
-    qk = _mma(q, tl.trans(k), None, PRECISION, INTERPRET)  # [BLOCK_M, BLOCK_N] fp32 logits (unscaled)
+    s = _mma(q, tl.trans(k), None, PRECISION, INTERPRET) * qk_scale  # [BLOCK_M, BLOCK_N] logits, log2 units
+    if HAS_REL_BIAS or HAS_C2P or HAS_P2C:
+        s += _relative_terms(offs_m, cols, seqlen, max_seqlen, row0, head, index_ptr, rel_bias_ptr, c2p_ptr,
+                             p2c_ptr, R, stride_rel_head, HAS_REL_BIAS, HAS_C2P, HAS_P2C) * _LOG2E
     if MASK_N:
-        qk = tl.where(cols[None, :] < seqlen, qk, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)  # running max, in log2 units
-    p = tl.exp2(qk * qk_scale - m_new[:, None])
+        s = tl.where(cols[None, :] < seqlen, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))  # running max, in log2 units
+    p = tl.exp2(s - m_new[:, None])
     alpha = tl.exp2(m_i - m_new)  # rescale of what was accumulated so far
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None]
@@ -85,9 +116,11 @@ def _attn_kv_block(acc, l_i, m_i, q, k_base, v_base, start_n, offs_n, offs_d, se
 
 @triton.jit
 def _varlen_attention_kernel(qkv_ptr, bias_ptr, out_ptr, cu_seqlens_ptr, stride_row, stride_out, qk_scale,
+                             max_seqlen, index_ptr, rel_bias_ptr, c2p_ptr, p2c_ptr, R, stride_rel_head,
                              NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SINGLE_TILE: tl.constexpr,
-                             HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, INTERPRET: tl.constexpr):
+                             HAS_BIAS: tl.constexpr, HAS_REL_BIAS: tl.constexpr, HAS_C2P: tl.constexpr,
+                             HAS_P2C: tl.constexpr, PRECISION: tl.constexpr, INTERPRET: tl.constexpr):
     pid_m = tl.program_id(0)
     seq = tl.program_id(1)
     head = tl.program_id(2)
@@ -123,10 +156,13 @@ def _varlen_attention_kernel(qkv_ptr, bias_ptr, out_ptr, cu_seqlens_ptr, stride_
             kv_mask = offs_n[:, None] < seqlen
         k = tl.load(k_base + ptr_off, mask=kv_mask, other=0.0)
         v = tl.load(v_base + ptr_off, mask=kv_mask, other=0.0)
-        qk = _mma(q, tl.trans(k), None, PRECISION, INTERPRET)
-        qk = tl.where(offs_n[None, :] < seqlen, qk, float("-inf"))
-        m_i = tl.max(qk, 1) * qk_scale
-        p = tl.exp2(qk * qk_scale - m_i[:, None])
+        s = _mma(q, tl.trans(k), None, PRECISION, INTERPRET) * qk_scale
+        if HAS_REL_BIAS or HAS_C2P or HAS_P2C:
+            s += _relative_terms(offs_m, offs_n, seqlen, max_seqlen, row0, head, index_ptr, rel_bias_ptr,
+                                 c2p_ptr, p2c_ptr, R, stride_rel_head, HAS_REL_BIAS, HAS_C2P, HAS_P2C) * _LOG2E
+        s = tl.where(offs_n[None, :] < seqlen, s, float("-inf"))
+        m_i = tl.max(s, 1)
+        p = tl.exp2(s - m_i[:, None])
         l_i = tl.sum(p, 1)
         acc = _mma(p.to(v.dtype), v, None, PRECISION, INTERPRET)
     else:
@@ -137,18 +173,24 @@ def _varlen_attention_kernel(qkv_ptr, bias_ptr, out_ptr, cu_seqlens_ptr, stride_
         if INTERPRET:  # Triton's CPU interpreter cannot take a tensor as range() bound under numpy >= 2.4
             start_n = 0
             while start_n < n_full:
-                acc, l_i, m_i = _attn_kv_block(acc, l_i, m_i, q, k_base, v_base, start_n, offs_n, offs_d,
-                                               seqlen, stride_row, qk_scale, HEAD_DIM, BLOCK_D, False, PRECISION,
+                acc, l_i, m_i = _attn_kv_block(acc, l_i, m_i, q, k_base, v_base, start_n, offs_m, offs_n, offs_d,
+                                               seqlen, stride_row, qk_scale, max_seqlen, row0, head, index_ptr,
+                                               rel_bias_ptr, c2p_ptr, p2c_ptr, R, stride_rel_head, HEAD_DIM,
+                                               BLOCK_D, False, HAS_REL_BIAS, HAS_C2P, HAS_P2C, PRECISION,
                                                INTERPRET)
                 start_n += BLOCK_N
         else:
             for start_n in range(0, n_full, BLOCK_N):
-                acc, l_i, m_i = _attn_kv_block(acc, l_i, m_i, q, k_base, v_base, start_n, offs_n, offs_d,
-                                               seqlen, stride_row, qk_scale, HEAD_DIM, BLOCK_D, False, PRECISION,
+                acc, l_i, m_i = _attn_kv_block(acc, l_i, m_i, q, k_base, v_base, start_n, offs_m, offs_n, offs_d,
+                                               seqlen, stride_row, qk_scale, max_seqlen, row0, head, index_ptr,
+                                               rel_bias_ptr, c2p_ptr, p2c_ptr, R, stride_rel_head, HEAD_DIM,
+                                               BLOCK_D, False, HAS_REL_BIAS, HAS_C2P, HAS_P2C, PRECISION,
                                                INTERPRET)
         if n_full < seqlen:
-            acc, l_i, m_i = _attn_kv_block(acc, l_i, m_i, q, k_base, v_base, n_full, offs_n, offs_d, seqlen,
-                                           stride_row, qk_scale, HEAD_DIM, BLOCK_D, True, PRECISION, INTERPRET)
+            acc, l_i, m_i = _attn_kv_block(acc, l_i, m_i, q, k_base, v_base, n_full, offs_m, offs_n, offs_d,
+                                           seqlen, stride_row, qk_scale, max_seqlen, row0, head, index_ptr,
+                                           rel_bias_ptr, c2p_ptr, p2c_ptr, R, stride_rel_head, HEAD_DIM, BLOCK_D,
+                                           True, HAS_REL_BIAS, HAS_C2P, HAS_P2C, PRECISION, INTERPRET)
 
     acc = acc / l_i[:, None]
     if HAS_BIAS:
@@ -213,15 +255,49 @@ def _check(qkv, cu_seqlens, max_seqlen, num_heads, qkv_bias):
     return head_dim
 
 
-def launch_varlen_attention(qkv, cu_seqlens, max_seqlen, num_heads, qkv_bias=None, scale=None, *, block_m,
-                            block_n, single_tile, num_warps, num_stages):
+def launch_varlen_attention(qkv, cu_seqlens, max_seqlen, num_heads, qkv_bias=None, scale=None, rel=None, *,
+                            block_m, block_n, single_tile, num_warps, num_stages):
     """Launch the kernel with explicit block sizes (tests and benchmarks; :func:`varlen_attention` picks them)."""
     head_dim = _check(qkv, cu_seqlens, max_seqlen, num_heads, qkv_bias)
-    return _launch(qkv, cu_seqlens, int(max_seqlen), num_heads, head_dim, qkv_bias, scale, block_m, block_n,
+    return _launch(qkv, cu_seqlens, int(max_seqlen), num_heads, head_dim, qkv_bias, scale, rel, block_m, block_n,
                    single_tile, num_warps, num_stages)
 
 
-def _launch(qkv, cu_seqlens, max_seqlen, num_heads, head_dim, qkv_bias, scale, block_m, block_n, single_tile,
+def _relative_tables(qkv, qkv_bias, rel: RelativeScores, max_seqlen, num_heads, head_dim, scale):
+    """The kernel's view of ``rel``: ``(index, bias [heads, R], c2p [heads, T, R], p2c [heads, T, R], R)``.
+
+    DeBERTa's content-to-position term ``q_i . pos_key[r]`` takes every row r of a query's reach, so it is one
+    batched product ``[heads, T, d] x [heads, d, R]`` computed here, scaled; the kernel gathers its entry per
+    (i, j) inside the tile. Likewise position-to-content from the keys. Both are linear in T and bounded by the
+    table rows R the batch reaches (at most 2 x buckets), never ``S x S``."""
+    hidden = num_heads * head_dim
+    if rel.index.shape != (2 * max_seqlen - 1,) or rel.index.dtype not in (torch.int32, torch.int64) \
+            or rel.index.device != qkv.device:
+        raise ValueError(f"rel.index must be a [2 * max_seqlen - 1] = [{2 * max_seqlen - 1}] integer tensor on "
+                         f"{qkv.device}; got {rel.index.dtype} {tuple(rel.index.shape)} on {rel.index.device}")
+    tables = {name: t for name, t in (("bias", rel.bias), ("pos_key", rel.pos_key), ("pos_query", rel.pos_query))
+              if t is not None}
+    R = rel.bias.shape[-1] if rel.bias is not None else next(iter(tables.values())).shape[1]
+    for name, t in tables.items():
+        want = (num_heads, R) if name == "bias" else (num_heads, R, head_dim)
+        if tuple(t.shape) != want or t.device != qkv.device:
+            raise ValueError(f"rel.{name} must be [heads, R{'' if name == 'bias' else ', head_dim'}] = {want} "
+                             f"on {qkv.device} (every table has the same R rows); got {tuple(t.shape)} on {t.device}")
+
+    def scores(part, table):  # scale * (x + b) . table[r] for every token and row: [heads, T, R]
+        x = qkv[:, part * hidden:(part + 1) * hidden]
+        if qkv_bias is not None:
+            x = x + qkv_bias[part * hidden:(part + 1) * hidden]
+        x = x.reshape(-1, num_heads, head_dim).transpose(0, 1)  # [heads, T, d]
+        return torch.matmul(x, table.to(qkv.dtype).transpose(1, 2)).mul_(scale).contiguous()
+
+    bias = None if rel.bias is None else rel.bias.contiguous()
+    c2p = None if rel.pos_key is None else scores(0, rel.pos_key)
+    p2c = None if rel.pos_query is None else scores(1, rel.pos_query)
+    return rel.index.contiguous(), bias, c2p, p2c, R
+
+
+def _launch(qkv, cu_seqlens, max_seqlen, num_heads, head_dim, qkv_bias, scale, rel, block_m, block_n, single_tile,
             num_warps, num_stages):
     T = qkv.shape[0]
     hidden = num_heads * head_dim
@@ -234,23 +310,37 @@ def _launch(qkv, cu_seqlens, max_seqlen, num_heads, head_dim, qkv_bias, scale, b
     if batch > 65535 or num_heads > 65535:
         raise ValueError(f"at most 65535 sequences and heads per call; got {batch} and {num_heads}")
     scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
+    index = rel_bias = c2p = p2c = None
+    R = 1
+    if rel is not None and (rel.bias is not None or rel.pos_key is not None or rel.pos_query is not None):
+        index, rel_bias, c2p, p2c, R = _relative_tables(qkv, qkv_bias, rel, max_seqlen, num_heads, head_dim, scale)
     grid = (triton.cdiv(max_seqlen, block_m), batch, num_heads)
     _varlen_attention_kernel[grid](
-        qkv, qkv if qkv_bias is None else qkv_bias, out, cu_seqlens, qkv.stride(0), out.stride(0), scale * LOG2E,
+        qkv, _or(qkv_bias, qkv), out, cu_seqlens, qkv.stride(0), out.stride(0), scale * LOG2E, max_seqlen,
+        _or(index, cu_seqlens), _or(rel_bias, qkv), _or(c2p, qkv), _or(p2c, qkv), R, T * R,
         NUM_HEADS=num_heads, HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim),
         BLOCK_M=block_m, BLOCK_N=block_n, SINGLE_TILE=single_tile, HAS_BIAS=qkv_bias is not None,
+        HAS_REL_BIAS=rel_bias is not None, HAS_C2P=c2p is not None, HAS_P2C=p2c is not None,
         PRECISION="ieee" if qkv.dtype == torch.float32 else "tf32", INTERPRET=_interpreting(),
         num_warps=num_warps, num_stages=num_stages)
     return out
+
+
+def _or(t, placeholder):
+    """``t``, or a placeholder pointer for an argument the kernel's constexpr flags make it never read."""
+    return placeholder if t is None else t
 
 
 # ----------------------------------------------------------------------------------------------------------
 # public function
 # ----------------------------------------------------------------------------------------------------------
 def varlen_attention(qkv: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int, num_heads: int,
-                     qkv_bias: torch.Tensor | None = None, scale: float | None = None) -> torch.Tensor:
-    """See :func:`padfree.ops.reference.varlen_attention_ref`. ``[T, 3H]`` -> ``[T, H]``; no host sync."""
+                     qkv_bias: torch.Tensor | None = None, scale: float | None = None,
+                     rel: RelativeScores | None = None) -> torch.Tensor:
+    """See :func:`padfree.ops.reference.varlen_attention_ref`. ``[T, 3H]`` -> ``[T, H]``; no host sync.
+
+    ``rel``: relative-position score terms (MPNet's bias, DeBERTa's c2p/p2c), gathered inside the tile loop."""
     head_dim = _check(qkv, cu_seqlens, max_seqlen, num_heads, qkv_bias)
     max_seqlen = int(max_seqlen)
     cfg = attention_config(max_seqlen, head_dim, qkv.dtype)
-    return _launch(qkv, cu_seqlens, max_seqlen, num_heads, head_dim, qkv_bias, scale, **cfg)
+    return _launch(qkv, cu_seqlens, max_seqlen, num_heads, head_dim, qkv_bias, scale, rel, **cfg)
