@@ -44,3 +44,15 @@ def test_bucketed_forward_still_validates(enc):
 def test_capture_needs_cuda_and_triton(enc):
     with pytest.raises(ValueError, match="CUDA device"):
         CudaGraphEncoder(enc)
+
+
+@pytest.mark.parametrize("family", ["mpnet", "deberta-v2"])
+def test_bucketed_forward_relative_families(family):
+    """Relative positions in a bucket: the static batch's max_seqlen is the bucket's, larger than the batch's
+    own, so the distance index covers more rows; each real token must still get exactly the eager result."""
+    from family_zoo import make
+    enc = padfree.from_pretrained(make(family, 0))
+    runner = CudaGraphEncoder(enc, buckets=(40, 80), max_batch=8, capture=False)
+    for lengths in ([3, 17, 1], [40], [9, 9, 30]):
+        batch = padfree.PackedBatch.from_sequences([list(range(3, 3 + n)) for n in lengths])
+        torch.testing.assert_close(runner.forward_packed(batch), enc.forward_packed(batch), atol=1e-5, rtol=1e-5)

@@ -16,7 +16,7 @@ from torch import nn
 from ..batch import PackedBatch
 from ..config import ModelConfig
 from ..ops.registry import Kernels
-from .relative import RelativeTables, deberta_span
+from .relative import RelativeTables, deberta_span, device_rows
 
 
 class EncoderLayer(nn.Module):
@@ -60,10 +60,16 @@ class RelativePositions(nn.Module):
         else:
             self.table = nn.Parameter(torch.empty(2 * deberta_span(cfg), cfg.hidden_size))
         self.norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps) if cfg.norm_rel_embeddings else None
+        self._rows: dict[tuple[int, torch.device], tuple[torch.Tensor, int, int]] = {}  # see for_batch
 
     def for_batch(self, cfg: ModelConfig, max_seqlen: int) -> RelativeTables:
+        # The distance index depends only on max_seqlen: built on the host once per value and kept on the
+        # device (a few KB each), so a forward makes no host-to-device copy and can be captured in a CUDA graph.
+        key = (max_seqlen, self.table.device)
+        if key not in self._rows:
+            self._rows[key] = device_rows(cfg, max_seqlen, self.table.device)
         norm = None if self.norm is None else (self.norm.weight, self.norm.bias)
-        return RelativeTables(cfg, self.table, norm, max_seqlen)
+        return RelativeTables(cfg, self.table, norm, self._rows[key])
 
 
 @dataclass

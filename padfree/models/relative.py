@@ -54,6 +54,15 @@ def relative_rows(cfg: ModelConfig, max_seqlen: int, device) -> torch.Tensor:
     return torch.clamp(distance + span, 0, 2 * span - 1)
 
 
+def device_rows(cfg: ModelConfig, max_seqlen: int, device) -> tuple[torch.Tensor, int, int]:
+    """``(index on device, lo, hi)``: :func:`relative_rows` shifted to start at its smallest row ``lo``, so that
+    tables sliced to ``[lo, hi]`` hold only the rows a batch of ``max_seqlen`` can reach. Computed on the host
+    (no device sync)."""
+    rows = relative_rows(cfg, max_seqlen, "cpu")
+    lo, hi = int(rows.min()), int(rows.max())
+    return (rows - lo).to(device), lo, hi
+
+
 def deberta_span(cfg: ModelConfig) -> int:
     """DeBERTa's attention span: the relative table has ``2 * span`` rows."""
     return cfg.relative_buckets if cfg.relative_buckets > 0 else cfg.max_relative_positions
@@ -62,14 +71,14 @@ def deberta_span(cfg: ModelConfig) -> int:
 class RelativeTables:
     """Per-batch relative-position state: the distance index and the table rows it reaches.
 
-    Built once per forward pass (shared by every layer); :meth:`scores` gives each layer its terms.
+    Built once per forward pass (shared by every layer); :meth:`scores` gives each layer its terms. ``rows``:
+    the host-computed :func:`relative_rows` already on the table's device (see RelativePositions.for_batch).
     """
 
-    def __init__(self, cfg: ModelConfig, table: torch.Tensor, norm: tuple | None, max_seqlen: int):
-        rows = relative_rows(cfg, max_seqlen, "cpu")  # [2L-1], computed on the host: no device sync
-        lo, hi = int(rows.min()), int(rows.max())
+    def __init__(self, cfg: ModelConfig, table: torch.Tensor, norm: tuple | None, rows: tuple[torch.Tensor, int, int]):
+        index, lo, hi = rows
         self.cfg = cfg
-        self.index = (rows - lo).to(table.device, non_blocking=True)  # rows of the sliced tables
+        self.index = index  # rows of the sliced tables, on the device
         used = table[lo:hi + 1]  # [R, heads] (MPNet) or [R, H] (DeBERTa)
         if norm is not None:  # DeBERTa norm_rel_ebd: LayerNorm each row of the embedding table
             used = F.layer_norm(used.float(), used.shape[-1:], norm[0].float(), norm[1].float(),
