@@ -17,7 +17,7 @@ FULL_MAX_LENS = (64, 128, 256, 384, 512, 768, 1024)
 QUICK_BATCHES = (16,)
 QUICK_MAX_LENS = (64, 128, 256, 512)
 
-MODEL_SHAPES = ("bert-base", "distilbert-base", "albert-base", "deberta-v3-base")
+MODEL_SHAPES = ("bert-base", "distilbert-base", "albert-base", "deberta-v3-base", "mpnet-base")
 
 
 def w1_grid(quick: bool) -> list[tuple[int, int]]:
@@ -85,6 +85,8 @@ def hf_config(shape: str, max_len: int = 512):
                                   relative_attention=True, pos_att_type=["p2c", "c2p"], share_att_key=True,
                                   position_buckets=256, norm_rel_ebd="layer_norm", position_biased_input=False,
                                   max_relative_positions=-1, layer_norm_eps=1e-7, max_position_embeddings=positions)
+    if shape == "mpnet-base":  # MPNet base (all-mpnet-base-v2's encoder): relative bias, 32 buckets, positions from 2
+        return tf.MPNetConfig(max_position_embeddings=positions + 2)
     raise ValueError(f"unknown model shape {shape!r}; known: {list(MODEL_SHAPES)}")
 
 
@@ -95,8 +97,8 @@ def build_hf_model(shape: str, max_len: int, seed: int = 0, attn_implementation:
     cfg._attn_implementation = attn_implementation
     torch.manual_seed(seed)
     cls = {"bert-base": tf.BertModel, "distilbert-base": tf.DistilBertModel, "albert-base": tf.AlbertModel,
-           "deberta-v3-base": tf.DebertaV2Model}[shape]
-    kwargs = {"add_pooling_layer": False} if shape in ("bert-base", "albert-base") else {}
+           "deberta-v3-base": tf.DebertaV2Model, "mpnet-base": tf.MPNetModel}[shape]
+    kwargs = {"add_pooling_layer": False} if shape in ("bert-base", "albert-base", "mpnet-base") else {}
     return cls(cfg, **kwargs).eval()
 
 
@@ -121,7 +123,7 @@ def encoder_flops(lengths, shape: Shape) -> int:
       ``2 * L * (4 * H * H + 2 * H * F)``;
     - attention scores ``Q K^T`` and context ``P V`` over all heads: ``2 * 2 * L * L * H``.
     Not counted (a few % at most): embeddings, biases, softmax, activations, LayerNorms, and family extras
-    (ALBERT's embedding projection, DeBERTa's relative-position terms), so the figure is conservative.
+    (ALBERT's embedding projection, MPNet's and DeBERTa's relative-position terms), so the figure is conservative.
     """
     H, F = shape.hidden, shape.ffn
     per_layer = sum(2 * L * (4 * H * H + 2 * H * F) + 4 * L * L * H for L in lengths)

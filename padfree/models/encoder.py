@@ -161,15 +161,9 @@ class Encoder(nn.Module):
     def _layer(self, layer: EncoderLayer, x: torch.Tensor, batch: PackedBatch,
                rel: RelativeTables | None = None) -> torch.Tensor:
         k, cfg = self.kernels, self.config
-        if rel is None and not cfg.pos_att_type:  # the fused QKV product + attention every backend has
-            ctx = k.qkv_varlen_attention(x, layer.qkv.weight, layer.qkv.bias, batch.cu_seqlens, batch.max_seqlen,
-                                         cfg.num_heads)  # [T, H]
-        else:  # relative-position terms go to the primitive, whose backend declared it accepts them
-            qkv = F.linear(x, layer.qkv.weight)  # [T, 3H]; the QKV bias is added inside attention
-            scores = None if rel is None else rel.scores(layer.qkv.weight, layer.qkv.bias, layer.pos_key,
-                                                         layer.pos_query)
-            ctx = k.varlen_attention(qkv, batch.cu_seqlens, batch.max_seqlen, cfg.num_heads, layer.qkv.bias,
-                                     cfg.attention_scale, **({} if scores is None else {"rel": scores}))  # [T, H]
+        scores = None if rel is None else rel.scores(layer.qkv.weight, layer.qkv.bias, layer.pos_key, layer.pos_query)
+        ctx = k.qkv_varlen_attention(x, layer.qkv.weight, layer.qkv.bias, batch.cu_seqlens, batch.max_seqlen,
+                                     cfg.num_heads, cfg.attention_scale, scores)  # [T, H]
         # each remaining op is a linear fused with its consumer (a backend's epilogue, or F.linear + the primitive)
         h = k.linear_residual_layer_norm(ctx, layer.attn_out.weight, layer.attn_out.bias, x,
                                          layer.attn_norm.weight, layer.attn_norm.bias, cfg.layer_norm_eps)

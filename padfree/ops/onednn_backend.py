@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from . import torch_backend
 from .activations import apply_activation
+from .relative import RelativeScores
 
 # canonical activation -> oneDNN eltwise post-op (name, algorithm) of torch.ops.mkldnn._linear_pointwise
 _POST_OPS = {"gelu": ("gelu", "none"), "gelu_tanh": ("gelu", "tanh"), "relu": ("relu", ""), "silu": ("swish", "")}
@@ -67,8 +68,9 @@ def linear_residual_layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torc
 
 
 def qkv_varlen_attention(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, cu_seqlens: torch.Tensor,
-                         max_seqlen: int, num_heads: int, scale: float | None = None) -> torch.Tensor:
+                         max_seqlen: int, num_heads: int, scale: float | None = None,
+                         rel: RelativeScores | None = None) -> torch.Tensor:
     """Self-attention of each packed sequence on ``x [T, H]`` with the fused ``[3H, H]`` QKV projection:
-    returns the context ``[T, H]`` in x's dtype."""
+    returns the context ``[T, H]`` in x's dtype. ``rel``: relative-position terms (q and k include the bias)."""
     qkv = _linear(x, weight, bias)  # [T, 3H], bias added inside the product
-    return torch_backend.varlen_attention(qkv, cu_seqlens, max_seqlen, num_heads, None, scale)
+    return torch_backend.varlen_attention(qkv, cu_seqlens, max_seqlen, num_heads, None, scale, rel)

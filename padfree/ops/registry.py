@@ -52,8 +52,8 @@ class Backend:
             reasons.append(f"dtype {dtype} not in {sorted(str(d) for d in self.dtypes)}")
         if op == "varlen_attention" and self.head_dims is not None and head_dim not in self.head_dims:
             reasons.append(f"head size {head_dim} not in {sorted(self.head_dims)}")
-        if op == "varlen_attention" and relative_scores and not self.relative_scores:
-            reasons.append("no relative-position score terms (rel=) in its varlen_attention")
+        if op in ("varlen_attention", "qkv_varlen_attention") and relative_scores and not self.relative_scores:
+            reasons.append(f"no relative-position score terms (rel=) in its {op}")
         if self.requires and importlib.util.find_spec(self.requires) is None:
             reasons.append(f"package {self.requires!r} is not installed")
         if self.needs_mkldnn and not torch.backends.mkldnn.is_available():
@@ -74,7 +74,7 @@ BACKENDS: list[Backend] = [
             head_dims=frozenset({16, 32, 64, 80, 96, 128}), requires="triton", relative_scores=True),
     # fused linear ops only; fp16 on CPU has no fast oneDNN path here, so it is left to the composition
     Backend("onednn", frozenset({"cpu"}), frozenset({torch.float32, torch.bfloat16}), "padfree.ops.onednn_backend",
-            frozenset(FUSED_OPS), needs_mkldnn=True),
+            frozenset(FUSED_OPS), needs_mkldnn=True, relative_scores=True),  # its attention is the torch backend's
     Backend("torch", frozenset({"cpu", "cuda"}), _FLOATS, "padfree.ops.torch_backend", frozenset(OPS),
             relative_scores=True),
 ]
@@ -113,7 +113,8 @@ class Kernels:
     bias_act: Callable
     embed_layer_norm: Callable
     qkv_varlen_attention: Callable
-    """``(x [T, H], weight [3H, H], bias, cu_seqlens, max_seqlen, num_heads)`` -> context ``[T, H]``."""
+    """``(x [T, H], weight [3H, H], bias, cu_seqlens, max_seqlen, num_heads, scale=None, rel=None)`` -> context
+    ``[T, H]`` (``rel``: relative-position score terms, passed only by the models that have them)."""
     linear_bias_act: Callable
     """``(x [T, K], weight [N, K], bias, activation)`` -> ``act(x W^T + b)`` ``[T, N]``."""
     linear_residual_layer_norm: Callable
@@ -128,7 +129,7 @@ class Kernels:
         names = {op: n for op, (n, _) in chosen.items()}
         for op in FUSED_OPS:
             try:
-                names[op], fns[op] = select(op, device, dtype, head_dim, backend)
+                names[op], fns[op] = select(op, device, dtype, head_dim, backend, relative_scores)
             except ValueError:  # no backend fuses it here: compose it from the primitives just resolved
                 names[op], fns[op] = f"composed({names[_FUSED_FROM[op]]})", _compose(op, fns)
                 log.info("padfree: %s composed from F.linear and %s", op, names[_FUSED_FROM[op]])
@@ -144,8 +145,11 @@ def _compose(op: str, fns: dict[str, Callable]) -> Callable:
     import torch.nn.functional as F
     attention, bias_act, add_ln = fns["varlen_attention"], fns["bias_act"], fns["add_bias_residual_layer_norm"]
     if op == "qkv_varlen_attention":
-        return lambda x, w, b, cu, max_seqlen, heads, scale=None: attention(F.linear(x, w), cu, max_seqlen, heads,
-                                                                             b, scale)
+        def qkv_varlen_attention(x, w, b, cu, max_seqlen, heads, scale=None, rel=None):
+            # the QKV bias goes into the attention op (Triton adds it as it loads); rel= only where there is one,
+            # so a backend without relative terms keeps its plain signature
+            return attention(F.linear(x, w), cu, max_seqlen, heads, b, scale, **({} if rel is None else {"rel": rel}))
+        return qkv_varlen_attention
     if op == "linear_bias_act":
         return lambda x, w, b, activation: bias_act(F.linear(x, w), b, activation)
     return lambda x, w, b, residual, ln_w, ln_b, eps: add_ln(F.linear(x, w), b, residual, ln_w, ln_b, eps)
