@@ -9,7 +9,10 @@
     in [0.2 max, max] (fixed seed). Padded baselines pad to the batch's longest sequence and get their inputs
     already padded and biased (only the attention itself is timed); padfree's time includes the QKV bias.
 (c) times the LayerNorm, bias+GELU and embedding kernels against the PyTorch backend, in GB/s over the
-    fewest bytes each op must move (inputs read once, output written once).
+    fewest bytes each op must move (inputs read once, output written once);
+(e) times attention with DeBERTa-v3's relative terms (c2p + p2c over 256 log buckets) and MPNet's bias:
+    the Triton kernel against the torch backend (runs of equal lengths with an additive mask; what
+    relative models used on GPUs before the kernel had them; eager, since it reads offsets on the host).
 Timing: each contender's calls on N_SETS input sets (rotated, so that inputs are not found in L2 unless they
 are small) are captured in one CUDA graph; CUDA events around each replay, median of 25 replays, divided by the
 calls per replay. This is GPU time without host launch overhead, the same for every contender. padfree's
@@ -35,7 +38,9 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from padfree.models.relative import deberta_bucket, mpnet_bucket  # noqa: E402
 from padfree.ops import torch_backend  # noqa: E402
+from padfree.ops.relative import RelativeScores  # noqa: E402
 from padfree.ops.triton_activation import bias_act  # noqa: E402
 from padfree.ops.triton_attention import (attention_config, launch_varlen_attention,  # noqa: E402
                                           varlen_attention)
@@ -184,6 +189,47 @@ def attention_case(max_len, dtype, varlen_attn):
     return res
 
 
+def relative_scores(kind, S, dtype, gen):
+    """DeBERTa-v3 (256 buckets, c2p + p2c) or MPNet (32 buckets, bias) terms for a batch of max length S,
+    sliced to the rows the batch reaches, as the models build them."""
+    distance = torch.arange(-(S - 1), S)
+    if kind == "deberta-v3":
+        rows = torch.clamp(deberta_bucket(distance, 256, 512) + 256, 0, 511)
+    else:
+        rows = mpnet_bucket(distance, 32, 128)
+    index = (rows - rows.min()).cuda()
+    R = int(rows.max() - rows.min()) + 1
+    table = lambda *shape: torch.randn(*shape, device="cuda", dtype=dtype, generator=gen)  # noqa: E731
+    if kind == "deberta-v3":
+        return RelativeScores(index, pos_key=table(HEADS, R, HEAD_DIM), pos_query=table(HEADS, R, HEAD_DIM))
+    return RelativeScores(index, bias=table(HEADS, R))
+
+
+def relative_case(kind, max_len, dtype):
+    lengths = lengths_for(max_len)
+    S = max(lengths)
+    cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32, device="cuda")
+    scale = 1.0 / math.sqrt(HEAD_DIM * (3 if kind == "deberta-v3" else 1))
+    gen = torch.Generator(device="cuda").manual_seed(max_len)
+    sets = [attention_inputs(lengths, dtype, seed=2000 * max_len + i) for i in range(N_SETS)]
+    rel = relative_scores(kind, S, dtype, gen)
+
+    def ours(x):
+        return lambda: varlen_attention(x["qkv"], cu, S, HEADS, x["bias"], scale, rel=rel)
+
+    def fallback(x):
+        return lambda: torch_backend.varlen_attention(x["qkv"], cu, S, HEADS, x["bias"], scale, rel=rel)
+
+    res = dict(kind=kind, max_len=max_len, dtype=str(dtype).replace("torch.", ""), tokens=sum(lengths),
+               table_rows=rel.index.max().item() + 1)
+    x0 = sets[0]
+    res["max_abs_diff_vs_torch"] = (ours(x0)().float() - fallback(x0)().float()).abs().max().item()
+    res["padfree_ms"], res["padfree_note"] = timed([ours(x) for x in sets])
+    res["padfree_eager_ms"] = bench_eager(ours(x0))
+    res["torch_backend_ms"] = bench_eager(fallback(x0))
+    return res
+
+
 TUNE_LONG = [(64, 32, 4, 3), (64, 64, 4, 2), (64, 64, 4, 3), (64, 64, 4, 4), (64, 64, 8, 3), (64, 128, 4, 3),
              (128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3)]
 
@@ -309,6 +355,18 @@ def markdown(result):
         out.append(f"| {r['op']} | {r['dtype']} | {r['shape'][0]}x{r['shape'][1]} | {r['padfree_ms']:.4f} | "
                    f"{r['padfree_gbs']:.0f} | {r['torch_ms']:.4f} | {r['torch_gbs']:.0f} | "
                    f"{r['torch_ms'] / r['padfree_ms']:.2f} |")
+    if result.get("relative"):
+        out += ["", "### Attention with relative terms, fp16, BERT-base heads, batch 16 (ms per call)", "",
+                "| model terms | max len | tokens | table rows | padfree ms (graph) | padfree eager ms | "
+                "torch backend eager ms | x torch backend (eager vs eager) | max abs diff |",
+                "|---|---|---|---|---|---|---|---|---|"]
+        for r in result["relative"]:
+            if "error" in r:
+                out.append(f"| {r['kind']} | {r['max_len']} | error: {r['error']} |||||||")
+                continue
+            out.append(f"| {r['kind']} | {r['max_len']} | {r['tokens']} | {r['table_rows']} | {r['padfree_ms']:.4f} | "
+                       f"{r['padfree_eager_ms']:.4f} | {r['torch_backend_ms']:.4f} | "
+                       f"{r['torch_backend_ms'] / r['padfree_eager_ms']:.2f} | {r['max_abs_diff_vs_torch']:.2e} |")
     if result.get("tune"):
         out += ["", "### Attention launch configurations (ms per call, CUDA graph, median)", "",
                 "| dtype | d | max len | block_m | block_n | single tile | warps | stages | ms |",
@@ -361,6 +419,16 @@ def main():
     for dtype in (torch.float16, torch.bfloat16):
         result["memory_bound"] += memory_bound_cases(dtype)
     save()
+    result["relative"] = []
+    for kind in ("deberta-v3", "mpnet"):
+        for max_len in (128, 512):
+            try:
+                r = relative_case(kind, max_len, torch.float16)
+            except Exception as exc:  # noqa: BLE001  (never measured before: keep what ran so far)
+                r = dict(kind=kind, max_len=max_len, error=repr(exc)[:300])
+            print(json.dumps(r), flush=True)
+            result["relative"].append(r)
+            save()
     md = markdown(result)
     if args.md:
         with open(args.md, "w") as f:
