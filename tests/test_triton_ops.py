@@ -245,6 +245,20 @@ def test_encoder_on_triton_backend(family, shape, triton_everywhere):
     assert max_diff(out.cpu(), ref, mask) <= 1e-4
 
 
+@pytest.mark.parametrize("family", ["bert", "deberta-v2"])
+def test_bucketed_forward_on_triton_backend(family, triton_everywhere):
+    """The CUDA-graph runner's static layout through the Triton kernels (without capture on the CPU): sequence
+    slots of length 0, token slots in no sequence, max_seqlen = the bucket; real tokens equal the eager forward."""
+    import padfree
+    from family_zoo import make
+    from padfree.cuda_graphs import CudaGraphEncoder
+    enc = padfree.from_pretrained(make(family, 0), device=DEVICE, backend="triton")
+    runner = CudaGraphEncoder(enc, buckets=(48,), max_batch=6, capture=GPU)
+    for lengths in ([3, 17, 1], [40], [9, 9, 20]):
+        batch = padfree.PackedBatch.from_sequences([list(range(3, 3 + n)) for n in lengths], device=DEVICE)
+        torch.testing.assert_close(runner.forward_packed(batch), enc.forward_packed(batch), atol=1e-5, rtol=1e-5)
+
+
 @needs_gpu
 def test_registry_selects_triton():
     from padfree.ops import select
