@@ -125,6 +125,10 @@ def build_ort(model, dtype, device, shape_name: str, log=print) -> Runner:
     fused = {k: v for k, v in opt.get_fused_operator_statistics().items() if v}
     so = ort.SessionOptions()
     so.intra_op_num_threads = torch.get_num_threads()
+    # Systems take turns on the same cores. ORT's workers otherwise spin after each run and keep those cores
+    # busy while the next system is timed (measured: padfree at batch 1, max 64 went from 75 to 135 ms when it
+    # ran after ORT); without spinning each system is timed on idle cores.
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     session = ort.InferenceSession(opt_path, so, providers=[provider])
     log(f"  ORT: exported and optimized in {time.perf_counter() - t0:.1f}s; fused ops {fused}")
 
