@@ -218,17 +218,6 @@ def test_attention_cuda_graph():
     assert_close_to_ref(out, ref, plain_attention(qkv, cu, heads, bias, None), torch.float16, "graph")
 
 
-@pytest.fixture
-def triton_everywhere(monkeypatch):
-    """The Triton backend allowed on this machine's device (on the CPU its kernels run in the interpreter)."""
-    import dataclasses
-
-    from padfree.ops import registry
-    backends = [dataclasses.replace(b, devices=b.devices | {DEVICE}) if b.name == "triton" else b
-                for b in registry.BACKENDS]
-    monkeypatch.setattr(registry, "BACKENDS", backends)
-
-
 @pytest.mark.parametrize("family,shape", [("bert", 1), ("mpnet", 1), ("deberta-v2", 0), ("deberta-v2", 1)])
 def test_encoder_on_triton_backend(family, shape, triton_everywhere):
     """Whole models through the Triton backend (every op a kernel, relative terms in the attention kernel)
@@ -243,20 +232,6 @@ def test_encoder_on_triton_backend(family, shape, triton_everywhere):
         ref = model(input_ids=ids, attention_mask=mask, **kw).last_hidden_state
     out = enc(ids.to(DEVICE), mask.to(DEVICE), None if types is None else types.to(DEVICE)).last_hidden_state
     assert max_diff(out.cpu(), ref, mask) <= 1e-4
-
-
-@pytest.mark.parametrize("family", ["bert", "deberta-v2"])
-def test_bucketed_forward_on_triton_backend(family, triton_everywhere):
-    """The CUDA-graph runner's static layout through the Triton kernels (without capture on the CPU): sequence
-    slots of length 0, token slots in no sequence, max_seqlen = the bucket; real tokens equal the eager forward."""
-    import padfree
-    from family_zoo import make
-    from padfree.cuda_graphs import CudaGraphEncoder
-    enc = padfree.from_pretrained(make(family, 0), device=DEVICE, backend="triton")
-    runner = CudaGraphEncoder(enc, buckets=(48,), max_batch=6, capture=GPU)
-    for lengths in ([3, 17, 1], [40], [9, 9, 20]):
-        batch = padfree.PackedBatch.from_sequences([list(range(3, 3 + n)) for n in lengths], device=DEVICE)
-        torch.testing.assert_close(runner.forward_packed(batch), enc.forward_packed(batch), atol=1e-5, rtol=1e-5)
 
 
 @needs_gpu
