@@ -38,9 +38,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from padfree.models.relative import deberta_bucket, mpnet_bucket  # noqa: E402
 from padfree.ops import torch_backend  # noqa: E402
-from padfree.ops.relative import RelativeScores  # noqa: E402
 from padfree.ops.triton_activation import bias_act  # noqa: E402
 from padfree.ops.triton_attention import (attention_config, launch_varlen_attention,  # noqa: E402
                                           varlen_attention)
@@ -189,30 +187,25 @@ def attention_case(max_len, dtype, varlen_attn):
     return res
 
 
-def relative_scores(kind, S, dtype, gen):
-    """DeBERTa-v3 (256 buckets, c2p + p2c) or MPNet (32 buckets, bias) terms for a batch of max length S,
-    sliced to the rows the batch reaches, as the models build them."""
-    distance = torch.arange(-(S - 1), S)
-    if kind == "deberta-v3":
-        rows = torch.clamp(deberta_bucket(distance, 256, 512) + 256, 0, 511)
-    else:
-        rows = mpnet_bucket(distance, 32, 128)
-    index = (rows - rows.min()).cuda()
-    R = int(rows.max() - rows.min()) + 1
-    table = lambda *shape: torch.randn(*shape, device="cuda", dtype=dtype, generator=gen)  # noqa: E731
-    if kind == "deberta-v3":
-        return RelativeScores(index, pos_key=table(HEADS, R, HEAD_DIM), pos_query=table(HEADS, R, HEAD_DIM))
-    return RelativeScores(index, bias=table(HEADS, R))
+def relative_scores(kind, S, dtype):
+    """``(RelativeScores, scale)`` of layer 0 of a random-weight DeBERTa-v3-base (c2p + p2c over 256 log buckets)
+    or MPNet-base (32-bucket bias), built by the model's own code for a batch of max length S."""
+    import padfree
+    from padfree.bench.workloads import build_hf_model
+    enc = padfree.from_pretrained(build_hf_model({"deberta-v3": "deberta-v3-base", "mpnet": "mpnet-base"}[kind], S),
+                                  dtype=dtype, device="cuda")
+    layer = enc.layers[0]
+    rel = enc.relative.for_batch(enc.config, S).scores(layer.qkv.weight, layer.qkv.bias, layer.pos_key,
+                                                       layer.pos_query)
+    return rel, enc.config.attention_scale
 
 
 def relative_case(kind, max_len, dtype):
     lengths = lengths_for(max_len)
     S = max(lengths)
     cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32, device="cuda")
-    scale = 1.0 / math.sqrt(HEAD_DIM * (3 if kind == "deberta-v3" else 1))
-    gen = torch.Generator(device="cuda").manual_seed(max_len)
     sets = [attention_inputs(lengths, dtype, seed=2000 * max_len + i) for i in range(N_SETS)]
-    rel = relative_scores(kind, S, dtype, gen)
+    rel, scale = relative_scores(kind, S, dtype)
 
     def ours(x):
         return lambda: varlen_attention(x["qkv"], cu, S, HEADS, x["bias"], scale, rel=rel)
