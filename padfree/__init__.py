@@ -3,10 +3,12 @@ from .batch import PackedBatch
 from .config import ModelConfig
 from .heads import CrossEncoder, SequenceClassifier, TokenClassifier, words_from_tokens
 from .loading import from_pretrained
-from .models.encoder import Encoder, EncoderOutput
+from .models.encoder import Encoder
+from .outputs import EncoderOutput, SequenceClassifierOutput, TokenClassifierOutput
 from .pooling import pool
 from .sentence import SentenceEncoder
 
 __all__ = ["PackedBatch", "ModelConfig", "Encoder", "EncoderOutput", "SentenceEncoder", "from_pretrained", "pool",
-           "SequenceClassifier", "TokenClassifier", "CrossEncoder", "words_from_tokens"]
+           "SequenceClassifier", "TokenClassifier", "CrossEncoder", "words_from_tokens",
+           "SequenceClassifierOutput", "TokenClassifierOutput"]
 __version__ = "0.1.0"

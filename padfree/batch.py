@@ -54,10 +54,14 @@ class PackedBatch:
     # ------------------------------------------------------------------ constructors
     @classmethod
     def from_padded(cls, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                    token_type_ids: torch.Tensor | None = None) -> "PackedBatch":
-        """Pack a padded batch. ``input_ids``, ``attention_mask`` (and ``token_type_ids``): ``[B, S]``.
+                    token_type_ids: torch.Tensor | None = None,
+                    position_ids: torch.Tensor | None = None) -> "PackedBatch":
+        """Pack a padded batch. ``input_ids``, ``attention_mask`` (and ``token_type_ids``, ``position_ids``):
+        ``[B, S]``.
 
         The mask may use any padding side, or any 0/1 pattern: its ones are the real tokens, taken in order.
+        Positions restart at 0 at each row's first real token unless ``position_ids`` gives them (padfree's
+        numbering, before the model's offset: see :meth:`padfree.Encoder.forward` for transformers' rows).
         Raises ``ValueError`` for shape mismatches, a mask with values other than 0/1, or a row with no real token.
         """
         input_ids = torch.as_tensor(input_ids)
@@ -88,7 +92,14 @@ class PackedBatch:
             raise ValueError(f"attention_mask rows {empty_rows[:10]} have no real token; every sequence needs >= 1")
         flat_mask = mask.reshape(-1).bool()  # [B*S]
         pad_index = flat_mask.nonzero().squeeze(1)  # [T] positions of real tokens in [B*S], row-major order
-        position_ids = (mask.cumsum(dim=1) - 1).reshape(-1)[pad_index]  # [T] restart at 0 in each row
+        if position_ids is None:
+            position_ids = mask.cumsum(dim=1) - 1  # [B, S], restarting at 0 in each row
+        else:
+            position_ids = torch.as_tensor(position_ids, device=input_ids.device)
+            if position_ids.shape != input_ids.shape:
+                raise ValueError(f"position_ids shape {tuple(position_ids.shape)} does not match "
+                                 f"input_ids shape {tuple(input_ids.shape)}")
+        position_ids = position_ids.reshape(-1)[pad_index].long()  # [T]
         ids = input_ids.reshape(-1)[pad_index].long()
         types = (token_type_ids.reshape(-1)[pad_index].long() if token_type_ids is not None
                  else torch.zeros_like(ids))

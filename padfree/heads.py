@@ -19,6 +19,7 @@ from .batch import PackedBatch
 from .loading import Loaded, load
 from .models.encoder import Encoder
 from .ops.activations import apply_activation
+from .outputs import SequenceClassifierOutput, TokenClassifierOutput
 from .sentence import token_budget_batches
 
 PROBLEM_TYPES = ("single_label_classification", "multi_label_classification", "regression")
@@ -100,11 +101,12 @@ class SequenceClassifier:
             x = torch.tanh(x) if self.activation == "tanh" else apply_activation(x, self.activation)
         return F.linear(x, *self.out).float()
 
-    def __call__(self, input_ids, attention_mask=None, token_type_ids=None) -> torch.Tensor:
-        """Hugging Face-style call on a padded ``[B, S]`` batch (any padding side): logits ``[B, num_labels]``."""
-        input_ids = torch.as_tensor(input_ids, device=self.encoder.device)
-        mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
-        return self.logits_packed(PackedBatch.from_padded(input_ids, mask, token_type_ids))
+    def __call__(self, input_ids, attention_mask=None, token_type_ids=None,
+                 position_ids=None) -> SequenceClassifierOutput:
+        """Hugging Face-style call on a padded ``[B, S]`` batch (any padding side): ``.logits [B, num_labels]``.
+        ``position_ids`` as transformers reads them (see :meth:`padfree.Encoder.forward`)."""
+        batch = self.encoder.pack(input_ids, attention_mask, token_type_ids, position_ids)
+        return SequenceClassifierOutput(self.logits_packed(batch))
 
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
         """Softmax (single-label), sigmoid (multi-label) or the raw values (regression)."""
@@ -152,12 +154,12 @@ class TokenClassifier:
         """``[T, num_labels]`` fp32 logits, one row per real token."""
         return F.linear(self.encoder.forward_packed(batch), *self.out).float()
 
-    def __call__(self, input_ids, attention_mask=None, token_type_ids=None) -> torch.Tensor:
-        """Padded ``[B, S]`` in, ``[B, S, num_labels]`` out with zeros at pads."""
-        input_ids = torch.as_tensor(input_ids, device=self.encoder.device)
-        mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
-        batch = PackedBatch.from_padded(input_ids, mask, token_type_ids)
-        return batch.unpack(self.logits_packed(batch))
+    def __call__(self, input_ids, attention_mask=None, token_type_ids=None,
+                 position_ids=None) -> TokenClassifierOutput:
+        """Padded ``[B, S]`` in, ``.logits [B, S, num_labels]`` out with zeros at pads. ``position_ids`` as
+        transformers reads them (see :meth:`padfree.Encoder.forward`)."""
+        batch = self.encoder.pack(input_ids, attention_mask, token_type_ids, position_ids)
+        return TokenClassifierOutput(batch.unpack(self.logits_packed(batch)))
 
     def predict(self, texts: Sequence[str]) -> list[list[dict]]:
         """Per text, one entry per word: ``{"word", "label", "score", "start", "end"}`` (the label of each

@@ -46,7 +46,7 @@ def test_sequence_classification_parity(family, shape):
     ref = hf_logits(model, *batch(model, LENGTHS, "right")[:2], batch(model, LENGTHS, "right")[3])
     for side in ("right", "left"):
         ids, mask, types, kw = batch(model, LENGTHS, side)
-        err = max_diff(clf(ids, mask, types), ref)
+        err = max_diff(clf(ids, mask, types).logits, ref)
         assert err <= FP32_TOL, f"{family}[{shape}] {side}: {err:.2e}"
 
 
@@ -56,7 +56,7 @@ def test_token_classification_parity(family, shape):
     tc = padfree.TokenClassifier.from_pretrained(model)
     for side in ("right", "left"):
         ids, mask, types, kw = batch(model, LENGTHS, side)
-        out = tc(ids, mask, types)  # [B, S, 5], zeros at pads
+        out = tc(ids, mask, types).logits  # [B, S, 5], zeros at pads
         err = max_diff(out, hf_logits(model, ids, mask, kw), mask)
         assert err <= FP32_TOL, f"{family}[{shape}] {side}: {err:.2e}"
         packed = tc.logits_packed(padfree.PackedBatch.from_padded(ids, mask, types))
@@ -68,7 +68,7 @@ def test_sequence_classification_bf16(family):
     model = make(family, 0, "seq", num_labels=3)
     clf = padfree.SequenceClassifier.from_pretrained(model, dtype=torch.bfloat16)
     ids, mask, types, kw = batch(model, LENGTHS, "right")
-    err = max_diff(clf(ids, mask, types), hf_logits(model, ids, mask, kw))
+    err = max_diff(clf(ids, mask, types).logits, hf_logits(model, ids, mask, kw))
     assert err <= BF16_TOL, f"{family} bf16: {err:.3f}"
 
 
@@ -77,7 +77,7 @@ def test_labels_single_multi_regression():
     model = make("electra", 0, "seq", num_labels=3, id2label=id2label, label2id={v: k for k, v in id2label.items()})
     clf = padfree.SequenceClassifier.from_pretrained(model)
     ids, mask, types, kw = batch(model, LENGTHS, "right")
-    logits = clf(ids, mask, types)
+    logits = clf(ids, mask, types).logits
     assert clf.problem_type == "single_label_classification"
     assert clf.labels(logits) == [id2label[i] for i in hf_logits(model, ids, mask, kw).argmax(-1).tolist()]
     assert torch.allclose(clf.probabilities(logits).sum(-1), torch.ones(len(LENGTHS)))
@@ -85,13 +85,13 @@ def test_labels_single_multi_regression():
     multi = make("deberta-v2", 0, "seq", num_labels=3, problem_type="multi_label_classification", id2label=id2label,
                  label2id={v: k for k, v in id2label.items()})
     mclf = padfree.SequenceClassifier.from_pretrained(multi)
-    ml = mclf(ids, mask)
+    ml = mclf(ids, mask).logits
     expect = [[id2label[i] for i in range(3) if p[i] > 0.5] for p in torch.sigmoid(hf_logits(multi, ids, mask, {})).tolist()]
     assert mclf.problem_type == "multi_label_classification" and mclf.labels(ml) == expect
 
     reg = make("distilbert", 1, "seq", num_labels=1)
     rclf = padfree.SequenceClassifier.from_pretrained(reg)
-    values = rclf.labels(rclf(ids, mask))
+    values = rclf.labels(rclf(ids, mask).logits)
     assert rclf.problem_type == "regression" and all(isinstance(v, float) for v in values)
     assert np.allclose(values, hf_logits(reg, ids, mask, batch(reg, LENGTHS, "right")[3])[:, 0].tolist(), atol=1e-4)
 

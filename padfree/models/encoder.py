@@ -7,14 +7,13 @@ The ops it calls are resolved once per device/dtype by the backend registry.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..batch import PackedBatch
 from ..config import ModelConfig
+from ..outputs import EncoderOutput
 from ..ops.registry import Kernels
 from .relative import RelativeTables, deberta_span, device_rows
 
@@ -70,15 +69,6 @@ class RelativePositions(nn.Module):
             self._rows[key] = device_rows(cfg, max_seqlen, self.table.device)
         norm = None if self.norm is None else (self.norm.weight, self.norm.bias)
         return RelativeTables(cfg, self.table, norm, self._rows[key])
-
-
-@dataclass
-class EncoderOutput:
-    last_hidden_state: torch.Tensor           # [B, S, H], zeros at pad positions
-    pooler_output: torch.Tensor | None = None  # [B, H] when the checkpoint has a pooler
-
-    def __getitem__(self, i: int) -> torch.Tensor:
-        return (self.last_hidden_state, self.pooler_output)[i]
 
 
 class Encoder(nn.Module):
@@ -181,13 +171,43 @@ class Encoder(nn.Module):
     # ------------------------------------------------------------------ Hugging Face-compatible path
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                token_type_ids: torch.Tensor | None = None) -> EncoderOutput:
-        """``input_ids``/``attention_mask``/``token_type_ids``: ``[B, S]``. Padding may be on either side;
-        positions restart at 0 at each sequence's first real token."""
-        input_ids = torch.as_tensor(input_ids, device=self.device)
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        batch = PackedBatch.from_padded(input_ids, attention_mask, token_type_ids)
+                token_type_ids: torch.Tensor | None = None, position_ids: torch.Tensor | None = None
+                ) -> EncoderOutput:
+        """``input_ids``/``attention_mask``/``token_type_ids``/``position_ids``: ``[B, S]``. Padding may be on
+        either side. Without ``position_ids``, positions restart at 0 at each sequence's first real token, so a
+        sequence's output does not depend on its padding; with them, they are rows of the position table as
+        transformers reads them (RoBERTa and MPNet count from ``pad_token_id + 1``), e.g. to reproduce
+        transformers' own numbering from column 0 under left padding."""
+        batch = self.pack(input_ids, attention_mask, token_type_ids, position_ids)
         hidden = self.forward_packed(batch)
         pooled = self.pool_cls(hidden, batch) if self.pooler is not None else None
         return EncoderOutput(batch.unpack(hidden), pooled)
+
+    def pack(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None) -> PackedBatch:
+        """The :class:`PackedBatch` of a padded ``[B, S]`` call (see :meth:`forward` for the arguments), on this
+        encoder's device; the heads' Hugging Face-style calls pack through it too."""
+        input_ids = torch.as_tensor(input_ids, device=self.device)
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        if position_ids is not None:
+            position_ids = self._table_rows_to_positions(position_ids, attention_mask)
+        return PackedBatch.from_padded(input_ids, attention_mask, token_type_ids, position_ids)
+
+    def _table_rows_to_positions(self, position_ids, attention_mask) -> torch.Tensor:
+        """transformers' ``position_ids`` (rows of the position table, ``[B, S]``) as padfree positions (the row
+        minus the family's offset); ``ValueError`` if a real token's row is outside the table."""
+        cfg = self.config
+        position_ids = torch.as_tensor(position_ids, device=self.device)
+        mask = torch.as_tensor(attention_mask, device=self.device)
+        if position_ids.dtype.is_floating_point or position_ids.dtype == torch.bool:
+            raise ValueError(f"position_ids must be an integer tensor; got {position_ids.dtype}")
+        if position_ids.shape != mask.shape:
+            raise ValueError(f"position_ids shape {tuple(position_ids.shape)} does not match "
+                             f"attention_mask shape {tuple(mask.shape)}")
+        real = position_ids[mask != 0]
+        lo, hi = cfg.position_offset, cfg.max_position_embeddings
+        if real.numel() and (int(real.min()) < lo or int(real.max()) >= hi):
+            raise ValueError(f"position_ids of real tokens must be in [{lo}, {hi}) (rows of the position table"
+                             f"{f' after its offset {lo}' if lo else ''}); got values in "
+                             f"[{int(real.min())}, {int(real.max())}]")
+        return position_ids - lo
