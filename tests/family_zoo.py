@@ -132,3 +132,18 @@ LENGTHS = [5, MAX_LEN, 1, 17, 2, 9]
 def max_diff(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor | None = None) -> float:
     d = (a.float() - b.float()).abs()
     return float(d[mask.bool()].max() if mask is not None else d.max())
+
+
+# bf16 rule (as in test_parity): padfree bf16's error against HF fp32 at most twice HF's own bf16 error against
+# HF fp32, plus BF16_ATOL for the few ops whose bf16 rounding differs in place (fused epilogues, LayerNorm input).
+BF16_ATOL = 0.02
+
+
+def bf16_errors(model, call, mask=None) -> tuple[float, float]:
+    """``(padfree's error, transformers' own bf16 error)``, both against transformers in fp32: ``call(m)`` runs
+    an HF model ``m`` and returns the tensor compared, ``call(None)`` runs padfree in bf16."""
+    import copy
+    with torch.no_grad():
+        ref = call(model)
+        theirs = call(copy.deepcopy(model).to(torch.bfloat16))
+    return max_diff(call(None), ref, mask), max_diff(theirs, ref, mask)

@@ -56,8 +56,9 @@ def test_bert_base_parity_fp32():
     enc = padfree.from_pretrained(hf, device="cuda")
     out = enc(input_ids=ids, attention_mask=mask).last_hidden_state
     real = mask.bool()
-    # Triton's fp32 dot uses tf32 on tensor cores; held at 5e-3 absolute over 12 layers
-    assert (out[real] - ref[real]).abs().max().item() <= 5e-3
+    # fp32 stays IEEE fp32 on the GPU: the attention kernel's dots use input_precision="ieee" and torch's fp32
+    # matmuls do not use tf32 by default; only the reduction order differs from the CPU reference
+    assert (out[real] - ref[real]).abs().max().item() <= 1e-4
 
 
 @pytest.mark.parametrize("family", ["bert", "deberta-v3"])
