@@ -112,6 +112,55 @@ def test_load_from_saved_directory(family, tmp_path):
     assert max_diff(enc_dir(ids, mask, types).last_hidden_state, enc_mem(ids, mask, types).last_hidden_state) == 0
 
 
+@pytest.mark.parametrize("family", ["albert", "electra", "deberta-v2"])
+@pytest.mark.parametrize("same_width", [True, False])
+def test_embedding_projection_parity(family, same_width):
+    """E == H and E != H: ALBERT projects the embeddings whatever the widths, ELECTRA and DeBERTa only when
+    they differ; padfree must do what HF does in each case."""
+    H = ZOO[family][4][0]["hidden_size"]
+    model = make(family, 0, embedding_size=H if same_width else H // 2)
+    enc = padfree.from_pretrained(model)
+    assert (enc.embeddings.project is not None) == (family == "albert" or not same_width)
+    ids, mask, types, kw = batch(model, LENGTHS, "right")
+    err = max_diff(enc(ids, mask, types).last_hidden_state, hf_hidden(model, ids, mask, kw), mask)
+    assert err <= FP32_TOL, f"{family} E{'==' if same_width else '!='}H: {err:.2e}"
+
+
+def _plant_weight(model, family):
+    """A base-model weight no padfree table knows, as a future family's unmapped layer would be."""
+    base = getattr(model, model.base_model_prefix, model)
+    base.embeddings.planted = torch.nn.Parameter(torch.ones(3))
+    prefix = "" if base is model else model.base_model_prefix + "."
+    return prefix + "embeddings.planted"
+
+
+@pytest.mark.parametrize("family", list(ZOO))
+def test_unused_base_weight_is_an_error(family, tmp_path):
+    """Every family, in memory and from a directory, base and task checkpoints: a base-model weight that
+    padfree does not use fails loudly, naming the key; head weights outside the base prefix do not."""
+    for kind in ("base", "seq"):
+        model = make(family, 0, kind)
+        padfree.from_pretrained(model)  # heads (outside the base prefix) are not base weights
+        key = _plant_weight(model, family)
+        with pytest.raises(ValueError, match=f"does not use.*{key}"):
+            padfree.from_pretrained(model)
+    model.save_pretrained(tmp_path)
+    assert key in padfree.loading.read_weights(tmp_path)
+    with pytest.raises(ValueError, match=f"does not use.*{key}"):
+        padfree.from_pretrained(tmp_path)
+
+
+def test_buffers_in_old_checkpoints_are_not_weights(tmp_path):
+    """Checkpoints saved by older transformers hold the position_ids / token_type_ids buffers: not weights."""
+    model = make("bert", 0)
+    state = dict(model.state_dict())
+    state["embeddings.position_ids"] = torch.arange(MAX_LEN)[None]
+    from safetensors.torch import save_file
+    save_file({k: v.contiguous() for k, v in state.items()}, tmp_path / "model.safetensors")
+    model.config.save_pretrained(tmp_path)
+    padfree.from_pretrained(tmp_path)
+
+
 def test_family_config_is_declarative():
     albert = padfree.from_pretrained(make("albert", 1)).config
     assert albert.num_layers == 4 and albert.layer_schedule == (0, 1, 0, 1, 2, 3, 2, 3)

@@ -45,8 +45,8 @@ class Embeddings(nn.Module):
         self.position = nn.Embedding(cfg.max_position_embeddings, E) if cfg.absolute_positions else None
         self.token_type = nn.Embedding(cfg.type_vocab_size, E) if cfg.type_vocab_size else None
         self.norm = nn.LayerNorm(H if cfg.norm_after_projection else E, eps=cfg.layer_norm_eps)
-        # E -> H (ALBERT, ELECTRA, DeBERTa with embedding_size != hidden_size)
-        self.project = nn.Linear(E, H, bias=cfg.embedding_projection_bias) if E != H else None
+        # E -> H (ALBERT always; ELECTRA, DeBERTa with embedding_size != hidden_size)
+        self.project = nn.Linear(E, H, bias=cfg.embedding_projection_bias) if cfg.has_embedding_projection else None
 
 
 class RelativePositions(nn.Module):
