@@ -77,10 +77,11 @@ class PackedBatch:
         B, S = input_ids.shape
         if B == 0:
             raise ValueError("empty batch: input_ids has no rows")
-        mask = attention_mask.to(torch.int64)
-        if attention_mask.dtype != torch.bool and not bool(((mask == 0) | (mask == 1)).all()):
+        # checked on the given values, before any cast: a float 0.5 must not become a silent 0 (padding)
+        if attention_mask.dtype != torch.bool and not bool(((attention_mask == 0) | (attention_mask == 1)).all()):
             raise ValueError("attention_mask must contain only 0 and 1 (1 = real token); "
                              f"found values {sorted(set(attention_mask.unique().tolist()) - {0, 1})[:5]}")
+        mask = attention_mask.to(torch.int64)
         lengths = mask.sum(dim=1)  # [B]
         lengths_host = lengths.tolist()  # the one host sync of packing: T and max_seqlen size everything after
         empty_rows = [b for b, n in enumerate(lengths_host) if n == 0]

@@ -57,6 +57,11 @@ def test_from_sequences_and_unpack_right_padded():
     (lambda: PackedBatch.from_padded(torch.ones(2, 3, dtype=torch.long), torch.tensor([[1, 1, 0], [0, 0, 0]])),
      "no real token"),
     (lambda: PackedBatch.from_padded(torch.ones(1, 3, dtype=torch.long), torch.tensor([[1, 2, 0]])), "only 0 and 1"),
+    # a float mask with a value other than 0/1 must not be cast to an int (0.5 -> 0, a silent pad)
+    (lambda: PackedBatch.from_padded(torch.ones(1, 3, dtype=torch.long), torch.tensor([[1.0, 0.5, 0.0]])),
+     r"only 0 and 1.*0\.5"),
+    (lambda: PackedBatch.from_padded(torch.ones(1, 3, dtype=torch.long), torch.tensor([[1.0, 1.5, 1.0]])),
+     r"only 0 and 1.*1\.5"),
     (lambda: PackedBatch.from_padded(torch.ones(3, dtype=torch.long), torch.ones(3)), "2-D"),
     (lambda: PackedBatch.from_padded(torch.ones(1, 3), torch.ones(1, 3)), "integer"),
     (lambda: PackedBatch.from_padded(torch.ones(1, 3, dtype=torch.long), torch.ones(1, 3),
@@ -68,3 +73,9 @@ def test_from_sequences_and_unpack_right_padded():
 def test_bad_input_is_a_value_error(make, message):
     with pytest.raises(ValueError, match=message):
         make()
+
+
+def test_float_mask_of_zeros_and_ones_is_accepted():
+    ids = torch.arange(6).view(2, 3)
+    b = PackedBatch.from_padded(ids, torch.tensor([[1.0, 1.0, 0.0], [0.0, 1.0, 1.0]]))
+    assert b.input_ids.tolist() == [0, 1, 4, 5] and b.cu_seqlens.tolist() == [0, 2, 4]
