@@ -21,7 +21,7 @@ import logging
 
 import torch
 
-from .batch import PackedBatch
+from .batch import HostLayout, PackedBatch
 from .models.encoder import Encoder
 
 log = logging.getLogger("padfree")
@@ -55,7 +55,10 @@ class CudaGraphEncoder:
         dev = self.encoder.device
         zeros = lambda: torch.zeros(bucket, dtype=torch.int64, device=dev)  # noqa: E731
         cu = torch.zeros(self.max_batch + 1, dtype=torch.int32, device=dev)  # [max_batch + 1]
-        static = PackedBatch(zeros(), zeros(), zeros(), cu, min(bucket, self.encoder.config.max_sequence_length))
+        # the static layout (spare token slots, empty sequence slots, max_seqlen = the bucket) is not a batch a
+        # user may build, so it carries its host layout and skips PackedBatch.validate
+        static = PackedBatch(zeros(), zeros(), zeros(), cu, min(bucket, self.encoder.config.max_sequence_length),
+                             host=HostLayout.of((0,) * self.max_batch))
         if not self.capture:
             return None, static, None
         stream = torch.cuda.Stream()
@@ -86,7 +89,10 @@ class CudaGraphEncoder:
             getattr(static, name)[:T].copy_(getattr(batch, name), non_blocking=True)
         static.cu_seqlens[:B + 1].copy_(batch.cu_seqlens, non_blocking=True)
         static.cu_seqlens[B + 1:].fill_(T)  # unused sequence slots: length 0
-        if graph is None:
-            return self.encoder.forward_packed(static, check=False)[:T]
+        if graph is None:  # eager on the static buffers, with this batch's runs (and empty slots) from the host
+            lengths = batch.host.lengths + (0,) * (self.max_batch - B)
+            eager = PackedBatch(static.input_ids, static.token_type_ids, static.position_ids, static.cu_seqlens,
+                                static.max_seqlen, host=HostLayout.of(lengths))
+            return self.encoder.forward_packed(eager, check=False)[:T]
         graph.replay()
         return out[:T].clone()

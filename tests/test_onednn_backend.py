@@ -51,7 +51,7 @@ def test_qkv_varlen_attention_matches_reference(lengths, dtype):
 
 def test_runs_group_consecutive_equal_lengths():
     cu = torch.tensor([0, 3, 6, 7, 9, 11, 14], dtype=torch.int32)  # lengths 3 3 1 2 2 3
-    assert torch_backend.equal_length_runs(cu) == [(0, 2, 3), (6, 1, 1), (7, 2, 2), (11, 1, 3)]
+    assert torch_backend.equal_length_runs(cu) == ((0, 2, 3), (6, 1, 1), (7, 2, 2), (11, 1, 3))
 
 
 def test_packed_weight_is_cached_and_repacked_after_an_in_place_update():

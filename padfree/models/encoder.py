@@ -7,6 +7,7 @@ The ops it calls are resolved once per device/dtype by the backend registry.
 """
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -61,15 +62,21 @@ class RelativePositions(nn.Module):
             self.table = nn.Parameter(torch.empty(2 * deberta_span(cfg), cfg.hidden_size))
         self.norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps) if cfg.norm_rel_embeddings else None
         self._rows: dict[tuple[int, torch.device], tuple[torch.Tensor, int, int]] = {}  # see for_batch
+        self._filling = threading.Lock()
 
     def for_batch(self, cfg: ModelConfig, max_seqlen: int) -> RelativeTables:
         # The distance index depends only on max_seqlen: built on the host once per value and kept on the
         # device (a few KB each), so a forward makes no host-to-device copy and can be captured in a CUDA graph.
+        # Many threads may run one encoder: a hit is one dict read, a miss fills the entry under a lock.
         key = (max_seqlen, self.table.device)
-        if key not in self._rows:
-            self._rows[key] = device_rows(cfg, max_seqlen, self.table.device)
+        rows = self._rows.get(key)
+        if rows is None:
+            with self._filling:
+                rows = self._rows.get(key)
+                if rows is None:
+                    rows = self._rows[key] = device_rows(cfg, max_seqlen, self.table.device)
         norm = None if self.norm is None else (self.norm.weight, self.norm.bias)
-        return RelativeTables(cfg, self.table, norm, self._rows[key])
+        return RelativeTables(cfg, self.table, norm, rows)
 
 
 @dataclass
@@ -163,7 +170,7 @@ class Encoder(nn.Module):
         k, cfg = self.kernels, self.config
         scores = None if rel is None else rel.scores(layer.qkv.weight, layer.qkv.bias, layer.pos_key, layer.pos_query)
         ctx = k.qkv_varlen_attention(x, layer.qkv.weight, layer.qkv.bias, batch.cu_seqlens, batch.max_seqlen,
-                                     cfg.num_heads, cfg.attention_scale, scores)  # [T, H]
+                                     cfg.num_heads, cfg.attention_scale, scores, runs=batch.runs)  # [T, H]
         # each remaining op is a linear fused with its consumer (a backend's epilogue, or F.linear + the primitive)
         h = k.linear_residual_layer_norm(ctx, layer.attn_out.weight, layer.attn_out.bias, x,
                                          layer.attn_norm.weight, layer.attn_norm.bias, cfg.layer_norm_eps)

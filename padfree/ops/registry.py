@@ -113,8 +113,9 @@ class Kernels:
     bias_act: Callable
     embed_layer_norm: Callable
     qkv_varlen_attention: Callable
-    """``(x [T, H], weight [3H, H], bias, cu_seqlens, max_seqlen, num_heads, scale=None, rel=None)`` -> context
-    ``[T, H]`` (``rel``: relative-position score terms, passed only by the models that have them)."""
+    """``(x [T, H], weight [3H, H], bias, cu_seqlens, max_seqlen, num_heads, scale=None, rel=None, runs=None)``
+    -> context ``[T, H]`` (``rel``: relative-position score terms, passed only by the models that have them;
+    ``runs``: the batch's host-known runs of equal lengths, ``PackedBatch.runs``)."""
     linear_bias_act: Callable
     """``(x [T, K], weight [N, K], bias, activation)`` -> ``act(x W^T + b)`` ``[T, N]``."""
     linear_residual_layer_norm: Callable
@@ -145,10 +146,11 @@ def _compose(op: str, fns: dict[str, Callable]) -> Callable:
     import torch.nn.functional as F
     attention, bias_act, add_ln = fns["varlen_attention"], fns["bias_act"], fns["add_bias_residual_layer_norm"]
     if op == "qkv_varlen_attention":
-        def qkv_varlen_attention(x, w, b, cu, max_seqlen, heads, scale=None, rel=None):
+        def qkv_varlen_attention(x, w, b, cu, max_seqlen, heads, scale=None, rel=None, runs=None):
             # the QKV bias goes into the attention op (Triton adds it as it loads); rel= only where there is one,
             # so a backend without relative terms keeps its plain signature
-            return attention(F.linear(x, w), cu, max_seqlen, heads, b, scale, **({} if rel is None else {"rel": rel}))
+            return attention(F.linear(x, w), cu, max_seqlen, heads, b, scale, runs=runs,
+                             **({} if rel is None else {"rel": rel}))
         return qkv_varlen_attention
     if op == "linear_bias_act":
         return lambda x, w, b, activation: bias_act(F.linear(x, w), b, activation)

@@ -336,10 +336,11 @@ def _or(t, placeholder):
 # ----------------------------------------------------------------------------------------------------------
 def varlen_attention(qkv: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int, num_heads: int,
                      qkv_bias: torch.Tensor | None = None, scale: float | None = None,
-                     rel: RelativeScores | None = None) -> torch.Tensor:
+                     rel: RelativeScores | None = None, runs=None) -> torch.Tensor:
     """See :func:`padfree.ops.reference.varlen_attention_ref`. ``[T, 3H]`` -> ``[T, H]``; no host sync.
 
-    ``rel``: relative-position score terms (MPNet's bias, DeBERTa's c2p/p2c), gathered inside the tile loop."""
+    ``rel``: relative-position score terms (MPNet's bias, DeBERTa's c2p/p2c), gathered inside the tile loop.
+    ``runs`` (the host's runs of equal lengths) is not needed: the kernel reads the offsets on the device."""
     head_dim = _check(qkv, cu_seqlens, max_seqlen, num_heads, qkv_bias)
     max_seqlen = int(max_seqlen)
     cfg = attention_config(max_seqlen, head_dim, qkv.dtype)
