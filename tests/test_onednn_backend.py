@@ -74,3 +74,28 @@ def test_registry_picks_onednn_on_cpu_and_composes_elsewhere():
     x, w, b = _data()
     torch.testing.assert_close(kt.linear_bias_act(x, w, b, "gelu"), k.linear_bias_act(x, w, b, "gelu"),
                                atol=2e-5, rtol=2e-5)
+
+
+def test_named_onednn_backend_runs_with_the_torch_primitives():
+    """backend="onednn" runs on the CPU: its fused ops, the torch backend's primitives; same result as auto
+    (which picks the same) and as transformers."""
+    import padfree
+    from family_zoo import LENGTHS, batch, make, max_diff
+    model = make("bert", 0)
+    enc = padfree.from_pretrained(model, backend="onednn")
+    assert {enc.kernels.names[op] for op in ("qkv_varlen_attention", "linear_bias_act",
+                                             "linear_residual_layer_norm")} == {"onednn"}
+    assert {enc.kernels.names[op] for op in ("varlen_attention", "bias_act", "embed_layer_norm")} == {"torch"}
+    ids, mask, types, kw = batch(model, LENGTHS, "right")
+    out = enc(ids, mask, types).last_hidden_state
+    with torch.no_grad():
+        ref = model(input_ids=ids, attention_mask=mask, **kw).last_hidden_state
+    assert max_diff(out, ref, mask) <= 1e-4
+    assert torch.equal(out, padfree.from_pretrained(model)(ids, mask, types).last_hidden_state)
+
+
+def test_named_onednn_backend_that_cannot_run_says_why():
+    with pytest.raises(ValueError, match=r"onednn: .*dtype torch.float16"):
+        Kernels.resolve("cpu", torch.float16, 64, backend="onednn")
+    with pytest.raises(ValueError, match=r"onednn: .*device cuda"):
+        Kernels.resolve("cuda", torch.float32, 64, backend="onednn")
