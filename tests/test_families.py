@@ -16,8 +16,7 @@ import torch
 import transformers as t
 
 import padfree
-from padfree.models import relative
-from padfree.ops import RelativeScores
+from padfree.ops import RelativeScores, relative
 from padfree.ops.reference import varlen_attention_ref
 from padfree.ops.registry import BACKENDS, Backend, select
 from padfree.ops.torch_backend import varlen_attention as varlen_attention_torch

@@ -17,7 +17,7 @@ from torch import nn
 from ..batch import PackedBatch
 from ..config import ModelConfig
 from ..ops.registry import Kernels
-from .relative import RelativeTables, deberta_span, device_rows
+from ..ops.relative import RelativeTables, deberta_span, device_rows
 
 
 class EncoderLayer(nn.Module):
