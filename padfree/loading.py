@@ -93,7 +93,8 @@ def from_pretrained(source, dtype: torch.dtype = torch.float32, device: torch.de
                     backend: str = "auto") -> Encoder:
     """A padfree :class:`Encoder` from a Hugging Face directory or in-memory ``transformers`` model.
 
-    ``backend``: "auto" (the registry's priority order) or a backend name ("torch", "triton").
+    ``backend``: "auto" (the registry's priority order) or a backend name ("torch", "triton", "onednn": the CPU's
+    fused linears with the torch primitives); a named backend that cannot run raises a ``ValueError`` saying why.
     """
     return load(source, dtype, device, backend).encoder
 
