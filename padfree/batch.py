@@ -6,10 +6,37 @@ Padding is rebuilt only by :meth:`PackedBatch.unpack`, when a caller asks for ``
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
+
+
+@dataclass(frozen=True)
+class HostLayout:
+    """What the host knows of a batch's layout, computed once where the lengths are known (no device read).
+
+    The forward reads it instead of ``cu_seqlens`` (no host sync, no cache): the CPU attention's runs of
+    equal lengths come from here. Built by the constructors of :class:`PackedBatch`, by
+    :meth:`PackedBatch.validate` for a batch built by hand, and by the CUDA-graph runner for its static layout.
+    """
+    lengths: tuple[int, ...]
+    """``[B]`` host ints, the length of each sequence slot (0 only in the CUDA-graph runner's unused slots)."""
+    runs: tuple[tuple[int, int, int], ...]
+    """``(first token, number of sequences, length)`` of each run of consecutive equal lengths."""
+
+    @classmethod
+    def of(cls, lengths: Sequence[int]) -> "HostLayout":
+        runs: list[tuple[int, int, int]] = []
+        start = 0
+        for n in lengths:
+            if runs and runs[-1][2] == n:
+                first, count, _ = runs[-1]
+                runs[-1] = (first, count + 1, n)
+            else:
+                runs.append((start, 1, n))
+            start += n
+        return cls(tuple(lengths), tuple(runs))
 
 
 @dataclass(frozen=True)
@@ -29,6 +56,59 @@ class PackedBatch:
     """``[T]`` int64, only for batches built from a padded tensor: where each packed token sits in ``[B*S]``."""
     padded_shape: tuple[int, int] | None = None
     """``(B, S)`` of the padded tensor the batch came from, if any."""
+    host: HostLayout | None = field(default=None, repr=False, compare=False)
+    """The lengths and runs on the host. Leave it out when building a batch by hand: the fields are then
+    checked against each other (:meth:`validate`) and it is filled in. padfree's own constructors pass it."""
+
+    def __post_init__(self):
+        if self.host is None:  # built by hand: check once, here, not in the forward
+            object.__setattr__(self, "host", self.validate())
+
+    def validate(self) -> HostLayout:
+        """Check a hand-built batch's fields against each other; ``ValueError`` naming the first broken rule.
+
+        Reads ``cu_seqlens`` on the host once (on a GPU, the one sync of building a batch by hand; the
+        constructors, :meth:`to` and the CUDA-graph runner pass their :class:`HostLayout` and never pay it)."""
+        T = self.input_ids.shape[0] if self.input_ids.dim() == 1 else -1
+        for name in ("input_ids", "token_type_ids", "position_ids"):
+            t = getattr(self, name)
+            if t.dim() != 1 or t.shape[0] != T or t.dtype.is_floating_point or t.dtype == torch.bool:
+                raise ValueError(f"{name} must be a 1-D integer tensor of T = {T} tokens (like input_ids); "
+                                 f"got {t.dtype} {tuple(t.shape)}")
+        cu = self.cu_seqlens
+        if cu.dim() != 1 or cu.shape[0] < 2 or cu.dtype != torch.int32:
+            raise ValueError(f"cu_seqlens must be a 1-D int32 tensor of B + 1 >= 2 offsets; got {cu.dtype} "
+                             f"{tuple(cu.shape)}")
+        devices = {str(getattr(self, n).device) for n in ("input_ids", "token_type_ids", "position_ids",
+                                                           "cu_seqlens")}
+        if len(devices) > 1:
+            raise ValueError(f"every tensor of a batch must be on one device; got {sorted(devices)}")
+        bounds = cu.tolist()
+        lengths = [e - s for s, e in zip(bounds[:-1], bounds[1:])]
+        if bounds[0] != 0 or bounds[-1] != T:
+            raise ValueError(f"cu_seqlens must run from 0 to T = {T} (the number of tokens); got "
+                             f"{bounds[0]} .. {bounds[-1]}")
+        short = [b for b, n in enumerate(lengths) if n < 1]
+        if short:
+            raise ValueError(f"sequences {short[:10]} have length {[lengths[b] for b in short[:10]]} in cu_seqlens;"
+                             f" every sequence needs >= 1 token")
+        if isinstance(self.max_seqlen, bool) or not isinstance(self.max_seqlen, int) \
+                or self.max_seqlen != max(lengths):
+            raise ValueError(f"max_seqlen must be the longest length in cu_seqlens, {max(lengths)}, as a host int; "
+                             f"got {self.max_seqlen!r}")
+        if (self.pad_index is None) != (self.padded_shape is None):
+            raise ValueError("pad_index and padded_shape go together: give both or neither")
+        if self.pad_index is not None and (tuple(self.pad_index.shape) != (T,) or len(self.padded_shape) != 2
+                                           or self.padded_shape[0] != len(lengths)
+                                           or self.padded_shape[1] < self.max_seqlen):
+            raise ValueError(f"pad_index must be [T] = [{T}] and padded_shape (B, S) with B = {len(lengths)}, "
+                             f"S >= {self.max_seqlen}; got {tuple(self.pad_index.shape)} and {self.padded_shape}")
+        return HostLayout.of(lengths)
+
+    @property
+    def runs(self) -> tuple[tuple[int, int, int], ...]:
+        """``(first token, number of sequences, length)`` of each run of consecutive equal lengths (host)."""
+        return self.host.runs
 
     @property
     def num_tokens(self) -> int:
@@ -49,7 +129,8 @@ class PackedBatch:
         """The same batch with every tensor on ``device`` (host ints stay)."""
         move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
         return PackedBatch(move(self.input_ids), move(self.token_type_ids), move(self.position_ids),
-                           move(self.cu_seqlens), self.max_seqlen, move(self.pad_index), self.padded_shape)
+                           move(self.cu_seqlens), self.max_seqlen, move(self.pad_index), self.padded_shape,
+                           self.host)
 
     # ------------------------------------------------------------------ constructors
     @classmethod
@@ -81,10 +162,11 @@ class PackedBatch:
         B, S = input_ids.shape
         if B == 0:
             raise ValueError("empty batch: input_ids has no rows")
-        mask = attention_mask.to(torch.int64)
-        if attention_mask.dtype != torch.bool and not bool(((mask == 0) | (mask == 1)).all()):
+        # checked on the given values, before any cast: a float 0.5 must not become a silent 0 (padding)
+        if attention_mask.dtype != torch.bool and not bool(((attention_mask == 0) | (attention_mask == 1)).all()):
             raise ValueError("attention_mask must contain only 0 and 1 (1 = real token); "
                              f"found values {sorted(set(attention_mask.unique().tolist()) - {0, 1})[:5]}")
+        mask = attention_mask.to(torch.int64)
         lengths = mask.sum(dim=1)  # [B]
         lengths_host = lengths.tolist()  # the one host sync of packing: T and max_seqlen size everything after
         empty_rows = [b for b, n in enumerate(lengths_host) if n == 0]
@@ -105,7 +187,7 @@ class PackedBatch:
                  else torch.zeros_like(ids))
         cu = torch.zeros(B + 1, dtype=torch.int32, device=input_ids.device)
         cu[1:] = lengths.cumsum(0)
-        return cls(ids, types, position_ids, cu, max(lengths_host), pad_index, (B, S))
+        return cls(ids, types, position_ids, cu, max(lengths_host), pad_index, (B, S), HostLayout.of(lengths_host))
 
     @classmethod
     def from_sequences(cls, sequences: Sequence[Sequence[int]],
@@ -128,7 +210,7 @@ class PackedBatch:
         cu = torch.zeros(len(lengths) + 1, dtype=torch.int32)
         cu[1:] = torch.tensor(lengths).cumsum(0)
         positions = torch.cat([torch.arange(n) for n in lengths])
-        batch = cls(ids, types, positions, cu, max(lengths))
+        batch = cls(ids, types, positions, cu, max(lengths), host=HostLayout.of(lengths))
         return batch if torch.device(device).type == "cpu" else batch.to(device)
 
     # ------------------------------------------------------------------ unpacking

@@ -26,6 +26,8 @@ class ModelConfig:
     embedding_size: int | None = None  # E, width of the embedding tables; None = hidden_size. When E != H a
                                        # projection E -> H follows the embeddings (ALBERT, ELECTRA, DeBERTa)
     embedding_projection_bias: bool = True  # the E -> H projection has a bias (ALBERT, ELECTRA; DeBERTa: none)
+    always_project_embeddings: bool = False  # the projection runs even when E == H (ALBERT: HF always applies
+                                             # embedding_hidden_mapping_in; ELECTRA and DeBERTa only when E != H)
     norm_after_projection: bool = False  # embedding LayerNorm over H after the projection (DeBERTa) instead of
                                          # over E before it (ALBERT, ELECTRA, BERT)
     absolute_positions: bool = True    # the embeddings add an absolute position table (DeBERTa-v3: no,
@@ -69,6 +71,11 @@ class ModelConfig:
     def embedding_width(self) -> int:
         """E, the width of the embedding tables."""
         return self.embedding_size or self.hidden_size
+
+    @property
+    def has_embedding_projection(self) -> bool:
+        """An E -> H linear follows the embeddings (always for ALBERT; when E != H for ELECTRA and DeBERTa)."""
+        return self.always_project_embeddings or self.embedding_width != self.hidden_size
 
     @property
     def schedule(self) -> tuple[int, ...]:

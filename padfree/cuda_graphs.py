@@ -18,10 +18,11 @@ from __future__ import annotations
 
 import bisect
 import logging
+import threading
 
 import torch
 
-from .batch import PackedBatch
+from .batch import HostLayout, PackedBatch
 from .models.encoder import Encoder
 
 log = logging.getLogger("padfree")
@@ -40,6 +41,7 @@ class CudaGraphEncoder:
         self.buckets = tuple(sorted(buckets))
         self.max_batch = max_batch
         self.capture = capture
+        self._lock = threading.Lock()
         self._graphs: dict[int, tuple[torch.cuda.CUDAGraph | None, PackedBatch, torch.Tensor | None]] = {}
 
     @staticmethod
@@ -55,7 +57,10 @@ class CudaGraphEncoder:
         dev = self.encoder.device
         zeros = lambda: torch.zeros(bucket, dtype=torch.int64, device=dev)  # noqa: E731
         cu = torch.zeros(self.max_batch + 1, dtype=torch.int32, device=dev)  # [max_batch + 1]
-        static = PackedBatch(zeros(), zeros(), zeros(), cu, min(bucket, self.encoder.config.max_sequence_length))
+        # the static layout (spare token slots, empty sequence slots, max_seqlen = the bucket) is not a batch a
+        # user may build, so it carries its host layout and skips PackedBatch.validate
+        static = PackedBatch(zeros(), zeros(), zeros(), cu, min(bucket, self.encoder.config.max_sequence_length),
+                             host=HostLayout.of((0,) * self.max_batch))
         if not self.capture:
             return None, static, None
         stream = torch.cuda.Stream()
@@ -79,14 +84,18 @@ class CudaGraphEncoder:
         if check:
             self.encoder.check_batch(batch)
         bucket = self.buckets[i]
-        if bucket not in self._graphs:
-            self._graphs[bucket] = self._capture(bucket)
-        graph, static, out = self._graphs[bucket]
-        for name in ("input_ids", "token_type_ids", "position_ids"):
-            getattr(static, name)[:T].copy_(getattr(batch, name), non_blocking=True)
-        static.cu_seqlens[:B + 1].copy_(batch.cu_seqlens, non_blocking=True)
-        static.cu_seqlens[B + 1:].fill_(T)  # unused sequence slots: length 0
-        if graph is None:
-            return self.encoder.forward_packed(static, check=False)[:T]
-        graph.replay()
-        return out[:T].clone()
+        with self._lock:  # one set of static buffers per bucket: one batch at a time goes through them
+            if bucket not in self._graphs:
+                self._graphs[bucket] = self._capture(bucket)
+            graph, static, out = self._graphs[bucket]
+            for name in ("input_ids", "token_type_ids", "position_ids"):
+                getattr(static, name)[:T].copy_(getattr(batch, name), non_blocking=True)
+            static.cu_seqlens[:B + 1].copy_(batch.cu_seqlens, non_blocking=True)
+            static.cu_seqlens[B + 1:].fill_(T)  # unused sequence slots: length 0
+            if graph is None:  # eager on the static buffers, with this batch's runs (and empty slots) from the host
+                lengths = batch.host.lengths + (0,) * (self.max_batch - B)
+                eager = PackedBatch(static.input_ids, static.token_type_ids, static.position_ids, static.cu_seqlens,
+                                    static.max_seqlen, host=HostLayout.of(lengths))
+                return self.encoder.forward_packed(eager, check=False)[:T]
+            graph.replay()
+            return out[:T].clone()

@@ -7,7 +7,6 @@ the encoder built on the meta device and filled with ``load_state_dict(assign=Tr
 from __future__ import annotations
 
 import json
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,8 +15,6 @@ import torch
 from .config import ModelConfig
 from .models.encoder import Encoder
 from .models.families import Family, family_for
-
-log = logging.getLogger("padfree")
 
 
 def _is_model(source) -> bool:
@@ -58,12 +55,19 @@ def _load_bin(file: Path) -> dict[str, torch.Tensor]:
 
 
 def map_weights(family: Family, cfg: ModelConfig, hf_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """padfree's state dict from a checkpoint's, by the family's table. ``ValueError`` naming missing keys."""
+    """padfree's state dict from a checkpoint's, by the family's table.
+
+    ``ValueError`` naming the keys when a weight the table needs is missing, or when the base model holds a
+    weight the table does not use (padfree would compute something else than the checkpoint's model). Keys
+    outside the base prefix of a task checkpoint (heads) are not the encoder's; ``family.ignored`` lists the
+    buffers that may stay unused."""
     state = dict(hf_state)
     for prefix in family.prefixes:  # task checkpoints nest the base model under a prefix
         if any(k.startswith(prefix) for k in state):
             state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
             break
+    else:
+        prefix = ""
     out, missing, used = {}, [], set()
     for name, source in family.weight_table(cfg).items():
         sources = (source,) if isinstance(source, str) else source
@@ -77,9 +81,11 @@ def map_weights(family: Family, cfg: ModelConfig, hf_state: dict[str, torch.Tens
     if missing:
         raise ValueError(f"checkpoint for {family.name} is missing {len(missing)} weights: "
                          f"{missing[:8]}{' ...' if len(missing) > 8 else ''}")
-    unused = sorted(set(state) - used - {"embeddings.position_ids", "embeddings.token_type_ids"})
+    unused = sorted(prefix + k for k in set(state) - used - set(family.ignored))
     if unused:
-        log.debug("padfree: ignored %d checkpoint keys: %s", len(unused), unused[:8])
+        raise ValueError(f"checkpoint for {family.name} holds {len(unused)} base-model weights padfree does not "
+                         f"use (its output would differ from the checkpoint's model): "
+                         f"{unused[:8]}{' ...' if len(unused) > 8 else ''}")
     return out
 
 
@@ -87,7 +93,8 @@ def from_pretrained(source, dtype: torch.dtype = torch.float32, device: torch.de
                     backend: str = "auto") -> Encoder:
     """A padfree :class:`Encoder` from a Hugging Face directory or in-memory ``transformers`` model.
 
-    ``backend``: "auto" (the registry's priority order) or a backend name ("torch", "triton").
+    ``backend``: "auto" (the registry's priority order) or a backend name ("torch", "triton", "onednn": the CPU's
+    fused linears with the torch primitives); a named backend that cannot run raises a ``ValueError`` saying why.
     """
     return load(source, dtype, device, backend).encoder
 

@@ -16,12 +16,39 @@ def enc():
     return padfree.from_pretrained(hf)
 
 
-@pytest.mark.parametrize("lengths", [[3, 17, 1], [64], [30, 30, 4], [1] * 8, [80, 50]])
-def test_bucketed_forward_equals_eager(enc, lengths):
-    runner = CudaGraphEncoder(enc, buckets=(16, 64, 128), max_batch=8, capture=False)
-    g = torch.Generator().manual_seed(len(lengths))
-    batch = padfree.PackedBatch.from_sequences([torch.randint(0, 300, (n,), generator=g).tolist() for n in lengths])
-    torch.testing.assert_close(runner.forward_packed(batch), enc.forward_packed(batch), atol=1e-5, rtol=1e-5)
+BUCKETS = (16, 64, 128)
+
+
+def _batch(lengths, seed):
+    g = torch.Generator().manual_seed(seed)
+    return padfree.PackedBatch.from_sequences([torch.randint(0, 300, (n,), generator=g).tolist() for n in lengths])
+
+
+@pytest.mark.parametrize("lengths,bucket", [
+    ([3, 10, 1], 16),       # spare token slots and empty sequence slots
+    ([16], 16),             # exactly a bucket: no spare slot
+    ([3, 17, 1], 64),
+    ([30, 30, 4], 64),
+    ([1] * 8, 16),          # max_batch sequence slots, all used
+    ([80, 47], 128),        # the largest bucket, the model's longest sequence (max_seqlen = min(128, 80))
+])
+def test_bucketed_forward_equals_eager(enc, lengths, bucket):
+    """Each case goes through its bucket's static layout (checked: the bucket was built and no other), and
+    every real token gets exactly the plain eager forward's result."""
+    runner = CudaGraphEncoder(enc, buckets=BUCKETS, max_batch=8, capture=False)
+    batch = _batch(lengths, len(lengths))
+    out = runner.forward_packed(batch)
+    assert list(runner._graphs) == [bucket]
+    torch.testing.assert_close(out, enc.forward_packed(batch), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("lengths", [[80, 50], [2] * 9])
+def test_batches_beyond_the_buckets_run_eagerly(enc, lengths):
+    """More tokens than the largest bucket, or more sequences than max_batch: the eager forward, no bucket."""
+    runner = CudaGraphEncoder(enc, buckets=BUCKETS, max_batch=8, capture=False)
+    batch = _batch(lengths, 0)
+    assert torch.equal(runner.forward_packed(batch), enc.forward_packed(batch))
+    assert not runner._graphs
 
 
 def test_static_buffers_refilled_between_batches(enc):

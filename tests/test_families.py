@@ -16,8 +16,7 @@ import torch
 import transformers as t
 
 import padfree
-from padfree.models import relative
-from padfree.ops import RelativeScores
+from padfree.ops import RelativeScores, relative
 from padfree.ops.reference import varlen_attention_ref
 from padfree.ops.registry import BACKENDS, Backend, select
 from padfree.ops.torch_backend import varlen_attention as varlen_attention_torch
@@ -110,6 +109,55 @@ def test_load_from_saved_directory(family, tmp_path):
     assert max_diff(enc_dir(ids, mask, types).last_hidden_state, enc_mem(ids, mask, types).last_hidden_state) == 0
 
 
+@pytest.mark.parametrize("family", ["albert", "electra", "deberta-v2"])
+@pytest.mark.parametrize("same_width", [True, False])
+def test_embedding_projection_parity(family, same_width):
+    """E == H and E != H: ALBERT projects the embeddings whatever the widths, ELECTRA and DeBERTa only when
+    they differ; padfree must do what HF does in each case."""
+    H = ZOO[family][4][0]["hidden_size"]
+    model = make(family, 0, embedding_size=H if same_width else H // 2)
+    enc = padfree.from_pretrained(model)
+    assert (enc.embeddings.project is not None) == (family == "albert" or not same_width)
+    ids, mask, types, kw = batch(model, LENGTHS, "right")
+    err = max_diff(enc(ids, mask, types).last_hidden_state, hf_hidden(model, ids, mask, kw), mask)
+    assert err <= FP32_TOL, f"{family} E{'==' if same_width else '!='}H: {err:.2e}"
+
+
+def _plant_weight(model, family):
+    """A base-model weight no padfree table knows, as a future family's unmapped layer would be."""
+    base = getattr(model, model.base_model_prefix, model)
+    base.embeddings.planted = torch.nn.Parameter(torch.ones(3))
+    prefix = "" if base is model else model.base_model_prefix + "."
+    return prefix + "embeddings.planted"
+
+
+@pytest.mark.parametrize("family", list(ZOO))
+def test_unused_base_weight_is_an_error(family, tmp_path):
+    """Every family, in memory and from a directory, base and task checkpoints: a base-model weight that
+    padfree does not use fails loudly, naming the key; head weights outside the base prefix do not."""
+    for kind in ("base", "seq"):
+        model = make(family, 0, kind)
+        padfree.from_pretrained(model)  # heads (outside the base prefix) are not base weights
+        key = _plant_weight(model, family)
+        with pytest.raises(ValueError, match=f"does not use.*{key}"):
+            padfree.from_pretrained(model)
+    model.save_pretrained(tmp_path)
+    assert key in padfree.loading.read_weights(tmp_path)
+    with pytest.raises(ValueError, match=f"does not use.*{key}"):
+        padfree.from_pretrained(tmp_path)
+
+
+def test_buffers_in_old_checkpoints_are_not_weights(tmp_path):
+    """Checkpoints saved by older transformers hold the position_ids / token_type_ids buffers: not weights."""
+    model = make("bert", 0)
+    state = dict(model.state_dict())
+    state["embeddings.position_ids"] = torch.arange(MAX_LEN)[None]
+    from safetensors.torch import save_file
+    save_file({k: v.contiguous() for k, v in state.items()}, tmp_path / "model.safetensors")
+    model.config.save_pretrained(tmp_path)
+    padfree.from_pretrained(tmp_path)
+
+
 def test_family_config_is_declarative():
     albert = padfree.from_pretrained(make("albert", 1)).config
     assert albert.num_layers == 4 and albert.layer_schedule == (0, 1, 0, 1, 2, 3, 2, 3)
@@ -152,20 +200,62 @@ def _random_rel(heads, d, max_seqlen, rows=7, seed=0):
                           pos_query=torch.randn(heads, rows, d, generator=g))
 
 
-@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
-def test_varlen_attention_relative_terms(dtype, tol):
-    heads, d, lengths = 2, 8, [3, 1, 7, 7, 2]
+def _pairwise_relative_attention(qkv, bias, lengths, heads, scale, rel, max_seqlen):
+    """An independent oracle: every (sequence, head, i, j) score written out as RelativeScores' docstring
+    defines it, one pair at a time in float64, with an explicit softmax. Shares no code with padfree."""
+    T, d = qkv.shape[0], qkv.shape[1] // 3 // heads
+    x = (qkv.double() + bias.double()).view(T, 3, heads, d)
+    out = torch.zeros(T, heads, d, dtype=torch.float64)
+    start = 0
+    for n in lengths:
+        for h in range(heads):
+            for i in range(n):
+                q = x[start + i, 0, h]
+                scores = []
+                for j in range(n):
+                    k = x[start + j, 1, h]
+                    r = int(rel.index[i - j + max_seqlen - 1])
+                    s = float(q @ k)
+                    if rel.pos_key is not None:
+                        s += float(q @ rel.pos_key[h, r].double())
+                    if rel.pos_query is not None:
+                        s += float(k @ rel.pos_query[h, r].double())
+                    s *= scale
+                    if rel.bias is not None:
+                        s += float(rel.bias[h, r])
+                    scores.append(s)
+                m = max(scores)
+                w = [math.exp(s - m) for s in scores]
+                for j in range(n):
+                    out[start + i, h] += w[j] / sum(w) * x[start + j, 2, h]
+        start += n
+    return out.reshape(T, heads * d)
+
+
+@pytest.mark.parametrize("terms", ["bias", "c2p", "p2c", "all"])
+def test_varlen_attention_relative_terms(terms):
+    """The reference, the torch backend and the auto-selected op against a per-pair loop, on sequences of
+    several tokens (a length-1 sequence would ignore every term) with an index that is not symmetric in i - j."""
+    heads, d, lengths = 2, 8, [3, 1, 7, 7, 2, 5]
+    S = max(lengths)
     cu = torch.tensor([0] + lengths).cumsum(0).to(torch.int32)
-    qkv = torch.randn(sum(lengths), 3 * heads * d, generator=torch.Generator().manual_seed(1))
-    bias = torch.randn(3 * heads * d)
-    rel = _random_rel(heads, d, max(lengths))
-    ref = varlen_attention_ref(qkv, cu, max(lengths), heads, bias, 0.3, rel)
-    # the reference itself against an explicit per-element formula, for one sequence
-    x = (qkv + bias).view(-1, 3, heads, d)[3:4]  # the length-1 sequence attends to itself only
-    assert torch.allclose(ref[3], x[0, 2].reshape(-1), atol=1e-6)
-    out = varlen_attention_torch(qkv.to(dtype), cu, max(lengths), heads, bias.to(dtype), 0.3, rel)
-    assert max_diff(out, ref) <= tol
-    assert max_diff(padfree.ops.varlen_attention(qkv, cu, max(lengths), heads, bias, 0.3, rel=rel), ref) <= 1e-5
+    g = torch.Generator().manual_seed(1)
+    qkv = torch.randn(sum(lengths), 3 * heads * d, generator=g)
+    bias = torch.randn(3 * heads * d, generator=g)
+    full = _random_rel(heads, d, S)
+    rel = RelativeScores(full.index, bias=full.bias if terms in ("bias", "all") else None,
+                         pos_key=full.pos_key if terms in ("c2p", "all") else None,
+                         pos_query=full.pos_query if terms in ("p2c", "all") else None)
+    assert not torch.equal(rel.index, rel.index.flip(0))  # i - j and j - i reach different rows
+    oracle = _pairwise_relative_attention(qkv, bias, lengths, heads, 0.3, rel, S)
+    plain = _pairwise_relative_attention(qkv, bias, lengths, heads, 0.3, RelativeScores(full.index), S)
+    assert max_diff(oracle, plain) > 0.05  # the terms change the result: the comparison below can fail
+    for name, out in [("reference", varlen_attention_ref(qkv, cu, S, heads, bias, 0.3, rel)),
+                      ("torch", varlen_attention_torch(qkv, cu, S, heads, bias, 0.3, rel)),
+                      ("auto", padfree.ops.varlen_attention(qkv, cu, S, heads, bias, 0.3, rel=rel))]:
+        assert max_diff(out, oracle) <= 1e-5, f"{name} {terms}: {max_diff(out, oracle):.2e}"
+    out = varlen_attention_torch(qkv.bfloat16(), cu, S, heads, bias.bfloat16(), 0.3, rel)
+    assert max_diff(out, oracle) <= 3e-2, f"torch bf16 {terms}: {max_diff(out, oracle):.2e}"
 
 
 def test_registry_relative_capability(caplog):

@@ -51,7 +51,7 @@ def test_qkv_varlen_attention_matches_reference(lengths, dtype):
 
 def test_runs_group_consecutive_equal_lengths():
     cu = torch.tensor([0, 3, 6, 7, 9, 11, 14], dtype=torch.int32)  # lengths 3 3 1 2 2 3
-    assert torch_backend.equal_length_runs(cu) == [(0, 2, 3), (6, 1, 1), (7, 2, 2), (11, 1, 3)]
+    assert torch_backend.equal_length_runs(cu) == ((0, 2, 3), (6, 1, 1), (7, 2, 2), (11, 1, 3))
 
 
 def test_packed_weight_is_cached_and_repacked_after_an_in_place_update():
@@ -74,3 +74,28 @@ def test_registry_picks_onednn_on_cpu_and_composes_elsewhere():
     x, w, b = _data()
     torch.testing.assert_close(kt.linear_bias_act(x, w, b, "gelu"), k.linear_bias_act(x, w, b, "gelu"),
                                atol=2e-5, rtol=2e-5)
+
+
+def test_named_onednn_backend_runs_with_the_torch_primitives():
+    """backend="onednn" runs on the CPU: its fused ops, the torch backend's primitives; same result as auto
+    (which picks the same) and as transformers."""
+    import padfree
+    from family_zoo import LENGTHS, batch, make, max_diff
+    model = make("bert", 0)
+    enc = padfree.from_pretrained(model, backend="onednn")
+    assert {enc.kernels.names[op] for op in ("qkv_varlen_attention", "linear_bias_act",
+                                             "linear_residual_layer_norm")} == {"onednn"}
+    assert {enc.kernels.names[op] for op in ("varlen_attention", "bias_act", "embed_layer_norm")} == {"torch"}
+    ids, mask, types, kw = batch(model, LENGTHS, "right")
+    out = enc(ids, mask, types).last_hidden_state
+    with torch.no_grad():
+        ref = model(input_ids=ids, attention_mask=mask, **kw).last_hidden_state
+    assert max_diff(out, ref, mask) <= 1e-4
+    assert torch.equal(out, padfree.from_pretrained(model)(ids, mask, types).last_hidden_state)
+
+
+def test_named_onednn_backend_that_cannot_run_says_why():
+    with pytest.raises(ValueError, match=r"onednn: .*dtype torch.float16"):
+        Kernels.resolve("cpu", torch.float16, 64, backend="onednn")
+    with pytest.raises(ValueError, match=r"onednn: .*device cuda"):
+        Kernels.resolve("cuda", torch.float32, 64, backend="onednn")

@@ -7,6 +7,8 @@ The ops it calls are resolved once per device/dtype by the backend registry.
 """
 from __future__ import annotations
 
+import threading
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -15,7 +17,7 @@ from ..batch import PackedBatch
 from ..config import ModelConfig
 from ..outputs import EncoderOutput
 from ..ops.registry import Kernels
-from .relative import RelativeTables, deberta_span, device_rows
+from ..ops.relative import RelativeTables, deberta_span, device_rows
 
 
 class EncoderLayer(nn.Module):
@@ -44,8 +46,8 @@ class Embeddings(nn.Module):
         self.position = nn.Embedding(cfg.max_position_embeddings, E) if cfg.absolute_positions else None
         self.token_type = nn.Embedding(cfg.type_vocab_size, E) if cfg.type_vocab_size else None
         self.norm = nn.LayerNorm(H if cfg.norm_after_projection else E, eps=cfg.layer_norm_eps)
-        # E -> H (ALBERT, ELECTRA, DeBERTa with embedding_size != hidden_size)
-        self.project = nn.Linear(E, H, bias=cfg.embedding_projection_bias) if E != H else None
+        # E -> H (ALBERT always; ELECTRA, DeBERTa with embedding_size != hidden_size)
+        self.project = nn.Linear(E, H, bias=cfg.embedding_projection_bias) if cfg.has_embedding_projection else None
 
 
 class RelativePositions(nn.Module):
@@ -60,15 +62,21 @@ class RelativePositions(nn.Module):
             self.table = nn.Parameter(torch.empty(2 * deberta_span(cfg), cfg.hidden_size))
         self.norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps) if cfg.norm_rel_embeddings else None
         self._rows: dict[tuple[int, torch.device], tuple[torch.Tensor, int, int]] = {}  # see for_batch
+        self._filling = threading.Lock()
 
     def for_batch(self, cfg: ModelConfig, max_seqlen: int) -> RelativeTables:
         # The distance index depends only on max_seqlen: built on the host once per value and kept on the
         # device (a few KB each), so a forward makes no host-to-device copy and can be captured in a CUDA graph.
+        # Many threads may run one encoder: a hit is one dict read, a miss fills the entry under a lock.
         key = (max_seqlen, self.table.device)
-        if key not in self._rows:
-            self._rows[key] = device_rows(cfg, max_seqlen, self.table.device)
+        rows = self._rows.get(key)
+        if rows is None:
+            with self._filling:
+                rows = self._rows.get(key)
+                if rows is None:
+                    rows = self._rows[key] = device_rows(cfg, max_seqlen, self.table.device)
         norm = None if self.norm is None else (self.norm.weight, self.norm.bias)
-        return RelativeTables(cfg, self.table, norm, self._rows[key])
+        return RelativeTables(cfg, self.table, norm, rows)
 
 
 class Encoder(nn.Module):
@@ -153,7 +161,7 @@ class Encoder(nn.Module):
         k, cfg = self.kernels, self.config
         scores = None if rel is None else rel.scores(layer.qkv.weight, layer.qkv.bias, layer.pos_key, layer.pos_query)
         ctx = k.qkv_varlen_attention(x, layer.qkv.weight, layer.qkv.bias, batch.cu_seqlens, batch.max_seqlen,
-                                     cfg.num_heads, cfg.attention_scale, scores)  # [T, H]
+                                     cfg.num_heads, cfg.attention_scale, scores, runs=batch.runs)  # [T, H]
         # each remaining op is a linear fused with its consumer (a backend's epilogue, or F.linear + the primitive)
         h = k.linear_residual_layer_norm(ctx, layer.attn_out.weight, layer.attn_out.bias, x,
                                          layer.attn_norm.weight, layer.attn_norm.bias, cfg.layer_norm_eps)

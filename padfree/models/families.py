@@ -34,6 +34,9 @@ class Family:
     make_config: Callable[[dict], ModelConfig]
     weight_table: Callable[[ModelConfig], WeightTable]
     optional: tuple[str, ...] = ()     # padfree names that may be absent (e.g. the pooler)
+    ignored: tuple[str, ...] = ("embeddings.position_ids", "embeddings.token_type_ids")
+    # base-model checkpoint keys padfree may leave unused: buffers HF rebuilds (not weights). Any other base key
+    # the weight table does not use is an error at load time, so no family can drop a weight silently.
     sequence_head: Callable[[dict], HeadSpec] | None = None  # the *ForSequenceClassification head
     token_head: str = "classifier"     # the *ForTokenClassification linear layer's key prefix
 
@@ -83,7 +86,8 @@ def _albert_config(c: dict) -> ModelConfig:
         max_position_embeddings=c["max_position_embeddings"], type_vocab_size=c.get("type_vocab_size", 2),
         layer_norm_eps=c.get("layer_norm_eps", 1e-12),
         activation=canonical_activation(c.get("hidden_act", "gelu_new")), pad_token_id=c.get("pad_token_id"),
-        embedding_size=c.get("embedding_size", 128), layer_schedule=schedule, layer_group_size=inner)
+        embedding_size=c.get("embedding_size", 128), layer_schedule=schedule, layer_group_size=inner,
+        always_project_embeddings=True)  # HF's embedding_hidden_mapping_in runs whatever E and H are
 
 
 def _mpnet_config(c: dict) -> ModelConfig:
@@ -153,7 +157,7 @@ def _embeddings(cfg: ModelConfig, word="embeddings.word_embeddings", position="e
         table["embeddings.position.weight"] = f"{position}.weight"
     if cfg.type_vocab_size:
         table["embeddings.token_type.weight"] = f"{token_type}.weight"
-    if cfg.embedding_width != cfg.hidden_size:
+    if cfg.has_embedding_projection:
         table["embeddings.project.weight"] = f"{project}.weight"
         if cfg.embedding_projection_bias:
             table["embeddings.project.bias"] = f"{project}.bias"

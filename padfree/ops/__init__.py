@@ -1,7 +1,8 @@
 """padfree's ops: the primitives the models call, each with a pure-PyTorch reference and backends.
 
-The public functions here pick a backend per call (convenient for users and tests); encoders resolve theirs
-once through :class:`padfree.ops.registry.Kernels`.
+The public functions here resolve their op per call (convenient for users and tests); encoders resolve every
+op once into :class:`padfree.ops.registry.Kernels`. Both go through the one resolver,
+:func:`padfree.ops.registry.select` (the op table, backends and composition of fused ops live there).
 """
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import torch
 from .activations import canonical_activation
 from .reference import (add_bias_residual_layer_norm_ref, bias_act_ref, embed_layer_norm_ref,
                         varlen_attention_ref)
-from .registry import BACKENDS, Backend, Kernels, select
+from .registry import BACKENDS, OPS, Backend, Kernels, select
 from .relative import RelativeScores
 
 
@@ -46,4 +47,4 @@ def embed_layer_norm(input_ids, position_ids, token_type_ids, word, position, to
 
 __all__ = ["varlen_attention", "add_bias_residual_layer_norm", "bias_act", "embed_layer_norm",
            "varlen_attention_ref", "add_bias_residual_layer_norm_ref", "bias_act_ref", "embed_layer_norm_ref",
-           "BACKENDS", "Backend", "Kernels", "select", "canonical_activation", "RelativeScores"]
+           "BACKENDS", "OPS", "Backend", "Kernels", "select", "canonical_activation", "RelativeScores"]

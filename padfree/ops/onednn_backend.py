@@ -16,6 +16,7 @@ update of the weight repacks it). Shapes: T = packed tokens, K = input features,
 """
 from __future__ import annotations
 
+import threading
 import weakref
 
 import torch
@@ -30,19 +31,36 @@ _POST_OPS = {"gelu": ("gelu", "none"), "gelu_tanh": ("gelu", "tanh"), "relu": ("
 
 
 _packed: dict[int, tuple[weakref.ref, int, torch.Tensor]] = {}  # id(weight) -> (weight ref, version, packed)
+_packing = threading.Lock()  # serialises filling _packed (the hit path reads it without a lock)
 
 
 def packed_weight(weight: torch.Tensor) -> torch.Tensor:
-    """``weight [N, K]`` reordered once into oneDNN's blocked layout (cached while the parameter lives)."""
+    """``weight [N, K]`` reordered once into oneDNN's blocked layout (cached while the parameter lives).
+
+    Safe from many threads: a hit is one dict read; a miss packs under a lock, re-checking first, so two
+    threads never pack the same weight or interleave an entry with its finaliser."""
     key, version = id(weight), torch_backend.tensor_version(weight)
     hit = _packed.get(key)
     if hit is not None and hit[0]() is weight and hit[1] == version:
         return hit[2]
-    with torch.no_grad():
-        packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach())
-    _packed[key] = (weakref.ref(weight), version, packed)
-    weakref.finalize(weight, _packed.pop, key, None)
+    with _packing:
+        hit = _packed.get(key)
+        if hit is not None and hit[0]() is weight and hit[1] == version:
+            return hit[2]
+        with torch.no_grad():
+            packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach())
+        if hit is None or hit[0]() is not weight:  # a new parameter: drop its entry when it dies
+            weakref.finalize(weight, _forget, key, weakref.ref(weight))
+        _packed[key] = (weakref.ref(weight), version, packed)
     return packed
+
+
+def _forget(key: int, ref: weakref.ref) -> None:
+    """Finaliser of a packed parameter: drop its entry, unless the id now belongs to a newer parameter."""
+    with _packing:
+        hit = _packed.get(key)
+        if hit is not None and hit[0]() is None:
+            del _packed[key]
 
 
 def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, post_op: str = "none",
@@ -69,8 +87,9 @@ def linear_residual_layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torc
 
 def qkv_varlen_attention(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, cu_seqlens: torch.Tensor,
                          max_seqlen: int, num_heads: int, scale: float | None = None,
-                         rel: RelativeScores | None = None) -> torch.Tensor:
+                         rel: RelativeScores | None = None, runs=None) -> torch.Tensor:
     """Self-attention of each packed sequence on ``x [T, H]`` with the fused ``[3H, H]`` QKV projection:
-    returns the context ``[T, H]`` in x's dtype. ``rel``: relative-position terms (q and k include the bias)."""
+    returns the context ``[T, H]`` in x's dtype. ``rel``: relative-position terms (q and k include the bias);
+    ``runs``: the batch's runs of equal lengths (``PackedBatch.runs``)."""
     qkv = _linear(x, weight, bias)  # [T, 3H], bias added inside the product
-    return torch_backend.varlen_attention(qkv, cu_seqlens, max_seqlen, num_heads, None, scale, rel)
+    return torch_backend.varlen_attention(qkv, cu_seqlens, max_seqlen, num_heads, None, scale, rel, runs)

@@ -14,15 +14,59 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 
 log = logging.getLogger("padfree")
 
-OPS = ("varlen_attention", "add_bias_residual_layer_norm", "bias_act", "embed_layer_norm")
 
-# Fused ops: a linear together with what consumes its output. A backend may implement them (the CPU oneDNN
-# backend does, with the matrix-product epilogues); where none does, Kernels composes them from F.linear and the
-# primitives it resolved, so a backend that only has the primitives (Triton) runs exactly as before.
-FUSED_OPS = ("qkv_varlen_attention", "linear_bias_act", "linear_residual_layer_norm")
+def _compose_qkv_attention(attention: Callable) -> Callable:
+    def qkv_varlen_attention(x, w, b, cu, max_seqlen, heads, scale=None, rel=None, runs=None):
+        # the QKV bias goes into the attention op (Triton adds it as it loads); rel= only where there is one,
+        # so a backend without relative terms keeps its plain signature
+        return attention(F.linear(x, w), cu, max_seqlen, heads, b, scale, runs=runs,
+                         **({} if rel is None else {"rel": rel}))
+    return qkv_varlen_attention
+
+
+def _compose_linear_bias_act(bias_act: Callable) -> Callable:
+    return lambda x, w, b, activation: bias_act(F.linear(x, w), b, activation)
+
+
+def _compose_linear_residual_layer_norm(add_ln: Callable) -> Callable:
+    return lambda x, w, b, residual, ln_w, ln_b, eps: add_ln(F.linear(x, w), b, residual, ln_w, ln_b, eps)
+
+
+@dataclass(frozen=True)
+class Op:
+    """One op the encoder calls: everything the registry needs to know about it, in one place."""
+    name: str
+    signature: str                       # the call every backend implements (documentation)
+    attention: bool = False              # checked against a backend's head sizes and relative capability
+    composed_from: str | None = None     # a fused op: the primitive it is F.linear + (where no backend fuses it)
+    compose: Callable[[Callable], Callable] | None = None  # that composition, given the resolved primitive
+
+
+# Every op, once. Primitives first; the fused ops are a linear together with what consumes its output: a backend
+# may implement them (the CPU oneDNN backend does, with the matrix-product epilogues); where none does, the
+# registry composes them from F.linear and the primitive it resolved, so a backend that only has the primitives
+# (Triton) keeps its kernels. Adding an op: one entry here, a function of that name in each backend module that
+# implements it (listed in its Backend.ops), a reference in reference.py, a wrapper in ops/__init__.py.
+OPS: dict[str, Op] = {op.name: op for op in (
+    Op("varlen_attention", "(qkv [T, 3H], cu_seqlens, max_seqlen, num_heads, qkv_bias=None, scale=None, rel=None, "
+       "runs=None) -> [T, H]", attention=True),
+    Op("add_bias_residual_layer_norm", "(x [T, H], bias, residual, weight, ln_bias, eps) -> [T, H]"),
+    Op("bias_act", "(x [T, F], bias, activation) -> [T, F]"),
+    Op("embed_layer_norm", "(ids, positions, types, word, position, token_type, weight, bias, eps) -> [T, E]"),
+    Op("qkv_varlen_attention", "(x [T, H], weight [3H, H], bias, cu_seqlens, max_seqlen, num_heads, scale=None, "
+       "rel=None, runs=None) -> [T, H]", attention=True, composed_from="varlen_attention",
+       compose=_compose_qkv_attention),
+    Op("linear_bias_act", "(x [T, K], weight [N, K], bias, activation) -> act(x W^T + b) [T, N]",
+       composed_from="bias_act", compose=_compose_linear_bias_act),
+    Op("linear_residual_layer_norm", "(x [T, K], weight [N, K], bias, residual [T, N], ln_weight, ln_bias, eps) "
+       "-> [T, N]", composed_from="add_bias_residual_layer_norm", compose=_compose_linear_residual_layer_norm),
+)}
+PRIMITIVES = tuple(name for name, op in OPS.items() if op.composed_from is None)
+FUSED_OPS = tuple(name for name, op in OPS.items() if op.composed_from is not None)
 
 
 @dataclass(frozen=True)
@@ -34,25 +78,28 @@ class Backend:
     ops: frozenset[str]                      # which of OPS it implements
     head_dims: frozenset[int] | None = None  # attention head sizes it supports; None = any
     requires: str | None = None              # a Python package it needs (checked lazily)
-    relative_scores: bool = False            # its varlen_attention accepts ``rel=`` (relative-position score
+    relative_scores: bool = False            # its attention accepts ``rel=`` (relative-position score
                                              # terms: MPNet's bias, DeBERTa's c2p/p2c)
     needs_mkldnn: bool = False               # runs on PyTorch's oneDNN (mkldnn) CPU build
+    primitives_from: str | None = None       # named alone, the backend whose primitives it runs with (onednn
+                                             # implements only the fused ops; its attention is the torch one)
 
-    def validate(self, op: str, device: torch.device, dtype: torch.dtype, head_dim: int | None = None,
+    def validate(self, op: str | None, device: torch.device, dtype: torch.dtype, head_dim: int | None = None,
                  relative_scores: bool = False) -> list[str]:
-        """Every reason this backend cannot run ``op`` here (empty list = it can).
+        """Every reason this backend cannot run ``op`` here (empty list = it can); ``op=None``: any op of its.
 
-        ``relative_scores``: the caller will pass relative-position score terms to ``varlen_attention``."""
+        ``relative_scores``: the caller will pass relative-position score terms to the attention."""
         reasons = []
-        if op not in self.ops:
+        if op is not None and op not in self.ops:
             reasons.append(f"does not implement {op}")
         if device.type not in self.devices:
             reasons.append(f"device {device.type} not in {sorted(self.devices)}")
         if dtype not in self.dtypes:
             reasons.append(f"dtype {dtype} not in {sorted(str(d) for d in self.dtypes)}")
-        if op == "varlen_attention" and self.head_dims is not None and head_dim not in self.head_dims:
+        attention = op is not None and OPS[op].attention
+        if attention and self.head_dims is not None and head_dim not in self.head_dims:
             reasons.append(f"head size {head_dim} not in {sorted(self.head_dims)}")
-        if op in ("varlen_attention", "qkv_varlen_attention") and relative_scores and not self.relative_scores:
+        if attention and relative_scores and not self.relative_scores:
             reasons.append(f"no relative-position score terms (rel=) in its {op}")
         if self.requires and importlib.util.find_spec(self.requires) is None:
             reasons.append(f"package {self.requires!r} is not installed")
@@ -70,86 +117,81 @@ _FLOATS = frozenset({torch.float32, torch.float16, torch.bfloat16})
 
 # Priority order: the first backend that validates is chosen under backend="auto".
 BACKENDS: list[Backend] = [
-    Backend("triton", frozenset({"cuda"}), _FLOATS, "padfree.ops.triton_backend", frozenset(OPS),
+    Backend("triton", frozenset({"cuda"}), _FLOATS, "padfree.ops.triton_backend", frozenset(PRIMITIVES),
             head_dims=frozenset({16, 32, 64, 80, 96, 128}), requires="triton", relative_scores=True),
     # fused linear ops only; fp16 on CPU has no fast oneDNN path here, so it is left to the composition
     Backend("onednn", frozenset({"cpu"}), frozenset({torch.float32, torch.bfloat16}), "padfree.ops.onednn_backend",
-            frozenset(FUSED_OPS), needs_mkldnn=True, relative_scores=True),  # its attention is the torch backend's
-    Backend("torch", frozenset({"cpu", "cuda"}), _FLOATS, "padfree.ops.torch_backend", frozenset(OPS),
+            frozenset(FUSED_OPS), needs_mkldnn=True, relative_scores=True,  # its attention is the torch backend's
+            primitives_from="torch"),
+    Backend("torch", frozenset({"cpu", "cuda"}), _FLOATS, "padfree.ops.torch_backend", frozenset(PRIMITIVES),
             relative_scores=True),
 ]
 
 
+def _reasons(reasons: dict[str, list[str]]) -> str:
+    return "; ".join(f"{n}: {', '.join(r)}" for n, r in reasons.items())
+
+
+def _candidates(op: str, device: torch.device, dtype: torch.dtype, head_dim: int | None, backend: str,
+                relative_scores: bool) -> tuple[list[Backend], dict[str, list[str]]]:
+    """The backends to try for ``op`` in order, and the reasons already known against the others."""
+    if backend == "auto":
+        return list(BACKENDS), {}
+    named = [b for b in BACKENDS if b.name == backend]
+    if not named:
+        raise ValueError(f"unknown backend {backend!r}; known: {['auto'] + [b.name for b in BACKENDS]}")
+    b = named[0]
+    if op in b.ops or b.primitives_from is None or op not in PRIMITIVES:
+        return [b], {}
+    # a backend of fused ops only, named alone, runs with another's primitives; only where it can run itself
+    why = b.validate(None, device, dtype, head_dim, relative_scores)
+    return ([] if why else [x for x in BACKENDS if x.name == b.primitives_from]), ({b.name: why} if why else {})
+
+
 def select(op: str, device: torch.device | str, dtype: torch.dtype, head_dim: int | None = None,
            backend: str = "auto", relative_scores: bool = False) -> tuple[str, Callable]:
-    """``(backend name, function)`` for ``op``; ``ValueError`` with every reason when nothing fits.
+    """``(backend name, function)`` for ``op``, the one way kernels are resolved (``Kernels.resolve`` calls it
+    for each op; the per-call functions of ``padfree.ops`` too). A fused op no candidate implements is
+    composed from F.linear and its primitive, named ``composed(<backend>)``. ``ValueError`` with every reason
+    when nothing fits, or when a named backend cannot run (there is no silent fallback).
 
-    ``relative_scores``: the model passes relative-position score terms to ``varlen_attention``."""
+    ``relative_scores``: the model passes relative-position score terms to the attention."""
     device = torch.device(device)
-    candidates = BACKENDS if backend == "auto" else [b for b in BACKENDS if b.name == backend]
-    if not candidates:
-        raise ValueError(f"unknown backend {backend!r}; known: {['auto'] + [b.name for b in BACKENDS]}")
-    reasons = {}
+    spec = OPS.get(op)
+    if spec is None:
+        raise ValueError(f"unknown op {op!r}; ops: {list(OPS)}")
+    candidates, reasons = _candidates(op, device, dtype, head_dim, backend, relative_scores)
     for b in candidates:
         why = b.validate(op, device, dtype, head_dim, relative_scores)
         if not why:
-            if reasons:
-                log.info("padfree: %s uses backend %s (%s)", op, b.name,
-                         "; ".join(f"{n}: {', '.join(r)}" for n, r in reasons.items()))
-            else:
-                log.info("padfree: %s uses backend %s", op, b.name)
+            log.info("padfree: %s uses backend %s%s", op, b.name, f" ({_reasons(reasons)})" if reasons else "")
             return b.name, b.function(op)
         reasons[b.name] = why
-    detail = "; ".join(f"{n}: {', '.join(r)}" for n, r in reasons.items())
+    if spec.composed_from is not None:
+        try:
+            name, fn = select(spec.composed_from, device, dtype, head_dim, backend, relative_scores)
+        except ValueError as e:
+            raise ValueError(f"no backend can run {op} on {device.type} with {dtype}: {_reasons(reasons)}; "
+                             f"and composing it failed: {e}") from None
+        log.info("padfree: %s composed from F.linear and %s (%s)", op, name, _reasons(reasons))
+        return f"composed({name})", spec.compose(fn)
     raise ValueError(f"no backend can run {op} on {device.type} with {dtype}"
-                     f"{'' if head_dim is None else f' and head size {head_dim}'}: {detail}")
+                     f"{'' if head_dim is None else f' and head size {head_dim}'}: {_reasons(reasons)}")
 
 
-@dataclass(frozen=True)
 class Kernels:
-    """The functions an encoder calls, resolved once at construction (no per-call dispatch)."""
-    varlen_attention: Callable
-    add_bias_residual_layer_norm: Callable
-    bias_act: Callable
-    embed_layer_norm: Callable
-    qkv_varlen_attention: Callable
-    """``(x [T, H], weight [3H, H], bias, cu_seqlens, max_seqlen, num_heads, scale=None, rel=None)`` -> context
-    ``[T, H]`` (``rel``: relative-position score terms, passed only by the models that have them)."""
-    linear_bias_act: Callable
-    """``(x [T, K], weight [N, K], bias, activation)`` -> ``act(x W^T + b)`` ``[T, N]``."""
-    linear_residual_layer_norm: Callable
-    """``(x [T, K], weight [N, K], bias, residual [T, N], ln_weight, ln_bias, eps)`` -> ``[T, N]``."""
-    names: dict
+    """The function of every op in :data:`OPS` for one encoder, resolved once by :func:`select` (no per-call
+    dispatch): ``kernels.<op>(...)``; ``names`` says which backend runs each."""
+
+    def __init__(self, fns: dict[str, Callable], names: dict[str, str]):
+        missing = set(OPS) - set(fns)
+        if missing:
+            raise ValueError(f"Kernels needs a function for every op; missing {sorted(missing)}")
+        self.__dict__.update(fns)  # plain attributes: the forward's lookups cost what a dataclass field does
+        self.names = names
 
     @classmethod
     def resolve(cls, device, dtype: torch.dtype, head_dim: int, backend: str = "auto",
                 relative_scores: bool = False) -> "Kernels":
         chosen = {op: select(op, device, dtype, head_dim, backend, relative_scores) for op in OPS}
-        fns = {op: fn for op, (_, fn) in chosen.items()}
-        names = {op: n for op, (n, _) in chosen.items()}
-        for op in FUSED_OPS:
-            try:
-                names[op], fns[op] = select(op, device, dtype, head_dim, backend, relative_scores)
-            except ValueError:  # no backend fuses it here: compose it from the primitives just resolved
-                names[op], fns[op] = f"composed({names[_FUSED_FROM[op]]})", _compose(op, fns)
-                log.info("padfree: %s composed from F.linear and %s", op, names[_FUSED_FROM[op]])
-        return cls(**fns, names=names)
-
-
-_FUSED_FROM = {"qkv_varlen_attention": "varlen_attention", "linear_bias_act": "bias_act",
-               "linear_residual_layer_norm": "add_bias_residual_layer_norm"}
-
-
-def _compose(op: str, fns: dict[str, Callable]) -> Callable:
-    """The fused op as F.linear followed by the resolved primitive (the bias goes to the primitive)."""
-    import torch.nn.functional as F
-    attention, bias_act, add_ln = fns["varlen_attention"], fns["bias_act"], fns["add_bias_residual_layer_norm"]
-    if op == "qkv_varlen_attention":
-        def qkv_varlen_attention(x, w, b, cu, max_seqlen, heads, scale=None, rel=None):
-            # the QKV bias goes into the attention op (Triton adds it as it loads); rel= only where there is one,
-            # so a backend without relative terms keeps its plain signature
-            return attention(F.linear(x, w), cu, max_seqlen, heads, b, scale, **({} if rel is None else {"rel": rel}))
-        return qkv_varlen_attention
-    if op == "linear_bias_act":
-        return lambda x, w, b, activation: bias_act(F.linear(x, w), b, activation)
-    return lambda x, w, b, residual, ln_w, ln_b, eps: add_ln(F.linear(x, w), b, residual, ln_w, ln_b, eps)
+        return cls({op: fn for op, (_, fn) in chosen.items()}, {op: n for op, (n, _) in chosen.items()})

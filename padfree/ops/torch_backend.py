@@ -8,22 +8,25 @@ distinct length is one run).
 """
 from __future__ import annotations
 
-import weakref
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 
+from ..batch import HostLayout
 from .activations import apply_activation
 from .relative import RelativeScores, relative_score_terms
 
 
 def varlen_attention(qkv: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int, num_heads: int,
                      qkv_bias: torch.Tensor | None = None, scale: float | None = None,
-                     rel: RelativeScores | None = None) -> torch.Tensor:
+                     rel: RelativeScores | None = None, runs: Sequence[tuple[int, int, int]] | None = None
+                     ) -> torch.Tensor:
     """See :func:`padfree.ops.reference.varlen_attention_ref`. ``[T, 3H]`` -> ``[T, H]``.
 
-    Relative-position terms (``rel``) become an additive ``[g, heads, L, L]`` mask per run of equal-length
-    sequences: built per sequence length, never for a padded batch."""
+    ``runs``: the batch's runs of equal lengths, known on the host (``PackedBatch.runs``; the encoder passes
+    them); when absent they are read from ``cu_seqlens`` (one host read). Relative-position terms (``rel``)
+    become an additive ``[g, heads, L, L]`` mask per run: built per sequence length, never for a padded batch."""
     T, three_h = qkv.shape
     H = three_h // 3
     d = H // num_heads
@@ -32,7 +35,9 @@ def varlen_attention(qkv: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: in
         qkv = qkv + qkv_bias
     x = qkv.view(T, 3, num_heads, d)
     out = torch.empty(T, num_heads, d, dtype=qkv.dtype, device=qkv.device)
-    for start, count, n in equal_length_runs(cu_seqlens):
+    for start, count, n in equal_length_runs(cu_seqlens) if runs is None else runs:
+        if n == 0:  # empty sequence slots (the CUDA-graph runner's static layout)
+            continue
         end = start + count * n
         g = x[start:end].view(count, n, 3, num_heads, d)  # a view of the run, no gather
         q, k, v = (g[:, :, i].transpose(1, 2) for i in range(3))  # each [count, heads, L, d], strided views
@@ -65,9 +70,6 @@ def embed_layer_norm(input_ids, position_ids, token_type_ids, word, position, to
     return F.layer_norm(y, y.shape[-1:], weight, bias, eps)
 
 
-_runs_cache: list = [None, None, None]  # [weakref to the cu_seqlens tensor last seen, its version, its runs]
-
-
 def tensor_version(t: torch.Tensor) -> int:
     """The tensor's in-place modification counter (-1 for inference tensors, which keep none)."""
     try:
@@ -76,21 +78,8 @@ def tensor_version(t: torch.Tensor) -> int:
         return -1
 
 
-def equal_length_runs(cu_seqlens: torch.Tensor) -> list[tuple[int, int, int]]:
-    """``(first token, number of sequences, length)`` of each run of equal lengths; computed once per batch
-    (every layer passes the same ``cu_seqlens`` tensor), so the host sync happens once, not per layer. A tensor
-    refilled in place (CUDA-graph static buffers) has a new version and is read again."""
-    ref, version = _runs_cache[0], tensor_version(cu_seqlens)
-    if ref is not None and ref() is cu_seqlens and _runs_cache[1] == version:
-        return _runs_cache[2]
+def equal_length_runs(cu_seqlens: torch.Tensor) -> tuple[tuple[int, int, int], ...]:
+    """``(first token, number of sequences, length)`` of each run of equal lengths, read from ``cu_seqlens``
+    (one host read). The encoder never calls this: its batches carry their runs (``PackedBatch.runs``)."""
     bounds = cu_seqlens.tolist()
-    runs: list[tuple[int, int, int]] = []
-    for s, e in zip(bounds[:-1], bounds[1:]):
-        n = e - s
-        if runs and runs[-1][2] == n:
-            first, count, _ = runs[-1]
-            runs[-1] = (first, count + 1, n)
-        else:
-            runs.append((s, 1, n))
-    _runs_cache[:] = [weakref.ref(cu_seqlens), version, runs]
-    return runs
+    return HostLayout.of([e - s for s, e in zip(bounds[:-1], bounds[1:])]).runs

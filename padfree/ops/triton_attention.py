@@ -35,7 +35,7 @@ import triton
 import triton.language as tl
 
 from .reference import varlen_attention_ref  # noqa: F401  (the definition of this op)
-from .relative import RelativeScores
+from .relative import RelativeScores, token_score_tables
 
 HEAD_DIMS = (16, 32, 64, 80, 96, 128)
 LOG2E = 1.4426950408889634
@@ -264,13 +264,11 @@ def launch_varlen_attention(qkv, cu_seqlens, max_seqlen, num_heads, qkv_bias=Non
 
 
 def _relative_tables(qkv, qkv_bias, rel: RelativeScores, max_seqlen, num_heads, head_dim, scale):
-    """The kernel's view of ``rel``: ``(index, bias [heads, R], c2p [heads, T, R], p2c [heads, T, R], R)``.
+    """The kernel's view of ``rel``, checked: ``(index, bias [heads, R], c2p [heads, T, R], p2c [heads, T, R], R)``.
 
     DeBERTa's content-to-position term ``q_i . pos_key[r]`` takes every row r of a query's reach, so it is one
-    batched product ``[heads, T, d] x [heads, d, R]`` computed here, scaled; the kernel gathers its entry per
-    (i, j) inside the tile. Likewise position-to-content from the keys. Both are linear in T and bounded by the
-    table rows R the batch reaches (at most 2 x buckets), never ``S x S``."""
-    hidden = num_heads * head_dim
+    batched product per token (:func:`padfree.ops.relative.token_score_tables`); the kernel gathers its entry
+    per (i, j) inside the tile. Likewise position-to-content from the keys."""
     if rel.index.shape != (2 * max_seqlen - 1,) or rel.index.dtype not in (torch.int32, torch.int64) \
             or rel.index.device != qkv.device:
         raise ValueError(f"rel.index must be a [2 * max_seqlen - 1] = [{2 * max_seqlen - 1}] integer tensor on "
@@ -284,16 +282,8 @@ def _relative_tables(qkv, qkv_bias, rel: RelativeScores, max_seqlen, num_heads, 
             raise ValueError(f"rel.{name} must be [heads, R{'' if name == 'bias' else ', head_dim'}] = {want} "
                              f"on {qkv.device} (every table has the same R rows); got {tuple(t.shape)} on {t.device}")
 
-    def scores(part, table):  # scale * (x + b) . table[r] for every token and row: [heads, T, R]
-        x = qkv[:, part * hidden:(part + 1) * hidden]
-        if qkv_bias is not None:
-            x = x + qkv_bias[part * hidden:(part + 1) * hidden]
-        x = x.reshape(-1, num_heads, head_dim).transpose(0, 1)  # [heads, T, d]
-        return torch.matmul(x, table.to(qkv.dtype).transpose(1, 2)).mul_(scale).contiguous()
-
     bias = None if rel.bias is None else rel.bias.contiguous()
-    c2p = None if rel.pos_key is None else scores(0, rel.pos_key)
-    p2c = None if rel.pos_query is None else scores(1, rel.pos_query)
+    c2p, p2c = token_score_tables(qkv, qkv_bias, rel, num_heads, head_dim, scale)
     return rel.index.contiguous(), bias, c2p, p2c, R
 
 
@@ -336,10 +326,11 @@ def _or(t, placeholder):
 # ----------------------------------------------------------------------------------------------------------
 def varlen_attention(qkv: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int, num_heads: int,
                      qkv_bias: torch.Tensor | None = None, scale: float | None = None,
-                     rel: RelativeScores | None = None) -> torch.Tensor:
+                     rel: RelativeScores | None = None, runs=None) -> torch.Tensor:
     """See :func:`padfree.ops.reference.varlen_attention_ref`. ``[T, 3H]`` -> ``[T, H]``; no host sync.
 
-    ``rel``: relative-position score terms (MPNet's bias, DeBERTa's c2p/p2c), gathered inside the tile loop."""
+    ``rel``: relative-position score terms (MPNet's bias, DeBERTa's c2p/p2c), gathered inside the tile loop.
+    ``runs`` (the host's runs of equal lengths) is not needed: the kernel reads the offsets on the device."""
     head_dim = _check(qkv, cu_seqlens, max_seqlen, num_heads, qkv_bias)
     max_seqlen = int(max_seqlen)
     cfg = attention_config(max_seqlen, head_dim, qkv.dtype)
