@@ -75,11 +75,10 @@ class Tokenizer:
         self.model_max_length = model_max_length if model_max_length and model_max_length < _HUGE else None
         self.truncation_side = truncation_side
         self._spec = spec
-        self._plain = self._build(None)
-        data = json.loads(spec)
-        self.special_ids = frozenset(t["id"] for t in data.get("added_tokens") or [] if t.get("special"))
-        self._truncating: dict[int, tokenizers.Tokenizer] = {}
         self._lock = threading.Lock()
+        self._tokenizers: dict[int | None, tokenizers.Tokenizer] = {}  # by truncation length (None: none)
+        decoder = self._for_length(None).get_added_tokens_decoder()
+        self.special_ids = frozenset(i for i, t in decoder.items() if t.special)
 
     def _build(self, max_length: int | None) -> tokenizers.Tokenizer:
         tok = tokenizers.Tokenizer.from_str(self._spec)
@@ -91,14 +90,12 @@ class Tokenizer:
         return tok  # never reconfigured after this point
 
     def _for_length(self, max_length: int | None) -> tokenizers.Tokenizer:
-        if max_length is None:
-            return self._plain
-        tok = self._truncating.get(max_length)
+        tok = self._tokenizers.get(max_length)
         if tok is None:
             with self._lock:
-                tok = self._truncating.get(max_length)
+                tok = self._tokenizers.get(max_length)
                 if tok is None:
-                    tok = self._truncating[max_length] = self._build(max_length)
+                    tok = self._tokenizers[max_length] = self._build(max_length)
         return tok
 
     # ------------------------------------------------------------------ constructors
@@ -136,9 +133,12 @@ class Tokenizer:
 
     @classmethod
     def coerce(cls, tokenizer) -> "Tokenizer | None":
-        """A padfree Tokenizer from one, from a transformers fast tokenizer, or None."""
+        """A padfree Tokenizer from one, from a ``tokenizers.Tokenizer`` (copied: the caller's object is never
+        reconfigured), from a transformers fast tokenizer, or None."""
         if tokenizer is None or isinstance(tokenizer, cls):
             return tokenizer
+        if isinstance(tokenizer, tokenizers.Tokenizer):
+            return cls(tokenizer.to_str())
         return cls.from_transformers(tokenizer)
 
     # ------------------------------------------------------------------ encoding
@@ -173,7 +173,7 @@ class Tokenizer:
 
     def num_special_tokens(self, pair: bool = False) -> int:
         """How many special tokens the post-processor adds to one text (or a pair)."""
-        return self._plain.num_special_tokens_to_add(pair)
+        return self._for_length(None).num_special_tokens_to_add(pair)
 
     def __repr__(self) -> str:
         return (f"Tokenizer({self.name!r}, model_max_length={self.model_max_length}, "

@@ -90,6 +90,8 @@ def test_do_lower_case_from_config(tmp_path, corpus):
 def test_from_transformers(corpus):
     hf = t.AutoTokenizer.from_pretrained(str(MINILM))
     assert_same(Tokenizer.from_transformers(hf), hf, corpus, max_length=40)
+    assert_same(Tokenizer.coerce(hf), hf, corpus[:20])
+    assert_same(Tokenizer.coerce(hf.backend_tokenizer), hf, corpus[:20])  # a bare tokenizers.Tokenizer
 
 
 def test_bad_texts_name_their_index():
