@@ -106,6 +106,15 @@ def test_bad_texts_name_their_index():
     assert [e.ids for e in tok.encode(x for x in ["a", "b"])] == [[101, 1037, 102], [101, 1038, 102]]
 
 
+def test_vocab_txt_only_is_converted_through_transformers(tmp_path, corpus):
+    """A directory with slow-tokenizer files only (vocab.txt): converted once through transformers."""
+    import shutil
+    for f in ("vocab.txt", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copy(MINILM / f, tmp_path / f)
+    ours, hf = Tokenizer.from_pretrained(tmp_path), t.AutoTokenizer.from_pretrained(str(tmp_path))
+    assert_same(ours, hf, corpus[:40], max_length=64)
+
+
 def test_missing_tokenizer_file(tmp_path):
     with pytest.raises(ValueError, match="no tokenizer: expected tokenizer.json"):
         Tokenizer.from_pretrained(tmp_path)
