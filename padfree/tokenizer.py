@@ -64,7 +64,7 @@ class Tokenizer:
 
     ``model_max_length``: the tokenizer's own limit (None when it declares none); ``truncation_side``:
     "right" (cut the end) or "left" (cut the start), as in Hugging Face; ``special_ids``: ids of every special
-    token (added tokens marked special).
+    token (added tokens marked special). Rust tokenizers are built on first use, one per truncation length.
     """
 
     def __init__(self, spec: str, *, model_max_length: int | None = None, truncation_side: str = "right",
@@ -77,8 +77,15 @@ class Tokenizer:
         self._spec = spec
         self._lock = threading.Lock()
         self._tokenizers: dict[int | None, tokenizers.Tokenizer] = {}  # by truncation length (None: none)
-        decoder = self._for_length(None).get_added_tokens_decoder()
-        self.special_ids = frozenset(i for i, t in decoder.items() if t.special)
+        self._special_ids: frozenset[int] | None = None
+
+    @property
+    def special_ids(self) -> frozenset[int]:
+        """Ids of the special tokens (added tokens marked special)."""
+        if self._special_ids is None:
+            decoder = self._for_length(None).get_added_tokens_decoder()
+            self._special_ids = frozenset(i for i, t in decoder.items() if t.special)
+        return self._special_ids
 
     def _build(self, max_length: int | None) -> tokenizers.Tokenizer:
         tok = tokenizers.Tokenizer.from_str(self._spec)
@@ -115,9 +122,11 @@ class Tokenizer:
             log.info("padfree: %s has no tokenizer.json; converting its tokenizer through transformers", path)
             from transformers import AutoTokenizer
             return cls.from_transformers(AutoTokenizer.from_pretrained(str(path)))
-        spec = json.loads((path / "tokenizer.json").read_text(encoding="utf-8"))
-        _apply_bert_options(spec, conf)
-        return cls(json.dumps(spec), model_max_length=conf.get("model_max_length"),
+        text = (path / "tokenizer.json").read_text(encoding="utf-8")
+        spec = json.loads(text)
+        if _apply_bert_options(spec, conf):  # re-serialise only when the config changed something (~10 ms)
+            text = json.dumps(spec)
+        return cls(text, model_max_length=conf.get("model_max_length"),
                    truncation_side=conf.get("truncation_side", "right"), name=str(path))
 
     @classmethod
@@ -180,16 +189,20 @@ class Tokenizer:
                 f"truncation_side={self.truncation_side!r})")
 
 
-def _apply_bert_options(spec: dict, conf: dict) -> None:
+def _apply_bert_options(spec: dict, conf: dict) -> bool:
     """Hugging Face's BERT-style tokenizers rebuild their ``BertNormalizer`` from ``tokenizer_config.json``
-    (``do_lower_case`` etc.), overriding ``tokenizer.json``; do the same where the config says so."""
+    (``do_lower_case`` etc.), overriding ``tokenizer.json``; do the same where the config says so. True if
+    ``spec`` changed."""
     norm = spec.get("normalizer")
     targets = [norm] if isinstance(norm, dict) else []
     if isinstance(norm, dict) and norm.get("type") == "Sequence":
         targets = norm.get("normalizers", [])
+    changed = False
     for n in targets:
         if n.get("type") != "BertNormalizer":
             continue
         for key, field in _BERT_NORMALIZER_KEYS.items():
-            if key in conf:
+            if key in conf and n.get(field) != conf[key]:
                 n[field] = conf[key]
+                changed = True
+    return changed
