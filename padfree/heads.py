@@ -20,7 +20,8 @@ from .loading import Loaded, load
 from .models.encoder import Encoder
 from .ops.activations import apply_activation
 from .outputs import SequenceClassifierOutput, TokenClassifierOutput
-from .sentence import token_budget_batches
+from .sentence import DEFAULT_BATCH_TOKENS, token_budget_batches
+from .tokenizer import Tokenizer, check_texts
 
 PROBLEM_TYPES = ("single_label_classification", "multi_label_classification", "regression")
 
@@ -40,20 +41,32 @@ def _labels(hf_config: dict, num_labels: int) -> list[str]:
     return [id2label.get(i, f"LABEL_{i}") for i in range(num_labels)]
 
 
-def _tokenize(tokenizer, encoder: Encoder, texts, pairs=None, max_length: int | None = None):
-    """``(ids, token types or None)``: (pairs of) texts through a Hugging Face fast tokenizer, unpadded, cut to
-    the model's limit. Token types only for families with more than one."""
+def _encodings(tokenizer: Tokenizer, encoder: Encoder, texts, pairs=None, max_length: int | None = None):
+    """(Pairs of) texts through padfree's tokenizer, unpadded, cut to the model's limit (special tokens kept)."""
     limit = min(x for x in (max_length, encoder.config.max_sequence_length, tokenizer.model_max_length) if x)
+    return tokenizer.encode(texts, pairs, max_length=int(limit))
+
+
+def _tokenize(tokenizer: Tokenizer, encoder: Encoder, texts, pairs=None, max_length: int | None = None):
+    """``(ids, token types or None)``: token types only for families with more than one."""
+    enc = _encodings(tokenizer, encoder, texts, pairs, max_length)
     with_types = encoder.config.type_vocab_size > 1
-    enc = tokenizer(list(texts), None if pairs is None else list(pairs), truncation=True, max_length=int(limit),
-                    padding=False, return_token_type_ids=with_types)
-    return enc["input_ids"], enc.get("token_type_ids") if with_types else None
+    return [e.ids for e in enc], [e.type_ids for e in enc] if with_types else None
 
 
-def _encode_texts(tokenizer, encoder: Encoder, texts, pairs=None, max_length: int | None = None) -> PackedBatch:
-    """Tokenize (pairs of) texts into one PackedBatch, without padding."""
-    ids, types = _tokenize(tokenizer, encoder, texts, pairs, max_length)
-    return PackedBatch.from_sequences(ids, types, device=encoder.device)
+def _batches(ids, types, batch_tokens: int, device):
+    """``(start, end, PackedBatch)`` for consecutive ranges of at most ``batch_tokens`` real tokens."""
+    if isinstance(batch_tokens, bool) or not isinstance(batch_tokens, int) or batch_tokens < 1:
+        raise ValueError(f"batch_tokens must be an int >= 1; got {batch_tokens!r}")
+    for start, end in token_budget_batches([len(s) for s in ids], batch_tokens):
+        yield start, end, PackedBatch.from_sequences(ids[start:end], None if types is None else types[start:end],
+                                                     device=device)
+
+
+def _need_tokenizer(tokenizer):
+    if tokenizer is None:
+        raise ValueError("no tokenizer: load from a directory with tokenizer.json or pass tokenizer=")
+    return tokenizer
 
 
 class SequenceClassifier:
@@ -78,13 +91,14 @@ class SequenceClassifier:
         if problem not in PROBLEM_TYPES:
             raise ValueError(f"unsupported problem_type {problem!r}; expected one of {PROBLEM_TYPES}")
         self.problem_type = problem
-        self.tokenizer = tokenizer
+        self.tokenizer = Tokenizer.coerce(tokenizer)
 
     @classmethod
     def from_pretrained(cls, source, dtype: torch.dtype = torch.float32, device="cpu", backend: str = "auto",
                         tokenizer=None) -> "SequenceClassifier":
         """From a ``*ForSequenceClassification`` directory or in-memory model. A directory's fast tokenizer is
-        loaded (for :meth:`predict`) unless ``tokenizer`` is given."""
+        loaded (for :meth:`predict`) unless ``tokenizer`` is given (a :class:`padfree.tokenizer.Tokenizer` or a
+        ``transformers`` fast tokenizer)."""
         return cls(load(source, dtype, device, backend), tokenizer or _maybe_tokenizer(source))
 
     @torch.inference_mode()
@@ -126,11 +140,15 @@ class SequenceClassifier:
                     for row in (logits.sigmoid() > threshold).tolist()]
         return [row[0] if len(row) == 1 else row for row in logits.tolist()]
 
-    def predict(self, texts: Sequence[str], pairs: Sequence[str] | None = None, threshold: float = 0.5) -> list:
-        """Labels for texts (or text pairs); needs a tokenizer."""
-        if self.tokenizer is None:
-            raise ValueError("no tokenizer: load from a directory with tokenizer files or pass tokenizer=")
-        return self.labels(self.logits_packed(_encode_texts(self.tokenizer, self.encoder, texts, pairs)), threshold)
+    def predict(self, texts: Sequence[str], pairs: Sequence[str] | None = None, threshold: float = 0.5,
+                batch_tokens: int = DEFAULT_BATCH_TOKENS) -> list:
+        """Labels for texts (or text pairs), in input order; batched in order by a budget of ``batch_tokens``
+        real tokens. Needs a tokenizer."""
+        ids, types = _tokenize(_need_tokenizer(self.tokenizer), self.encoder, texts, pairs)
+        if not ids:
+            return []
+        logits = [self.logits_packed(b) for _, _, b in _batches(ids, types, batch_tokens, self.encoder.device)]
+        return self.labels(torch.cat(logits), threshold)
 
 
 class TokenClassifier:
@@ -142,7 +160,7 @@ class TokenClassifier:
         self.out = _linear(loaded.hf_state, loaded.family.token_head, enc.device, enc.dtype)
         self.num_labels = self.out[0].shape[0]
         self.id2label = _labels(loaded.hf_config, self.num_labels)
-        self.tokenizer = tokenizer
+        self.tokenizer = Tokenizer.coerce(tokenizer)
 
     @classmethod
     def from_pretrained(cls, source, dtype: torch.dtype = torch.float32, device="cpu", backend: str = "auto",
@@ -161,18 +179,20 @@ class TokenClassifier:
         batch = self.encoder.pack(input_ids, attention_mask, token_type_ids, position_ids)
         return TokenClassifierOutput(batch.unpack(self.logits_packed(batch)))
 
-    def predict(self, texts: Sequence[str]) -> list[list[dict]]:
+    def predict(self, texts: Sequence[str], batch_tokens: int = DEFAULT_BATCH_TOKENS) -> list[list[dict]]:
         """Per text, one entry per word: ``{"word", "label", "score", "start", "end"}`` (the label of each
-        word's first sub-token; offsets are character spans in the text). Needs a fast tokenizer."""
-        if self.tokenizer is None:
-            raise ValueError("no tokenizer: load from a directory with tokenizer files or pass tokenizer=")
-        limit = min(self.encoder.config.max_sequence_length, self.tokenizer.model_max_length)
-        enc = self.tokenizer(list(texts), truncation=True, max_length=limit, return_offsets_mapping=True)
-        batch = PackedBatch.from_sequences(enc["input_ids"], device=self.encoder.device)
-        logits = self.logits_packed(batch)
-        bounds = batch.cu_seqlens.tolist()
-        return [words_from_tokens(logits[bounds[b]:bounds[b + 1]], enc.word_ids(b), self.id2label,
-                                  enc["offset_mapping"][b], texts[b]) for b in range(len(texts))]
+        word's first sub-token; offsets are character spans in the text). Batched in order by a budget of
+        ``batch_tokens`` real tokens. Needs a tokenizer."""
+        texts = check_texts(texts)
+        enc = _encodings(_need_tokenizer(self.tokenizer), self.encoder, texts)
+        ids = [e.ids for e in enc]
+        out = []
+        for start, end, batch in _batches(ids, None, batch_tokens, self.encoder.device):
+            logits = self.logits_packed(batch)
+            bounds = batch.cu_seqlens.tolist()
+            out += [words_from_tokens(logits[bounds[j]:bounds[j + 1]], enc[b].word_ids, self.id2label,
+                                      enc[b].offsets, texts[b]) for j, b in enumerate(range(start, end))]
+        return out
 
 
 def words_from_tokens(logits: torch.Tensor, word_ids: Sequence[int | None], id2label: Sequence[str],
@@ -212,9 +232,9 @@ class CrossEncoder:
 
     def __init__(self, classifier: SequenceClassifier, tokenizer, activation: str, max_length: int | None = None):
         if tokenizer is None:
-            raise ValueError("CrossEncoder needs a fast tokenizer")
+            raise ValueError("CrossEncoder needs a tokenizer (tokenizer.json)")
         self.classifier = classifier
-        self.tokenizer = tokenizer
+        self.tokenizer = Tokenizer.coerce(tokenizer)
         self.activation = activation  # "sigmoid", "identity" or "tanh", applied to the logits
         self.max_length = max_length
 
@@ -249,13 +269,15 @@ class CrossEncoder:
         """Scores ``[N]`` (or ``[N, num_labels]``) for (query, passage) pairs, in input order; pairs are
         batched in order by a budget of ``batch_tokens`` real tokens."""
         encoder = self.classifier.encoder
+        pairs = list(pairs)
         if len(pairs) == 0:
             return np.empty((0,) if self.classifier.num_labels == 1 else (0, self.classifier.num_labels), np.float32)
+        bad = [i for i, p in enumerate(pairs) if isinstance(p, str) or len(p) != 2]
+        if bad:
+            raise ValueError(f"pair {bad[0]} is not a (query, passage) pair: {pairs[bad[0]]!r:.60}")
         ids, types = _tokenize(self.tokenizer, encoder, [q for q, _ in pairs], [p for _, p in pairs], self.max_length)
         out = []
-        for start, end in token_budget_batches([len(s) for s in ids], batch_tokens):
-            batch = PackedBatch.from_sequences(ids[start:end], None if types is None else types[start:end],
-                                               device=encoder.device)
+        for _, _, batch in _batches(ids, types, batch_tokens, encoder.device):
             logits = self.classifier.logits_packed(batch)
             if self.activation == "sigmoid":
                 logits = logits.sigmoid()
@@ -291,15 +313,11 @@ def _read_json(file: Path) -> dict:
     return json.loads(file.read_text()) if file.is_file() else {}
 
 
-def _maybe_tokenizer(source):
-    """The directory's fast tokenizer, or None (in-memory models, directories without tokenizer files)."""
+def _maybe_tokenizer(source) -> Tokenizer | None:
+    """The directory's tokenizer, or None (in-memory models, directories without tokenizer files)."""
     if not isinstance(source, (str, Path)):
         return None
     path = Path(source)
     if not any((path / f).is_file() for f in ("tokenizer.json", "vocab.txt", "tokenizer_config.json")):
         return None
-    from transformers import AutoTokenizer
-    tok = AutoTokenizer.from_pretrained(str(path))
-    if not tok.is_fast:
-        raise ValueError(f"{path} has no fast tokenizer (tokenizer.json); padfree needs one")
-    return tok
+    return Tokenizer.from_pretrained(path)

@@ -99,6 +99,16 @@ def from_pretrained(source, dtype: torch.dtype = torch.float32, device: torch.de
     return load(source, dtype, device, backend).encoder
 
 
+class _SkipInit(torch.overrides.TorchFunctionMode):
+    """``torch.nn.init`` functions return their tensor untouched (the weights are assigned right after).
+    A torch-function mode is per thread, so other threads building modules are not affected."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if getattr(func, "__module__", None) == "torch.nn.init":
+            return args[0] if args else next(iter((kwargs or {}).values()))
+        return func(*args, **(kwargs or {}))
+
+
 @dataclass
 class Loaded:
     """What :func:`load` read: the encoder plus the checkpoint it came from (for task heads)."""
@@ -122,7 +132,7 @@ def load(source, dtype: torch.dtype = torch.float32, device: torch.device | str 
     cfg = family.make_config(hf_config)  # unsupported types/activations fail here, before any weight is read
     hf_state = read_weights(source)
     state = map_weights(family, cfg, hf_state)
-    with torch.device("meta"):
+    with torch.device("meta"), _SkipInit():  # no init on meta tensors: it would import torch._dynamo (~1 s)
         model = Encoder(cfg, has_pooler="pooler.weight" in state)
     expected = model.state_dict()
     wrong = [f"{k}: {tuple(v.shape)} != {tuple(expected[k].shape)}" for k, v in state.items()

@@ -103,6 +103,20 @@ def test_sequence_classifier_predict_texts(tmp_path):
     enc = tok(TEXTS[:3], TEXTS[1:4], padding=True, return_tensors="pt")
     expect = [model.config.id2label[i] for i in model(**enc).logits.argmax(-1).tolist()]
     assert clf.predict(TEXTS[:3], TEXTS[1:4]) == expect
+    calls = count_batches(clf)
+    assert clf.predict(TEXTS[:3], TEXTS[1:4], batch_tokens=8) == expect and len(calls) == 3  # one pair per batch
+    assert clf.predict(iter(TEXTS[:3]), TEXTS[1:4], batch_tokens=30) == expect and calls[3:] == [2, 1]
+
+
+def count_batches(head):
+    """Record the number of sequences of each batch ``head.logits_packed`` runs."""
+    calls, inner = [], head.logits_packed
+
+    def counted(batch):
+        calls.append(batch.batch_size)
+        return inner(batch)
+    head.logits_packed = counted
+    return calls
 
 
 def test_token_classifier_words(tmp_path):
@@ -110,6 +124,10 @@ def test_token_classifier_words(tmp_path):
     tc = padfree.TokenClassifier.from_pretrained(save_with_tokenizer(model, tmp_path))
     words = tc.predict(TEXTS[:2])
     assert [w["word"] for w in words[0]] == TEXTS[0].split() and [w["word"] for w in words[1]] == ["dog"]
+    calls = count_batches(tc)
+    assert tc.predict(TEXTS, batch_tokens=10)[:2] == words and len(calls) == len(TEXTS)  # by the token budget
+    with pytest.raises(ValueError, match="text 1 is not a string: NoneType"):
+        tc.predict(["dog", None])
     enc = tokenizer()(TEXTS[0], return_tensors="pt")
     ref = model(input_ids=enc["input_ids"]).logits[0].argmax(-1)  # one sequence, no padding
     assert [w["label"] for w in words[0]] == [model.config.id2label[int(ref[w["token"]])] for w in words[0]]

@@ -191,9 +191,22 @@ def _subset(result: dict, workload: str) -> dict:
     return {k: v for k, v in result.items() if k not in ("w1", "mha", "w2", "w2_corpus") or k in keep}
 
 
+def _wants_coldstart(argv: list[str]) -> bool:
+    """``--workload coldstart`` (or ``--workload=coldstart``): the cold-start measurement, see coldstart.py."""
+    values = [v for i, a in enumerate(argv) for v in
+              ([argv[i + 1]] if a == "--workload" and i + 1 < len(argv) else
+               [a.split("=", 1)[1]] if a.startswith("--workload=") else [])]
+    return any("coldstart" in v.split(",") for v in values)
+
+
 def main(argv: list[str] | None = None) -> dict:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # --- cold start (padfree/bench/coldstart.py): fresh processes, its own options; runs alone ---
+    if _wants_coldstart(sys.argv[1:] if argv is None else argv):
+        from .coldstart import main as coldstart_main
+        return coldstart_main(sys.argv[1:] if argv is None else argv)
+    # --- end cold start ---
     args = parse_args(sys.argv[1:] if argv is None else argv)
     if args.threads:
         torch.set_num_threads(args.threads)
