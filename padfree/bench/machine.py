@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-LIBRARIES = ("torch", "transformers", "sentence-transformers", "onnxruntime", "onnx", "numpy", "triton", "padfree")
+LIBRARIES = ("torch", "transformers", "sentence-transformers", "onnxruntime", "onnx", "openvino", "numpy", "triton", "padfree")
 
 
 def cpu_model() -> str:
