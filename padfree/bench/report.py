@@ -239,6 +239,15 @@ def w3_markdown(result: dict) -> str:
     for r in rows:
         if "dtype" not in r:
             lines.append(f"- skipped: model **{r['model']}**: {r['reason']}")
+    cold = [r for r in rows if r.get("build_s") is not None]
+    if cold:
+        lines += ["## Cold start", "",
+                  "Seconds to build each system from the loaded transformers model (OpenVINO converts once per model; "
+                  "its second precision reuses the conversion), and its first call (first configuration, before "
+                  "warm-up).", "", "| model | dtype | system | build s | first call ms |", "|---|---|---|---|---|"]
+        lines += [f"| {r['model']} | {r['dtype']} | {r['system']} | {r['build_s']:.2f} | {r['first_call_ms']:.1f} |"
+                  for r in cold]
+        lines.append("")
     return "\n".join(lines) + "\n"
 
 

@@ -10,10 +10,16 @@ three lengths are uniform in ``[ceil(0.2 * L), L]`` (fixed by seed, batch and le
 Every system of a configuration is timed in interleaved rounds (``timing.time_interleaved``): 5 warm-up calls
 each, then the median of 30 calls (``W3_POLICY``). Reported: ms per call, and padfree's ratio to the fastest
 peer of the same precision (``t_fastest_peer / t_padfree``: above 1, padfree is faster).
+
+Cold start, from the same run: the seconds each system takes to build from the loaded transformers model
+(padfree: ``from_pretrained`` of the in-memory model and weight prepacking; ORT: export and graph optimisation;
+OpenVINO: ``convert_model`` and compilation; OpenVINO's conversion is done once per model and reused by its second
+precision) and its first call, on the grid's first configuration, before any warm-up.
 """
 from __future__ import annotations
 
 import math
+import time
 
 import torch
 
@@ -79,15 +85,17 @@ def run_w3(models, dtypes, builders: dict, systems, seed: int = 0, grid=None, po
             continue
         for dname in dtypes:
             dtype = DTYPES[dname]
-            runners, skipped, precision = {}, {}, {}
+            runners, skipped, precision, build_s = {}, {}, {}, {}
             for name in systems:
                 try:
+                    t0 = time.perf_counter()
                     runners[name] = builders[name](model, dtype)
+                    build_s[name] = time.perf_counter() - t0
                     precision[name] = getattr(runners[name], "precision", dname)
                 except Skip as e:
                     skipped[name] = str(e)
                     log(f"  {name}: skipped: {e}")
-            for batch, length in grid:
+            for i, (batch, length) in enumerate(grid):
                 case = make_w3_case(batch, length, model.config.vocab_size, seed)
                 calls = {n: (lambda f=f: f(case)) for n, f in runners.items()}
                 timings = time_interleaved(calls, policy, device, log)
@@ -106,6 +114,8 @@ def run_w3(models, dtypes, builders: dict, systems, seed: int = 0, grid=None, po
                             row["speedup"] = tm.median_s / t_pf
                     if name == "padfree" and t_pf and fastest:
                         row.update(fastest_peer=fastest, ratio_to_fastest_peer=peers[fastest] / t_pf)
+                    if i == 0:  # cold start: building the system, then its first call (the first configuration)
+                        row.update(build_s=build_s[name], first_call_ms=(tm.warmup_s or 0) * 1e3)
                     rows.append(row)
                 for name, reason in skipped.items():
                     rows.append(dict(base, system=name, status="skipped", reason=reason))
