@@ -47,7 +47,7 @@ def parse_args(argv):
     p.add_argument("--dtype", help="comma list of fp32,bf16,fp16 (default: fp32,bf16 on CPU; fp16,bf16 on GPU)")
     p.add_argument("--workload", default="w1,w2", help="comma list of w1,w2,w3 (default w1,w2)")
     p.add_argument("--model-shape", default="bert-base", help=f"W1 model shapes, comma list of {','.join(MODEL_SHAPES)}")
-    p.add_argument("--systems", default=",".join(W1_SYSTEMS), help="W1 systems to run (default all that can)")
+    p.add_argument("--systems", default=",".join(W1_SYSTEMS), help="W1 and W3 systems to run (default all that can)")
     p.add_argument("--no-mha", action="store_true", help="skip the MHA-only comparison")
     p.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
                    help="the torch.compile baseline: auto = GPU, and CPU outside --quick (compiling takes ~45 s on 2 cores)")
@@ -59,7 +59,7 @@ def parse_args(argv):
     p.add_argument("--w3-len", help=f"override the W3 lengths (default {','.join(map(str, W3_LENGTHS))})")
     p.add_argument("--w3-calls", type=int, default=W3_POLICY.runs, help="W3 timed calls per system (median)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, help="torch/ORT intra-op threads (default: torch's)")
+    p.add_argument("--threads", type=int, help="intra-op threads of torch, ORT and OpenVINO (default: torch's)")
     p.add_argument("--json", help="write results as JSON ('{workload}' in the path: one file per workload)")
     p.add_argument("--markdown", help="write a Markdown report (same '{workload}' rule)")
     p.add_argument("--plot", help="write the W1 speedup plot (PNG)")
