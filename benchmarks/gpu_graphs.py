@@ -1,7 +1,7 @@
 """Latency saved by CUDA-graph replay (padfree.cuda_graphs) on small batches, BERT-base random weights.
 
 Usage: python benchmarks/gpu_graphs.py [--json PATH] [--markdown PATH]
-Times eager ``forward_packed`` and graph replay side by side (CUDA events, warm-up, median of 50 runs).
+Times eager ``forward_packed`` and graph replay side by side (``triton.testing.do_bench``, median).
 """
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ import argparse
 import json
 import os
 import platform
-import statistics
 
 import torch
 
@@ -17,19 +16,10 @@ import padfree
 from padfree.cuda_graphs import CudaGraphEncoder
 
 
-def time_ms(fn, runs=50, warmup=10):
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(runs):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        torch.cuda.synchronize()
-        times.append(a.elapsed_time(b))
-    return statistics.median(times)
+def time_ms(fn):
+    """Median ms of ``fn()`` (``triton.testing.do_bench``: CUDA events, L2 flushed before each call)."""
+    from triton.testing import do_bench
+    return do_bench(fn, return_mode="median")
 
 
 def main():

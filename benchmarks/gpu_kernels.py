@@ -14,10 +14,10 @@
     the Triton kernel against the torch backend (runs of equal lengths with an additive mask; what
     relative models used on GPUs before the kernel had them; eager, since it reads offsets on the host).
 Timing: each contender's calls on N_SETS input sets (rotated, so that inputs are not found in L2 unless they
-are small) are captured in one CUDA graph; CUDA events around each replay, median of 25 replays, divided by the
-calls per replay. This is GPU time without host launch overhead, the same for every contender. padfree's
-attention is also timed eagerly from Python (events around each call, L2 flushed before; median of 30) to show
-what launching it costs. With --tune, (d) sweeps attention launch configurations first.
+are small) are captured in one CUDA graph by ``triton.testing.do_bench_cudagraph``; median of its replays
+divided by the calls per replay. This is GPU time without host launch overhead, the same for every contender.
+padfree's attention is also timed eagerly from Python (``triton.testing.do_bench``: events around each call, L2
+flushed before; median) to show what launching it costs. With --tune, (d) sweeps attention launch configurations first.
 Prints Markdown tables last; writes every figure to the JSON path.
 """
 from __future__ import annotations
@@ -28,7 +28,6 @@ import json
 import math
 import os
 import platform
-import statistics
 import subprocess
 import sys
 import time
@@ -48,55 +47,25 @@ from padfree.ops.triton_layer_norm import add_bias_residual_layer_norm  # noqa: 
 MAX_LENS = [64, 128, 256, 384, 512, 768, 1024]
 BATCH, HEADS, HEAD_DIM = 16, 12, 64
 N_SETS = 4  # input sets rotated through, so that consecutive calls do not find their inputs in L2
-_FLUSH = None
 
 
-def bench_eager(fn, warmup=10, runs=30):
-    """Median ms of ``fn()`` launched from Python: CUDA events around each call, L2 flushed before each
-    (the 256 MB flush also keeps the GPU busy while the host launches, unless the launch takes longer)."""
-    global _FLUSH
-    if _FLUSH is None:
-        _FLUSH = torch.empty(256 * 2**20, dtype=torch.uint8, device="cuda")
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(runs)]
-    for start, end in events:
-        _FLUSH.zero_()
-        start.record()
-        fn()
-        end.record()
-    torch.cuda.synchronize()
-    return statistics.median(s.elapsed_time(e) for s, e in events)
+def bench_eager(fn, warmup_ms=25, rep_ms=100):
+    """Median ms of ``fn()`` launched from Python: ``triton.testing.do_bench`` (CUDA events around each call,
+    L2 flushed before each, enough calls to fill ``rep_ms``)."""
+    from triton.testing import do_bench
+    return do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median")
 
 
-def bench_graph(calls, min_calls=12, replays=25):
-    """Median ms per call of the zero-argument ``calls`` (one per input set), run round-robin from a captured
-    CUDA graph (no host launch overhead); CUDA events around each replay, median of ``replays``."""
-    reps = max(1, math.ceil(min_calls / len(calls)))
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):  # warm-up (compilation, cuBLAS handles) outside the capture
-        for fn in calls * 2:
+def bench_graph(calls, rep_ms=20):
+    """Median ms per call of the zero-argument ``calls`` (one per input set, run round-robin so that inputs are
+    not found in L2 unless small): ``triton.testing.do_bench_cudagraph`` captures the round in a CUDA graph (no
+    host launch overhead) and times its replays with CUDA events."""
+    from triton.testing import do_bench_cudagraph
+
+    def round_robin():
+        for fn in calls:
             fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(reps):
-            for fn in calls:
-                fn()
-    for _ in range(3):
-        graph.replay()
-    torch.cuda.synchronize()
-    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(replays)]
-    for start, end in events:
-        start.record()
-        graph.replay()
-        end.record()
-    torch.cuda.synchronize()
-    del graph
-    return statistics.median(s.elapsed_time(e) for s, e in events) / (reps * len(calls))
+    return do_bench_cudagraph(round_robin, rep=rep_ms, return_mode="median") / len(calls)
 
 
 def timed(calls):
@@ -297,7 +266,7 @@ def memory_bound_cases(dtype):
 def copy_bandwidth():
     a = torch.empty(2 * 2**30, dtype=torch.uint8, device="cuda")
     b = torch.empty_like(a)
-    ms = bench_eager(lambda: b.copy_(a), warmup=3, runs=10)
+    ms = bench_eager(lambda: b.copy_(a))
     return 2 * a.numel() / ms / 1e6
 
 

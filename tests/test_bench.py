@@ -1,4 +1,5 @@
-"""padfree bench: the W1 workload generator, the FLOP count, the run policy, and the report writers.
+"""padfree bench: the W1 and W3 workload generators, the FLOP count, the run policy, the report writers, and the
+OpenVINO baseline's agreement with transformers (skipped without openvino).
 No timings are asserted (the machines are shared and noisy); everything here runs in about a second."""
 import json
 import math
@@ -154,4 +155,86 @@ def test_cli_arguments():
     assert a.quick and a.dtypes == ["bf16"] and a.workloads == ["w2"] and a.shapes == ["bert-base"]
     assert parse_args([]).dtypes == ["fp32", "bf16"]
     with pytest.raises(SystemExit):
-        parse_args(["--workload", "w3"])
+        parse_args(["--workload", "w4"])
+
+
+# ------------------------------------------------------------------------------------------- W3 (latency)
+from padfree.bench import w3  # noqa: E402
+
+
+@pytest.mark.parametrize("batch,length", [(1, 8), (4, 8), (4, 128), (1, 1)])
+def test_w3_case_is_padded_to_its_longest_which_has_the_configured_length(batch, length):
+    case = w3.make_w3_case(batch, length, vocab_size=30522, seed=0)
+    assert case.input_ids.shape == (batch, length) and case.lengths[0] == length
+    assert all(math.ceil(0.2 * length) <= n <= length for n in case.lengths)
+    assert case.attention_mask.sum(1).tolist() == list(case.lengths)
+    assert int(case.input_ids.max()) < 30522 and (case.input_ids[:, 0] == 101).all()
+    assert int(w3.make_w3_case(batch, length, vocab_size=50).input_ids.max()) < 50
+    assert torch.equal(case.input_ids, w3.make_w3_case(batch, length, 30522, seed=0).input_ids)
+
+
+def test_w3_grid_is_the_protocol():
+    grid = w3.w3_grid()
+    assert len(grid) == 10 and grid[0] == (1, 8) and grid[-1] == (4, 128)
+    assert {b for b, _ in grid} == {1, 4} and {n for _, n in grid} == {8, 16, 32, 64, 128}
+    assert w3.W3_POLICY.runs >= 30 and w3.W3_POLICY.warmup >= 1
+
+
+def _tiny_bert():
+    import transformers as tf
+    torch.manual_seed(0)
+    cfg = tf.BertConfig(vocab_size=200, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=64, max_position_embeddings=64)
+    return tf.BertModel(cfg, add_pooling_layer=False).eval()
+
+
+def test_run_w3_rows_ratio_to_the_fastest_peer(monkeypatch):
+    import time as _time
+    from padfree.bench.baselines import Skip
+    monkeypatch.setattr(w3, "load_model", lambda name, seed=0: _tiny_bert())
+
+    def sleeper(seconds):
+        def build(model, dtype):
+            def run(case):
+                _time.sleep(seconds)
+            return run
+        return build
+
+    def skip(model, dtype):
+        raise Skip("not here")
+    builders = {"padfree": sleeper(0.001), "hf-sdpa": sleeper(0.004), "ort": sleeper(0.002), "openvino": skip}
+    rows = w3.run_w3(["bert-base"], ["fp32"], builders, ["padfree", "hf-sdpa", "ort", "openvino"],
+                     grid=[(1, 8)], policy=RunPolicy(runs=3, min_runs=3, warmup=1), log=lambda s: None)
+    by = {r["system"]: r for r in rows}
+    assert by["openvino"]["status"] == "skipped" and by["openvino"]["reason"] == "not here"
+    assert by["padfree"]["fastest_peer"] == "ort"
+    assert by["padfree"]["ratio_to_fastest_peer"] == pytest.approx(by["ort"]["median_ms"] / by["padfree"]["median_ms"])
+    assert len(by["hf-sdpa"]["times_ms"]) == 3
+    result = dict(fake_result(), w1=[], mha=[], w2=[], w3=rows)
+    md = report.markdown(result)
+    assert "W3 (latency" in md and "| 1 | 8 | 8 |" in md and "skipped: **openvino**: not here" in md
+    s = report.w3_summary(result)[0]
+    assert s["configs"] == 1 and s["configs_padfree_fastest"] == 1
+
+
+def test_openvino_baseline_matches_transformers():
+    pytest.importorskip("openvino")
+    from padfree.bench.baselines import build_openvino
+    model = _tiny_bert()
+    run = build_openvino(model, torch.float32, "cpu", log=lambda s: None)
+    assert run.precision == "fp32"
+    for batch, length in ((1, 8), (4, 16)):  # batch 1 has no pad; batch 4 does (dynamic shapes: one model)
+        case = w3.make_w3_case(batch, length, vocab_size=200, seed=1)
+        with torch.inference_mode():
+            ref = model(input_ids=case.input_ids, attention_mask=case.attention_mask).last_hidden_state
+        out = run(case)
+        valid = case.attention_mask.bool()
+        assert out.shape == ref.shape
+        assert float((out[valid] - ref[valid]).abs().max()) < 1e-4
+
+
+def test_cli_arguments_w3():
+    a = parse_args(["--workload", "w3", "--w3-models", "minilm", "--w3-len", "8,16"])
+    assert a.workloads == ["w3"] and a.w3_model_list == ["minilm"] and "openvino" in a.systems
+    with pytest.raises(SystemExit):
+        parse_args(["--workload", "w3", "--w3-models", "gpt2"])

@@ -139,6 +139,78 @@ def build_ort(model, dtype, device, shape_name: str, log=print) -> Runner:
     return run
 
 
+_OV_MODELS: dict[int, tuple[object, object]] = {}  # id(HF model) -> (the model, its converted ov.Model)
+
+
+def openvino_precision(dtype) -> str | None:
+    """The ``INFERENCE_PRECISION_HINT`` OpenVINO is given for a padfree dtype: fp32 -> ``"f32"``; bf16 -> none
+    (OpenVINO's own default on this CPU, bf16 where the CPU has it: what an OpenVINO user gets)."""
+    return {torch.float32: "f32", torch.bfloat16: None}.get(dtype, "unsupported")
+
+
+def _ov_type(t) -> str:
+    """An OpenVINO element type in padfree's names (f32 -> fp32)."""
+    name = t.get_type_name() if hasattr(t, "get_type_name") else str(t)
+    return {"f32": "fp32", "f16": "fp16"}.get(name, name)
+
+
+def build_openvino(model, dtype, device, log=print) -> Runner:
+    """OpenVINO on the CPU: ``openvino.convert_model`` of the same transformers model (traced with a padded
+    example, so the mask is applied), reshaped to dynamic ``[-1, -1]`` inputs (one compiled model serves every
+    batch and length, what a server would deploy), compiled with ``PERFORMANCE_HINT=LATENCY`` (one
+    synchronous request uses every thread) and as many threads as torch. fp32: ``INFERENCE_PRECISION_HINT=f32``;
+    bf16: OpenVINO's default precision on this CPU (reported with the row). Padded inputs, like HF and ORT."""
+    try:
+        import openvino as ov
+    except ImportError:
+        raise Skip("missing package: openvino (pip install padfree[bench])") from None
+    if not str(device).startswith("cpu"):
+        raise Skip("the OpenVINO baseline runs on OpenVINO's CPU device only")
+    hint = openvino_precision(dtype)
+    if hint == "unsupported":
+        raise Skip(f"OpenVINO is compared in fp32 and in its default precision (against padfree bf16), not {dtype}")
+    core = ov.Core()
+    default = _ov_type(core.get_property("CPU", "INFERENCE_PRECISION_HINT"))
+    if hint is None and default != "bf16":
+        log(f"  openvino: default precision on this CPU is {default}, not bf16")
+    t0 = time.perf_counter()
+    cached = _OV_MODELS.get(id(model))
+    if cached is None or cached[0] is not model:
+        ids = torch.randint(1, 100, (2, 16))
+        mask = torch.ones_like(ids)
+        mask[0, 10:] = 0  # a real pad, so that the masking path is traced
+        src = copy.deepcopy(model).float().eval()
+        import warnings
+        try:
+            with warnings.catch_warnings(), torch.no_grad():
+                warnings.simplefilter("ignore")
+                ov_model = ov.convert_model(src, example_input={"input_ids": ids, "attention_mask": mask})
+        except Exception as e:  # noqa: BLE001 - the reason is the result
+            raise Skip(f"openvino.convert_model failed for {type(model).__name__}: {str(e).splitlines()[0][:200]}") from None
+        ov_model.reshape({i.get_any_name(): ov.PartialShape([-1, -1]) for i in ov_model.inputs})
+        _OV_MODELS.clear()
+        _OV_MODELS[id(model)] = (model, ov_model)
+    ov_model = _OV_MODELS[id(model)][1]
+    config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": torch.get_num_threads()}
+    if hint:
+        config["INFERENCE_PRECISION_HINT"] = hint
+    compiled = core.compile_model(ov_model, "CPU", config)
+    precision = _ov_type(compiled.get_property("INFERENCE_PRECISION_HINT"))
+    request = compiled.create_infer_request()
+    names = [i.get_any_name() for i in compiled.inputs]
+    out_port = compiled.outputs[0]
+    log(f"  openvino: converted and compiled in {time.perf_counter() - t0:.1f}s; precision {precision}, "
+        f"dynamic shapes [-1, -1], {config}")
+
+    def run(case):
+        feed = {"input_ids": case.input_ids.numpy(), "attention_mask": case.attention_mask.numpy()}
+        res = request.infer({n: feed[n] for n in names})
+        return torch.from_numpy(res[out_port].copy())
+    run.precision = precision
+    run.compiled = compiled
+    return run
+
+
 class PackedTorchBert:
     """The padding-free PyTorch peer: BERT on packed tokens with ``torch.nn.attention.varlen.varlen_attn``
     (FlashAttention's varlen kernel; CUDA only), stock ``F.linear``/``F.layer_norm``/``F.gelu`` elsewhere."""

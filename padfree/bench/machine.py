@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-LIBRARIES = ("torch", "transformers", "sentence-transformers", "onnxruntime", "onnx", "numpy", "triton", "padfree")
+LIBRARIES = ("torch", "transformers", "sentence-transformers", "onnxruntime", "onnx", "openvino", "numpy", "triton", "padfree")
 
 
 def cpu_model() -> str:
@@ -38,7 +38,10 @@ def cpu_flags() -> list[str]:
 
 def machine_info(device: str) -> dict:
     info = {"cpu": cpu_model(), "cpu_cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "cpu_flags": cpu_flags(), "platform": platform.platform(), "python": platform.python_version()}
+            "cpu_flags": cpu_flags(), "platform": platform.platform(), "python": platform.python_version(),
+            # how torch's OpenMP workers wait between parallel regions: unset/ACTIVE spin, PASSIVE sleeps. On a
+            # loaded machine spinning made every torch system 10-20x slower at small sizes (benchmarks/NOTES.md)
+            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "unset (libgomp default: spin, then sleep)")}
     if device.startswith("cuda") and torch.cuda.is_available():
         p = torch.cuda.get_device_properties(device)
         info.update(gpu=p.name, gpu_memory_gib=round(p.total_memory / 2**30, 1), cuda=torch.version.cuda)
@@ -49,7 +52,9 @@ def describe(info: dict) -> str:
     """One line: the GPU name, or the CPU model with its cores."""
     if "gpu" in info:
         return f"{info['gpu']} ({info['gpu_memory_gib']} GiB), CUDA {info['cuda']}"
-    return f"{info['cpu']}, {info['cpu_cores']} cores ({info['torch_threads']} torch threads)"
+    wait = "" if "omp_wait_policy" not in info or info["omp_wait_policy"].startswith("unset") else \
+        f", OMP_WAIT_POLICY={info['omp_wait_policy']}"
+    return f"{info['cpu']}, {info['cpu_cores']} cores ({info['torch_threads']} torch threads{wait})"
 
 
 def versions() -> dict:

@@ -1,13 +1,13 @@
 """Writing results: JSON (everything), a Markdown table, and a PNG plot of padfree's speedup vs max length.
 
 A result is one dict: ``meta`` (machine, versions, git revision, date, settings), ``peaks`` (measured matmul
-GFLOP/s per dtype), ``w1``/``mha``/``w2`` rows. Summaries (geometric means) are computed here from the rows,
+GFLOP/s per dtype), ``w1``/``mha``/``w2``/``w3`` rows. Summaries (geometric means) are computed here from the rows,
 so the numbers in the Markdown are always those of the JSON beside it.
 """
 from __future__ import annotations
 
 import json
-import math
+import statistics
 from collections import defaultdict
 from pathlib import Path
 
@@ -15,8 +15,9 @@ SCHEMA = "padfree-bench/1"
 
 
 def geomean(xs) -> float | None:
+    """``statistics.geometric_mean`` of the values present (None and 0 are rows without a figure)."""
     xs = [x for x in xs if x]
-    return math.exp(sum(math.log(x) for x in xs) / len(xs)) if xs else None
+    return statistics.geometric_mean(xs) if xs else None
 
 
 def w1_summary(result: dict) -> list[dict]:
@@ -61,7 +62,7 @@ def dtype_ratio_summary(result: dict, fast: str = "bf16", slow: str = "fp32") ->
 # -------------------------------------------------------------------------------------------------- JSON
 def write_json(result: dict, path) -> None:
     result = dict(result, schema=SCHEMA, summary={"w1": w1_summary(result), "peak": padfree_peak_summary(result),
-                                                  "dtype": dtype_ratio_summary(result)})
+                                                  "dtype": dtype_ratio_summary(result), "w3": w3_summary(result)})
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(json.dumps(result, indent=1, default=str) + "\n")
 
@@ -166,16 +167,87 @@ def w2_markdown(result: dict) -> str:
         lines += [f"Corpus: {c['texts']} texts, {c['tokens']} tokens (mean {c['mean_tokens']:.1f}, median "
                   f"{c['p50_tokens']}, p99 {c['p99_tokens']}, max {c['max_tokens']}) — {c['source']}; "
                   f"model {c['model']}.", ""]
-    lines += ["| dtype | system | seconds | texts/s | tokens/s | padfree × (same dtype) | padfree × (vs ST fp32) | "
-              "min cosine vs ST (same dtype) | min cosine vs ST fp32 |", "|---|---|---|---|---|---|---|---|---|"]
+    lines += ["Columns 6-7 (padfree rows): padfree's speedup over sentence-transformers; column 8 (other rows): "
+              "padfree's speedup over that system, same dtype.", "",
+              "| dtype | system | seconds | texts/s | tokens/s | padfree × ST (same dtype) | padfree × ST fp32 | "
+              "padfree × this system | min cosine vs ST (same dtype) | min cosine vs ST fp32 |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in result.get("w2", []):
+        system = r["system"] if r.get("precision") in (None, r["dtype"]) else f"{r['system']} ({r['precision']})"
         if r["status"] != "ok":
-            lines.append(f"| {r['dtype']} | {r['system']} | skipped: {r['reason']} | | | | | | |")
+            lines.append(f"| {r['dtype']} | {system} | skipped: {r['reason']} | | | | | | | |")
             continue
-        lines.append(f"| {r['dtype']} | {r['system']} | {r['median_s']:.2f} | {r['texts_per_s']:.0f} | "
+        lines.append(f"| {r['dtype']} | {system} | {r['median_s']:.2f} | {r['texts_per_s']:.0f} | "
                      f"{r['tokens_per_s']:.0f} | {_f(r.get('speedup_vs_st'), '{:.2f}×')} | "
-                     f"{_f(r.get('speedup_vs_st_fp32'), '{:.2f}×')} | {_f(r.get('min_cosine_vs_st'), '{:.7f}')} | "
-                     f"{_f(r.get('min_cosine_vs_st_fp32'), '{:.7f}')} |")
+                     f"{_f(r.get('speedup_vs_st_fp32'), '{:.2f}×')} | {_f(r.get('padfree_speedup'), '{:.2f}×')} | "
+                     f"{_f(r.get('min_cosine_vs_st'), '{:.7f}')} | {_f(r.get('min_cosine_vs_st_fp32'), '{:.7f}')} |")
+    return "\n".join(lines) + "\n"
+
+
+def w3_summary(result: dict) -> list[dict]:
+    """Per (model, dtype): padfree's ratio to the fastest peer, its geometric mean and its minimum over the
+    configurations, and how many configurations padfree was at least as fast as every peer."""
+    groups = defaultdict(list)
+    for r in result.get("w3", []):
+        if r["system"] == "padfree" and r.get("ratio_to_fastest_peer"):
+            groups[(r["model"], r["dtype"])].append(r["ratio_to_fastest_peer"])
+    return [{"model": m, "dtype": d, "geomean_ratio_to_fastest_peer": geomean(v), "min_ratio_to_fastest_peer": min(v),
+             "configs": len(v), "configs_padfree_fastest": sum(x >= 1.0 for x in v)} for (m, d), v in groups.items()]
+
+
+def w3_markdown(result: dict) -> str:
+    lines = _header(result, "padfree bench — W3 (latency of small requests)")
+    lines += ["Median ms per call (padded ids and mask in, last hidden state out). Last column: padfree's ratio to "
+              "the fastest peer of the same precision, t(fastest peer) / t(padfree); above 1 padfree is faster.", ""]
+    rows = result.get("w3", [])
+    keys = sorted({(r["model"], r["dtype"]) for r in rows if "dtype" in r}, key=lambda k: (k[0] != "minilm", k[0],
+                                                                                          k[1] != "fp32"))
+    summary = {(s["model"], s["dtype"]): s for s in w3_summary(result)}
+    for model, dtype in keys:
+        sub = [r for r in rows if r.get("model") == model and r.get("dtype") == dtype]
+        systems = list(dict.fromkeys(r["system"] for r in sub if r["status"] == "ok"))
+        peers = [s for s in systems if s != "padfree"]
+        prec = {r["system"]: r.get("precision") for r in sub if r["status"] == "ok"}
+        label = lambda s: s if prec.get(s) in (None, dtype) else f"{s} ({prec[s]})"  # noqa: E731
+        lines += [f"## {model}, {dtype}", ""]
+        head = ["batch", "length", "lengths", "padfree ms"] + [f"{label(p)} ms" for p in peers]
+        head += ["fastest peer", "padfree × fastest"]
+        lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for b, n in sorted({(r["batch"], r["length"]) for r in sub}, key=lambda c: (c[0], c[1])):
+            at = {r["system"]: r for r in sub if (r["batch"], r["length"]) == (b, n)}
+            p = at.get("padfree", {})
+            cells = [str(b), str(n), ",".join(map(str, next(iter(at.values()))["lengths"])),
+                     _f(p.get("median_ms"), "{:.2f}")]
+            cells += [_f(at[q].get("median_ms"), "{:.2f}") if q in at and at[q]["status"] == "ok" else "skipped"
+                      for q in peers]
+            ratio = p.get("ratio_to_fastest_peer")
+            cells += [p.get("fastest_peer", "–"), "–" if ratio is None else
+                      (f"**{ratio:.2f}×**" if ratio >= 1 else f"{ratio:.2f}×")]
+            lines.append("| " + " | ".join(cells) + " |")
+        s = summary.get((model, dtype))
+        if s:
+            lines += ["", f"padfree × fastest peer: geometric mean **{s['geomean_ratio_to_fastest_peer']:.2f}×**, "
+                          f"lowest {s['min_ratio_to_fastest_peer']:.2f}×; padfree at least as fast as every peer in "
+                          f"{s['configs_padfree_fastest']} of {s['configs']} configurations."]
+        for system, reason in {r["system"]: r["reason"] for r in sub
+                               if r["status"] != "ok" and r["system"] not in systems}.items():
+            lines.append(f"- skipped: **{system}**: {reason}")
+        for r in sub:
+            if r["status"] != "ok" and r["system"] in systems:
+                lines.append(f"- failed: **{r['system']}** at batch {r['batch']}, length {r['length']}: {r['reason']}")
+        lines.append("")
+    for r in rows:
+        if "dtype" not in r:
+            lines.append(f"- skipped: model **{r['model']}**: {r['reason']}")
+    cold = [r for r in rows if r.get("build_s") is not None]
+    if cold:
+        lines += ["## Cold start", "",
+                  "Seconds to build each system from the loaded transformers model (OpenVINO converts once per model; "
+                  "its second precision reuses the conversion), and its first call (first configuration, before "
+                  "warm-up).", "", "| model | dtype | system | build s | first call ms |", "|---|---|---|---|---|"]
+        lines += [f"| {r['model']} | {r['dtype']} | {r['system']} | {r['build_s']:.2f} | {r['first_call_ms']:.1f} |"
+                  for r in cold]
+        lines.append("")
     return "\n".join(lines) + "\n"
 
 
@@ -185,6 +257,8 @@ def markdown(result: dict) -> str:
         parts.append(w1_markdown(result))
     if result.get("w2"):
         parts.append(w2_markdown(result))
+    if result.get("w3"):
+        parts.append(w3_markdown(result))
     return "\n".join(parts)
 
 

@@ -1,4 +1,5 @@
-"""``padfree bench``: W1 (the ByteTransformer protocol) and W2 (a real corpus), side by side with the baselines.
+"""``padfree bench``: W1 (the ByteTransformer protocol), W2 (a real corpus) and W3 (latency of small requests),
+side by side with the baselines.
 
 Examples::
 
@@ -6,15 +7,18 @@ Examples::
     padfree bench --quick --json 'benchmarks/results/cpu-epyc-2c-{workload}.json' \\
         --markdown 'benchmarks/results/cpu-epyc-2c-{workload}.md' --plot benchmarks/results/cpu-epyc-2c-w1.png
     padfree bench --device cuda --dtype fp16,bf16          # GPU: adds the varlen_attn packed baseline
+    padfree bench --workload w3                            # latency: batch 1/4, 8-128 tokens, MiniLM and BERT-base
 
-A ``{workload}`` in an output path writes one file per workload (w1, w2); without it, one file holds both.
+A ``{workload}`` in an output path writes one file per workload (w1, w2, w3); without it, one file holds all.
 Timed runs (``RunPolicy``): full sweep 1 warm-up + 10 timed runs; ``--quick`` 1 warm-up + 5 timed runs, cut to
 no fewer than 3 where a configuration's rounds would take more than 60 s (the padded baselines at max length 512
-on a 2-core CPU), and W2 on 1500 texts with 3 timed runs. Systems are timed in interleaved rounds (timing.py).
+on a 2-core CPU), and W2 on 1500 texts with 3 timed runs; W3 (quick or not): 5 warm-up calls, then the median of
+30 calls. Systems are timed in interleaved rounds (timing.py).
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import time
@@ -24,9 +28,11 @@ import torch
 from . import baselines as bl
 from . import machine, report
 from .timing import RunPolicy, time_interleaved
+from .w3 import W3_BATCHES, W3_LENGTHS, W3_MODELS, W3_POLICY, W3_SYSTEMS, run_w3, w3_grid
 from .workloads import MODEL_SHAPES, Shape, attention_flops, build_hf_model, encoder_flops, make_w1_case, w1_grid
 
-W1_SYSTEMS = ("padfree", "hf-eager", "hf-sdpa", "hf-sdpa-compile", "ort", "torch-varlen")
+W1_SYSTEMS = ("padfree", "hf-eager", "hf-sdpa", "hf-sdpa-compile", "ort", "openvino", "torch-varlen")
+WORKLOADS = ("w1", "w2", "w3")
 QUICK_POLICY = RunPolicy(runs=5, min_runs=3, budget_s=60.0)
 FULL_POLICY = RunPolicy(runs=10, min_runs=5, budget_s=600.0)
 QUICK_W2 = (1500, RunPolicy(runs=3, min_runs=3))
@@ -39,22 +45,27 @@ def parse_args(argv):
     p.add_argument("--quick", action="store_true", help="batch 16, max length 64/128/256/512, fewer runs, W2 on 1500 texts")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     p.add_argument("--dtype", help="comma list of fp32,bf16,fp16 (default: fp32,bf16 on CPU; fp16,bf16 on GPU)")
-    p.add_argument("--workload", default="w1,w2", help="comma list of w1,w2 (default both)")
+    p.add_argument("--workload", default="w1,w2", help="comma list of w1,w2,w3 (default w1,w2)")
     p.add_argument("--model-shape", default="bert-base", help=f"W1 model shapes, comma list of {','.join(MODEL_SHAPES)}")
-    p.add_argument("--systems", default=",".join(W1_SYSTEMS), help="W1 systems to run (default all that can)")
+    p.add_argument("--systems", default=",".join(W1_SYSTEMS), help="W1 and W3 systems to run (default all that can)")
     p.add_argument("--no-mha", action="store_true", help="skip the MHA-only comparison")
     p.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
                    help="the torch.compile baseline: auto = GPU, and CPU outside --quick (compiling takes ~45 s on 2 cores)")
     p.add_argument("--batch", help="override the W1 batch sizes (comma list)")
     p.add_argument("--max-len", help="override the W1 max lengths (comma list)")
     p.add_argument("--w2-texts", type=int, help="number of corpus texts for W2")
+    p.add_argument("--w3-models", default=",".join(W3_MODELS), help=f"W3 models, comma list of {','.join(W3_MODELS)}")
+    p.add_argument("--w3-batch", help=f"override the W3 batch sizes (default {','.join(map(str, W3_BATCHES))})")
+    p.add_argument("--w3-len", help=f"override the W3 lengths (default {','.join(map(str, W3_LENGTHS))})")
+    p.add_argument("--w3-calls", type=int, default=W3_POLICY.runs, help="W3 timed calls per system (median)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, help="torch/ORT intra-op threads (default: torch's)")
+    p.add_argument("--threads", type=int, help="intra-op threads of torch, ORT and OpenVINO (default: torch's)")
     p.add_argument("--json", help="write results as JSON ('{workload}' in the path: one file per workload)")
     p.add_argument("--markdown", help="write a Markdown report (same '{workload}' rule)")
     p.add_argument("--plot", help="write the W1 speedup plot (PNG)")
     args = p.parse_args(argv)
-    args.workloads = _list(args.workload, ("w1", "w2"), "--workload")
+    args.workloads = _list(args.workload, WORKLOADS, "--workload")
+    args.w3_model_list = _list(args.w3_models, W3_MODELS, "--w3-models")
     args.dtypes = _list(args.dtype or ("fp32,bf16" if args.device == "cpu" else "fp16,bf16"), tuple(bl.DTYPES), "--dtype")
     args.shapes = _list(args.model_shape, MODEL_SHAPES, "--model-shape")
     args.systems = _list(args.systems, W1_SYSTEMS, "--systems")
@@ -86,6 +97,7 @@ def _builders(args, shape: str):
         "hf-sdpa": lambda m, d: bl.build_hf_sdpa(m, d, args.device),
         "hf-sdpa-compile": lambda m, d: bl.build_hf_sdpa_compiled(m, d, args.device, compile_ok, why),
         "ort": lambda m, d: bl.build_ort(m, d, args.device, shape, _log),
+        "openvino": lambda m, d: bl.build_openvino(m, d, args.device, _log),
         "torch-varlen": lambda m, d: bl.build_torch_varlen(m, d, args.device),
     }
 
@@ -177,6 +189,16 @@ def run_mha(args, model, dname, encoder, grid, policy, peaks, result) -> None:
                                                          for n, t in timings.items() if t.median_s))
 
 
+def run_w3_workload(args, result: dict) -> None:
+    grid = w3_grid([int(x) for x in args.w3_batch.split(",")] if args.w3_batch else W3_BATCHES,
+                   [int(x) for x in args.w3_len.split(",")] if args.w3_len else W3_LENGTHS)
+    builders = _builders(args, "bert-base")
+    systems = [s for s in W3_SYSTEMS if s in args.systems]
+    policy = dataclasses.replace(W3_POLICY, runs=args.w3_calls, min_runs=args.w3_calls)
+    result["w3"] = run_w3(args.w3_model_list, args.dtypes, builders, systems, args.seed, grid, policy,
+                          args.device, _log)
+
+
 def _outputs(path: str | None, workloads: list[str]) -> dict[str, str]:
     """workload -> file; '{workload}' in the path splits per workload, else one file for all."""
     if not path:
@@ -187,8 +209,9 @@ def _outputs(path: str | None, workloads: list[str]) -> dict[str, str]:
 
 
 def _subset(result: dict, workload: str) -> dict:
-    keep = {"w1": ("w1", "mha"), "w2": ("w2", "w2_corpus"), "all": ("w1", "mha", "w2", "w2_corpus")}[workload]
-    return {k: v for k, v in result.items() if k not in ("w1", "mha", "w2", "w2_corpus") or k in keep}
+    parts = ("w1", "mha", "w2", "w2_corpus", "w3")
+    keep = {"w1": ("w1", "mha"), "w2": ("w2", "w2_corpus"), "w3": ("w3",), "all": parts}[workload]
+    return {k: v for k, v in result.items() if k not in parts or k in keep}
 
 
 def _wants_coldstart(argv: list[str]) -> bool:
@@ -221,11 +244,12 @@ def main(argv: list[str] | None = None) -> dict:
             "device": args.device, "dtypes": args.dtypes, "seed": args.seed, "quick": args.quick,
             "timing": (f"median of {policy.runs} timed runs after 1 warm-up (cut to >= {policy.min_runs} where a "
                        f"configuration's rounds pass {policy.budget_s:.0f} s), systems interleaved round by round; "
-                       f"W2: {w2_policy.runs} timed runs")}
+                       f"W2: {w2_policy.runs} timed runs; W3: median of {args.w3_calls} calls after "
+                       f"{W3_POLICY.warmup} warm-up calls")}
     _log(f"padfree bench on {meta['machine_line']}; git {meta['git_revision']}")
-    result = {"meta": meta, "peaks": {}, "w1": [], "mha": [], "w2": [], "w2_corpus": {}}
+    result = {"meta": meta, "peaks": {}, "w1": [], "mha": [], "w2": [], "w2_corpus": {}, "w3": []}
     t0 = time.perf_counter()
-    for d in args.dtypes:
+    for d in (args.dtypes if {"w1", "w2"} & set(args.workloads) else []):  # W3 reports no GFLOP/s
         result["peaks"][d] = machine.matmul_peak(bl.DTYPES[d], args.device)
         _log(f"matmul peak {d}: {result['peaks'][d]['gflops']:.0f} GFLOP/s {result['peaks'][d]['gflops_by_path']}")
     if "w1" in args.workloads:
@@ -235,6 +259,8 @@ def main(argv: list[str] | None = None) -> dict:
         from .w2 import run_w2
         texts = stdlib_paragraphs(limit=args.w2_texts or w2_texts)
         result["w2"], result["w2_corpus"] = run_w2(texts, args.dtypes, args.device, w2_policy, log=_log)
+    if "w3" in args.workloads:
+        run_w3_workload(args, result)
     meta["elapsed_s"] = time.perf_counter() - t0
     for w, path in _outputs(args.json, args.workloads).items():
         report.write_json(_subset(result, w), path)

@@ -16,10 +16,12 @@ from typing import Callable
 @dataclass(frozen=True)
 class RunPolicy:
     """How many timed runs: ``runs`` per system, cut to no fewer than ``min_runs`` once the timed rounds of a
-    configuration would pass ``budget_s`` (the expensive padded baselines at long lengths in ``--quick``)."""
+    configuration would pass ``budget_s`` (the expensive padded baselines at long lengths in ``--quick``).
+    ``warmup`` untimed calls per system come first (the first one's time is kept as ``warmup_s``)."""
     runs: int = 5
     min_runs: int = 3
     budget_s: float = float("inf")
+    warmup: int = 1
 
 
 @dataclass
@@ -57,7 +59,7 @@ class _Timer:
 
 def time_interleaved(systems: dict[str, Callable[[], object]], policy: RunPolicy, device: str = "cpu",
                      log: Callable[[str], None] = lambda s: None) -> dict[str, Timing]:
-    """Warm each system up once, then time them in rounds; a system that raises is recorded with its error
+    """Warm each system up (``policy.warmup`` calls), then time them in rounds; a system that raises is recorded with its error
     and left out of later rounds (never silently dropped)."""
     timer = _Timer(device)
     out = {name: Timing() for name in systems}
@@ -65,6 +67,8 @@ def time_interleaved(systems: dict[str, Callable[[], object]], policy: RunPolicy
     for name, fn in systems.items():
         try:
             out[name].warmup_s = timer(fn)
+            for _ in range(policy.warmup - 1):
+                fn()
             live[name] = fn
         except Exception as e:  # noqa: BLE001 - the reason is the result
             out[name].error = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"

@@ -1,9 +1,11 @@
 """W2: a real corpus with a real model, all-MiniLM-L6-v2 on paragraphs of the Python standard library's docstrings.
 
-sentence-transformers ``encode()`` (it sorts the texts by length, batch 32) against padfree's
-``SentenceEncoder.encode()`` in arrival order (token-budget batches), both from raw text to embeddings,
-same precision. Reported: texts/s, tokens/s, the speedup, and the minimum cosine similarity of padfree's
-embedding to sentence-transformers' over every text (same precision, and against fp32).
+sentence-transformers ``encode()`` (it sorts the texts by length, batch 32) and OpenVINO used the way
+sentence-transformers batches (:func:`openvino_encoder`: sorted by length, batch 32, each batch padded to its
+longest text) against padfree's ``SentenceEncoder.encode()`` in arrival order (token-budget batches), all from
+raw text to embeddings, same precision (OpenVINO: fp32, and its own default precision against padfree bf16).
+Reported: texts/s, tokens/s, the speedups, and the minimum cosine similarity of each embedding to
+sentence-transformers' over every text (same precision, and against fp32).
 """
 from __future__ import annotations
 
@@ -30,6 +32,50 @@ def min_cosine(a: np.ndarray, b: np.ndarray) -> float:
     return float(cos.min())
 
 
+def openvino_encoder(path: str, dtype: torch.dtype, log=print):
+    """``encode(texts) -> numpy [N, D]`` with OpenVINO, batched as sentence-transformers does: texts sorted by
+    length (longest first), batches of 32, each padded to its longest text by the model's tokenizer, then the
+    directory's pooling (mean or CLS) and Normalize. The model is the same transformers encoder, converted and
+    compiled by :func:`padfree.bench.baselines.build_openvino` (dynamic ``[-1, -1]`` shapes)."""
+    import json
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    import transformers as tf
+
+    from ..sentence import _read_modules
+    from .baselines import Skip, build_openvino
+
+    transformer_dir, modes, normalize_ = _read_modules(Path(path))
+    if modes not in (["mean"], ["cls"]):
+        raise Skip(f"the OpenVINO W2 baseline implements mean or CLS pooling, not {modes}")
+    conf_file = transformer_dir / "sentence_bert_config.json"
+    max_len = json.loads(conf_file.read_text()).get("max_seq_length", 512) if conf_file.is_file() else 512
+    hf = tf.AutoModel.from_pretrained(str(transformer_dir), attn_implementation="sdpa").eval()
+    run = build_openvino(hf, dtype, "cpu", log)
+    tok = tf.AutoTokenizer.from_pretrained(str(transformer_dir))
+
+    def encode(texts, batch_size: int = 32) -> np.ndarray:
+        order = np.argsort([-len(t) for t in texts], kind="stable")
+        out = np.empty((len(texts), hf.config.hidden_size), dtype=np.float32)
+        for start in range(0, len(texts), batch_size):
+            idx = order[start:start + batch_size]
+            enc = tok([texts[i] for i in idx], padding=True, truncation=True, max_length=max_len,
+                      return_tensors="pt")
+            hidden = run(SimpleNamespace(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])).float()
+            if modes == ["cls"]:
+                emb = hidden[:, 0]
+            else:
+                m = enc["attention_mask"].unsqueeze(-1).float()  # [b, S, 1]
+                emb = (hidden * m).sum(1) / m.sum(1).clamp(min=1e-9)
+            if normalize_:
+                emb = torch.nn.functional.normalize(emb, dim=-1)
+            out[idx] = emb.numpy()
+        return out
+    encode.precision = getattr(run, "precision", None)
+    return encode
+
+
 def run_w2(texts: list[str], dtypes: list[str], device: str, policy: RunPolicy, path: str | None = None,
            batch_tokens: int = 8192, log=print) -> tuple[list[dict], dict]:
     """Rows for the report (one per system and dtype) and corpus facts."""
@@ -45,6 +91,12 @@ def run_w2(texts: list[str], dtypes: list[str], device: str, policy: RunPolicy, 
         dtype = DTYPES[name]
         enc = padfree.SentenceEncoder.from_pretrained(path, dtype=dtype, device=device)
         st = SentenceTransformer(path, device=device, model_kwargs={"dtype": dtype})
+        from .baselines import Skip
+        try:
+            ov = openvino_encoder(path, dtype, log) if device == "cpu" else None
+            ov_skip = None if ov else "the OpenVINO baseline runs on the CPU only"
+        except Skip as e:
+            ov, ov_skip = None, str(e)
         lengths = [len(t) for t in enc.tokenize(texts)]
         tokens = sum(lengths)
         corpus = {"texts": len(texts), "tokens": tokens, "mean_tokens": tokens / len(texts),
@@ -59,8 +111,13 @@ def run_w2(texts: list[str], dtypes: list[str], device: str, policy: RunPolicy, 
         def pf_run():
             outputs["padfree"] = enc.encode(texts, batch_tokens=batch_tokens)
 
+        systems = {"sentence-transformers": st_run, "padfree": pf_run}
+        if ov is not None:
+            def ov_run():
+                outputs["openvino"] = ov(texts, batch_size=32)
+            systems["openvino"] = ov_run
         log(f"W2 {name}: {len(texts)} texts, {tokens} tokens")
-        timings = time_interleaved({"sentence-transformers": st_run, "padfree": pf_run}, policy, device, log)
+        timings = time_interleaved(systems, policy, device, log)
         if name == "fp32":
             fp32_reference = outputs.get("st")
         t_st = timings["sentence-transformers"].median_s
@@ -70,13 +127,25 @@ def run_w2(texts: list[str], dtypes: list[str], device: str, policy: RunPolicy, 
                    "times_s": tm.times_s, "warmup_s": tm.warmup_s, "median_s": tm.median_s}
             if tm.median_s:
                 row.update(texts_per_s=len(texts) / tm.median_s, tokens_per_s=tokens / tm.median_s)
+            t_pf = timings["padfree"].median_s
+            if system != "padfree" and tm.median_s and t_pf:
+                row["padfree_speedup"] = tm.median_s / t_pf
+            if system == "openvino":
+                row["precision"] = ov.precision
+                if "openvino" in outputs and "st" in outputs:
+                    row["min_cosine_vs_st"] = min_cosine(outputs["openvino"], outputs["st"])
+                    if fp32_reference is not None:
+                        row["min_cosine_vs_st_fp32"] = min_cosine(outputs["openvino"], fp32_reference)
             if system == "padfree" and tm.median_s and t_st:
                 row["speedup_vs_st"] = t_st / tm.median_s
                 row["min_cosine_vs_st"] = min_cosine(outputs["padfree"], outputs["st"])
                 if fp32_reference is not None:
                     row["min_cosine_vs_st_fp32"] = min_cosine(outputs["padfree"], fp32_reference)
             rows.append(row)
-        del enc, st
+        if ov_skip:
+            rows.append({"workload": "w2", "dtype": name, "system": "openvino", "texts": len(texts), "tokens": tokens,
+                         "status": "skipped", "reason": ov_skip})
+        del enc, st, ov
     # bf16 against the fp32 sentence-transformers baseline too (the issue's "bf16 >= 3.5x" reads either way)
     st32 = next((r for r in rows if r["dtype"] == "fp32" and r["system"] == "sentence-transformers"), None)
     for r in rows:
