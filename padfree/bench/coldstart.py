@@ -6,8 +6,8 @@ Each run spawns ``python -c`` that loads all-MiniLM-L6-v2 and embeds one text, w
 before the spawn to the child's clock reading right after its first embedding (interpreter start-up and every
 import included, the child's exit not). Peak RSS: the child's ``ru_maxrss`` from ``os.wait4``.
 
-    padfree bench --workload coldstart --runs 7 --json 'benchmarks/results/cpu-epyc-2c-{workload}.json' \\
-        --markdown 'benchmarks/results/cpu-epyc-2c-{workload}.md'
+    padfree bench --workload coldstart --runs 7 --json 'benchmarks/results/cpu-xeon-2c-{workload}.json' \\
+        --markdown 'benchmarks/results/cpu-xeon-2c-{workload}.md'
 """
 from __future__ import annotations
 
