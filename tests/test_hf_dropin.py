@@ -107,3 +107,19 @@ def test_pad_columns_of_position_ids_are_ignored():
     rows = hf_default_rows(model, ids, mask).masked_fill(mask == 0, -7)
     base = enc(ids, mask, position_ids=hf_default_rows(model, ids, mask)).last_hidden_state
     assert torch.equal(enc(ids, mask, position_ids=rows).last_hidden_state, base)
+
+
+@pytest.mark.parametrize("family", ["bert", "roberta"])
+@pytest.mark.parametrize("positions", [[0, 1, 40], [0, -1, 2]])  # past the 40-row table (after the offset), negative
+def test_out_of_range_positions_of_a_packed_batch_are_a_value_error(family, positions):
+    """A batch built by hand (or from_padded with explicit positions) reaches the encoder without Encoder.pack's
+    check: its positions are checked with the ids, not left to the embedding lookup's IndexError."""
+    enc = padfree.from_pretrained(make(family, 0))
+    batch = padfree.PackedBatch(torch.tensor([5, 6, 7]), torch.zeros(3, dtype=torch.long), torch.tensor(positions),
+                                torch.tensor([0, 3], dtype=torch.int32), 3)
+    with pytest.raises(ValueError, match=r"position_ids must be in \[0, 40\)"):
+        enc.forward_packed(batch)
+    ids = torch.tensor([[5, 6, 7]])
+    packed = padfree.PackedBatch.from_padded(ids, torch.ones_like(ids), position_ids=torch.tensor([positions]))
+    with pytest.raises(ValueError, match="position_ids must be in"):
+        enc.forward_packed(packed)

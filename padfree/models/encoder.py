@@ -109,21 +109,27 @@ class Encoder(nn.Module):
 
     # ------------------------------------------------------------------ packed path
     def check_batch(self, batch: PackedBatch) -> None:
-        """``ValueError`` if the batch cannot be encoded by this model (ids, types or lengths out of range)."""
+        """``ValueError`` if the batch cannot be encoded by this model (ids, types, positions or lengths out of
+        range)."""
         cfg = self.config
         if batch.max_seqlen > cfg.max_sequence_length:
             raise ValueError(f"sequence length {batch.max_seqlen} exceeds the model's limit of "
                              f"{cfg.max_sequence_length} tokens (max_position_embeddings)")
-        ids = batch.input_ids
-        lo, hi = int(ids.min()), int(ids.max())
-        if lo < 0 or hi >= cfg.vocab_size:
-            bad = lo if lo < 0 else hi
-            raise ValueError(f"token id {bad} is outside the vocabulary [0, {cfg.vocab_size})")
-        types = batch.token_type_ids
+        checked = [batch.input_ids, batch.token_type_ids]
+        if self.embeddings.position is not None:  # position ids index the table only where the family has one
+            checked.append(batch.position_ids)
+        # min and max of each in one host read
+        bounds = torch.stack([v.long() for t in checked for v in torch.aminmax(t)]).tolist()
+        (id_lo, id_hi), (type_lo, type_hi) = bounds[0:2], bounds[2:4]
+        if id_lo < 0 or id_hi >= cfg.vocab_size:
+            raise ValueError(f"token id {id_lo if id_lo < 0 else id_hi} is outside the vocabulary "
+                             f"[0, {cfg.vocab_size})")
         n_types = max(cfg.type_vocab_size, 1)
-        if int(types.min()) < 0 or int(types.max()) >= n_types:
-            raise ValueError(f"token_type_ids must be in [0, {n_types}); got values in "
-                             f"[{int(types.min())}, {int(types.max())}]")
+        if type_lo < 0 or type_hi >= n_types:
+            raise ValueError(f"token_type_ids must be in [0, {n_types}); got values in [{type_lo}, {type_hi}]")
+        if len(bounds) == 6 and (bounds[4] < 0 or bounds[5] >= cfg.max_sequence_length):
+            raise ValueError(f"position_ids must be in [0, {cfg.max_sequence_length}) (the position table after "
+                             f"its offset); got values in [{bounds[4]}, {bounds[5]}]")
 
     @torch.inference_mode()
     def forward_packed(self, batch: PackedBatch, check: bool = True) -> torch.Tensor:
