@@ -20,7 +20,7 @@ from .loading import Loaded, load
 from .models.encoder import Encoder
 from .ops.activations import apply_activation
 from .outputs import SequenceClassifierOutput, TokenClassifierOutput
-from .sentence import DEFAULT_BATCH_TOKENS, token_budget_batches
+from .sentence import DEFAULT_BATCH_TOKENS, _read_json, token_budget_batches
 from .tokenizer import Tokenizer, check_texts
 
 PROBLEM_TYPES = ("single_label_classification", "multi_label_classification", "regression")
@@ -265,7 +265,7 @@ class CrossEncoder:
             or conf.get("max_length")
         return cls(clf, clf.tokenizer, activation, limit)
 
-    def score(self, pairs: Sequence[tuple[str, str]], batch_tokens: int = 8192) -> np.ndarray:
+    def score(self, pairs: Sequence[tuple[str, str]], batch_tokens: int = DEFAULT_BATCH_TOKENS) -> np.ndarray:
         """Scores ``[N]`` (or ``[N, num_labels]``) for (query, passage) pairs, in input order; pairs are
         batched in order by a budget of ``batch_tokens`` real tokens."""
         encoder = self.classifier.encoder
@@ -307,10 +307,6 @@ class CrossEncoder:
             order = np.argsort(-s, kind="stable")[:top_k]
             out.append([{"corpus_id": int(i), "score": float(s[i])} for i in order])
         return out
-
-
-def _read_json(file: Path) -> dict:
-    return json.loads(file.read_text()) if file.is_file() else {}
 
 
 def _maybe_tokenizer(source) -> Tokenizer | None:

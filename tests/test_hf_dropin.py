@@ -86,8 +86,8 @@ def test_output_objects_read_like_transformers():
 
 
 @pytest.mark.parametrize("rows,match", [
-    (lambda S: torch.full((len(LENGTHS), S), 1), r"position_ids of real tokens must be in \[2, 42\)"),  # < offset
-    (lambda S: torch.full((len(LENGTHS), S), 42), r"in \[2, 42\).*\[42, 42\]"),  # past the table
+    (lambda S: torch.full((len(LENGTHS), S), 1), r"rows \[2, 42\) of the position table.*rows \[1, 1\]"),  # < offset
+    (lambda S: torch.full((len(LENGTHS), S), 42), r"rows \[2, 42\).*rows \[42, 42\]"),  # past the table
     (lambda S: torch.zeros(len(LENGTHS), S + 1, dtype=torch.long), "shape"),
     (lambda S: torch.zeros(len(LENGTHS), S), "integer tensor"),  # float positions
 ])

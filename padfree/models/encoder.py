@@ -128,8 +128,11 @@ class Encoder(nn.Module):
         if type_lo < 0 or type_hi >= n_types:
             raise ValueError(f"token_type_ids must be in [0, {n_types}); got values in [{type_lo}, {type_hi}]")
         if len(bounds) == 6 and (bounds[4] < 0 or bounds[5] >= cfg.max_sequence_length):
-            raise ValueError(f"position_ids must be in [0, {cfg.max_sequence_length}) (the position table after "
-                             f"its offset); got values in [{bounds[4]}, {bounds[5]}]")
+            off = cfg.position_offset
+            raise ValueError(f"position_ids must be in [0, {cfg.max_sequence_length}) (rows [{off}, "
+                             f"{cfg.max_position_embeddings}) of the position table as transformers numbers them); "
+                             f"got values in [{bounds[4]}, {bounds[5]}]" + (f" (rows [{bounds[4] + off}, "
+                             f"{bounds[5] + off}])" if off else ""))
 
     @torch.inference_mode()
     def forward_packed(self, batch: PackedBatch, check: bool = True) -> torch.Tensor:
@@ -204,24 +207,14 @@ class Encoder(nn.Module):
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         if position_ids is not None:
-            position_ids = self._table_rows_to_positions(position_ids, attention_mask)
+            position_ids = self._table_rows_to_positions(position_ids)
         return PackedBatch.from_padded(input_ids, attention_mask, token_type_ids, position_ids)
 
-    def _table_rows_to_positions(self, position_ids, attention_mask) -> torch.Tensor:
-        """transformers' ``position_ids`` (rows of the position table, ``[B, S]``) as padfree positions (the row
-        minus the family's offset); ``ValueError`` if a real token's row is outside the table."""
+    def _table_rows_to_positions(self, position_ids) -> torch.Tensor:
+        """transformers' ``position_ids`` (rows of the position table, ``[B, S]``) as padfree positions: the row
+        minus the family's offset. Shape and range are checked where the batch is packed and encoded."""
         cfg = self.config
         position_ids = torch.as_tensor(position_ids, device=self.device)
-        mask = torch.as_tensor(attention_mask, device=self.device)
         if position_ids.dtype.is_floating_point or position_ids.dtype == torch.bool:
             raise ValueError(f"position_ids must be an integer tensor; got {position_ids.dtype}")
-        if position_ids.shape != mask.shape:
-            raise ValueError(f"position_ids shape {tuple(position_ids.shape)} does not match "
-                             f"attention_mask shape {tuple(mask.shape)}")
-        real = position_ids[mask != 0]
-        lo, hi = cfg.position_offset, cfg.max_position_embeddings
-        if real.numel() and (int(real.min()) < lo or int(real.max()) >= hi):
-            raise ValueError(f"position_ids of real tokens must be in [{lo}, {hi}) (rows of the position table"
-                             f"{f' after its offset {lo}' if lo else ''}); got values in "
-                             f"[{int(real.min())}, {int(real.max())}]")
-        return position_ids - lo
+        return position_ids - cfg.position_offset  # the range is checked on the packed batch (check_batch)
