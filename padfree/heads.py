@@ -56,8 +56,6 @@ def _tokenize(tokenizer: Tokenizer, encoder: Encoder, texts, pairs=None, max_len
 
 def _batches(ids, types, batch_tokens: int, device):
     """``(start, end, PackedBatch)`` for consecutive ranges of at most ``batch_tokens`` real tokens."""
-    if isinstance(batch_tokens, bool) or not isinstance(batch_tokens, int) or batch_tokens < 1:
-        raise ValueError(f"batch_tokens must be an int >= 1; got {batch_tokens!r}")
     for start, end in token_budget_batches([len(s) for s in ids], batch_tokens):
         yield start, end, PackedBatch.from_sequences(ids[start:end], None if types is None else types[start:end],
                                                      device=device)

@@ -204,11 +204,7 @@ class SentenceEncoder:
         texts = [texts] if single else check_texts(texts)
         if batch_tokens is None:
             batch_tokens = DEFAULT_BATCH_TOKENS if batch_size is None else 1 << 62
-        if isinstance(batch_tokens, bool) or not isinstance(batch_tokens, int) or batch_tokens < 1:
-            raise ValueError(f"batch_tokens must be an int >= 1; got {batch_tokens!r}")
-        if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int)
-                                       or batch_size < 1):
-            raise ValueError(f"batch_size must be an int >= 1 (a count of texts); got {batch_size!r}")
+        token_budget_batches([], batch_tokens, batch_size)  # checks both limits before any work (also for no texts)
         norm = self.normalize_embeddings if normalize_embeddings is None else normalize_embeddings
         text_prompt = self.resolve_prompt(prompt, prompt_name)
         skip = self._prompt_length(text_prompt) if text_prompt and not self.include_prompt else 0
@@ -216,7 +212,7 @@ class SentenceEncoder:
         if len(texts) == 0:
             return out
         ids = self.tokenize(texts, truncate, text_prompt)
-        batches = list(token_budget_batches([len(s) for s in ids], batch_tokens, batch_size))
+        batches = token_budget_batches([len(s) for s in ids], batch_tokens, batch_size)
         bar = None
         if show_progress_bar:
             from tqdm.auto import tqdm
@@ -251,14 +247,24 @@ def _without_prefix(hidden: torch.Tensor, batch: PackedBatch, skip: int) -> tupl
     return hidden[keep], sub
 
 
-def token_budget_batches(lengths: Sequence[int], budget: int, max_items: int | None = None):
-    """Yield ``(start, end)`` ranges of consecutive items whose lengths sum to at most ``budget`` and, if
-    ``max_items`` is given, that hold at most that many items (an item longer than the budget alone forms a batch)."""
-    start, used = 0, 0
+def _positive_int(name: str, value, what: str = "") -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be an int >= 1{what}; got {value!r}")
+
+
+def token_budget_batches(lengths: Sequence[int], budget: int, max_items: int | None = None) -> list[tuple[int, int]]:
+    """``(start, end)`` ranges of consecutive items whose lengths sum to at most ``budget`` and, if ``max_items`` is
+    given, that hold at most that many items (an item longer than the budget alone forms a batch). ``ValueError``
+    for a budget or count that is not a positive int (every batching call of padfree comes through here)."""
+    _positive_int("batch_tokens", budget)
+    if max_items is not None:
+        _positive_int("batch_size", max_items, " (a count of texts)")
+    out, start, used = [], 0, 0
     for i, n in enumerate(lengths):
         if used and (used + n > budget or (max_items is not None and i - start >= max_items)):
-            yield start, i
+            out.append((start, i))
             start, used = i, 0
         used += n
     if start < len(lengths):
-        yield start, len(lengths)
+        out.append((start, len(lengths)))
+    return out
