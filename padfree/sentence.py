@@ -187,7 +187,7 @@ class SentenceEncoder:
             for i, s in enumerate(ids):
                 if len(s) > limit:
                     raise ValueError(f"text {i} has {len(s)} tokens, more than the limit of {limit}; "
-                                     "pass truncate=True to cut it")
+                                     "truncate to cut it")
         return ids
 
     def prompt_skip(self, prompt: str | None) -> int:
