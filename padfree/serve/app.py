@@ -562,7 +562,7 @@ def create_app(models: Sequence[Served], config: ServeConfig | None = None) -> F
     @app.get("/health", tags=["text-embeddings-inference"])
     async def health():
         for m in state.models.values():
-            if time.perf_counter() - m.last_ok < HEALTH_FRESH_S:
+            if m.last_error is None and time.perf_counter() - m.last_ok < HEALTH_FRESH_S:
                 continue
             # nothing ran lately, or the last batch failed: prove the model runs on a tiny input
             probe = m.task.tokenize(["health"], truncate=True)
