@@ -28,6 +28,7 @@ class Conn:
     def __init__(self, host: str, port: int):
         self.host, self.port = host, port
         self.reader = self.writer = None
+        self.answered = False
 
     async def post(self, path: str, body: bytes) -> tuple[int, bytes]:
         """One request; a kept-alive connection the server closed meanwhile (uvicorn drops idle ones after 5 s)
@@ -39,19 +40,25 @@ class Conn:
             self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
         try:
             return await self._post(path, body)
-        except (asyncio.IncompleteReadError, ConnectionError) as e:
-            if not reused or (isinstance(e, asyncio.IncompleteReadError) and e.partial):
+        except (asyncio.IncompleteReadError, ConnectionError):
+            if not reused or self.answered:
                 raise
             self.close()
             self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
             return await self._post(path, body)
 
     async def _post(self, path: str, body: bytes) -> tuple[int, bytes]:
+        self.answered = False
         head = (f"POST {path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\nContent-Type: application/json\r\n"
                 f"Accept: application/json\r\nContent-Length: {len(body)}\r\n\r\n").encode("ascii")
         self.writer.write(head + body)
         await self.writer.drain()
-        raw = await self.reader.readuntil(b"\r\n\r\n")
+        try:
+            raw = await self.reader.readuntil(b"\r\n\r\n")
+        except asyncio.IncompleteReadError as e:
+            self.answered = bool(e.partial)
+            raise
+        self.answered = True
         lines = raw.decode("latin-1").split("\r\n")
         status = int(lines[0].split(" ", 2)[1])
         headers = {}

@@ -132,12 +132,12 @@ class Running:
                                      cwd=tempfile.gettempdir(), start_new_session=True)
         url = f"http://127.0.0.1:{port}{spec.health}"
         while True:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"{spec.system} exited with {self.proc.returncode} before answering {url}:\n"
-                                   f"{self.tail()}")
-            if time.perf_counter() - t0 > timeout_s:
+            if self.proc.poll() is not None or time.perf_counter() - t0 > timeout_s:
+                why = (f"exited with {self.proc.returncode}" if self.proc.poll() is not None else
+                       f"did not answer within {timeout_s:.0f} s")
+                tail = self.tail()
                 self.stop()
-                raise RuntimeError(f"{spec.system} did not answer {url} within {timeout_s:.0f} s:\n{self.tail()}")
+                raise RuntimeError(f"{spec.system} {why} ({url}):\n{tail}")
             try:
                 with urllib.request.urlopen(url, timeout=2) as r:
                     if r.status == 200:
@@ -223,13 +223,18 @@ def summarize(out: dict, requests: list[list[int]], tokens: list[int], reference
 
 def run_serve(systems: list[str], concurrencies: list[int], policy: Policy, model: str, seed: int = 0,
               corpus_texts: int = 4000, infinity_exe: str | None = None, max_batch_tokens: int | None = None,
-              log=_log) -> tuple[list[dict], dict]:
-    """Rows (one per system and concurrency, or a skipped/failed row) and a description of the corpus."""
+              fresh_per_level: bool = True, texts: list[str] | None = None, log=_log) -> tuple[list[dict], dict]:
+    """Rows (one per system and concurrency, or a skipped/failed row) and a description of the corpus.
+
+    ``fresh_per_level``: at each concurrency every server is started in turn (order reversed at every other
+    level), so the servers of one level are measured side by side; else each server is started once and
+    runs every level. ``texts``: the corpus (default: ``corpus_texts`` W2 paragraphs)."""
     from sentence_transformers import SentenceTransformer
 
     from .corpus import stdlib_paragraphs
 
-    texts = stdlib_paragraphs(limit=corpus_texts)
+    source = "Python standard library docstring paragraphs (W2 corpus)" if texts is None else "given texts"
+    texts = stdlib_paragraphs(limit=corpus_texts) if texts is None else list(texts)
     n_req = max(policy.max_requests, 1)
     requests = make_requests(len(texts), n_req, seed)
     warmups = {c: make_requests(len(texts), max(policy.warmup_requests, 2 * c), seed + 1) for c in concurrencies}
@@ -247,7 +252,7 @@ def run_serve(systems: list[str], concurrencies: list[int], policy: Policy, mode
     dim = int(ref.shape[1])
     del st
     sizes = [len(r) for r in requests]
-    corpus = {"texts": len(texts), "source": "Python standard library docstring paragraphs (W2 corpus)",
+    corpus = {"texts": len(texts), "source": source,
               "model": model, "dim": dim, "requests_drawn": len(requests), "seed": seed,
               "texts_per_request": f"uniform {min(sizes)}-{max(sizes)}, mean {np.mean(sizes):.1f}",
               "mean_tokens_per_text": float(np.mean([tokens[t] for r in requests for t in r])),
@@ -255,39 +260,49 @@ def run_serve(systems: list[str], concurrencies: list[int], policy: Policy, mode
     log(f"serve: {len(texts)} corpus texts, {len(requests)} requests drawn (mean {np.mean(sizes):.1f} texts, "
         f"{corpus['mean_tokens_per_text']:.1f} tokens a text)")
 
+    if fresh_per_level:
+        sessions = [(system, [c]) for level, c in enumerate(concurrencies)
+                    for system in (systems if level % 2 == 0 else systems[::-1])]
+    else:
+        sessions = [(system, list(concurrencies)) for system in systems]
     rows, broken = [], {}
-    for level, c in enumerate(concurrencies):
-        order = systems if level % 2 == 0 else systems[::-1]
-        for system in order:
-            base = {"workload": "serve", "system": system, "concurrency": c,
-                    "dtype": "bf16" if system == "padfree-bf16" else "fp32"}
-            if system in broken:
-                rows.append(dict(base, status="skipped", reason=broken[system]))
-                continue
-            running = None
-            try:
-                spec = server_spec(system, model, free_port(), infinity_exe=infinity_exe,
-                                   max_batch_tokens=max_batch_tokens)
-                running = Running(spec, int(spec.argv[spec.argv.index("--port") + 1]))
-                out = load(running, texts, warmups[c], requests, c, policy, dim)
-                row = dict(base, status="ok", startup_s=running.startup_s, route=spec.path,
-                           **summarize(out, requests, tokens, reference))
-                log(f"serve c={c} {system}: {row['texts_per_s']:.0f} texts/s, {row['tokens_per_s']:.0f} tokens/s, "
-                    f"p50 {row.get('p50_ms', float('nan')):.1f} ms, p99 {row.get('p99_ms', float('nan')):.1f} ms, "
-                    f"{row['requests']} requests in {row['seconds']:.1f} s, {row['errors']} errors, min cosine "
-                    f"{row['min_cosine_vs_st_fp32']}")
-                if row["errors"]:
-                    log(f"  first errors: {row['error_messages'][:3]}")
-            except Exception as e:  # noqa: BLE001 - a server that cannot run is a reported row, not a crash
-                reason = f"{type(e).__name__}: {e}"[:3000]
-                row = dict(base, status="failed", reason=reason)
-                log(f"serve c={c} {system}: failed: {reason[:1500]}")
-                if running is None:  # it never started: the same would happen at every level
-                    broken[system] = reason
-            finally:
-                if running is not None:
-                    running.stop()
-            rows.append(row)
+    for system, levels in sessions:
+        dtype = "bf16" if system == "padfree-bf16" else "fp32"
+        if system in broken:
+            rows += [{"workload": "serve", "system": system, "concurrency": c, "dtype": dtype, "status": "skipped",
+                      "reason": broken[system]} for c in levels]
+            continue
+        running = None
+        try:
+            spec = server_spec(system, model, free_port(), infinity_exe=infinity_exe,
+                               max_batch_tokens=max_batch_tokens)
+            running = Running(spec, int(spec.argv[spec.argv.index("--port") + 1]))
+        except Exception as e:  # noqa: BLE001 - a server that cannot start is a reported row, not a crash
+            broken[system] = f"{type(e).__name__}: {e}"[:3000]  # the same would happen at every level
+            log(f"serve {system}: cannot start: {broken[system][:1500]}")
+            rows += [{"workload": "serve", "system": system, "concurrency": c, "dtype": dtype, "status": "failed",
+                      "reason": broken[system]} for c in levels]
+            continue
+        try:
+            for c in levels:
+                base = {"workload": "serve", "system": system, "concurrency": c, "dtype": dtype}
+                try:
+                    out = load(running, texts, warmups[c], requests, c, policy, dim)
+                    row = dict(base, status="ok", startup_s=running.startup_s, route=spec.path,
+                               **summarize(out, requests, tokens, reference))
+                    log(f"serve c={c} {system}: {row['texts_per_s']:.0f} texts/s, {row['tokens_per_s']:.0f} "
+                        f"tokens/s, p50 {row.get('p50_ms', float('nan')):.1f} ms, p99 "
+                        f"{row.get('p99_ms', float('nan')):.1f} ms, {row['requests']} requests in "
+                        f"{row['seconds']:.1f} s, {row['errors']} errors, min cosine {row['min_cosine_vs_st_fp32']}")
+                    if row["errors"]:
+                        log(f"  first errors: {row['error_messages'][:3]}")
+                except Exception as e:  # noqa: BLE001
+                    row = dict(base, status="failed", reason=f"{type(e).__name__}: {e}"[:3000])
+                    log(f"serve c={c} {system}: failed: {row['reason'][:1500]}")
+                rows.append(row)
+        finally:
+            running.stop()
+    rows.sort(key=lambda r: (concurrencies.index(r["concurrency"]), systems.index(r["system"])))
     return rows, corpus
 
 
@@ -378,6 +393,9 @@ def parse_args(argv: list[str]):
     p.add_argument("--model", help="a sentence-transformers directory (default: the bundled all-MiniLM-L6-v2)")
     p.add_argument("--max-batch-tokens", type=int, help="passed to padfree serve")
     p.add_argument("--infinity", help="the infinity_emb executable (default: build/find its venv, infinity_env.py)")
+    p.add_argument("--one-start", action="store_true",
+                   help="start each server once for all levels (default: a fresh start per server and level, the "
+                        "servers of a level measured one after the other)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", help="write results as JSON ('{workload}' in the path becomes 'serve')")
     p.add_argument("--markdown", help="write a Markdown report (same '{workload}' rule)")
@@ -422,14 +440,18 @@ def main(argv: list[str]) -> dict:
             "infinity": _infinity_versions(infinity) if infinity else None,
             "method": (f"closed loop, C client connections in one load-client process (raw HTTP/1.1 keep-alive, "
                        f"asyncio) that shares the machine's {info['cpu_cores']} cores with the server under test "
-                       f"(its CPU use loads every server alike); per server and C: a fresh server process (one "
-                       f"alive at a time, order reversed at every other C), {policy.warmup_requests}+ warm-up "
+                       f"(its CPU use loads every server alike); "
+                       + ("each server started once for every C (one alive at a time), " if args.one_start else
+                          "per server and C: a fresh server process (one alive at a time, the servers of a C one "
+                          "after the other, order reversed at every other C), ")
+                       + f"{policy.warmup_requests}+ warm-up "
                        f"requests, then up to {policy.max_requests} requests or {policy.duration_s:.0f} s; "
                        f"OpenAI body with encoding_format base64, every vector decoded and checked")}
     t0 = time.perf_counter()
     _log(f"padfree bench --workload serve on {meta['machine_line']}; git {meta['git_revision']}")
     rows, corpus = run_serve(args.system_list, args.levels, policy, model, args.seed, args.corpus_texts,
-                             infinity_exe=infinity, max_batch_tokens=args.max_batch_tokens)
+                             infinity_exe=infinity, max_batch_tokens=args.max_batch_tokens,
+                             fresh_per_level=not args.one_start)
     if "infinity" in args.system_list and infinity is None:
         rows += [{"workload": "serve", "system": "infinity", "concurrency": c, "dtype": "fp32", "status": "skipped",
                   "reason": "its virtual environment could not be built (see the log)"} for c in args.levels]
