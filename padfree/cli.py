@@ -1,4 +1,4 @@
-"""The ``padfree`` command line: ``padfree demo`` and ``padfree bench``."""
+"""The ``padfree`` command line: ``padfree demo``, ``padfree serve`` and ``padfree bench``."""
 from __future__ import annotations
 
 import argparse
@@ -60,12 +60,17 @@ def main(argv: list[str] | None = None) -> None:
     d.add_argument("--batch-tokens", type=int, default=8192, help="real-token budget per batch")
     d.add_argument("--model", help="a sentence-transformers directory (default: the bundled all-MiniLM-L6-v2)")
     d.set_defaults(run=demo)
-    b = sub.add_parser("bench", help="benchmarks (see padfree bench --help)", add_help=False)
-    b.set_defaults(run=None)
+    for name, what in (("serve", "the HTTP server: OpenAI, text-embeddings-inference and Cohere routes "
+                                 "(see padfree serve --help)"), ("bench", "benchmarks (see padfree bench --help)")):
+        sub.add_parser(name, help=what, add_help=False).set_defaults(run=None)
     args, rest = parser.parse_known_args(argv)
     if args.command == "bench":
         from padfree.bench.run import main as bench_main
         bench_main(rest)
+        return
+    if args.command == "serve":
+        from padfree.serve.cli import main as serve_main
+        serve_main(rest)
         return
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")

@@ -43,8 +43,12 @@ def _labels(hf_config: dict, num_labels: int) -> list[str]:
 
 def _encodings(tokenizer: Tokenizer, encoder: Encoder, texts, pairs=None, max_length: int | None = None):
     """(Pairs of) texts through padfree's tokenizer, unpadded, cut to the model's limit (special tokens kept)."""
-    limit = min(x for x in (max_length, encoder.config.max_sequence_length, tokenizer.model_max_length) if x)
-    return tokenizer.encode(texts, pairs, max_length=int(limit))
+    return tokenizer.encode(texts, pairs, max_length=_input_limit(tokenizer, encoder, max_length))
+
+
+def _input_limit(tokenizer: Tokenizer, encoder: Encoder, max_length: int | None = None) -> int:
+    """The smallest of ``max_length``, the model's position limit and the tokenizer's own limit."""
+    return int(min(x for x in (max_length, encoder.config.max_sequence_length, tokenizer.model_max_length) if x))
 
 
 def _tokenize(tokenizer: Tokenizer, encoder: Encoder, texts, pairs=None, max_length: int | None = None):
@@ -274,16 +278,23 @@ class CrossEncoder:
         if bad:
             raise ValueError(f"pair {bad[0]} is not a (query, passage) pair: {pairs[bad[0]]!r:.60}")
         ids, types = _tokenize(self.tokenizer, encoder, [q for q, _ in pairs], [p for _, p in pairs], self.max_length)
-        out = []
-        for _, _, batch in _batches(ids, types, batch_tokens, encoder.device):
-            logits = self.classifier.logits_packed(batch)
-            if self.activation == "sigmoid":
-                logits = logits.sigmoid()
-            elif self.activation == "tanh":
-                logits = logits.tanh()
-            out.append(logits)
+        out = [self.activate(self.classifier.logits_packed(batch))
+               for _, _, batch in _batches(ids, types, batch_tokens, encoder.device)]
         scores = torch.cat(out).cpu().numpy()
         return scores[:, 0] if self.classifier.num_labels == 1 else scores
+
+    def activate(self, logits: torch.Tensor) -> torch.Tensor:
+        """The checkpoint's activation on logits: the scores that :meth:`score` returns."""
+        if self.activation == "sigmoid":
+            return logits.sigmoid()
+        if self.activation == "tanh":
+            return logits.tanh()
+        return logits
+
+    @property
+    def max_input_length(self) -> int:
+        """Pairs are cut to this many tokens (special tokens included)."""
+        return _input_limit(self.tokenizer, self.classifier.encoder, self.max_length)
 
     def rank(self, query: str, passages: Sequence[str], top_k: int | None = None) -> list[dict]:
         """Passages sorted by descending score: ``[{"corpus_id", "score"}]`` (sentence-transformers' shape)."""

@@ -169,23 +169,38 @@ class SentenceEncoder:
             self._prompt_lengths[prompt] = n
         return n
 
-    def tokenize(self, texts: Iterable[str], truncate: bool = True, prompt: str | None = None) -> list[list[int]]:
+    def tokenize(self, texts: Iterable[str], truncate: bool = True, prompt: str | None = None,
+                 truncation_side: str | None = None) -> list[list[int]]:
         """Token ids with special tokens, one list per text (``prompt`` prepended to each); cut to
-        ``max_seq_length`` on the tokenizer's ``truncation_side``, or ``ValueError`` for a too-long text if not
-        ``truncate``. Texts are not stripped (sentence-transformers 6 does not strip either)."""
+        ``max_seq_length`` on ``truncation_side`` (default: the tokenizer's), or ``ValueError`` for a too-long
+        text if not ``truncate``. Texts are not stripped (sentence-transformers 6 does not strip either)."""
         texts = check_texts(texts)
         if prompt:
             texts = [prompt + t for t in texts]
         if self.do_lower_case:
             texts = [t.lower() for t in texts]
         limit = self.max_seq_length
-        ids = [e.ids for e in self.tokenizer.encode(texts, max_length=limit if truncate else None)]
+        encodings = self.tokenizer.encode(texts, max_length=limit if truncate else None,
+                                          truncation_side=truncation_side)
+        ids = [e.ids for e in encodings]
         if not truncate:
             for i, s in enumerate(ids):
                 if len(s) > limit:
                     raise ValueError(f"text {i} has {len(s)} tokens, more than the limit of {limit}; "
-                                     "pass truncate=True to cut it")
+                                     "truncate to cut it")
         return ids
+
+    def prompt_skip(self, prompt: str | None) -> int:
+        """How many leading tokens pooling leaves out for texts encoded with ``prompt`` (0 unless the model
+        was saved with ``include_prompt=False``)."""
+        return self._prompt_length(prompt) if prompt and not self.include_prompt else 0
+
+    def pooled(self, hidden: torch.Tensor, batch: PackedBatch, skip: int | torch.Tensor = 0) -> torch.Tensor:
+        """The directory's pooling of a packed forward, not normalized: ``[T, H]`` -> ``[B, D]`` fp32.
+        ``skip``: leading tokens (the prompt) to leave out, one count for all sequences or one per sequence."""
+        if not isinstance(skip, int) or skip:
+            hidden, batch = _without_prefix(hidden, batch, skip)
+        return torch.cat([pool(hidden, batch, m) for m in self.pooling], dim=-1)
 
     def encode(self, texts: Iterable[str] | str, normalize_embeddings: bool | None = None,
                batch_tokens: int | None = None, truncate: bool = True, show_progress_bar: bool = False,
@@ -207,7 +222,7 @@ class SentenceEncoder:
         token_budget_batches([], batch_tokens, batch_size)  # checks both limits before any work (also for no texts)
         norm = self.normalize_embeddings if normalize_embeddings is None else normalize_embeddings
         text_prompt = self.resolve_prompt(prompt, prompt_name)
-        skip = self._prompt_length(text_prompt) if text_prompt and not self.include_prompt else 0
+        skip = self.prompt_skip(text_prompt)
         out = np.empty((len(texts), self.dimension), dtype=np.float32)
         if len(texts) == 0:
             return out
@@ -222,10 +237,7 @@ class SentenceEncoder:
             # once per distinct length on a view, with no gather (the batches themselves keep arrival order)
             order = sorted(range(start, end), key=lambda i: len(ids[i]))
             batch = PackedBatch.from_sequences([ids[i] for i in order], device=self.encoder.device)
-            hidden = self.encoder.forward_packed(batch)
-            if skip:
-                hidden, batch = _without_prefix(hidden, batch, skip)
-            emb = torch.cat([pool(hidden, batch, m) for m in self.pooling], dim=-1)
+            emb = self.pooled(self.encoder.forward_packed(batch), batch, skip)
             if norm:
                 emb = normalize(emb)
             out[order] = emb.cpu().numpy()
@@ -236,11 +248,13 @@ class SentenceEncoder:
         return out[0] if single else out
 
 
-def _without_prefix(hidden: torch.Tensor, batch: PackedBatch, skip: int) -> tuple[torch.Tensor, PackedBatch]:
+def _without_prefix(hidden: torch.Tensor, batch: PackedBatch, skip: int | torch.Tensor
+                    ) -> tuple[torch.Tensor, PackedBatch]:
     """The hidden states and batch without the first ``skip`` tokens of each sequence (the prompt, for
-    ``include_prompt=False``); a sequence no longer than the prompt keeps its last token."""
+    ``include_prompt=False``; one count, or ``[B]`` counts); a sequence no longer than its prompt keeps its last
+    token."""
     lengths = batch.seqlens
-    cut = torch.clamp(lengths - 1, max=skip)  # [B]
+    cut = torch.minimum(lengths - 1, torch.as_tensor(skip, device=lengths.device))  # [B]
     keep = batch.position_ids >= cut.repeat_interleave(lengths, output_size=batch.num_tokens)
     new_lengths = (lengths - cut).tolist()
     sub = PackedBatch.from_sequences([[0] * n for n in new_lengths], device=hidden.device)

@@ -76,7 +76,8 @@ class Tokenizer:
         self.truncation_side = truncation_side
         self._spec = spec
         self._lock = threading.Lock()
-        self._tokenizers: dict[int | None, tokenizers.Tokenizer] = {}  # by truncation length (None: none)
+        # by (truncation length, side); (None, "right"): no truncation
+        self._tokenizers: dict[tuple[int | None, str], tokenizers.Tokenizer] = {}
         self._special_ids: frozenset[int] | None = None
 
     @property
@@ -87,22 +88,23 @@ class Tokenizer:
             self._special_ids = frozenset(i for i, t in decoder.items() if t.special)
         return self._special_ids
 
-    def _build(self, max_length: int | None) -> tokenizers.Tokenizer:
+    def _build(self, max_length: int | None, side: str) -> tokenizers.Tokenizer:
         tok = tokenizers.Tokenizer.from_str(self._spec)
         tok.no_padding()
         if max_length is None:
             tok.no_truncation()
         else:
-            tok.enable_truncation(max_length, strategy="longest_first", direction=self.truncation_side)
+            tok.enable_truncation(max_length, strategy="longest_first", direction=side)
         return tok  # never reconfigured after this point
 
-    def _for_length(self, max_length: int | None) -> tokenizers.Tokenizer:
-        tok = self._tokenizers.get(max_length)
+    def _for_length(self, max_length: int | None, side: str | None = None) -> tokenizers.Tokenizer:
+        key = (max_length, side or self.truncation_side) if max_length is not None else (None, "right")
+        tok = self._tokenizers.get(key)
         if tok is None:
             with self._lock:
-                tok = self._tokenizers.get(max_length)
+                tok = self._tokenizers.get(key)
                 if tok is None:
-                    tok = self._tokenizers[max_length] = self._build(max_length)
+                    tok = self._tokenizers[key] = self._build(*key)
         return tok
 
     # ------------------------------------------------------------------ constructors
@@ -152,14 +154,17 @@ class Tokenizer:
 
     # ------------------------------------------------------------------ encoding
     def encode(self, texts: Iterable[str], pairs: Iterable[str] | None = None, *, max_length: int | None = None,
-               add_special_tokens: bool = True) -> list[tokenizers.Encoding]:
+               add_special_tokens: bool = True, truncation_side: str | None = None) -> list[tokenizers.Encoding]:
         """One ``tokenizers.Encoding`` per text (or pair), unpadded. ``max_length``: truncate to that many tokens,
-        special tokens included and kept (longest-first across a pair, on ``truncation_side``); None: no truncation.
-        ``ValueError`` naming the index of a text that is not a string or not encodable."""
+        special tokens included and kept (longest-first across a pair, on ``truncation_side``, by default the
+        tokenizer's); None: no truncation. ``ValueError`` naming the index of a text that is not a string or not
+        encodable."""
         texts = check_texts(texts)
         if max_length is not None and max_length < 1:
             raise ValueError(f"max_length must be >= 1; got {max_length}")
-        tok = self._for_length(max_length)
+        if truncation_side is not None and truncation_side not in TRUNCATION_SIDES:
+            raise ValueError(f"truncation_side must be one of {TRUNCATION_SIDES}; got {truncation_side!r}")
+        tok = self._for_length(max_length, truncation_side)
         if pairs is None:
             inputs = texts
         else:

@@ -1,0 +1,128 @@
+"""``padfree serve``: load the models, warm them up, and serve them with uvicorn until SIGTERM / Ctrl-C, which
+stop accepting, finish every queued and running request, and exit 0."""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+log = logging.getLogger("padfree.serve")
+
+DTYPES = ("fp32", "bf16")
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="padfree serve", description=__doc__)
+    p.add_argument("--model", action="append", metavar="[NAME=]PATH",
+                   help="a sentence-transformers / Hugging Face directory to serve, under NAME (default: the "
+                        "directory's name); may repeat, the first is the default (default: the bundled "
+                        "all-MiniLM-L6-v2)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--dtype", choices=DTYPES, default="fp32")
+    p.add_argument("--max-batch-tokens", type=int, default=16384, help="real tokens per forward (default 16384)")
+    p.add_argument("--max-client-batch-size", type=int, default=64, help="inputs per request (default 64)")
+    p.add_argument("--max-concurrent-requests", type=int, default=512,
+                   help="inference requests in flight before 429 (default 512)")
+    p.add_argument("--payload-limit", type=int, default=2_000_000, help="request body bytes before 413 (default 2e6)")
+    p.add_argument("--auto-truncate", action="store_true",
+                   help="cut inputs longer than the model's limit unless a request says truncate=false "
+                        "(default: refuse them with 413)")
+    p.add_argument("--api-key-file", help="a file holding the key every route but /health and /metrics needs "
+                                          "(Authorization: Bearer KEY)")
+    p.add_argument("--tokenization-workers", type=int, default=2)
+    p.add_argument("--threads", type=int, help="torch threads for the forward (default: torch's)")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    return p.parse_args(argv)
+
+
+def _model_specs(specs: list[str] | None) -> list[tuple[str, str]]:
+    if not specs:
+        from ..cli import _minilm_path
+        return [("all-MiniLM-L6-v2", _minilm_path())]
+    out = []
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep:
+            name, path = Path(spec).name, spec
+        if not name or not path:
+            raise SystemExit(f"padfree serve: error: --model {spec!r}: expected NAME=PATH or PATH")
+        out.append((name, path))
+    return out
+
+
+def _read_key(path: str | None) -> str | None:
+    if path is None:
+        return None
+    try:
+        key = Path(path).read_text(encoding="utf-8").strip()
+    except OSError as e:
+        raise SystemExit(f"padfree serve: error: cannot read --api-key-file {path}: {e.strerror}")
+    if not key:
+        raise SystemExit(f"padfree serve: error: --api-key-file {path} is empty")
+    return key
+
+
+def build(args) -> "tuple":
+    """(the FastAPI app, its ServerState) for parsed arguments: models loaded and warmed up."""
+    import torch
+
+    from ..memory import level_memory
+    from ..tasks import load_task
+    from .app import ServeConfig, Served, create_app
+
+    level_memory()  # before the model's tensors: the allocator settings that keep a long-running RSS level
+    try:
+        config = ServeConfig(max_batch_tokens=args.max_batch_tokens, max_client_batch_size=args.max_client_batch_size,
+                             max_concurrent_requests=args.max_concurrent_requests, payload_limit=args.payload_limit,
+                             auto_truncate=args.auto_truncate, api_key=_read_key(args.api_key_file),
+                             tokenization_workers=args.tokenization_workers)
+    except ValueError as e:
+        raise SystemExit(f"padfree serve: error: {e}")
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+    served = []
+    for name, path in _model_specs(args.model):
+        t0 = time.perf_counter()
+        try:
+            task = load_task(path, dtype)
+        except (ValueError, OSError) as e:
+            raise SystemExit(f"padfree serve: error: --model {name}={path}: {e}")
+        task.run(task.tokenize(["warm up the model", "and its kernels " * 8], truncate=True))
+        log.info("model %s (%s) from %s: %s, %s, loaded in %.2f s", name, task.kind, path, args.dtype,
+                 type(task.encoder.config).__name__, time.perf_counter() - t0)
+        served.append(Served(name, task, str(path)))
+    try:
+        app = create_app(served, config)
+    except ValueError as e:
+        raise SystemExit(f"padfree serve: error: {e}")
+    return app, app.state.padfree
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # our pool tokenizes; no second pool on the cores
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.threads:
+        import torch
+        torch.set_num_threads(args.threads)
+    app, _ = build(args)
+    import uvicorn
+    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                                           access_log=False, timeout_graceful_shutdown=None))
+    # uvicorn drains on SIGTERM/SIGINT, then re-raises the signal under the handler found before it started:
+    # a no-op one here, so that a drained server exits 0
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: None)
+    server.run()
+    if not server.started:
+        sys.exit(1)
+    log.info("padfree serve: drained and stopped")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,159 @@
+"""Request and response bodies of the routes, in the shapes clients already speak: OpenAI (``/v1/embeddings``),
+text-embeddings-inference (``/embed``, ``/embed_all``, ``/rerank``, ``/predict``, ``/tokenize``, ``/info``)
+and Cohere/Jina (``/v1/rerank``). Unknown fields are ignored, as those servers do; ``model`` picks one of the
+served models (TEI routes: a padfree extension; default the first ``--model``)."""
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+Direction = Literal["right", "left", "Right", "Left"]
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    model: str | None = Field(None, description="which served model (default: the first --model)")
+
+
+# ---------------------------------------------------------------- OpenAI
+class OpenAIEmbeddingRequest(_Body):
+    input: str | list[str] | list[int] | list[list[int]] = Field(
+        description="a text, a list of texts, or token ids of the model's vocabulary (one list, or a list of lists)")
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = Field(None, ge=1, description="keep the first N dimensions, then re-normalize")
+    user: str | None = None
+
+
+class OpenAIEmbedding(BaseModel):
+    object: Literal["embedding"] = "embedding"
+    index: int
+    embedding: list[float] | str
+
+
+class OpenAIUsage(BaseModel):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class OpenAIEmbeddingResponse(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[OpenAIEmbedding]
+    model: str
+    usage: OpenAIUsage
+
+
+class OpenAIModel(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "padfree"
+
+
+class OpenAIModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[OpenAIModel]
+
+
+class OpenAIErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class OpenAIError(BaseModel):
+    error: OpenAIErrorDetail
+
+
+# ---------------------------------------------------------------- text-embeddings-inference
+class _Truncation(_Body):
+    truncate: bool | None = Field(None, description="cut inputs longer than the model's limit "
+                                                    "(default: the server's --auto-truncate)")
+    truncation_direction: Direction = "right"
+
+
+class EmbedRequest(_Truncation):
+    inputs: str | list[str]
+    normalize: bool = True
+    dimensions: int | None = Field(None, ge=1, description="keep the first N dimensions (then normalize)")
+    prompt_name: str | None = None
+
+
+class EmbedAllRequest(_Truncation):
+    inputs: str | list[str]
+    prompt_name: str | None = None
+
+
+class RerankRequest(_Truncation):
+    query: str
+    texts: list[str]
+    raw_scores: bool = False
+    return_text: bool = False
+
+
+class Rank(BaseModel):
+    index: int
+    score: float
+    text: str | None = None
+
+
+class PredictRequest(_Truncation):
+    inputs: str | list[str] | list[list[str]] = Field(
+        description='a text, a pair ["text", "text pair"], or a list of texts or pairs (as TEI: a list of exactly '
+                    'two strings is one pair)')
+    raw_scores: bool = False
+
+
+class Prediction(BaseModel):
+    score: float
+    label: str
+
+
+class TokenizeRequest(_Body):
+    inputs: str | list[str]
+    add_special_tokens: bool = True
+    prompt_name: str | None = None
+
+
+class SimpleToken(BaseModel):
+    id: int
+    text: str
+    special: bool
+    start: int | None
+    stop: int | None
+
+
+class TEIError(BaseModel):
+    error: str
+    error_type: str
+
+
+# ---------------------------------------------------------------- Cohere / Jina
+class CohereDocument(BaseModel):
+    text: str
+
+
+class CohereRerankRequest(_Body):
+    query: str
+    documents: list[str | CohereDocument]
+    top_n: int | None = Field(None, ge=1)
+    return_documents: bool = False
+    truncate: bool | None = None
+
+
+class CohereResult(BaseModel):
+    index: int
+    relevance_score: float
+    document: CohereDocument | None = None
+
+
+class CohereUsage(BaseModel):
+    total_tokens: int
+
+
+class CohereRerankResponse(BaseModel):
+    id: str
+    model: str
+    results: list[CohereResult]
+    usage: CohereUsage

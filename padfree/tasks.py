@@ -1,0 +1,210 @@
+"""Tasks: what a loaded checkpoint can do, as the server (and later the jobs and the Ray adapters) see it.
+
+A task turns inputs into :class:`Seq` (token ids, cut or refused against the model's limit) and runs a list of
+them as one packed forward (:meth:`Task.run`, on the scheduler's worker thread), returning one result per
+sequence in the order given. The callers never touch model internals.
+
+- :class:`EmbedTask` (a sentence-transformers directory, or a plain encoder: mean pooling): a pooled vector per
+  sequence, or every token's hidden state (``Seq.tokens``).
+- :class:`ClassifyTask` (a ``*ForSequenceClassification`` or CrossEncoder directory): the logits of each text or
+  pair; reranking is this with (query, passage) pairs.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from .batch import PackedBatch
+from .heads import CrossEncoder
+from .sentence import SentenceEncoder
+from .tokenizer import Tokenizer
+
+TRUNCATION_SIDES = ("right", "left")
+
+
+@dataclass(frozen=True)
+class Seq:
+    """One tokenized input."""
+    ids: list[int]
+    type_ids: list[int] | None = None
+    skip: int = 0          # leading tokens (a prompt) that pooling leaves out (include_prompt=False models)
+    tokens: bool = False   # EmbedTask: every token's hidden state [n, H] instead of the pooled vector [D]
+
+
+class Task:
+    """Common part: the model's limit, and :meth:`run` (sort by length, pack, one forward, unsort)."""
+    kind: str                 # "embed" or "classify"
+    tokenizer: Tokenizer
+    max_input_length: int     # tokens per sequence, special tokens included
+
+    def __init__(self, encoder):
+        self.encoder = encoder
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.encoder.dtype
+
+    @torch.inference_mode()
+    def run(self, seqs: Sequence[Seq]) -> list[np.ndarray]:
+        """One packed forward over ``seqs``; one float32 result per sequence, in the given order. Inside the
+        batch sequences go by length, so that equal lengths sit side by side (attention runs once per length)."""
+        order = sorted(range(len(seqs)), key=lambda i: len(seqs[i].ids))
+        ordered = [seqs[i] for i in order]
+        types = None
+        if self.encoder.config.type_vocab_size > 1 and any(s.type_ids is not None for s in ordered):
+            types = [s.type_ids or [0] * len(s.ids) for s in ordered]
+        batch = PackedBatch.from_sequences([s.ids for s in ordered], types, device=self.encoder.device)
+        results = self.finish(self.encoder.forward_packed(batch), batch, ordered)
+        out: list = [None] * len(seqs)
+        for k, i in enumerate(order):
+            out[i] = results[k]
+        return out
+
+    def finish(self, hidden: torch.Tensor, batch: PackedBatch, seqs: list[Seq]) -> list[np.ndarray]:
+        raise NotImplementedError
+
+    def _check_lengths(self, ids: list[list[int]], what: str = "input") -> None:
+        limit = self.max_input_length
+        for i, s in enumerate(ids):
+            if len(s) > limit:
+                raise ValueError(f"{what} {i} has {len(s)} tokens, more than the model's limit of {limit}; "
+                                 "set truncate to cut it")
+            if not s:
+                raise ValueError(f"{what} {i} is empty (no tokens)")
+
+    def from_ids(self, ids: Sequence[Sequence[int]], truncate: bool, side: str = "right") -> list[Seq]:
+        """Token ids given by the caller (taken as they are: no special tokens added), range-checked against
+        the vocabulary and cut to the limit on ``side`` if ``truncate``."""
+        vocab, limit = self.encoder.config.vocab_size, self.max_input_length
+        out = []
+        for i, s in enumerate(ids):
+            s = list(s)
+            bad = [t for t in s if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab]
+            if bad:
+                raise ValueError(f"input {i}: token id {bad[0]!r} is not an int in [0, {vocab}) (the vocabulary)")
+            if truncate and len(s) > limit:
+                s = s[:limit] if side == "right" else s[-limit:]
+            out.append(s)
+        self._check_lengths(out)
+        return [Seq(s) for s in out]
+
+
+class EmbedTask(Task):
+    kind = "embed"
+
+    def __init__(self, st: SentenceEncoder):
+        super().__init__(st.encoder)
+        self.st = st
+        self.tokenizer = st.tokenizer
+
+    @property
+    def max_input_length(self) -> int:
+        return self.st.max_seq_length
+
+    @property
+    def dimension(self) -> int:
+        return self.st.dimension
+
+    @property
+    def normalizes(self) -> bool:
+        """Whether the directory's pipeline ends in Normalize (the vectors OpenAI's route returns as they are)."""
+        return self.st.normalize_embeddings
+
+    def tokenize(self, texts: Sequence[str], truncate: bool, side: str | None = None, prompt: str | None = None,
+                 tokens: bool = False) -> list[Seq]:
+        """Texts with ``prompt`` prepended; ``ValueError`` naming a too-long text and the limit unless
+        ``truncate``."""
+        ids = self.st.tokenize(texts, truncate=truncate, prompt=prompt, truncation_side=side)
+        skip = self.st.prompt_skip(prompt)
+        return [Seq(s, skip=skip, tokens=tokens) for s in ids]
+
+    def finish(self, hidden, batch, seqs):
+        skips = torch.tensor([s.skip for s in seqs], device=hidden.device)
+        pooled = self.st.pooled(hidden, batch, skips if skips.any() else 0).cpu().numpy()  # [B, D]
+        starts = batch.host.lengths
+        out, start = [], 0
+        for b, (s, n) in enumerate(zip(seqs, starts)):
+            out.append(hidden[start:start + n].float().cpu().numpy() if s.tokens else pooled[b])
+            start += n
+        return out
+
+
+class ClassifyTask(Task):
+    kind = "classify"
+
+    def __init__(self, ce: CrossEncoder):
+        super().__init__(ce.classifier.encoder)
+        self.ce = ce
+        self.tokenizer = ce.tokenizer
+        self.id2label = ce.classifier.id2label
+
+    @property
+    def max_input_length(self) -> int:
+        return self.ce.max_input_length
+
+    @property
+    def num_labels(self) -> int:
+        return self.ce.classifier.num_labels
+
+    def tokenize(self, texts: Sequence[str], pairs: Sequence[str] | None = None, truncate: bool = False,
+                 side: str | None = None) -> list[Seq]:
+        """Texts (or text pairs); ``ValueError`` naming a too-long input and the limit unless ``truncate``."""
+        enc = self.tokenizer.encode(texts, pairs, max_length=self.max_input_length if truncate else None,
+                                    truncation_side=side)
+        ids = [e.ids for e in enc]
+        self._check_lengths(ids)
+        return [Seq(e.ids, e.type_ids) for e in enc]
+
+    def finish(self, hidden, batch, seqs):
+        return list(self.ce.classifier.head(hidden, batch).cpu().numpy())  # [B, num_labels] fp32 rows
+
+    def scores(self, logits: np.ndarray, raw: bool = False) -> np.ndarray:
+        """Rerank scores ``[N]`` from logits ``[N, 1]``: the checkpoint's activation (as CrossEncoder.predict),
+        or the raw logits."""
+        if self.num_labels != 1:
+            raise ValueError(f"reranking needs a model with one output; this one has {self.num_labels} labels")
+        x = torch.from_numpy(np.asarray(logits, dtype=np.float32)[:, 0])
+        return (x if raw else self.ce.activate(x)).numpy()
+
+    def probabilities(self, logits: np.ndarray, raw: bool = False) -> np.ndarray:
+        """Per-label scores ``[N, L]``: raw logits, or the checkpoint's own mapping (one output: its
+        activation; several: softmax, or sigmoid for multi-label models)."""
+        x = torch.from_numpy(np.asarray(logits, dtype=np.float32))
+        if raw:
+            return x.numpy()
+        return (self.ce.activate(x) if self.num_labels == 1 else self.ce.classifier.probabilities(x)).numpy()
+
+
+def _architectures(path: Path) -> list[str]:
+    """``architectures`` from the checkpoint's config.json (in the directory or in its Transformer module)."""
+    dirs = [path]
+    modules = path / "modules.json"
+    if modules.is_file():
+        dirs += [path / m["path"] for m in json.loads(modules.read_text()) if m.get("path")]
+    for d in dirs:
+        conf = d / "config.json"
+        if conf.is_file():
+            return list(json.loads(conf.read_text(encoding="utf-8")).get("architectures") or [])
+    raise ValueError(f"{path} has no config.json: not a Hugging Face or sentence-transformers checkpoint")
+
+
+def load_task(path, dtype: torch.dtype = torch.float32, device="cpu") -> Task:
+    """The task a checkpoint directory can do: ``*ForSequenceClassification`` / CrossEncoder directories
+    classify and rerank; sentence-transformers directories and plain encoders embed."""
+    path = Path(path)
+    if not path.is_dir():
+        raise ValueError(f"model path {str(path)!r} is not a directory")
+    archs = _architectures(path)
+    if any(a.endswith("ForSequenceClassification") for a in archs):
+        return ClassifyTask(CrossEncoder.from_pretrained(path, dtype=dtype, device=device))
+    if any(a.endswith(("ForTokenClassification", "ForQuestionAnswering", "ForMaskedLM")) for a in archs) and \
+            not (path / "modules.json").is_file():
+        raise ValueError(f"{path}: architecture {archs} is not served; padfree serve takes sentence-transformers "
+                         "directories or encoders (embeddings) and *ForSequenceClassification / CrossEncoder "
+                         "directories (classification, reranking)")
+    return EmbedTask(SentenceEncoder.from_pretrained(path, dtype=dtype, device=device))
