@@ -101,7 +101,10 @@ def server_spec(system: str, model: str, port: int, name: str = MODEL_NAME, infi
     if system.startswith("padfree-"):
         dtype = system.split("-", 1)[1]
         argv = [sys.executable, "-m", "padfree.cli", "serve", "--model", f"{name}={model}", "--host", "127.0.0.1",
-                "--port", str(port), "--dtype", dtype]
+                "--port", str(port), "--dtype", dtype, "--log-level", "warning",
+                # the corpus has texts past the model's 256 tokens: cut them, as sentence-transformers and
+                # Infinity do (padfree serve refuses them with 413 by default)
+                "--auto-truncate"]
         if max_batch_tokens:
             argv += ["--max-batch-tokens", str(max_batch_tokens)]
         return Server(system, dtype, argv, "/v1/embeddings", _env(True))
