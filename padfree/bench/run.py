@@ -8,6 +8,7 @@ Examples::
         --markdown 'benchmarks/results/cpu-epyc-2c-{workload}.md' --plot benchmarks/results/cpu-epyc-2c-w1.png
     padfree bench --device cuda --dtype fp16,bf16          # GPU: adds the varlen_attn packed baseline
     padfree bench --workload w3                            # latency: batch 1/4, 8-128 tokens, MiniLM and BERT-base
+    padfree bench --workload serve                         # HTTP servers under load (serve.py; runs alone)
 
 A ``{workload}`` in an output path writes one file per workload (w1, w2, w3); without it, one file holds all.
 Timed runs (``RunPolicy``): full sweep 1 warm-up + 10 timed runs; ``--quick`` 1 warm-up + 5 timed runs, cut to
@@ -214,12 +215,13 @@ def _subset(result: dict, workload: str) -> dict:
     return {k: v for k, v in result.items() if k not in parts or k in keep}
 
 
-def _wants_coldstart(argv: list[str]) -> bool:
-    """``--workload coldstart`` (or ``--workload=coldstart``): the cold-start measurement, see coldstart.py."""
+def _wants_coldstart(argv: list[str], workload: str = "coldstart") -> bool:
+    """``--workload coldstart`` (or ``--workload=coldstart``): the cold-start measurement, see coldstart.py (and
+    the same test for ``serve``, serve.py)."""
     values = [v for i, a in enumerate(argv) for v in
               ([argv[i + 1]] if a == "--workload" and i + 1 < len(argv) else
                [a.split("=", 1)[1]] if a.startswith("--workload=") else [])]
-    return any("coldstart" in v.split(",") for v in values)
+    return any(workload in v.split(",") for v in values)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -230,6 +232,11 @@ def main(argv: list[str] | None = None) -> dict:
         from .coldstart import main as coldstart_main
         return coldstart_main(sys.argv[1:] if argv is None else argv)
     # --- end cold start ---
+    # --- serving (padfree/bench/serve.py): servers in their own processes, its own options; runs alone ---
+    if _wants_coldstart(sys.argv[1:] if argv is None else argv, "serve"):
+        from .serve import main as serve_main
+        return serve_main(sys.argv[1:] if argv is None else argv)
+    # --- end serving ---
     args = parse_args(sys.argv[1:] if argv is None else argv)
     if args.threads:
         torch.set_num_threads(args.threads)
