@@ -368,6 +368,28 @@ def test_wrong_number_of_results_fails_the_batch():
     asyncio.run(main())
 
 
+def test_failing_on_batch_does_not_stop_the_loop():
+    stats = []
+
+    def on_batch(st):
+        stats.append(st)
+        if len(stats) == 1:
+            raise ValueError("metrics broke")
+
+    async def main():
+        tr = Tracker()
+        s = Scheduler(8, on_batch=on_batch)
+        s.add_queue("q", make_run(tr, "q"))
+        s.start()
+        assert await result(s.submit("q", rows("a", 2), [1, 1])) == outs(rows("a", 2))
+        assert await result(s.submit("q", rows("b", 1), [1])) == outs(rows("b", 1))
+        await stop(s)
+        assert tr.batches() == [rows("a", 2), rows("b", 1)]
+        assert len(stats) == 2
+
+    asyncio.run(main())
+
+
 # ---------------------------------------------------------------------------------------------- stop
 def test_stop_drains_every_queued_request():
     async def main():

@@ -202,7 +202,10 @@ class Scheduler:
             log.debug("batch %s: %d sequences, %d tokens, %.1f ms%s", name, len(items), tokens, seconds * 1e3,
                       f", failed: {error!r}" if error else "")
             if self.on_batch is not None:
-                self.on_batch(stats)
+                try:
+                    self.on_batch(stats)
+                except Exception:  # a broken metrics hook must not stop the loop (every later request would hang)
+                    log.exception("on_batch failed for a batch of %s", name)
 
     @staticmethod
     def _deliver(taken, results, error, seconds) -> None:
