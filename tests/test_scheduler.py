@@ -390,6 +390,26 @@ def test_failing_on_batch_does_not_stop_the_loop():
     asyncio.run(main())
 
 
+def test_run_raising_stop_iteration_fails_its_batch():
+    async def main():
+        def run(items):
+            if ("bad", 0) in items:
+                next(iter([]))                      # StopIteration escapes run
+            return outs(items)
+
+        s = Scheduler(1)
+        s.add_queue("q", run)
+        s.start()
+        bad = s.submit("q", rows("bad", 2), [1, 1])
+        good = s.submit("q", rows("good", 1), [1])
+        with pytest.raises(RuntimeError, match="StopIteration"):
+            await result(bad)
+        assert await result(good) == outs(rows("good", 1))
+        await stop(s)
+
+    asyncio.run(main())
+
+
 # ---------------------------------------------------------------------------------------------- stop
 def test_stop_drains_every_queued_request():
     async def main():
