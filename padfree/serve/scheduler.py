@@ -73,6 +73,15 @@ class _Queue:
     sequences: int = 0                      # queued items not yet taken
 
 
+def _call_run(run: Callable[[list[Any]], Sequence[Any]], items: list[Any]) -> Sequence[Any]:
+    """Call a queue's run on the worker. asyncio cannot set StopIteration on a Future (the future would never
+    resolve, and the compute loop would wait on it forever), so it comes back as a RuntimeError."""
+    try:
+        return run(items)
+    except StopIteration as e:
+        raise RuntimeError(f"run raised StopIteration: {e!r}") from e
+
+
 class Scheduler:
     """See the module docstring. Every method but the worker's ``run`` calls runs on the event loop thread."""
 
@@ -189,7 +198,7 @@ class Scheduler:
             error = None
             t0 = time.perf_counter()
             try:
-                results = await loop.run_in_executor(self._worker, self._queues[name].run, items)
+                results = await loop.run_in_executor(self._worker, _call_run, self._queues[name].run, items)
                 if len(results) != len(items):
                     raise RuntimeError(f"queue {name!r} returned {len(results)} results for {len(items)} items")
             except Exception as e:  # the batch's requests fail; the loop goes on
@@ -202,7 +211,10 @@ class Scheduler:
             log.debug("batch %s: %d sequences, %d tokens, %.1f ms%s", name, len(items), tokens, seconds * 1e3,
                       f", failed: {error!r}" if error else "")
             if self.on_batch is not None:
-                self.on_batch(stats)
+                try:
+                    self.on_batch(stats)
+                except Exception:  # a broken metrics hook must not stop the loop (every later request would hang)
+                    log.exception("on_batch failed for a batch of %s", name)
 
     @staticmethod
     def _deliver(taken, results, error, seconds) -> None:
