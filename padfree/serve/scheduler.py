@@ -122,7 +122,7 @@ class Scheduler:
 
     async def stop(self) -> None:
         """Stop the compute loop once every queued sequence has run (a graceful drain), then the worker."""
-        while self.busy:
+        while self.busy and self._loop_task is not None and not self._loop_task.done():
             await asyncio.sleep(0.01)
         if self._loop_task is not None:
             self._loop_task.cancel()
