@@ -440,13 +440,7 @@ def create_app(models: Sequence[Served], config: ServeConfig | None = None) -> F
               responses={413: {"model": s.TEIError}, 422: {"model": s.TEIError}, 429: {"model": s.TEIError}})
     async def tei_embed(body: s.EmbedRequest, request: Request):
         t0 = time.perf_counter()
-        m = state.model(body.model, EmbedTask, "embeddings")
-        texts = _texts(body.inputs)
-        state.check_count(len(texts), "inputs")
-        truncate = state.config.auto_truncate if body.truncate is None else body.truncate
-        seqs = await state.tokenize(request, m, m.task.tokenize, texts, truncate, _side(body.truncation_direction),
-                                    _prompt(m.task, body.prompt_name))
-        rows = await state.run(request, m, seqs)
+        m, texts, rows = await _tei_rows(body, request, tokens=False)
         vectors = _truncate_dims(np.stack(rows), body.dimensions, m.task.dimension, renormalize=body.normalize)
         return _json(vectors.tolist(), _timing_headers(request, t0, sum(map(len, texts))))
 
@@ -454,14 +448,18 @@ def create_app(models: Sequence[Served], config: ServeConfig | None = None) -> F
               responses={413: {"model": s.TEIError}, 422: {"model": s.TEIError}})
     async def tei_embed_all(body: s.EmbedAllRequest, request: Request):
         t0 = time.perf_counter()
+        _, texts, rows = await _tei_rows(body, request, tokens=True)
+        return _json([r.tolist() for r in rows], _timing_headers(request, t0, sum(map(len, texts))))
+
+    async def _tei_rows(body: s.EmbedAllRequest, request: Request, tokens: bool):
+        """(model, texts, one row per text) for /embed (pooled vectors) and /embed_all (every token's)."""
         m = state.model(body.model, EmbedTask, "embeddings")
         texts = _texts(body.inputs)
         state.check_count(len(texts), "inputs")
         truncate = state.config.auto_truncate if body.truncate is None else body.truncate
         seqs = await state.tokenize(request, m, m.task.tokenize, texts, truncate, _side(body.truncation_direction),
-                                    _prompt(m.task, body.prompt_name), tokens=True)
-        rows = await state.run(request, m, seqs)
-        return _json([r.tolist() for r in rows], _timing_headers(request, t0, sum(map(len, texts))))
+                                    _prompt(m.task, body.prompt_name), tokens=tokens)
+        return m, texts, await state.run(request, m, seqs)
 
     @app.post("/rerank", response_model=list[s.Rank], tags=["text-embeddings-inference"],
               responses={413: {"model": s.TEIError}, 422: {"model": s.TEIError}})

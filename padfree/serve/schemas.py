@@ -73,16 +73,14 @@ class _Truncation(_Body):
     truncation_direction: Direction = "right"
 
 
-class EmbedRequest(_Truncation):
-    inputs: str | list[str]
-    normalize: bool = True
-    dimensions: int | None = Field(None, ge=1, description="keep the first N dimensions (then normalize)")
-    prompt_name: str | None = None
-
-
 class EmbedAllRequest(_Truncation):
     inputs: str | list[str]
     prompt_name: str | None = None
+
+
+class EmbedRequest(EmbedAllRequest):
+    normalize: bool = True
+    dimensions: int | None = Field(None, ge=1, description="keep the first N dimensions (then normalize)")
 
 
 class RerankRequest(_Truncation):
