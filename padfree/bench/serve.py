@@ -9,9 +9,9 @@ Servers, each a separate process on 127.0.0.1 with all-MiniLM-L6-v2 on CPU, only
 
 For each concurrency C (1, 8, 32, 128) every server is started in turn (the order reversed at every other level,
 so a drift of the shared machine does not favour one), health-checked, warmed up, then loaded by a client
-process (``loadgen.py``: C keep-alive connections, closed loop, one asyncio process that shares the machine's
-cores with the server, as a real client would; it costs every server alike: OpenAI's body with
-``encoding_format: "base64"``, the JSON parsed and each vector decoded and checked). Requests carry 1-16 texts
+process (``loadgen.py``: one aiohttp session, C keep-alive connections, closed loop, one asyncio process that
+shares the machine's cores with the server, as a real client would; it costs every server alike: OpenAI's body
+with ``encoding_format: "base64"``, the JSON parsed and each vector decoded and checked). Requests carry 1-16 texts
 drawn from the W2 corpus (Python standard library docstring paragraphs) by a fixed seed: the same sequence of
 requests for every server. A run stops at ``--requests`` requests or ``--duration`` seconds, whichever first.
 
@@ -441,9 +441,9 @@ def main(argv: list[str]) -> dict:
             "command": "padfree bench " + " ".join(argv), "model": model, "quick": args.quick,
             "policy": policy.__dict__, "systems": args.system_list, "concurrency": args.levels,
             "infinity": _infinity_versions(infinity) if infinity else None,
-            "method": (f"closed loop, C client connections in one load-client process (raw HTTP/1.1 keep-alive, "
-                       f"asyncio) that shares the machine's {info['cpu_cores']} cores with the server under test "
-                       f"(its CPU use loads every server alike); "
+            "method": (f"closed loop, C client connections in one load-client process (aiohttp, HTTP/1.1 "
+                       f"keep-alive, asyncio) that shares the machine's {info['cpu_cores']} cores with the server "
+                       f"under test (its CPU use loads every server alike); "
                        + ("each server started once for every C (one alive at a time), " if args.one_start else
                           "per server and C: a fresh server process (one alive at a time, the servers of a C one "
                           "after the other, order reversed at every other C), ")
