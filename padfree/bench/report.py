@@ -267,6 +267,17 @@ def write_markdown(result: dict, path, text: str | None = None) -> None:
     Path(path).write_text(text if text is not None else markdown(result))
 
 
+def write_outputs(result: dict, workload: str, json_path: str | None, markdown_path: str | None, markdown_text: str,
+                  log=print) -> None:
+    """A workload's own result files (``{workload}`` in a path becomes its name): JSON as it is, and Markdown."""
+    for path, text in ((json_path, json.dumps(result, indent=1, default=str) + "\n"), (markdown_path, markdown_text)):
+        if path:
+            path = Path(path.format(workload=workload))
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text)
+            log(f"wrote {path}")
+
+
 # ------------------------------------------------------------------------------------------------- plot
 def write_plot(result: dict, path) -> bool:
     """Speedup of padfree over each baseline vs max length (largest batch of the run), one panel per model

@@ -309,6 +309,50 @@ def run_serve(systems: list[str], concurrencies: list[int], policy: Policy, mode
     return rows, corpus
 
 
+def rss_mb(pid: int) -> float | None:
+    """Resident memory of a process (VmRSS), MiB; None once it is gone."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        return None
+    return None
+
+
+def run_memory(system: str, model: str, texts: list[str], dim: int, requests: int, warmup: int, chunk: int,
+               concurrency: int, seed: int, infinity_exe: str | None = None, max_batch_tokens: int | None = None,
+               log=_log) -> dict:
+    """Does a long-running server's memory level off? One server process: ``warmup`` varied requests (1-16
+    texts of the corpus), then ``requests`` more in chunks of ``chunk``, at ``concurrency``; the server's RSS
+    after the warm-up and after every chunk. ``growth_pct``: last sample over the one after warm-up."""
+    spec = server_spec(system, model, free_port(), infinity_exe=infinity_exe, max_batch_tokens=max_batch_tokens)
+    running = Running(spec, int(spec.argv[spec.argv.index("--port") + 1]))
+    plan = make_requests(len(texts), warmup + requests, seed + 7)
+    policy = Policy(max_requests=chunk, duration_s=3600.0, warmup_requests=0, warmup_s=0.0, verify=0)
+    row = {"system": system, "dtype": "bf16" if system == "padfree-bf16" else "fp32", "concurrency": concurrency,
+           "warmup_requests": warmup, "requests": requests, "chunk": chunk, "errors": 0, "samples": []}
+    try:
+        t0 = time.perf_counter()
+        for start in range(0, warmup + requests, chunk):
+            out = load(running, texts, [], plan[start:start + chunk], concurrency, policy, dim)
+            row["errors"] += sum(1 for _, _, ok in out["done"] if not ok)
+            done = start + len(out["done"])
+            row["samples"].append({"requests": done, "rss_mb": rss_mb(running.proc.pid),
+                                   "seconds": time.perf_counter() - t0})
+            if done == warmup or (start < warmup < start + chunk):
+                row["rss_after_warmup_mb"] = row["samples"][-1]["rss_mb"]
+            log(f"serve memory {system}: {done} requests, RSS {row['samples'][-1]['rss_mb']:.0f} MiB")
+    finally:
+        running.stop()
+    base = row.get("rss_after_warmup_mb") or row["samples"][0]["rss_mb"]
+    row["rss_end_mb"] = row["samples"][-1]["rss_mb"]
+    row["rss_max_after_warmup_mb"] = max(x["rss_mb"] for x in row["samples"] if x["requests"] >= warmup)
+    row["growth_pct"] = 100.0 * (row["rss_end_mb"] - base) / base
+    return row
+
+
 def summary(rows: list[dict]) -> list[dict]:
     """Per concurrency: each padfree system's throughput over each peer (same run), p50 ratios, the targets."""
     at = {(r["system"], r["concurrency"]): r for r in rows if r.get("status") == "ok"}
@@ -372,6 +416,14 @@ def markdown(result: dict) -> str:
                 tgt = f"p50 {'no worse' if x['p50_no_worse'] else '**worse**'}"
             lines.append(f"| {x['concurrency']} | {x['system']} | {x['peer']} | **{x['speedup']:.2f}×** | {tgt} | "
                          f"{f(x['p50_ratio'], '{:.2f}')} |")
+    for r in result.get("serve_memory", []):
+        series = ", ".join(f"{x['requests']}: {x['rss_mb']:.0f}" for x in r["samples"])
+        lines += ["", f"Memory, {r['system']} (one process, concurrency {r['concurrency']}): RSS after "
+                      f"{r['warmup_requests']} warm-up requests {r['rss_after_warmup_mb']:.0f} MiB, after "
+                      f"{r['requests']} more {r['rss_end_mb']:.0f} MiB (most {r['rss_max_after_warmup_mb']:.0f}): "
+                      f"growth **{r['growth_pct']:+.1f}%** (target < 10%: "
+                      f"{'met' if r['growth_pct'] < 10 else '**missed**'}), {r['errors']} errors. "
+                      f"RSS MiB by requests done: {series}."]
     bf = [r["min_cosine_vs_st_fp32"] for r in result.get("serve", [])
           if r.get("system") == "padfree-bf16" and r.get("min_cosine_vs_st_fp32") is not None]
     if bf:
@@ -399,6 +451,13 @@ def parse_args(argv: list[str]):
     p.add_argument("--one-start", action="store_true",
                    help="start each server once for all levels (default: a fresh start per server and level, the "
                         "servers of a level measured one after the other)")
+    p.add_argument("--memory-requests", type=int,
+                   help="after the levels, a memory run: this many varied requests after the warm-up against one "
+                        "server process, its RSS sampled (default 2000; 0 with --quick)")
+    p.add_argument("--memory-warmup", type=int, default=300, help="warm-up requests of the memory run (default 300)")
+    p.add_argument("--memory-chunk", type=int, default=250, help="requests between RSS samples (default 250)")
+    p.add_argument("--memory-concurrency", type=int, default=8)
+    p.add_argument("--memory-systems", default="padfree-fp32", help="servers of the memory run (comma list)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", help="write results as JSON ('{workload}' in the path becomes 'serve')")
     p.add_argument("--markdown", help="write a Markdown report (same '{workload}' rule)")
@@ -410,15 +469,21 @@ def parse_args(argv: list[str]):
     if bad or not args.system_list:
         raise SystemExit(f"--systems: unknown {bad}; choose from {list(SYSTEMS)}")
     args.levels = [int(x) for x in args.concurrency.split(",") if x.strip()]
-    if not args.levels or min(args.levels) < 1:
-        raise SystemExit("--concurrency: positive integers")
+    if args.levels and min(args.levels) < 1:
+        raise SystemExit("--concurrency: positive integers (or empty for the memory run alone)")
+    if args.memory_requests is None:
+        args.memory_requests = 0 if args.quick else 2000
+    args.memory_system_list = [s.strip() for s in args.memory_systems.split(",") if s.strip()]
+    bad = [s for s in args.memory_system_list if s not in SYSTEMS]
+    if bad:
+        raise SystemExit(f"--memory-systems: unknown {bad}; choose from {list(SYSTEMS)}")
     return args
 
 
 def main(argv: list[str]) -> dict:
     from dataclasses import replace
 
-    from . import machine
+    from . import machine, report
     from .w2 import model_path
     args = parse_args(argv)
     policy = QUICK if args.quick else FULL
@@ -454,22 +519,30 @@ def main(argv: list[str]) -> dict:
     _log(f"padfree bench --workload serve on {meta['machine_line']}; git {meta['git_revision']}")
     rows, corpus = run_serve(args.system_list, args.levels, policy, model, args.seed, args.corpus_texts,
                              infinity_exe=infinity, max_batch_tokens=args.max_batch_tokens,
-                             fresh_per_level=not args.one_start)
+                             fresh_per_level=not args.one_start) if args.levels else ([], {})
+    memory = []
+    if args.memory_requests:
+        from .corpus import stdlib_paragraphs
+        texts = stdlib_paragraphs(limit=args.corpus_texts)
+        dim = corpus.get("dim") or _dimension(model)
+        for system in args.memory_system_list:
+            memory.append(run_memory(system, model, texts, dim, args.memory_requests,
+                                     args.memory_warmup, args.memory_chunk, args.memory_concurrency, args.seed,
+                                     infinity_exe=infinity, max_batch_tokens=args.max_batch_tokens))
     if "infinity" in args.system_list and infinity is None:
         rows += [{"workload": "serve", "system": "infinity", "concurrency": c, "dtype": "fp32", "status": "skipped",
                   "reason": "its virtual environment could not be built (see the log)"} for c in args.levels]
     meta["elapsed_s"] = time.perf_counter() - t0
     result = {"meta": meta, "schema": "padfree-bench/1", "serve": rows, "serve_corpus": corpus,
-              "serve_summary": summary(rows)}
-    for flag, write in ((args.json, lambda path: Path(path).write_text(json.dumps(result, indent=1) + "\n")),
-                        (args.markdown, lambda path: Path(path).write_text(markdown(result)))):
-        if flag:
-            path = flag.format(workload="serve")
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
-            write(path)
-            _log(f"wrote {path}")
+              "serve_summary": summary(rows), "serve_memory": memory}
+    report.write_outputs(result, "serve", args.json, args.markdown, markdown(result), log=_log)
     print(markdown(result))
     return result
+
+
+def _dimension(model: str) -> int:
+    from ..sentence import SentenceEncoder
+    return SentenceEncoder.from_pretrained(model).dimension
 
 
 def _infinity_versions(exe: str) -> str:
