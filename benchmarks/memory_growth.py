@@ -34,10 +34,10 @@ def main(argv=None) -> int:
     p.add_argument("--arena-max", type=int, help="mallopt(M_ARENA_MAX, n) alone")
     p.add_argument("--trim-threshold", type=int, help="mallopt(M_TRIM_THRESHOLD, bytes) alone")
     p.add_argument("--onednn-cache", type=int, help="ONEDNN_PRIMITIVE_CACHE_CAPACITY before oneDNN starts")
-    p.add_argument("--alternate-mmap", action="store_true",
-                   help="with --w2: alternate mallopt(M_MMAP_THRESHOLD) between level_memory()'s value and 32 MiB "
-                        "(glibc's ceiling, where its dynamic threshold ends up under this load) run by run, so the "
-                        "speed cost of the mmap threshold is measured side by side in one process")
+    p.add_argument("--alternate-mmap", metavar="BYTES,...",
+                   help="with --w2: cycle mallopt(M_MMAP_THRESHOLD) through these values run by run (e.g. "
+                        "1048576,33554432: level_memory()'s value and glibc's ceiling, where its dynamic threshold "
+                        "ends up under this load), so their speed is compared side by side in one process")
     p.add_argument("--lru-cache", type=int, help="LRU_CACHE_CAPACITY (ideep's operator cache) before it starts")
     p.add_argument("--trim-every", type=int, default=0, help="malloc_trim(0) every this many batches")
     p.add_argument("--w2", type=int, default=0, metavar="RUNS",
@@ -72,7 +72,8 @@ def main(argv=None) -> int:
         for i in range(args.w2):
             threshold = None
             if args.alternate_mmap:
-                threshold = (memory.MMAP_THRESHOLD, 32 << 20)[i % 2]
+                cycle = [int(v) for v in args.alternate_mmap.split(",")]
+                threshold = cycle[i % len(cycle)]
                 memory.mallopt(memory.M_MMAP_THRESHOLD, threshold)
             t0 = time.perf_counter()
             model.encode(corpus)
