@@ -31,6 +31,7 @@ _POOLING_KEYS = {
 _POOLING_NAMES = {"cls": "cls", "max": "max", "mean": "mean", "mean_sqrt_len_tokens": "mean_sqrt_len",
                   "lasttoken": "lasttoken"}  # sentence-transformers >= 6 "pooling_mode" values
 DEFAULT_BATCH_TOKENS = 8192
+_PROMPT_CACHE = 1024  # prompt texts whose token counts are kept
 
 
 def _read_json(file: Path) -> dict:
@@ -166,6 +167,8 @@ class SentenceEncoder:
             ids = self.tokenizer.encode([prompt.lower() if self.do_lower_case else prompt],
                                         max_length=self.max_seq_length)[0].ids
             n = len(ids) - (1 if ids and ids[-1] in self.tokenizer.special_ids else 0)
+            if len(self._prompt_lengths) >= _PROMPT_CACHE:  # free-form prompts must not grow it without bound
+                self._prompt_lengths.clear()
             self._prompt_lengths[prompt] = n
         return n
 
