@@ -1,4 +1,4 @@
-"""The ``padfree`` command line: ``padfree demo``, ``padfree serve`` and ``padfree bench``."""
+"""The ``padfree`` command line: ``padfree demo``, ``serve``, ``embed``, ``classify`` and ``bench``."""
 from __future__ import annotations
 
 import argparse
@@ -61,12 +61,19 @@ def main(argv: list[str] | None = None) -> None:
     d.add_argument("--model", help="a sentence-transformers directory (default: the bundled all-MiniLM-L6-v2)")
     d.set_defaults(run=demo)
     for name, what in (("serve", "the HTTP server: OpenAI, text-embeddings-inference and Cohere routes "
-                                 "(see padfree serve --help)"), ("bench", "benchmarks (see padfree bench --help)")):
+                                 "(see padfree serve --help)"),
+                       ("embed", "embed a Parquet/JSONL/CSV input into Parquet shards, resumable"),
+                       ("classify", "classify a Parquet/JSONL/CSV input into Parquet shards, resumable"),
+                       ("bench", "benchmarks (see padfree bench --help)")):
         sub.add_parser(name, help=what, add_help=False).set_defaults(run=None)
     args, rest = parser.parse_known_args(argv)
     if args.command == "bench":
         from padfree.bench.run import main as bench_main
         bench_main(rest)
+        return
+    if args.command in ("embed", "classify"):
+        from padfree.jobs.cli import main as job_main
+        job_main(args.command, rest)
         return
     if args.command == "serve":
         from padfree.serve.cli import main as serve_main

@@ -1,0 +1,52 @@
+"""``padfree embed`` and ``padfree classify``: a whole Parquet / JSONL / CSV input into Parquet shards,
+resumable after a crash (run the same command again)."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def parse_args(task: str, argv):
+    p = argparse.ArgumentParser(prog=f"padfree {task}", description=__doc__)
+    p.add_argument("input", help="a .parquet, .jsonl or .csv file, or a directory of them (read in name order)")
+    p.add_argument("output", help="the output directory: part-NNNNN.parquet shards and _manifest.json")
+    p.add_argument("--model", help="a sentence-transformers directory" + (" (default: the bundled all-MiniLM-L6-v2)"
+                                                                       if task == "embed" else
+                                                                       " or *ForSequenceClassification / CrossEncoder "
+                                                                       "directory"), required=task != "embed")
+    p.add_argument("--column", default="text", help="the text column (default: text)")
+    if task == "classify":
+        p.add_argument("--pair-column", help="the second text of each pair (cross-encoders)")
+    p.add_argument("--id-column", help="a column carried to the output first (e.g. a document id)")
+    p.add_argument("--keep", default="", help="comma list of other columns carried to the output")
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    p.add_argument("--max-batch-tokens", type=int, default=16384, help="real tokens per forward (default 16384)")
+    p.add_argument("--format", choices=["parquet", "jsonl", "csv"], help="override the format given by the suffix")
+    p.add_argument("--shard-rows", type=int, default=10000, help="input rows per output shard (default 10000); "
+                   "memory holds one shard")
+    p.add_argument("--skip-empty", action="store_true", help="leave null and empty texts out of the output "
+                   "(default: encode them as the empty string)")
+    p.add_argument("--overwrite", action="store_true", help="start again in an output directory of another job")
+    p.add_argument("--no-progress", action="store_true")
+    return p.parse_args(argv)
+
+
+def main(task: str, argv) -> None:
+    args = parse_args(task, argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from .runner import JobSpec, run_job
+    model = args.model
+    if model is None:
+        from ..cli import _minilm_path
+        model = _minilm_path()
+    spec = JobSpec(task=task, input=args.input, output=args.output, model=model, column=args.column,
+                   pair_column=getattr(args, "pair_column", None), id_column=args.id_column,
+                   keep=[c.strip() for c in args.keep.split(",") if c.strip()], dtype=args.dtype,
+                   max_batch_tokens=args.max_batch_tokens, format=args.format, shard_rows=args.shard_rows,
+                   skip_empty=args.skip_empty, overwrite=args.overwrite, progress=not args.no_progress)
+    try:
+        run_job(spec)
+    except (ValueError, OSError) as e:
+        print(f"padfree {task}: error: {e}", file=sys.stderr)
+        sys.exit(2)

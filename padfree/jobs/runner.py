@@ -1,0 +1,257 @@
+"""A batch job: embed or classify a whole input, streaming, into Parquet shards that make it resumable.
+
+The input's rows are cut into shards of ``shard_rows`` consecutive rows; shard k becomes ``part-{k:05d}.parquet``,
+written to a hidden temporary name and renamed, so a shard file exists only when it is complete. The directory's
+``_manifest.json`` records the input's identity (paths, sizes, modification times) and every option that changes
+the output; a run over a directory with another manifest refuses, naming what differs (``overwrite`` starts
+again), and a rerun after a crash (even SIGKILL) skips the shards that exist. Memory holds one shard of rows;
+inside a shard, texts are sorted by length, batched by the token budget through the task (one packed forward
+per batch) and put back in input order. Pyarrow and the dataset readers ignore names starting with "." or "_",
+so ``pyarrow.parquet.read_table(out_dir)`` reads the rows back in input order.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from ..sentence import token_budget_batches
+from ..tasks import ClassifyTask, EmbedTask, Seq, Task
+from . import io
+
+MANIFEST = "_manifest.json"
+# options that change the output: a rerun with another value refuses (max_batch_tokens only changes speed)
+OUTPUT_OPTIONS = ("task", "model", "dtype", "column", "pair_column", "id_column", "keep", "skip_empty",
+                  "shard_rows", "format")
+
+
+@dataclass
+class JobSpec:
+    task: str                       # "embed" or "classify"
+    input: str
+    output: str
+    model: str
+    column: str = "text"
+    pair_column: str | None = None  # classify: the second text of each pair (cross-encoders)
+    id_column: str | None = None
+    keep: list[str] = field(default_factory=list)
+    dtype: str = "fp32"
+    max_batch_tokens: int = 16384
+    format: str | None = None
+    shard_rows: int = 10000
+    skip_empty: bool = False
+    overwrite: bool = False
+    progress: bool = True
+
+    def options(self, fmt: str) -> dict:
+        d = asdict(self)
+        d.update(model=str(Path(self.model).resolve()), format=fmt)
+        return {k: d[k] for k in OUTPUT_OPTIONS}
+
+
+def _say(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def _shard(out: Path, k: int) -> Path:
+    return out / f"part-{k:05d}.parquet"
+
+
+def prepare_output(spec: JobSpec, manifest: dict) -> dict | None:
+    """Create or check the output directory. The previous manifest if it matches (a rerun), None if new;
+    ValueError naming what differs."""
+    out = Path(spec.output)
+    old_file = out / MANIFEST
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"output {str(out)!r} exists and is not a directory")
+    if out.exists() and spec.overwrite:
+        for p in out.iterdir():
+            if p.name == MANIFEST or (p.name.startswith(("part-", ".part-")) and p.suffix in (".parquet", ".tmp")):
+                p.unlink()
+    if old_file.is_file():
+        old = json.loads(old_file.read_text())
+        diffs = [f"--{k.replace('_', '-')}: {old['options'].get(k)!r} before, {v!r} now"
+                 for k, v in manifest["options"].items() if old["options"].get(k) != v]
+        if old["inputs"] != manifest["inputs"]:
+            diffs.append("the input files changed (paths, sizes or modification times)")
+        if diffs:
+            raise ValueError(f"{str(out)!r} holds a job with other settings ({'; '.join(diffs)}); pass --overwrite "
+                             "to start again, or choose another output directory")
+        return old
+    if out.exists() and any(not p.name.startswith(".") for p in out.iterdir()):
+        raise ValueError(f"output directory {str(out)!r} is not empty and holds no padfree job ({MANIFEST}); "
+                         "choose another, or pass --overwrite")
+    out.mkdir(parents=True, exist_ok=True)
+    return None
+
+
+class _Rows:
+    """Cuts the stream of record batches into shards of exactly ``n`` rows (the last may be shorter)."""
+
+    def __init__(self, batches, n: int):
+        self.batches, self.n = batches, n
+
+    def __iter__(self):
+        pending, size = [], 0
+        for b in self.batches:
+            while b.num_rows:
+                take = min(self.n - size, b.num_rows)
+                pending.append(b.slice(0, take))
+                size += take
+                b = b.slice(take)
+                if size == self.n:
+                    yield pa.Table.from_batches(pending)
+                    pending, size = [], 0
+        if size:
+            yield pa.Table.from_batches(pending)
+
+
+def _texts(table: pa.Table, column: str) -> tuple[list[str], np.ndarray]:
+    """The column as strings (null -> "") and a mask of the rows that were null or empty."""
+    values = table.column(column).to_pylist()
+    empty = np.array([not v for v in values], dtype=bool)
+    return [v or "" for v in values], empty
+
+
+def _run_sorted(task: Task, seqs: list[Seq], budget: int) -> list[np.ndarray]:
+    """Results in the order of ``seqs``: sorted by length, batched by the token budget, put back."""
+    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i].ids))
+    out: list = [None] * len(seqs)
+    for start, end in token_budget_batches([len(seqs[i].ids) for i in order], budget):
+        idx = order[start:end]
+        for i, r in zip(idx, task.run([seqs[i] for i in idx])):
+            out[i] = r
+    return out
+
+
+def _columns(spec: JobSpec, table: pa.Table) -> dict[str, pa.Array]:
+    cols = {}
+    for name in ([spec.id_column] if spec.id_column else []) + spec.keep:
+        cols[name] = table.column(name)
+    return cols
+
+
+def compute_shard(spec: JobSpec, task: Task, table: pa.Table) -> tuple[pa.Table, dict]:
+    """One shard's output table and its counts (rows, tokens, skipped, at the length limit)."""
+    texts, empty = _texts(table, spec.column)
+    pairs = None
+    if spec.pair_column:
+        pairs, empty_pair = _texts(table, spec.pair_column)
+        empty |= empty_pair
+    if spec.skip_empty and empty.any():
+        keep = np.flatnonzero(~empty)
+        table = table.take(pa.array(keep))
+        texts = [texts[i] for i in keep]
+        pairs = None if pairs is None else [pairs[i] for i in keep]
+    if isinstance(task, EmbedTask):
+        seqs = task.tokenize(texts, truncate=True)
+    else:
+        seqs = task.tokenize(texts, pairs, truncate=True)
+    lengths = [len(s.ids) for s in seqs]
+    counts = {"rows": len(seqs), "tokens": int(sum(lengths)), "skipped": int(empty.sum()) if spec.skip_empty else 0,
+              "empty": int(empty.sum()), "at_limit": sum(n >= task.max_input_length for n in lengths)}
+    cols = _columns(spec, table)
+    if not seqs:
+        rows = np.zeros((0, task.dimension if isinstance(task, EmbedTask) else task.num_labels), np.float32)
+    else:
+        rows = np.stack(_run_sorted(task, seqs, spec.max_batch_tokens)).astype(np.float32)
+    if isinstance(task, EmbedTask):
+        if task.normalizes:
+            rows = rows / np.maximum(np.linalg.norm(rows, axis=1, keepdims=True), 1e-12)
+        cols["embedding"] = pa.FixedSizeListArray.from_arrays(pa.array(rows.reshape(-1)), rows.shape[1])
+    else:
+        probs = task.probabilities(rows).astype(np.float32) if len(rows) else rows
+        best = probs.argmax(1) if len(probs) else np.zeros(0, int)
+        cols["label"] = pa.array([task.id2label[i] for i in best], pa.string())
+        cols["score"] = pa.array(probs[np.arange(len(best)), best], pa.float32())
+        cols["scores"] = pa.FixedSizeListArray.from_arrays(pa.array(probs.reshape(-1)), probs.shape[1])
+    return pa.table(cols), counts
+
+
+def run_job(spec: JobSpec) -> dict:
+    """Run (or resume) a job; returns its summary. ValueError for bad input or a mismatched output."""
+    from ..memory import level_memory
+    import torch
+
+    from ..tasks import load_task
+
+    level_memory()  # a job streams millions of rows through ever-changing batch shapes
+    for name in ("shard_rows", "max_batch_tokens"):
+        v = getattr(spec, name)
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be an int >= 1; got {v!r}")
+    if spec.task == "embed" and spec.pair_column:
+        raise ValueError("--pair-column is for classify (cross-encoders)")
+    files, fmt = io.input_files(spec.input, spec.format)
+    text_cols = [spec.column] + ([spec.pair_column] if spec.pair_column else [])
+    other = list(dict.fromkeys(([spec.id_column] if spec.id_column else []) + spec.keep))
+    io.first_schema(files, fmt, text_cols, other)
+    manifest = {"version": 1, "inputs": io.identity(files), "options": spec.options(fmt), "complete": False}
+    old = prepare_output(spec, manifest)
+    out = Path(spec.output)
+    if old is not None and old.get("complete"):
+        shards = old.get("shards", 0)
+        if all(_shard(out, k).is_file() for k in range(shards)):
+            _say(f"padfree {spec.task}: {out} is complete ({old.get('rows', '?')} rows in {shards} shards): "
+                 "nothing to do")
+            return {**old.get("summary", {}), "nothing_to_do": True}
+    _write_atomic(out / MANIFEST, json.dumps(manifest, indent=1).encode())
+
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}.get(spec.dtype)
+    if dtype is None:
+        raise ValueError(f"--dtype must be fp32 or bf16; got {spec.dtype!r}")
+    task = load_task(spec.model, dtype)
+    want = EmbedTask if spec.task == "embed" else ClassifyTask
+    if not isinstance(task, want):
+        raise ValueError(f"model {spec.model!r} serves {task.kind}, not {spec.task}")
+
+    total_rows = io.parquet_rows(files, fmt)
+    bar = None
+    if spec.progress:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=total_rows, unit="row", desc=f"padfree {spec.task}", dynamic_ncols=True)
+    summary = {"rows": 0, "tokens": 0, "skipped": 0, "empty": 0, "at_limit": 0, "shards_done_before": 0,
+               "shards": 0}
+    t0 = time.perf_counter()
+    computed_tokens = 0
+    for k, table in enumerate(_Rows(io.read_batches(files, fmt, text_cols, other), spec.shard_rows)):
+        summary["shards"] = k + 1
+        path = _shard(out, k)
+        if path.is_file():
+            summary["shards_done_before"] += 1
+            summary["rows"] += pq.ParquetFile(path).metadata.num_rows
+        else:
+            result, counts = compute_shard(spec, task, table)
+            tmp = path.with_name(f".{path.name}.tmp")
+            pq.write_table(result, tmp)
+            os.replace(tmp, path)
+            for key in ("rows", "tokens", "skipped", "empty", "at_limit"):
+                summary[key] += counts[key]
+            computed_tokens += counts["tokens"]
+        if bar is not None:
+            bar.update(table.num_rows)
+            dt = time.perf_counter() - t0
+            bar.set_postfix_str(f"{computed_tokens / dt:,.0f} tokens/s" if dt > 0 else "")
+    if bar is not None:
+        bar.close()
+    summary["seconds"] = time.perf_counter() - t0
+    manifest.update(complete=True, shards=summary["shards"], rows=summary["rows"], summary=summary)
+    _write_atomic(out / MANIFEST, json.dumps(manifest, indent=1).encode())
+    _say(f"padfree {spec.task}: {summary['rows']} rows, {summary['tokens']} tokens computed in "
+         f"{summary['seconds']:.1f} s ({summary['shards']} shards, {summary['shards_done_before']} already done); "
+         f"{summary['empty']} null or empty texts ({'skipped' if spec.skip_empty else 'embedded as empty'}), "
+         f"{summary['at_limit']} at the model's length limit (longer ones cut) -> {out}")
+    return summary
