@@ -94,7 +94,6 @@ def prepare_output(spec: JobSpec, manifest: dict) -> dict | None:
     if out.exists() and any(not p.name.startswith(".") for p in out.iterdir()):
         raise ValueError(f"output directory {str(out)!r} is not empty and holds no padfree job ({MANIFEST}); "
                          "choose another, or pass --overwrite")
-    out.mkdir(parents=True, exist_ok=True)
     return None
 
 
@@ -208,7 +207,6 @@ def run_job(spec: JobSpec) -> dict:
             _say(f"padfree {spec.task}: {out} is complete ({old.get('rows', '?')} rows in {shards} shards): "
                  "nothing to do")
             return {**old.get("summary", {}), "nothing_to_do": True}
-    _write_atomic(out / MANIFEST, json.dumps(manifest, indent=1).encode())
 
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}.get(spec.dtype)
     if dtype is None:
@@ -235,6 +233,9 @@ def run_job(spec: JobSpec) -> dict:
             summary["rows"] += pq.ParquetFile(path).metadata.num_rows
         else:
             result, counts = compute_shard(spec, task, table)
+            if old is None and not (out / MANIFEST).is_file():  # the directory appears with its first shard
+                out.mkdir(parents=True, exist_ok=True)
+                _write_atomic(out / MANIFEST, json.dumps(manifest, indent=1).encode())
             tmp = path.with_name(f".{path.name}.tmp")
             pq.write_table(result, tmp)
             os.replace(tmp, path)
@@ -248,6 +249,7 @@ def run_job(spec: JobSpec) -> dict:
     if bar is not None:
         bar.close()
     summary["seconds"] = time.perf_counter() - t0
+    out.mkdir(parents=True, exist_ok=True)
     manifest.update(complete=True, shards=summary["shards"], rows=summary["rows"], summary=summary)
     _write_atomic(out / MANIFEST, json.dumps(manifest, indent=1).encode())
     _say(f"padfree {spec.task}: {summary['rows']} rows, {summary['tokens']} tokens computed in "
