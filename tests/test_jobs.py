@@ -401,6 +401,23 @@ def test_kept_column_type_widens_after_the_first_block(tmp_path, fmt):
     assert got.column("score").to_pylist() == [float(s) for s in scores]
 
 
+def test_csv_multiline_quoted_values(tmp_path):
+    """Quoted CSV values holding newlines (documents, as ``pyarrow.csv.write_csv`` writes them) in a file of more
+    than one 1 MiB read block: every row read whole (pyarrow needs ``newlines_in_values=True`` for this)."""
+    n = 500
+    texts = [f"line {i}\nsecond line, with a comma" for i in range(n)]
+    table = pa.table({"id": pa.array(range(n), pa.int64()), "text": pa.array(texts),
+                      "notes": pa.array([("y" * 50 + "\n") * 50] * n)})
+    src = write_input(tmp_path / "in.csv", table)
+    assert src.stat().st_size > 1 << 20
+    out = tmp_path / "out"
+    ok(cli("embed", src, out, "--id-column", "id", "--no-progress"))
+    got = read_out(out)
+    assert got.column("id").to_pylist() == list(range(n))
+    rows = list(range(0, n, 50))
+    assert np.abs(embeddings(got)[rows] - encode([texts[i] for i in rows])).max() <= 1e-5
+
+
 def test_csv_text_that_looks_numeric_stays_text(tmp_path):
     """CSV type inference does not turn a text column of digits into numbers (``007`` stays ``007``)."""
     texts = ["007", "123", "4.5", "1e3", "true", "0042"]
