@@ -327,6 +327,9 @@ def test_bad_inputs(tmp_path):
     (tmp_path / "no_rows.csv").write_text("id,text\n")
     pq.write_table(good, tmp_path / "data.txt")  # parquet bytes behind an unknown suffix
     (tmp_path / "dir_empty").mkdir()
+    (tmp_path / "dir_mixed").mkdir()
+    write_input(tmp_path / "dir_mixed" / "a.parquet", good)
+    write_input(tmp_path / "dir_mixed" / "b.csv", good)
 
     # name -> (input, extra args, words the one-line error must contain (any of each tuple))
     cases = {
@@ -342,6 +345,7 @@ def test_bad_inputs(tmp_path):
         "no rows csv": (tmp_path / "no_rows.csv", [], [("row", "empty")]),
         "unknown suffix": (tmp_path / "data.txt", [], [("format", "suffix")]),
         "empty directory": (tmp_path / "dir_empty", [], [("dir_empty",)]),
+        "mixed formats in a directory": (tmp_path / "dir_mixed", [], [("format", "csv", "mix")]),
     }
     outs = {name: tmp_path / f"out_{i}" for i, name in enumerate(cases)}
     procs = cli_many([["embed", src, outs[name], *extra, "--no-progress"] for name, (src, extra, _) in cases.items()])
@@ -416,6 +420,17 @@ def test_csv_multiline_quoted_values(tmp_path):
     assert got.column("id").to_pylist() == list(range(n))
     rows = list(range(0, n, 50))
     assert np.abs(embeddings(got)[rows] - encode([texts[i] for i in rows])).max() <= 1e-5
+
+
+def test_format_overrides_the_suffix(tmp_path):
+    table = base_table(mixed_texts(10))
+    src = tmp_path / "data.txt"
+    pq.write_table(table, src)
+    out = tmp_path / "out"
+    ok(cli("embed", src, out, "--format", "parquet", "--id-column", "id", "--no-progress"))
+    got = read_out(out)
+    assert got.column("id").to_pylist() == table.column("id").to_pylist()
+    assert np.abs(embeddings(got) - encode(table.column("text").to_pylist())).max() <= 1e-5
 
 
 def test_csv_text_that_looks_numeric_stays_text(tmp_path):
