@@ -547,3 +547,23 @@ def test_rerun_policies(tmp_path):
     assert np.abs(embeddings(got) - encode(table.column("other").to_pylist())).max() <= 1e-5
     again = ok(cli("embed", src, out, *new))
     assert "nothing to do" in again.stdout + again.stderr, describe(again)
+
+
+def test_overwrite_into_a_directory_that_holds_no_job(tmp_path):
+    """``--overwrite`` into a non-empty directory with no manifest (e.g. a Spark output with part-*.parquet and
+    other files): either it refuses and deletes nothing, or it succeeds and the directory reads back as exactly
+    this job's rows (no foreign part file mixed in)."""
+    table = base_table(mixed_texts(10))
+    src = write_input(tmp_path / "in.parquet", table)
+    out = tmp_path / "out"
+    out.mkdir()
+    pq.write_table(table.slice(0, 3), out / "part-00007.parquet")
+    (out / "notes.txt").write_text("not padfree's")
+    before = sorted(f.name for f in out.iterdir())
+    p = cli("embed", src, out, "--id-column", "id", "--overwrite", "--no-progress")
+    if p.returncode != 0:
+        line = error_line(p)
+        assert sorted(f.name for f in out.iterdir()) == before, f"a refused run deleted files ({line!r})"
+    else:
+        got = read_out(out)
+        assert got.column("id").to_pylist() == table.column("id").to_pylist()
