@@ -433,6 +433,21 @@ def test_format_overrides_the_suffix(tmp_path):
     assert np.abs(embeddings(got) - encode(table.column("text").to_pylist())).max() <= 1e-5
 
 
+def test_dictionary_encoded_text_column(tmp_path):
+    """A text column stored dictionary-encoded (a pandas ``category`` column, or pyarrow's dictionary type, as
+    Parquet writers often keep it) is text."""
+    texts = ["a b", "c", "a b", None, "longer text here", "c"]
+    table = pa.table({"id": pa.array(range(len(texts)), pa.int64()),
+                      "text": pa.array(texts, pa.string()).dictionary_encode()})
+    src = write_input(tmp_path / "in.parquet", table)
+    assert pa.types.is_dictionary(pq.read_schema(src).field("text").type)
+    out = tmp_path / "out"
+    ok(cli("embed", src, out, "--id-column", "id", "--no-progress"))
+    got = read_out(out)
+    assert got.column("id").to_pylist() == list(range(len(texts)))
+    assert np.abs(embeddings(got) - encode([t or "" for t in texts])).max() <= 1e-5
+
+
 def test_csv_text_that_looks_numeric_stays_text(tmp_path):
     """CSV type inference does not turn a text column of digits into numbers (``007`` stays ``007``)."""
     texts = ["007", "123", "4.5", "1e3", "true", "0042"]
