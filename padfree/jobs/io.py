@@ -14,6 +14,9 @@ import pyarrow.parquet as pq
 FORMATS = {".parquet": "parquet", ".pq": "parquet", ".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl",
            ".csv": "csv"}
 READ_ROWS = 4096  # rows per record batch read from a Parquet file
+# JSONL / CSV are read in blocks and their column types are inferred from the first block: one block of up to
+# 64 MiB (the whole file, for most) keeps a column that holds ints first and a float later one float column
+TEXT_BLOCK = 64 << 20
 
 
 def input_files(path, fmt: str | None = None) -> tuple[list[Path], str]:
@@ -54,10 +57,12 @@ def identity(files: list[Path]) -> list[dict]:
 def _open(file: Path, fmt: str, text_columns: list[str]) -> Iterator[pa.RecordBatch]:
     if fmt == "parquet":
         return pq.ParquetFile(file).iter_batches(batch_size=READ_ROWS)
-    if fmt == "csv":  # text columns stay text even when they hold numbers
+    block = max(1 << 20, min(TEXT_BLOCK, file.stat().st_size + 1))
+    if fmt == "csv":  # text columns stay text even when they hold numbers; quoted values may span lines
         convert = pcsv.ConvertOptions(column_types={c: pa.string() for c in text_columns}, strings_can_be_null=True)
-        return iter(pcsv.open_csv(file, convert_options=convert))
-    return iter(pjson.open_json(file))
+        return iter(pcsv.open_csv(file, read_options=pcsv.ReadOptions(block_size=block),
+                                  parse_options=pcsv.ParseOptions(newlines_in_values=True), convert_options=convert))
+    return iter(pjson.open_json(file, read_options=pjson.ReadOptions(block_size=block)))
 
 
 def check_schema(schema: pa.Schema, file: Path, text_columns: list[str], other_columns: list[str]) -> None:
@@ -67,6 +72,8 @@ def check_schema(schema: pa.Schema, file: Path, text_columns: list[str], other_c
                          f"{schema.names}")
     for c in text_columns:
         t = schema.field(c).type
+        if pa.types.is_dictionary(t):
+            t = t.value_type
         if not (pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t)
                 or pa.types.is_null(t)):
             raise ValueError(f"column {c!r} of {str(file)!r} holds {t}, not text")
@@ -94,20 +101,21 @@ def read_batches(files: list[Path], fmt: str, text_columns: list[str], other_col
         raise ValueError(f"the input has no rows ({len(files)} file{'s' if len(files) > 1 else ''})")
 
 
-def first_schema(files: list[Path], fmt: str, text_columns: list[str], other_columns: list[str]) -> None:
-    """Check the first file's columns before any model is loaded (Parquet: from its footer)."""
-    f = files[0]
-    try:
-        if fmt == "parquet":
-            schema = pq.read_schema(f)
-        else:
-            batch = next(_open(f, fmt, text_columns), None)
-            if batch is None:
-                return
-            schema = batch.schema
-    except (pa.ArrowException, OSError) as e:
-        raise ValueError(f"cannot read {str(f)!r} as {fmt}: {str(e).splitlines()[0]}") from None
-    check_schema(schema, f, text_columns, other_columns)
+def check_files(files: list[Path], fmt: str, text_columns: list[str], other_columns: list[str]) -> None:
+    """Check every file's columns before any model is loaded or any shard written (Parquet: from its footer;
+    JSONL / CSV: from its first block), so that a bad file late in a directory fails the job at once."""
+    for f in files:
+        try:
+            if fmt == "parquet":
+                schema = pq.read_schema(f)
+            else:
+                batch = next(_open(f, fmt, text_columns), None)
+                if batch is None:
+                    continue
+                schema = batch.schema
+        except (pa.ArrowException, OSError) as e:
+            raise ValueError(f"cannot read {str(f)!r} as {fmt}: {str(e).splitlines()[0]}") from None
+        check_schema(schema, f, text_columns, other_columns)
 
 
 def parquet_rows(files: list[Path], fmt: str) -> int | None:

@@ -77,7 +77,7 @@ def prepare_output(spec: JobSpec, manifest: dict) -> dict | None:
     old_file = out / MANIFEST
     if out.exists() and not out.is_dir():
         raise ValueError(f"output {str(out)!r} exists and is not a directory")
-    if out.exists() and spec.overwrite:
+    if out.exists() and spec.overwrite and old_file.is_file():  # only a padfree job's files are ever deleted
         for p in out.iterdir():
             if p.name == MANIFEST or (p.name.startswith(("part-", ".part-")) and p.suffix in (".parquet", ".tmp")):
                 p.unlink()
@@ -93,7 +93,7 @@ def prepare_output(spec: JobSpec, manifest: dict) -> dict | None:
         return old
     if out.exists() and any(not p.name.startswith(".") for p in out.iterdir()):
         raise ValueError(f"output directory {str(out)!r} is not empty and holds no padfree job ({MANIFEST}); "
-                         "choose another, or pass --overwrite")
+                         "choose an empty or new directory")
     return None
 
 
@@ -197,7 +197,7 @@ def run_job(spec: JobSpec) -> dict:
     files, fmt = io.input_files(spec.input, spec.format)
     text_cols = [spec.column] + ([spec.pair_column] if spec.pair_column else [])
     other = list(dict.fromkeys(([spec.id_column] if spec.id_column else []) + spec.keep))
-    io.first_schema(files, fmt, text_cols, other)
+    io.check_files(files, fmt, text_cols, other)
     manifest = {"version": 1, "inputs": io.identity(files), "options": spec.options(fmt), "complete": False}
     old = prepare_output(spec, manifest)
     out = Path(spec.output)
