@@ -37,6 +37,12 @@ def parse_args(argv):
     p.add_argument("--tokenization-workers", type=int, default=2)
     p.add_argument("--threads", type=int, help="torch threads for the forward (default: torch's)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS",
+                   help="serve through Ray Serve (pip install 'padfree[ray]'): on the cluster at ADDRESS (e.g. "
+                        "auto), or bare --ray to start a local one; same app and routes in every replica")
+    p.add_argument("--ray-replicas", type=int, default=1, metavar="N",
+                   help="with --ray: replicas, each loading every model and batching its own requests "
+                        "(default 1; each takes --threads CPUs, default 1)")
     return p.parse_args(argv)
 
 
@@ -67,22 +73,64 @@ def _read_key(path: str | None) -> str | None:
     return key
 
 
+def serve_config(args):
+    """The ServeConfig of parsed arguments; SystemExit naming a bad value."""
+    from .app import ServeConfig
+    try:
+        return ServeConfig(max_batch_tokens=args.max_batch_tokens, max_client_batch_size=args.max_client_batch_size,
+                           max_concurrent_requests=args.max_concurrent_requests, payload_limit=args.payload_limit,
+                           auto_truncate=args.auto_truncate, api_key=_read_key(args.api_key_file),
+                           tokenization_workers=args.tokenization_workers)
+    except ValueError as e:
+        raise SystemExit(f"padfree serve: error: {e}")
+
+
+def run_on_ray(args) -> None:
+    """``padfree serve --ray``: the same app as a Ray Serve application on host:port until SIGTERM / Ctrl-C."""
+    try:
+        import ray
+        from ray import serve
+
+        from ..ray import serve_app
+    except ImportError as e:
+        raise SystemExit(f"padfree serve: error: --ray needs Ray: pip install 'padfree[ray]' ({e})")
+    if args.ray_replicas < 1:
+        raise SystemExit(f"padfree serve: error: --ray-replicas must be >= 1; got {args.ray_replicas}")
+    config = serve_config(args)
+    models = _model_specs(args.model)
+
+    def stop(*_):
+        raise KeyboardInterrupt
+
+    ray.init(address=args.ray, include_dashboard=False)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, stop)
+    try:
+        serve.start(http_options={"host": args.host, "port": args.port})
+        serve.run(serve_app(models, args.dtype, config, num_replicas=args.ray_replicas,
+                            ray_actor_options={"num_cpus": args.threads or 1}), name="padfree", route_prefix="/")
+        log.info("padfree serve --ray: %d replica(s) of %s on http://%s:%d", args.ray_replicas,
+                 [n for n, _ in models], args.host, args.port)
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        serve.shutdown()  # Ray Serve lets running requests finish (graceful_shutdown_timeout_s), then the
+        ray.shutdown()    # replicas' app lifespan stops their scheduler
+    log.info("padfree serve --ray: stopped")
+
+
 def build(args) -> "tuple":
     """(the FastAPI app, its ServerState) for parsed arguments: models loaded and warmed up."""
     import torch
 
     from ..memory import level_memory
     from ..tasks import load_task
-    from .app import ServeConfig, Served, create_app
+    from .app import Served, create_app
 
     level_memory()  # before the model's tensors: the allocator settings that keep a long-running RSS level
-    try:
-        config = ServeConfig(max_batch_tokens=args.max_batch_tokens, max_client_batch_size=args.max_client_batch_size,
-                             max_concurrent_requests=args.max_concurrent_requests, payload_limit=args.payload_limit,
-                             auto_truncate=args.auto_truncate, api_key=_read_key(args.api_key_file),
-                             tokenization_workers=args.tokenization_workers)
-    except ValueError as e:
-        raise SystemExit(f"padfree serve: error: {e}")
+    config = serve_config(args)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     served = []
     for name, path in _model_specs(args.model):
@@ -107,6 +155,8 @@ def main(argv=None) -> None:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # our pool tokenizes; no second pool on the cores
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.ray is not None:
+        return run_on_ray(args)
     if args.threads:
         import torch
         torch.set_num_threads(args.threads)
