@@ -25,6 +25,12 @@ import pyarrow as pa
 from ..jobs.runner import JobSpec, compute_shard
 
 
+# Reads and writes take no CPU of Ray's: the actors hold a CPU each for the whole job, and with as many actors as
+# CPUs a read or write task needing one would never be scheduled (the job would hang). They are light beside
+# the model.
+IO_REMOTE_ARGS = {"num_cpus": 0}
+
+
 class _TaskBatches:
     """Shared body of :class:`Embed` and :class:`Classify`."""
 
@@ -74,13 +80,14 @@ def _read(files: list[Path], fmt: str, text_columns: list[str], columns: list[st
     import ray.data
 
     paths = [str(f) for f in files]
+    args = dict(num_cpus=0)  # see IO_REMOTE_ARGS
     if fmt == "parquet":
-        return ray.data.read_parquet(paths).select_columns(columns)
+        return ray.data.read_parquet(paths, **args).select_columns(columns)
     if fmt == "csv":  # text columns stay text even when they hold numbers, as in the local job
         convert = pcsv.ConvertOptions(column_types={c: pa.string() for c in text_columns},
                                       strings_can_be_null=True)
-        return ray.data.read_csv(paths, convert_options=convert).select_columns(columns)
-    return ray.data.read_json(paths, lines=True).select_columns(columns)
+        return ray.data.read_csv(paths, convert_options=convert, **args).select_columns(columns)
+    return ray.data.read_json(paths, lines=True, **args).select_columns(columns)
 
 
 def run_job(spec: JobSpec, address: str | None = "local", actors: int = 1) -> dict:
@@ -126,7 +133,7 @@ def run_job(spec: JobSpec, address: str | None = "local", actors: int = 1) -> di
         fn_constructor_kwargs=dict(model=spec.model, column=spec.column, id_column=spec.id_column,
                                    keep=spec.keep, dtype=spec.dtype, max_batch_tokens=spec.max_batch_tokens,
                                    skip_empty=spec.skip_empty, pair_column=spec.pair_column))
-    ds.write_parquet(str(out), mode=ray.data.SaveMode.OVERWRITE if spec.overwrite else ray.data.SaveMode.APPEND)
+    ds.write_parquet(str(out), ray_remote_args=IO_REMOTE_ARGS, mode=ray.data.SaveMode.OVERWRITE if spec.overwrite else ray.data.SaveMode.APPEND)
     seconds = time.perf_counter() - t0
     import pyarrow.parquet as pq
     rows = sum(pq.ParquetFile(p).metadata.num_rows for p in out.glob("*.parquet"))
