@@ -39,8 +39,8 @@ def _input(path):
     return table
 
 
-@pytest.mark.parametrize("skip_empty", [False, True])
-def test_ray_data_job_equals_local_job(cluster, tmp_path, skip_empty):
+@pytest.mark.parametrize("skip_empty,actors", [(False, 2), (True, 1)])  # 2 actors hold both CPUs of the cluster
+def test_ray_data_job_equals_local_job(cluster, tmp_path, skip_empty, actors):
     from padfree.jobs.runner import JobSpec, run_job
     from padfree.ray import run_job as run_on_ray
 
@@ -48,7 +48,7 @@ def test_ray_data_job_equals_local_job(cluster, tmp_path, skip_empty):
     common = dict(task="embed", input=str(tmp_path / "in.parquet"), model=str(minilm_path()), id_column="doc",
                   keep=["year"], skip_empty=skip_empty, progress=False, shard_rows=48)
     run_job(JobSpec(output=str(tmp_path / "local"), **common))
-    summary = run_on_ray(JobSpec(output=str(tmp_path / "ray"), **common), actors=1)
+    summary = run_on_ray(JobSpec(output=str(tmp_path / "ray"), **common), actors=actors)
     local = pq.read_table(tmp_path / "local")
     # Ray's files are named <dataset uuid>_<task index>_<block>: name order is input order
     files = sorted((tmp_path / "ray").glob("*.parquet"))

@@ -133,7 +133,8 @@ def run_job(spec: JobSpec, address: str | None = "local", actors: int = 1) -> di
         fn_constructor_kwargs=dict(model=spec.model, column=spec.column, id_column=spec.id_column,
                                    keep=spec.keep, dtype=spec.dtype, max_batch_tokens=spec.max_batch_tokens,
                                    skip_empty=spec.skip_empty, pair_column=spec.pair_column))
-    ds.write_parquet(str(out), ray_remote_args=IO_REMOTE_ARGS, mode=ray.data.SaveMode.OVERWRITE if spec.overwrite else ray.data.SaveMode.APPEND)
+    mode = ray.data.SaveMode.OVERWRITE if spec.overwrite else ray.data.SaveMode.APPEND
+    ds.write_parquet(str(out), ray_remote_args=IO_REMOTE_ARGS, mode=mode)
     seconds = time.perf_counter() - t0
     import pyarrow.parquet as pq
     rows = sum(pq.ParquetFile(p).metadata.num_rows for p in out.glob("*.parquet"))
