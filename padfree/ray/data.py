@@ -27,7 +27,8 @@ from ..jobs.runner import JobSpec, compute_shard
 
 # Reads and writes take no CPU of Ray's: the actors hold a CPU each for the whole job, and with as many actors as
 # CPUs a read or write task needing one would never be scheduled (the job would hang). They are light beside
-# the model.
+# the model. For the same reason there is no select_columns (a separate task needing a CPU): the actors take
+# their columns from the whole rows.
 IO_REMOTE_ARGS = {"num_cpus": 0}
 
 
@@ -82,12 +83,12 @@ def _read(files: list[Path], fmt: str, text_columns: list[str], columns: list[st
     paths = [str(f) for f in files]
     args = dict(num_cpus=0)  # see IO_REMOTE_ARGS
     if fmt == "parquet":
-        return ray.data.read_parquet(paths, **args).select_columns(columns)
+        return ray.data.read_parquet(paths, **args)
     if fmt == "csv":  # text columns stay text even when they hold numbers, as in the local job
         convert = pcsv.ConvertOptions(column_types={c: pa.string() for c in text_columns},
                                       strings_can_be_null=True)
-        return ray.data.read_csv(paths, convert_options=convert, **args).select_columns(columns)
-    return ray.data.read_json(paths, lines=True, **args).select_columns(columns)
+        return ray.data.read_csv(paths, convert_options=convert, **args)
+    return ray.data.read_json(paths, lines=True, **args)
 
 
 def run_job(spec: JobSpec, address: str | None = "local", actors: int = 1) -> dict:
