@@ -35,7 +35,8 @@ def parse_args(task: str, argv):
                         "actor call; the output is Parquet files in input order, rewritten whole on a rerun "
                         "(no resume: needs --overwrite)")
     p.add_argument("--ray-actors", type=int, default=1, metavar="N",
-                   help="with --ray: actors of the pool, each holding the model (default 1)")
+                   help="with --ray: actors of the pool, each holding the model and a CPU; keep it below the "
+                        "cluster's CPUs (default 1)")
     return p.parse_args(argv)
 
 

@@ -28,7 +28,8 @@ from ..jobs.runner import JobSpec, compute_shard
 # Reads and writes take no CPU of Ray's: the actors hold a CPU each for the whole job, and with as many actors as
 # CPUs a read or write task needing one would never be scheduled (the job would hang). They are light beside
 # the model. For the same reason there is no select_columns (a separate task needing a CPU): the actors take
-# their columns from the whole rows.
+# their columns from the whole rows. Known problem: with as many actors as the cluster's CPUs a job still hung
+# once on 2 CPUs (Parquet input, 2 actors); keep --ray-actors below the CPU count.
 IO_REMOTE_ARGS = {"num_cpus": 0}
 
 
