@@ -29,6 +29,14 @@ def parse_args(task: str, argv):
                    "(default: encode them as the empty string)")
     p.add_argument("--overwrite", action="store_true", help="start again in an output directory of another job")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS",
+                   help="run on a Ray cluster (pip install 'padfree[ray]'): ADDRESS of one (e.g. auto, "
+                        "ray://head:10001), or bare --ray to start a local one. Rows of --shard-rows go to one "
+                        "actor call; the output is Parquet files in input order, rewritten whole on a rerun "
+                        "(no resume: needs --overwrite)")
+    p.add_argument("--ray-actors", type=int, default=1, metavar="N",
+                   help="with --ray: actors of the pool, each holding the model and a CPU; keep it below the "
+                        "cluster's CPUs (default 1)")
     return p.parse_args(argv)
 
 
@@ -46,7 +54,14 @@ def main(task: str, argv) -> None:
                    max_batch_tokens=args.max_batch_tokens, format=args.format, shard_rows=args.shard_rows,
                    skip_empty=args.skip_empty, overwrite=args.overwrite, progress=not args.no_progress)
     try:
-        run_job(spec)
+        if args.ray is not None:
+            try:
+                from ..ray import run_job as run_on_ray
+            except ImportError as e:
+                raise ValueError(f"--ray needs Ray: pip install 'padfree[ray]' ({e})") from None
+            run_on_ray(spec, args.ray, args.ray_actors)
+        else:
+            run_job(spec)
     except (ValueError, OSError) as e:
         print(f"padfree {task}: error: {e}", file=sys.stderr)
         sys.exit(2)

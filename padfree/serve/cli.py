@@ -98,9 +98,13 @@ def run_on_ray(args) -> None:
         raise SystemExit(f"padfree serve: error: --ray-replicas must be >= 1; got {args.ray_replicas}")
     config = serve_config(args)
     models = _model_specs(args.model)
+
+    def stop(*_):
+        raise KeyboardInterrupt
+
     ray.init(address=args.ray, include_dashboard=False)
     for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+        signal.signal(sig, stop)
     try:
         serve.start(http_options={"host": args.host, "port": args.port})
         serve.run(serve_app(models, args.dtype, config, num_replicas=args.ray_replicas,
@@ -112,8 +116,8 @@ def run_on_ray(args) -> None:
     except KeyboardInterrupt:
         pass
     finally:
-        serve.shutdown()  # replicas drain: their app's lifespan stops the scheduler after running requests
-        ray.shutdown()
+        serve.shutdown()  # Ray Serve lets running requests finish (graceful_shutdown_timeout_s), then the
+        ray.shutdown()    # replicas' app lifespan stops their scheduler
     log.info("padfree serve --ray: stopped")
 
 

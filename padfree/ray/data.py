@@ -1,0 +1,145 @@
+"""Ray Data: a padfree Task as a ``map_batches`` callable class, and ``padfree embed/classify --ray``.
+
+Each actor of the pool loads the model once (``__init__``); each call gets one pyarrow block of rows and runs
+:func:`padfree.jobs.runner.compute_shard` on it (sorted by length inside, token-budget batches, one packed forward
+per batch, rows back in the block's order), so the output columns and types are those of the local job.
+
+No retry logic of ours; Ray's is used as is:
+- an exception inside ``__call__`` fails the task, which Ray Data retries on another actor
+  (``DataContext.get_current().actor_task_retry_on_errors``, off by default: a bad input fails the job at once);
+- an actor that dies (OOM-killed, node lost) is restarted and its tasks resubmitted: Ray Data starts its pool
+  actors with ``max_restarts=-1`` and ``max_task_retries=-1`` unless ``ray_remote_args`` say otherwise;
+- a read or write task that fails is retried by Ray (its ``max_retries``; I/O errors listed in
+  ``DataContext.retried_io_errors``).
+A crashed *driver* (the ``padfree embed --ray`` process) loses the job: run the command again (``--overwrite``),
+it recomputes everything. The resumable, shard-by-shard job is the local one (without ``--ray``).
+"""
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import pyarrow as pa
+
+from ..jobs.runner import JobSpec, compute_shard
+
+
+# Reads and writes take no CPU of Ray's: the actors hold a CPU each for the whole job, and with as many actors as
+# CPUs a read or write task needing one would never be scheduled (the job would hang). They are light beside
+# the model. For the same reason there is no select_columns (a separate task needing a CPU): the actors take
+# their columns from the whole rows. Known problem: with as many actors as the cluster's CPUs a job still hung
+# once on 2 CPUs (Parquet input, 2 actors); keep --ray-actors below the CPU count.
+IO_REMOTE_ARGS = {"num_cpus": 0}
+
+
+class _TaskBatches:
+    """Shared body of :class:`Embed` and :class:`Classify`."""
+
+    kind = ""
+
+    def __init__(self, model: str, column: str = "text", id_column: str | None = None, keep=(),
+                 dtype: str = "fp32", max_batch_tokens: int = 16384, skip_empty: bool = False,
+                 pair_column: str | None = None):
+        import torch
+
+        from ..memory import level_memory
+        from ..tasks import ClassifyTask, EmbedTask, load_task
+
+        level_memory()  # before the model's tensors: keeps a long-running actor's RSS level
+        if self.kind == "embed" and pair_column:
+            raise ValueError("pair_column is for Classify (cross-encoders)")
+        torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}.get(dtype)
+        if torch_dtype is None:
+            raise ValueError(f"dtype must be fp32 or bf16; got {dtype!r}")
+        self.spec = JobSpec(task=self.kind, input="", output="", model=str(model), column=column,
+                            pair_column=pair_column, id_column=id_column, keep=list(keep), dtype=dtype,
+                            max_batch_tokens=max_batch_tokens, skip_empty=skip_empty, progress=False)
+        self.task = load_task(model, torch_dtype)
+        want = EmbedTask if self.kind == "embed" else ClassifyTask
+        if not isinstance(self.task, want):
+            raise ValueError(f"model {str(model)!r} serves {self.task.kind}, not {self.kind}")
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        """[rows] in -> [rows] out (fewer with ``skip_empty``): id/keep columns, then the result columns."""
+        table, _ = compute_shard(self.spec, self.task, batch)
+        return table
+
+
+class Embed(_TaskBatches):
+    """``ds.map_batches(Embed, fn_constructor_kwargs={"model": path}, batch_format="pyarrow",
+    compute=ray.data.ActorPoolStrategy(size=N))``: adds ``embedding`` (fixed_size_list<float32>[D])."""
+    kind = "embed"
+
+
+class Classify(_TaskBatches):
+    """As :class:`Embed`; adds ``label`` (string), ``score`` (float32) and ``scores`` (fixed_size_list)."""
+    kind = "classify"
+
+
+def _read(files: list[Path], fmt: str, text_columns: list[str], columns: list[str]):
+    import pyarrow.csv as pcsv
+    import ray.data
+
+    paths = [str(f) for f in files]
+    args = dict(num_cpus=0)  # see IO_REMOTE_ARGS
+    if fmt == "parquet":
+        return ray.data.read_parquet(paths, **args)
+    if fmt == "csv":  # text columns stay text even when they hold numbers, as in the local job
+        convert = pcsv.ConvertOptions(column_types={c: pa.string() for c in text_columns},
+                                      strings_can_be_null=True)
+        return ray.data.read_csv(paths, convert_options=convert, **args)
+    return ray.data.read_json(paths, lines=True, **args)
+
+
+def run_job(spec: JobSpec, address: str | None = "local", actors: int = 1) -> dict:
+    """``spec`` on a Ray cluster (``address``: an existing one, e.g. ``"auto"`` or ``"ray://head:10001"``;
+    ``"local"``: start a new local one; None: Ray's default, ``RAY_ADDRESS`` or else a new local one). When Ray is
+    already initialized in this process, that cluster is used. Writes Parquet files to ``spec.output`` in input order (``preserve_order``);
+    ``spec.shard_rows`` is the rows of one ``map_batches`` call. Returns a summary (rows, seconds)."""
+    import ray
+    import ray.data
+
+    from ..jobs import io
+
+    for name in ("shard_rows", "max_batch_tokens", "actors"):
+        v = actors if name == "actors" else getattr(spec, name)
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"--{name.replace('_', '-').replace('actors', 'ray-actors')} must be an int >= 1; "
+                             f"got {v!r}")
+    if spec.task == "embed" and spec.pair_column:
+        raise ValueError("--pair-column is for classify (cross-encoders)")
+    if spec.dtype not in ("fp32", "bf16"):
+        raise ValueError(f"--dtype must be fp32 or bf16; got {spec.dtype!r}")
+    files, fmt = io.input_files(spec.input, spec.format)
+    text_cols = [spec.column] + ([spec.pair_column] if spec.pair_column else [])
+    columns = list(dict.fromkeys(text_cols + ([spec.id_column] if spec.id_column else []) + spec.keep))
+    io.first_schema(files, fmt, text_cols, columns[len(text_cols):])
+    out = Path(spec.output)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"output {str(out)!r} exists and is not a directory")
+    if out.exists() and any(not p.name.startswith(".") for p in out.iterdir()) and not spec.overwrite:
+        raise ValueError(f"output directory {str(out)!r} is not empty; choose another, or pass --overwrite "
+                         "(a Ray job does not resume: it writes the whole output again)")
+
+    if not ray.is_initialized():
+        ray.init(address=address, include_dashboard=False, log_to_driver=False)
+    ctx = ray.data.DataContext.get_current()
+    ctx.execution_options.preserve_order = True  # blocks leave each operator in input order
+    ctx.enable_progress_bars = spec.progress
+    cls = Embed if spec.task == "embed" else Classify
+    t0 = time.perf_counter()
+    ds = _read(files, fmt, text_cols, columns).map_batches(
+        cls, batch_format="pyarrow", batch_size=spec.shard_rows, zero_copy_batch=True,
+        compute=ray.data.ActorPoolStrategy(size=actors),
+        fn_constructor_kwargs=dict(model=spec.model, column=spec.column, id_column=spec.id_column,
+                                   keep=spec.keep, dtype=spec.dtype, max_batch_tokens=spec.max_batch_tokens,
+                                   skip_empty=spec.skip_empty, pair_column=spec.pair_column))
+    mode = ray.data.SaveMode.OVERWRITE if spec.overwrite else ray.data.SaveMode.APPEND
+    ds.write_parquet(str(out), ray_remote_args=IO_REMOTE_ARGS, mode=mode)
+    seconds = time.perf_counter() - t0
+    import pyarrow.parquet as pq
+    rows = sum(pq.ParquetFile(p).metadata.num_rows for p in out.glob("*.parquet"))
+    print(f"padfree {spec.task} --ray: {rows} rows in {seconds:.1f} s with {actors} actor(s) -> {out}",
+          file=sys.stderr, flush=True)
+    return {"rows": rows, "seconds": seconds}

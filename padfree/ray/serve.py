@@ -1,0 +1,62 @@
+"""Ray Serve: ``padfree serve``'s FastAPI app, replicated by Ray Serve.
+
+Each replica loads its models in ``__init__`` and builds the very app of ``padfree serve``
+(:func:`padfree.serve.app.create_app`): same routes, limits (payload, batch size, in-flight per replica, API key),
+error bodies and metrics. Ray Serve runs the app's lifespan on the replica (it starts the Scheduler, which
+batches the requests of that replica by its token budget, and drains it when the replica stops). Ray Serve routes
+requests between replicas, restarts a replica that dies and scales with ``autoscaling_config``; we add nothing.
+"""
+from __future__ import annotations
+
+from ray import serve
+
+from ..serve.app import ServeConfig
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 1})
+@serve.ingress()
+class PadfreeServer:
+    """One replica: its models loaded and warmed up, then ``create_app`` over them."""
+
+    def __init__(self, models: list[tuple[str, str]], dtype: str, config: ServeConfig):
+        import torch
+
+        from ..memory import level_memory
+        from ..serve.app import Served
+        from ..tasks import load_task
+
+        level_memory()  # before the model's tensors: keeps a long-running replica's RSS level
+        torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
+        self.served, self.config = [], config
+        for name, path in models:
+            task = load_task(path, torch_dtype)
+            task.run(task.tokenize(["warm up the model", "and its kernels " * 8], truncate=True))
+            self.served.append(Served(name, task, str(path)))
+
+    def __serve_build_asgi_app__(self):
+        from ..serve.app import create_app
+        return create_app(self.served, self.config)
+
+
+def serve_app(models: list[tuple[str, str]], dtype: str = "fp32", config: ServeConfig | None = None,
+              num_replicas: int | str = 1, autoscaling_config: dict | None = None,
+              ray_actor_options: dict | None = None):
+    """A Ray Serve application serving ``models`` ([(name, path)], the first is the default) as
+    ``padfree serve`` does: ``serve.run(serve_app([("minilm", path)]), route_prefix="/")``.
+
+    ``num_replicas``: replicas (each loads every model and batches its own requests); or
+    ``autoscaling_config`` (Ray Serve's dict, e.g. ``{"min_replicas": 1, "max_replicas": 4}``) instead.
+    ``ray_actor_options``: each replica's resources (default one CPU)."""
+    if dtype not in ("fp32", "bf16"):
+        raise ValueError(f"dtype must be fp32 or bf16; got {dtype!r}")
+    if not models:
+        raise ValueError("no model to serve")
+    options: dict = {}
+    if autoscaling_config is not None:
+        options["autoscaling_config"] = autoscaling_config
+    else:
+        options["num_replicas"] = num_replicas
+    if ray_actor_options is not None:
+        options["ray_actor_options"] = ray_actor_options
+    return PadfreeServer.options(**options).bind([(str(n), str(p)) for n, p in models], dtype,
+                                                 config or ServeConfig())
