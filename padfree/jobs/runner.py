@@ -194,6 +194,11 @@ def run_job(spec: JobSpec) -> dict:
             raise ValueError(f"--{name.replace('_', '-')} must be an int >= 1; got {v!r}")
     if spec.task == "embed" and spec.pair_column:
         raise ValueError("--pair-column is for classify (cross-encoders)")
+    produced = ("embedding",) if spec.task == "embed" else ("label", "score", "scores")
+    clash = [c for c in ([spec.id_column] if spec.id_column else []) + spec.keep if c in produced]
+    if clash:
+        raise ValueError(f"--id-column/--keep {clash} would be overwritten by the output column of the same name "
+                         f"({', '.join(produced)})")
     files, fmt = io.input_files(spec.input, spec.format)
     text_cols = [spec.column] + ([spec.pair_column] if spec.pair_column else [])
     other = list(dict.fromkeys(([spec.id_column] if spec.id_column else []) + spec.keep))

@@ -114,7 +114,7 @@ def run_job(spec: JobSpec, address: str | None = "local", actors: int = 1) -> di
     files, fmt = io.input_files(spec.input, spec.format)
     text_cols = [spec.column] + ([spec.pair_column] if spec.pair_column else [])
     columns = list(dict.fromkeys(text_cols + ([spec.id_column] if spec.id_column else []) + spec.keep))
-    io.first_schema(files, fmt, text_cols, columns[len(text_cols):])
+    io.check_files(files, fmt, text_cols, columns[len(text_cols):])
     out = Path(spec.output)
     if out.exists() and not out.is_dir():
         raise ValueError(f"output {str(out)!r} exists and is not a directory")
