@@ -24,7 +24,6 @@ from .heads import CrossEncoder
 from .sentence import SentenceEncoder
 from .tokenizer import Tokenizer
 
-TRUNCATION_SIDES = ("right", "left")
 
 
 @dataclass(frozen=True)
