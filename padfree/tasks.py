@@ -25,7 +25,6 @@ from .sentence import SentenceEncoder
 from .tokenizer import Tokenizer
 
 
-
 @dataclass(frozen=True)
 class Seq:
     """One tokenized input."""
