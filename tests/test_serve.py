@@ -307,6 +307,21 @@ def test_64_clients_each_get_their_own_rows(server, corpus, models):
     assert sequences / batches > 4  # under load, batches grow by themselves
 
 
+def test_an_idle_keep_alive_connection_outlives_the_clients_expiry(server):
+    # uvicorn's default (5 s) equals httpx's keepalive_expiry: a client reusing a connection idle for 5 s raced the
+    # server closing it (httpx.ReadError under load in CI). Ours is 75 s: a connection idle 6 s still answers.
+    import http.client
+    conn = http.client.HTTPConnection("127.0.0.1", int(server.url.rsplit(":", 1)[1]), timeout=30)
+    for k in range(2):
+        if k:
+            time.sleep(6)
+        conn.request("POST", "/embed", body=json.dumps({"inputs": "keep me alive"}),
+                     headers={"Content-Type": "application/json"})
+        r = conn.getresponse()
+        assert r.status == 200 and len(json.loads(r.read())[0]) == 384
+    conn.close()
+
+
 def test_over_the_concurrency_limit_only_200_or_429(strict_server, corpus, offline):
     short = corpus[120:]  # snippets: within the length and payload limits
     ref = dict(zip(short, offline.encode(short)))

@@ -95,8 +95,10 @@ def _read(files: list[Path], fmt: str, text_columns: list[str], columns: list[st
 def run_job(spec: JobSpec, address: str | None = "local", actors: int = 1) -> dict:
     """``spec`` on a Ray cluster (``address``: an existing one, e.g. ``"auto"`` or ``"ray://head:10001"``;
     ``"local"``: start a new local one; None: Ray's default, ``RAY_ADDRESS`` or else a new local one). When Ray is
-    already initialized in this process, that cluster is used. Writes Parquet files to ``spec.output`` in input order (``preserve_order``);
-    ``spec.shard_rows`` is the rows of one ``map_batches`` call. Returns a summary (rows, seconds)."""
+    already initialized in this process, that cluster is used. Writes Parquet files to ``spec.output``: with
+    ``preserve_order`` each file's rows are in input order, but the files are not always (Ray names them by write
+    task, numbered in dispatch order, which is not always the input's): join on ``spec.id_column``. ``spec.shard_rows`` is the rows of one ``map_batches``
+    call. Returns a summary (rows, seconds)."""
     import ray
     import ray.data
 
@@ -125,7 +127,7 @@ def run_job(spec: JobSpec, address: str | None = "local", actors: int = 1) -> di
     if not ray.is_initialized():
         ray.init(address=address, include_dashboard=False, log_to_driver=False)
     ctx = ray.data.DataContext.get_current()
-    ctx.execution_options.preserve_order = True  # blocks leave each operator in input order
+    ctx.execution_options.preserve_order = True  # blocks in input order; without it, even a file's rows are not
     ctx.enable_progress_bars = spec.progress
     cls = Embed if spec.task == "embed" else Classify
     t0 = time.perf_counter()

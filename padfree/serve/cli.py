@@ -35,6 +35,10 @@ def parse_args(argv):
     p.add_argument("--api-key-file", help="a file holding the key every route but /health and /metrics needs "
                                           "(Authorization: Bearer KEY)")
     p.add_argument("--tokenization-workers", type=int, default=2)
+    p.add_argument("--keep-alive-timeout", type=float, default=75.0, metavar="SECONDS",
+                   help="close an idle HTTP keep-alive connection after this long (default 75: longer than the "
+                        "clients' and load balancers' idle timeouts, so that they, not we, close it and never "
+                        "send a request on a connection we are closing)")
     p.add_argument("--threads", type=int, help="torch threads for the forward (default: torch's)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS",
@@ -106,7 +110,8 @@ def run_on_ray(args) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, stop)
     try:
-        serve.start(http_options={"host": args.host, "port": args.port})
+        serve.start(http_options={"host": args.host, "port": args.port,
+                                  "keep_alive_timeout_s": round(args.keep_alive_timeout)})
         serve.run(serve_app(models, args.dtype, config, num_replicas=args.ray_replicas,
                             ray_actor_options={"num_cpus": args.threads or 1}), name="padfree", route_prefix="/")
         log.info("padfree serve --ray: %d replica(s) of %s on http://%s:%d", args.ray_replicas,
@@ -155,6 +160,8 @@ def main(argv=None) -> None:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # our pool tokenizes; no second pool on the cores
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if not args.keep_alive_timeout >= 1:
+        raise SystemExit(f"padfree serve: error: --keep-alive-timeout must be >= 1 s; got {args.keep_alive_timeout}")
     if args.ray is not None:
         return run_on_ray(args)
     if args.threads:
@@ -163,7 +170,8 @@ def main(argv=None) -> None:
     app, _ = build(args)
     import uvicorn
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
-                                           access_log=False, timeout_graceful_shutdown=None))
+                                           access_log=False, timeout_graceful_shutdown=None,
+                                           timeout_keep_alive=args.keep_alive_timeout))
     # uvicorn drains on SIGTERM/SIGINT, then re-raises the signal under the handler found before it started:
     # a no-op one here, so that a drained server exits 0
     for sig in (signal.SIGTERM, signal.SIGINT):
