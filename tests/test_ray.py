@@ -39,8 +39,9 @@ def _input(path):
     return table
 
 
-@pytest.mark.parametrize("skip_empty,actors", [(False, 1), (True, 1)])  # 2 actors on the 2 CPUs hung (see the docs)
-def test_ray_data_job_equals_local_job(cluster, tmp_path, skip_empty, actors):
+# actors x CPUs = all of the cluster's CPUs: the job hung when Ray's file listing task waited for a CPU
+@pytest.mark.parametrize("skip_empty,actors,cpus", [(False, 1, 2), (True, 2, 1)])
+def test_ray_data_job_equals_local_job(cluster, tmp_path, skip_empty, actors, cpus):
     from padfree.jobs.runner import JobSpec, run_job
     from padfree.ray import run_job as run_on_ray
 
@@ -48,7 +49,7 @@ def test_ray_data_job_equals_local_job(cluster, tmp_path, skip_empty, actors):
     common = dict(task="embed", input=str(tmp_path / "in.parquet"), model=str(minilm_path()), id_column="doc",
                   keep=["year"], skip_empty=skip_empty, progress=False, shard_rows=48)
     run_job(JobSpec(output=str(tmp_path / "local"), **common))
-    summary = run_on_ray(JobSpec(output=str(tmp_path / "ray"), **common), actors=actors)
+    summary = run_on_ray(JobSpec(output=str(tmp_path / "ray"), **common), actors=actors, actor_cpus=cpus)
     local = pq.read_table(tmp_path / "local")
     # rows inside a file are in input order; the files (named by write task, in dispatch order) are not: sort by id
     parts = [pq.read_table(f) for f in (tmp_path / "ray").glob("*.parquet")]

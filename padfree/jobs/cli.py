@@ -32,11 +32,13 @@ def parse_args(task: str, argv):
     p.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS",
                    help="run on a Ray cluster (pip install 'padfree[ray]'): ADDRESS of one (e.g. auto, "
                         "ray://head:10001), or bare --ray to start a local one. Rows of --shard-rows go to one "
-                        "actor call; the output is Parquet files in input order, rewritten whole on a rerun "
-                        "(no resume: needs --overwrite)")
+                        "actor call; the output is Parquet files (join them on --id-column: the files are not "
+                        "always in input order), rewritten whole on a rerun (no resume: needs --overwrite)")
     p.add_argument("--ray-actors", type=int, default=1, metavar="N",
-                   help="with --ray: actors of the pool, each holding the model and a CPU; keep it below the "
-                        "cluster's CPUs (default 1)")
+                   help="with --ray: actors of the pool, each holding the model (default 1)")
+    p.add_argument("--ray-actor-cpus", type=int, default=1, metavar="C",
+                   help="with --ray: CPUs each actor holds, and its torch threads (default 1); actors x C may be "
+                        "all of the cluster's CPUs")
     return p.parse_args(argv)
 
 
@@ -59,7 +61,7 @@ def main(task: str, argv) -> None:
                 from ..ray import run_job as run_on_ray
             except ImportError as e:
                 raise ValueError(f"--ray needs Ray: pip install 'padfree[ray]' ({e})") from None
-            run_on_ray(spec, args.ray, args.ray_actors)
+            run_on_ray(spec, args.ray, args.ray_actors, args.ray_actor_cpus)
         else:
             run_job(spec)
     except (ValueError, OSError) as e:

@@ -28,8 +28,7 @@ from ..jobs.runner import JobSpec, compute_shard
 # Reads and writes take no CPU of Ray's: the actors hold a CPU each for the whole job, and with as many actors as
 # CPUs a read or write task needing one would never be scheduled (the job would hang). They are light beside
 # the model. For the same reason there is no select_columns (a separate task needing a CPU): the actors take
-# their columns from the whole rows. Known problem: with as many actors as the cluster's CPUs a job still hung
-# once on 2 CPUs (Parquet input, 2 actors); keep --ray-actors below the CPU count.
+# their columns from the whole rows.
 IO_REMOTE_ARGS = {"num_cpus": 0}
 
 
@@ -92,7 +91,7 @@ def _read(files: list[Path], fmt: str, text_columns: list[str], columns: list[st
     return ray.data.read_json(paths, lines=True, **args)
 
 
-def run_job(spec: JobSpec, address: str | None = "local", actors: int = 1) -> dict:
+def run_job(spec: JobSpec, address: str | None = "local", actors: int = 1, actor_cpus: int = 1) -> dict:
     """``spec`` on a Ray cluster (``address``: an existing one, e.g. ``"auto"`` or ``"ray://head:10001"``;
     ``"local"``: start a new local one; None: Ray's default, ``RAY_ADDRESS`` or else a new local one). When Ray is
     already initialized in this process, that cluster is used. Writes Parquet files to ``spec.output``: with
@@ -104,11 +103,10 @@ def run_job(spec: JobSpec, address: str | None = "local", actors: int = 1) -> di
 
     from ..jobs import io
 
-    for name in ("shard_rows", "max_batch_tokens", "actors"):
-        v = actors if name == "actors" else getattr(spec, name)
+    for name, v in (("shard-rows", spec.shard_rows), ("max-batch-tokens", spec.max_batch_tokens),
+                    ("ray-actors", actors), ("ray-actor-cpus", actor_cpus)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise ValueError(f"--{name.replace('_', '-').replace('actors', 'ray-actors')} must be an int >= 1; "
-                             f"got {v!r}")
+            raise ValueError(f"--{name} must be an int >= 1; got {v!r}")
     if spec.task == "embed" and spec.pair_column:
         raise ValueError("--pair-column is for classify (cross-encoders)")
     if spec.dtype not in ("fp32", "bf16"):
@@ -127,13 +125,17 @@ def run_job(spec: JobSpec, address: str | None = "local", actors: int = 1) -> di
     if not ray.is_initialized():
         ray.init(address=address, include_dashboard=False, log_to_driver=False)
     ctx = ray.data.DataContext.get_current()
+    # Ray 2.60's read_parquet lists files in a task asking 1 CPU that ray_remote_args do not reach: once the
+    # actors hold every CPU it never runs and the job hangs (seen with 2 actors on 2 CPUs). The classic read
+    # path is one read operator, to which num_cpus=0 applies.
+    ctx.use_datasource_v2 = False
     ctx.execution_options.preserve_order = True  # blocks in input order; without it, even a file's rows are not
     ctx.enable_progress_bars = spec.progress
     cls = Embed if spec.task == "embed" else Classify
     t0 = time.perf_counter()
     ds = _read(files, fmt, text_cols, columns).map_batches(
         cls, batch_format="pyarrow", batch_size=spec.shard_rows, zero_copy_batch=True,
-        compute=ray.data.ActorPoolStrategy(size=actors),
+        compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=actor_cpus,
         fn_constructor_kwargs=dict(model=spec.model, column=spec.column, id_column=spec.id_column,
                                    keep=spec.keep, dtype=spec.dtype, max_batch_tokens=spec.max_batch_tokens,
                                    skip_empty=spec.skip_empty, pair_column=spec.pair_column))
