@@ -333,3 +333,16 @@ def test_attention_with_rotary_and_window():
             ("onednn", onednn_backend.qkv_varlen_attention(x, w, bias, cu, 40, heads, 0.25, rotary=tables,
                                                            window=window), fused_oracle)]:
         assert max_diff(out, ref) <= 2e-5, f"{name}: {max_diff(out, ref):.2e}"
+
+
+def test_triton_allowed_here(triton_everywhere):
+    """With the Triton backend allowed on this device (its interpreter on a CPU): "auto" gives ModernBERT's
+    feature ops to backends that have them and matches HF; "triton" by name refuses, naming what is missing."""
+    model = make(0)
+    with pytest.raises(ValueError, match="triton: .*rotary or sliding_window"):
+        padfree.from_pretrained(model, backend="triton")
+    enc = padfree.from_pretrained(model)
+    assert "triton" not in enc.kernels.names["qkv_varlen_attention"] + enc.kernels.names["embed_layer_norm"]
+    assert "triton" not in enc.kernels.names["linear_gated_act"]
+    ids, mask, _, kw = batch(model, LENGTHS, "right")
+    assert max_diff(enc(ids, mask).last_hidden_state, hf_hidden(model, ids, mask, kw), mask) <= FP32_TOL
