@@ -79,6 +79,13 @@ class ModelConfig:
                                                                              and self.local_window < 1):
             raise ValueError(f"local_layers {self.local_layers} need layers in 0..{self.num_layers - 1} and a "
                              f"local_window >= 1; got {self.local_window}")
+        pre_only = [n for n, on in (("gated_ffn", self.gated_ffn), ("rotary_theta", self.rotary_theta > 0),
+                                    ("local_layers", bool(self.local_layers)),
+                                    ("first_attn_norm=False", not self.first_attn_norm)) if on]
+        if pre_only and not self.pre_norm:  # the post-LN layer does not read them: refuse, never ignore
+            raise ValueError(f"{', '.join(pre_only)} need pre_norm layers")
+        if self.pre_norm and self.relative_attention != "none":
+            raise ValueError("relative_attention is not supported with pre_norm layers")
         if self.local_layers and self.rotary_theta > 0 and self.local_rotary_theta <= 0:
             raise ValueError("local layers of a rotary model need local_rotary_theta > 0")
         if self.layer_schedule is not None and any(not 0 <= i < self.num_layers for i in self.layer_schedule):

@@ -346,3 +346,24 @@ def test_triton_allowed_here(triton_everywhere):
     assert "triton" not in enc.kernels.names["linear_gated_act"]
     ids, mask, _, kw = batch(model, LENGTHS, "right")
     assert max_diff(enc(ids, mask).last_hidden_state, hf_hidden(model, ids, mask, kw), mask) <= FP32_TOL
+
+
+@pytest.mark.parametrize("backend", ["torch", "onednn"])
+def test_named_cpu_backends(backend):
+    """The torch backend alone (gated FFN composed from F.linear + gated_act) and oneDNN's fused ops."""
+    model = make(1)
+    enc = padfree.from_pretrained(model, backend=backend)
+    assert enc.kernels.names["linear_gated_act"] == ("composed(torch)" if backend == "torch" else "onednn")
+    ids, mask, _, kw = batch(model, LENGTHS, "left")
+    assert max_diff(enc(ids, mask).last_hidden_state, hf_hidden(model, ids, mask, kw), mask) <= FP32_TOL
+
+
+def test_features_outside_pre_norm_are_refused():
+    from padfree.config import ModelConfig
+    base = dict(family="x", vocab_size=10, hidden_size=8, num_layers=2, num_heads=2, intermediate_size=8,
+                max_position_embeddings=16, type_vocab_size=0, layer_norm_eps=1e-5, activation="gelu")
+    for extra in (dict(gated_ffn=True), dict(rotary_theta=10.0), dict(local_layers=(1,), local_window=2)):
+        with pytest.raises(ValueError, match="need pre_norm"):
+            ModelConfig(**base, **extra)
+    with pytest.raises(ValueError, match="local_window"):
+        ModelConfig(**base, pre_norm=True, local_layers=(1,))
