@@ -367,3 +367,14 @@ def test_features_outside_pre_norm_are_refused():
             ModelConfig(**base, **extra)
     with pytest.raises(ValueError, match="local_window"):
         ModelConfig(**base, pre_norm=True, local_layers=(1,))
+
+
+@pytest.mark.parametrize("pooling", ["cls", "mean"])
+def test_cross_encoder_matches_sentence_transformers(pooling, tmp_path):
+    import numpy as np
+    from sentence_transformers import CrossEncoder as STCrossEncoder
+    from test_heads import TEXTS, save_with_tokenizer
+    save_with_tokenizer(make(1, "seq", num_labels=1, classifier_pooling=pooling), tmp_path)
+    pairs = [("query", p) for p in TEXTS] + [("python code", p) for p in TEXTS[:2]]
+    ref = STCrossEncoder(str(tmp_path), device="cpu").predict(pairs, convert_to_numpy=True)
+    assert np.abs(padfree.CrossEncoder.from_pretrained(tmp_path).score(pairs) - ref).max() <= FP32_TOL

@@ -118,7 +118,7 @@ class Backend:
             reasons.append(f"head size {head_dim} not in {sorted(self.head_dims)}")
         if attention and relative_scores and not self.relative_scores:
             reasons.append(f"no relative-position score terms (rel=) in its {op}")
-        lacking = sorted(features & OPS[op].uses - self.features) if op is not None else []
+        lacking = sorted((features & OPS[op].uses) - self.features) if op is not None else []
         if lacking:
             reasons.append(f"no {' or '.join(lacking)} in its {op}")
         if self.requires and importlib.util.find_spec(self.requires) is None:
