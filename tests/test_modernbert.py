@@ -378,3 +378,17 @@ def test_cross_encoder_matches_sentence_transformers(pooling, tmp_path):
     pairs = [("query", p) for p in TEXTS] + [("python code", p) for p in TEXTS[:2]]
     ref = STCrossEncoder(str(tmp_path), device="cpu").predict(pairs, convert_to_numpy=True)
     assert np.abs(padfree.CrossEncoder.from_pretrained(tmp_path).score(pairs) - ref).max() <= FP32_TOL
+
+
+def test_layer_norms_without_bias_against_reference():
+    """ModernBERT's bias-less LayerNorms through the ops that take a LayerNorm bias (None), vs the references."""
+    from padfree.ops.reference import add_bias_residual_layer_norm_ref, embed_layer_norm_ref
+    g = torch.Generator().manual_seed(0)
+    word, w = torch.randn(20, 16, generator=g), 1 + 0.2 * torch.randn(16, generator=g)
+    ids = torch.tensor([3, 0, 19, 7])
+    ref = embed_layer_norm_ref(ids, None, None, word, None, None, w, None, 1e-5)
+    assert max_diff(padfree.ops.embed_layer_norm(ids, None, None, word, None, None, w, None, 1e-5), ref) <= 1e-6
+    assert max_diff(ref, embed_layer_norm_ref(ids, None, None, word, None, None, w, torch.ones(16), 1e-5)) > 0.5
+    x, r = torch.randn(4, 16, generator=g), torch.randn(4, 16, generator=g)
+    ref = add_bias_residual_layer_norm_ref(x, None, r, w, None, 1e-5)
+    assert max_diff(padfree.ops.add_bias_residual_layer_norm(x, None, r, w, None, 1e-5), ref) <= 1e-6
