@@ -40,7 +40,8 @@ SHAPES = [
 
 def make(shape: int, kind: str = "base", seed: int = 0, attn: str = "sdpa", vocab: int = VOCAB, **extra):
     cfg = t.ModernBertConfig(vocab_size=vocab, **SPECIAL, **{**SHAPES[shape], **extra})
-    cls = {"base": t.ModernBertModel, "seq": t.ModernBertForSequenceClassification}[kind]
+    cls = {"base": t.ModernBertModel, "seq": t.ModernBertForSequenceClassification,
+           "mlm": t.ModernBertForMaskedLM}[kind]
     torch.manual_seed(seed)
     model = cls._from_config(cfg, attn_implementation=attn)
     g = torch.Generator().manual_seed(seed)
@@ -392,3 +393,13 @@ def test_layer_norms_without_bias_against_reference():
     x, r = torch.randn(4, 16, generator=g), torch.randn(4, 16, generator=g)
     ref = add_bias_residual_layer_norm_ref(x, None, r, w, None, 1e-5)
     assert max_diff(padfree.ops.add_bias_residual_layer_norm(x, None, r, w, None, 1e-5), ref) <= 1e-6
+
+
+def test_masked_lm_checkpoint_gives_its_encoder(tmp_path):
+    """Hub ModernBERT checkpoints are *ForMaskedLM: the encoder under ``model.``, the MLM head and decoder outside."""
+    model = make(0, "mlm")
+    model.save_pretrained(tmp_path)
+    ids, mask, _, kw = batch(model, LENGTHS, "right")
+    ref = hf_hidden(model.model, ids, mask, kw)
+    for source in (model, tmp_path):
+        assert max_diff(padfree.from_pretrained(source)(ids, mask).last_hidden_state, ref, mask) <= FP32_TOL
