@@ -13,7 +13,7 @@ class ModelConfig:
     family: str                    # padfree family name ("bert", "roberta", ...)
     vocab_size: int                # rows of the word-embedding table
     hidden_size: int               # H, width of every token's hidden state
-    num_layers: int                # number of post-LN encoder layers
+    num_layers: int                # number of encoder layers (post-LN unless pre_norm)
     num_heads: int                 # attention heads; head size = H / heads
     intermediate_size: int         # F, FFN inner width
     max_position_embeddings: int   # rows of the position table (including any offset rows)
@@ -47,6 +47,21 @@ class ModelConfig:
     share_att_key: bool = False        # DeBERTa: positions are projected by the layer's own query/key weights
                                        # (else by per-layer pos_key_proj / pos_query_proj)
     norm_rel_embeddings: bool = False  # DeBERTa: LayerNorm over the relative embedding table (norm_rel_ebd)
+    pre_norm: bool = False             # pre-LN layers, x + attn(norm(x)) and x + ffn(norm(x)), then a final
+                                       # LayerNorm after the last layer (ModernBERT); else post-LN (BERT)
+    first_attn_norm: bool = True       # pre-LN: layer 0 normalises its attention input (ModernBERT: no, the
+                                       # embeddings' LayerNorm precedes it)
+    norm_bias: bool = True             # every LayerNorm has a bias (ModernBERT norm_bias=false: none)
+    attention_bias: bool = True        # QKV and attention-output linears have biases (ModernBERT attention_bias)
+    ffn_bias: bool = True              # FFN linears have biases (ModernBERT mlp_bias)
+    gated_ffn: bool = False            # the FFN input linear makes [input | gate] (2F wide): act(input) * gate
+                                       # feeds the output linear (ModernBERT's GeGLU)
+    rotary_theta: float = 0.0          # RoPE base of the global layers' Q and K; 0 = no rotary embedding
+    local_rotary_theta: float = 0.0    # RoPE base of the local (sliding-window) layers
+    local_layers: tuple[int, ...] = ()  # layers that attend within a window (ModernBERT: every layer but each
+                                        # global_attn_every_n_layers-th)
+    local_window: int = 0              # local layers: query i sees key j iff |i - j| <= local_window
+                                       # (ModernBERT: local_attention // 2)
 
     def __post_init__(self):
         if self.hidden_size % self.num_heads:
@@ -60,6 +75,19 @@ class ModelConfig:
         bad = [t for t in self.pos_att_type if t not in ("c2p", "p2c")]
         if bad:
             raise ValueError(f"unsupported pos_att_type {bad}; padfree supports 'c2p' and 'p2c'")
+        if any(not 0 <= i < self.num_layers for i in self.local_layers) or (self.local_layers
+                                                                             and self.local_window < 1):
+            raise ValueError(f"local_layers {self.local_layers} need layers in 0..{self.num_layers - 1} and a "
+                             f"local_window >= 1; got {self.local_window}")
+        pre_only = [n for n, on in (("gated_ffn", self.gated_ffn), ("rotary_theta", self.rotary_theta > 0),
+                                    ("local_layers", bool(self.local_layers)),
+                                    ("first_attn_norm=False", not self.first_attn_norm)) if on]
+        if pre_only and not self.pre_norm:  # the post-LN layer does not read them: refuse, never ignore
+            raise ValueError(f"{', '.join(pre_only)} need pre_norm layers")
+        if self.pre_norm and self.relative_attention != "none":
+            raise ValueError("relative_attention is not supported with pre_norm layers")
+        if self.local_layers and self.rotary_theta > 0 and self.local_rotary_theta <= 0:
+            raise ValueError("local layers of a rotary model need local_rotary_theta > 0")
         if self.layer_schedule is not None and any(not 0 <= i < self.num_layers for i in self.layer_schedule):
             raise ValueError(f"layer_schedule {self.layer_schedule} names layers outside 0..{self.num_layers - 1}")
 
@@ -81,6 +109,22 @@ class ModelConfig:
     def schedule(self) -> tuple[int, ...]:
         """The parameter layer run at each depth, in order."""
         return tuple(range(self.num_layers)) if self.layer_schedule is None else self.layer_schedule
+
+    @property
+    def features(self) -> frozenset[str]:
+        """What this model needs from the ops beyond BERT's (checked by the backend registry)."""
+        return frozenset(name for name, on in (("rotary", self.rotary_theta > 0),
+                                               ("sliding_window", bool(self.local_layers)),
+                                               ("gated_ffn", self.gated_ffn),
+                                               ("norm_without_bias", not self.norm_bias)) if on)
+
+    def window(self, layer: int) -> int | None:
+        """The attention half-window of parameter layer ``layer``; None = the whole sequence."""
+        return self.local_window if layer in self.local_layers else None
+
+    def theta(self, layer: int) -> float:
+        """The RoPE base of parameter layer ``layer`` (0 = none)."""
+        return self.local_rotary_theta if layer in self.local_layers and self.rotary_theta > 0 else self.rotary_theta
 
     @property
     def attention_scale(self) -> float:

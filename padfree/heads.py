@@ -19,6 +19,7 @@ from .batch import PackedBatch
 from .loading import Loaded, load
 from .models.encoder import Encoder
 from .ops.activations import apply_activation
+from .pooling import pool
 from .outputs import SequenceClassifierOutput, TokenClassifierOutput
 from .sentence import DEFAULT_BATCH_TOKENS, _read_json, token_budget_batches
 from .tokenizer import Tokenizer, check_texts
@@ -86,6 +87,8 @@ class SequenceClassifier:
         self.encoder = enc
         self.dense = None if spec.dense is None else _linear(state, spec.dense, enc.device, enc.dtype)
         self.activation = spec.activation
+        self.norm = None if spec.norm is None else _linear(state, spec.norm, enc.device, enc.dtype)  # (w, b)
+        self.pooling = spec.pooling
         self.out = _linear(state, spec.out, enc.device, enc.dtype)
         self.num_labels = self.out[0].shape[0]
         self.id2label = _labels(cfg, self.num_labels)
@@ -110,11 +113,17 @@ class SequenceClassifier:
         return self.head(hidden, batch)
 
     def head(self, hidden: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
-        """The classifier on the first token of each sequence: ``[T, H]`` -> ``[B, num_labels]`` fp32."""
-        x = hidden[batch.cu_seqlens[:-1].long()]  # [B, H]
+        """The classifier on the first token (or the mean of the tokens) of each sequence: ``[T, H]`` ->
+        ``[B, num_labels]`` fp32."""
+        if self.pooling == "mean":
+            x = pool(hidden, batch, "mean").to(hidden.dtype)  # [B, H], summed in fp32
+        else:
+            x = hidden[batch.cu_seqlens[:-1].long()]  # [B, H]
         if self.dense is not None:
             x = F.linear(x, *self.dense)
             x = torch.tanh(x) if self.activation == "tanh" else apply_activation(x, self.activation)
+        if self.norm is not None:
+            x = F.layer_norm(x, x.shape[-1:], *self.norm, self.encoder.config.layer_norm_eps)
         return F.linear(x, *self.out).float()
 
     def __call__(self, input_ids, attention_mask=None, token_type_ids=None,
@@ -158,6 +167,8 @@ class TokenClassifier:
 
     def __init__(self, loaded: Loaded, tokenizer=None):
         enc = loaded.encoder
+        if loaded.family.token_head is None:
+            raise ValueError(f"token classification is not supported for family {loaded.family.name} yet")
         self.encoder = enc
         self.out = _linear(loaded.hf_state, loaded.family.token_head, enc.device, enc.dtype)
         self.num_labels = self.out[0].shape[0]

@@ -320,8 +320,13 @@ def test_backend_exports_match_torch_backend():
     from padfree.ops.registry import BACKENDS
     triton_entry = next(b for b in BACKENDS if b.name == "triton")
     for name in ("varlen_attention", "add_bias_residual_layer_norm", "bias_act", "embed_layer_norm"):
-        # a capability the registry declares missing (rel=: relative-position score terms) is the only
-        # allowed difference; the registry then never routes a call that needs it to this backend
-        missing = ("rel",) if name == "varlen_attention" and not triton_entry.relative_scores else ()
+        # a capability the registry declares missing (rel=: relative-position score terms; rotary=, window=:
+        # the features "rotary", "sliding_window") is the only allowed difference; the registry then never
+        # routes a call that needs it to this backend
+        missing = ()
+        if name == "varlen_attention":
+            missing = tuple(arg for arg, has in (("rel", triton_entry.relative_scores),
+                                                 ("rotary", "rotary" in triton_entry.features),
+                                                 ("window", "sliding_window" in triton_entry.features)) if not has)
         expected = [p for p in inspect.signature(getattr(torch_backend, name)).parameters if p not in missing]
         assert list(inspect.signature(getattr(triton_backend, name)).parameters) == expected, name

@@ -1,8 +1,9 @@
-"""One generic post-LayerNorm encoder that runs on packed tokens ``[T, H]``.
+"""One generic encoder that runs on packed tokens ``[T, H]``.
 
-Every family (BERT, RoBERTa, DistilBERT, ALBERT, ELECTRA, MPNet, DeBERTa-v2/v3) is this module with its own
-config and weight table; the differences are fields of :class:`ModelConfig` (embedding width and projection,
-shared layers, absolute positions or not, relative attention kind). Nothing here ever sees a pad token.
+Every family (BERT, RoBERTa, DistilBERT, ALBERT, ELECTRA, MPNet, DeBERTa-v2/v3, ModernBERT) is this module with
+its own config and weight table; the differences are fields of :class:`ModelConfig` (embedding width and
+projection, shared layers, absolute positions or not, relative attention kind; ModernBERT's pre-LN layers, gated
+FFN, rotary positions and sliding-window layers). Nothing here ever sees a pad token.
 The ops it calls are resolved once per device/dtype by the backend registry.
 """
 from __future__ import annotations
@@ -18,20 +19,26 @@ from ..config import ModelConfig
 from ..outputs import EncoderOutput
 from ..ops.registry import Kernels
 from ..ops.relative import RelativeTables, deberta_span, device_rows
+from ..ops.rotary import rotary_tables
+
+
+def _layer_norm(cfg: ModelConfig) -> nn.LayerNorm:
+    return nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps, bias=cfg.norm_bias)
 
 
 class EncoderLayer(nn.Module):
     """Parameter holder for one layer; the computation is in :meth:`Encoder._layer`."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, index: int = 0):
         super().__init__()
         H, Fi = cfg.hidden_size, cfg.intermediate_size
-        self.qkv = nn.Linear(H, 3 * H)          # Q | K | V fused at load time: one [3H, H] product
-        self.attn_out = nn.Linear(H, H)
-        self.attn_norm = nn.LayerNorm(H, eps=cfg.layer_norm_eps)
-        self.ffn_in = nn.Linear(H, Fi)
-        self.ffn_out = nn.Linear(Fi, H)
-        self.ffn_norm = nn.LayerNorm(H, eps=cfg.layer_norm_eps)
+        self.qkv = nn.Linear(H, 3 * H, bias=cfg.attention_bias)  # Q | K | V fused at load time: one [3H, H] product
+        self.attn_out = nn.Linear(H, H, bias=cfg.attention_bias)
+        # post-LN: normalises after the attention; pre-LN: before it (none in ModernBERT's layer 0)
+        self.attn_norm = _layer_norm(cfg) if index or cfg.first_attn_norm or not cfg.pre_norm else None
+        self.ffn_in = nn.Linear(H, 2 * Fi if cfg.gated_ffn else Fi, bias=cfg.ffn_bias)  # gated: [input | gate]
+        self.ffn_out = nn.Linear(Fi, H, bias=cfg.ffn_bias)
+        self.ffn_norm = _layer_norm(cfg)
         own_positions = cfg.relative_attention == "disentangled" and not cfg.share_att_key
         # DeBERTa without share_att_key: per-layer projections of the relative embeddings
         self.pos_key = nn.Linear(H, H) if own_positions and "c2p" in cfg.pos_att_type else None
@@ -45,7 +52,7 @@ class Embeddings(nn.Module):
         self.word = nn.Embedding(cfg.vocab_size, E)
         self.position = nn.Embedding(cfg.max_position_embeddings, E) if cfg.absolute_positions else None
         self.token_type = nn.Embedding(cfg.type_vocab_size, E) if cfg.type_vocab_size else None
-        self.norm = nn.LayerNorm(H if cfg.norm_after_projection else E, eps=cfg.layer_norm_eps)
+        self.norm = nn.LayerNorm(H if cfg.norm_after_projection else E, eps=cfg.layer_norm_eps, bias=cfg.norm_bias)
         # E -> H (ALBERT always; ELECTRA, DeBERTa with embedding_size != hidden_size)
         self.project = nn.Linear(E, H, bias=cfg.embedding_projection_bias) if cfg.has_embedding_projection else None
 
@@ -86,7 +93,8 @@ class Encoder(nn.Module):
         super().__init__()
         self.config = cfg
         self.embeddings = Embeddings(cfg)
-        self.layers = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.num_layers))
+        self.layers = nn.ModuleList(EncoderLayer(cfg, i) for i in range(cfg.num_layers))
+        self.final_norm = _layer_norm(cfg) if cfg.pre_norm else None  # pre-LN: after the last layer
         self.relative = RelativePositions(cfg) if cfg.relative_attention != "none" else None
         self.pooler = nn.Linear(cfg.hidden_size, cfg.hidden_size) if has_pooler else None
         self.kernels: Kernels | None = None  # set by prepare()
@@ -95,7 +103,7 @@ class Encoder(nn.Module):
         """Resolve the ops for this encoder's device and dtype (call after loading or moving it)."""
         w = self.embeddings.word.weight
         self.kernels = Kernels.resolve(w.device, w.dtype, self.config.head_dim, backend,
-                                       relative_scores=self.relative is not None)
+                                       relative_scores=self.relative is not None, features=self.config.features)
         self.eval()
         return self
 
@@ -142,8 +150,17 @@ class Encoder(nn.Module):
         if check:
             self.check_batch(batch)
         x = self._embed(batch)  # [T, H]
-        rel = None if self.relative is None else self.relative.for_batch(self.config, batch.max_seqlen)
-        for i in self.config.schedule:  # ALBERT runs shared layers several times
+        cfg = self.config
+        rel = None if self.relative is None else self.relative.for_batch(cfg, batch.max_seqlen)
+        if cfg.pre_norm:
+            # RoPE tables [T, d/2] from the per-sequence positions, once per base (global / local) per forward
+            rotary = {t: rotary_tables(batch.position_ids, cfg.head_dim, t)
+                      for t in {cfg.theta(i) for i in cfg.schedule} if t > 0}
+            for i in cfg.schedule:
+                x = self._pre_norm_layer(i, x, batch, rotary)
+            n = self.final_norm
+            return F.layer_norm(x, x.shape[-1:], n.weight, n.bias, cfg.layer_norm_eps)
+        for i in cfg.schedule:  # ALBERT runs shared layers several times
             x = self._layer(self.layers[i], x, batch, rel)
         return x
 
@@ -177,6 +194,25 @@ class Encoder(nn.Module):
         f = k.linear_bias_act(h, layer.ffn_in.weight, layer.ffn_in.bias, cfg.activation)  # [T, F]
         return k.linear_residual_layer_norm(f, layer.ffn_out.weight, layer.ffn_out.bias, h,
                                             layer.ffn_norm.weight, layer.ffn_norm.bias, cfg.layer_norm_eps)
+
+    def _pre_norm_layer(self, i: int, x: torch.Tensor, batch: PackedBatch, rotary: dict) -> torch.Tensor:
+        """Pre-LN layer ``i`` (ModernBERT): ``x + attn(norm(x))`` then ``x + ffn(norm(x))``; the attention rotates
+        Q and K by the layer's RoPE base and, in a local layer, sees only its window."""
+        k, cfg, layer = self.kernels, self.config, self.layers[i]
+        eps = cfg.layer_norm_eps
+        n = layer.attn_norm
+        h = x if n is None else F.layer_norm(x, x.shape[-1:], n.weight, n.bias, eps)
+        extra = {"rotary": rotary[cfg.theta(i)]} if cfg.theta(i) > 0 else {}
+        if cfg.window(i) is not None:
+            extra["window"] = cfg.window(i)
+        ctx = k.qkv_varlen_attention(h, layer.qkv.weight, layer.qkv.bias, batch.cu_seqlens, batch.max_seqlen,
+                                     cfg.num_heads, cfg.attention_scale, runs=batch.runs, **extra)  # [T, H]
+        x = x + F.linear(ctx, layer.attn_out.weight, layer.attn_out.bias)
+        n = layer.ffn_norm
+        h = F.layer_norm(x, x.shape[-1:], n.weight, n.bias, eps)
+        act = k.linear_gated_act if cfg.gated_ffn else k.linear_bias_act
+        f = act(h, layer.ffn_in.weight, layer.ffn_in.bias, cfg.activation)  # [T, F]
+        return x + F.linear(f, layer.ffn_out.weight, layer.ffn_out.bias)
 
     def pool_cls(self, hidden: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
         """The BERT pooler: ``tanh(W · h_CLS + b)``, ``[B, H]``; ``ValueError`` if the checkpoint has none."""

@@ -20,10 +20,13 @@ class HeadSpec:
     """A sequence-classification head as the checkpoint stores it: ``out(act(dense(h_first)))``.
 
     ``dense``/``out`` are checkpoint key prefixes (full names, e.g. ``"classifier.dense"``); ``dense`` None
-    means the classifier reads the first token's hidden state directly."""
+    means the classifier reads the first token's hidden state directly. ModernBERT adds a LayerNorm after the
+    activation (``norm``) and may pool by the mean of each sequence's tokens instead of its first."""
     dense: str | None
     activation: str   # "tanh" or a canonical activation after ``dense`` (see head_activation)
     out: str
+    norm: str | None = None  # a LayerNorm (checkpoint key prefix; bias optional) after the activation
+    pooling: str = "first"   # "first": each sequence's first real token; "mean": the mean of its tokens
 
 
 @dataclass(frozen=True)
@@ -38,7 +41,8 @@ class Family:
     # base-model checkpoint keys padfree may leave unused: buffers HF rebuilds (not weights). Any other base key
     # the weight table does not use is an error at load time, so no family can drop a weight silently.
     sequence_head: Callable[[dict], HeadSpec] | None = None  # the *ForSequenceClassification head
-    token_head: str = "classifier"     # the *ForTokenClassification linear layer's key prefix
+    token_head: str | None = "classifier"  # the *ForTokenClassification linear layer's key prefix; None: the
+                                           # family's token head is more than one linear (not supported yet)
 
 
 def head_activation(name: str) -> str:
@@ -132,6 +136,43 @@ def _deberta_v2_config(c: dict) -> ModelConfig:
         norm_rel_embeddings="layer_norm" in norm_rel)
 
 
+_ROPE_THETA = {"full_attention": 160000.0, "sliding_attention": 10000.0}  # HF's defaults (global, local)
+_LAYER_TYPE_KEYS = {"full_attention": "global_rope_theta", "sliding_attention": "local_rope_theta"}
+
+
+def _modernbert_config(c: dict) -> ModelConfig:
+    n = c["num_hidden_layers"]
+    every = c.get("global_attn_every_n_layers", 3)
+    types = c.get("layer_types") or ["sliding_attention" if i % every else "full_attention" for i in range(n)]
+    bad = sorted(set(types) - set(_ROPE_THETA))
+    if bad or len(types) != n:
+        raise ValueError(f"ModernBERT layer_types {types} are not supported: padfree needs {n} entries (one per "
+                         f"layer), each 'full_attention' or 'sliding_attention'")
+    if c.get("rope_scaling"):
+        raise ValueError(f"ModernBERT rope_scaling {c['rope_scaling']!r} is not supported")
+    theta = {}
+    for kind in _ROPE_THETA:  # transformers 5 saves rope_parameters per layer type; older configs the thetas
+        params = (c.get("rope_parameters") or {}).get(kind) or {}
+        if params.get("rope_type", "default") != "default":
+            raise ValueError(f"ModernBERT rope_type {params['rope_type']!r} ({kind}) is not supported; padfree "
+                             f"supports 'default'")
+        theta[kind] = float(params.get("rope_theta") or c.get(_LAYER_TYPE_KEYS[kind]) or _ROPE_THETA[kind])
+    H, heads = c["hidden_size"], c["num_attention_heads"]
+    if c.get("head_dim") not in (None, H // heads):
+        raise ValueError(f"head_dim {c['head_dim']} != hidden_size / heads is not supported")
+    return ModelConfig(
+        family="modernbert", vocab_size=c["vocab_size"], hidden_size=H, num_layers=n, num_heads=heads,
+        intermediate_size=c["intermediate_size"], max_position_embeddings=c.get("max_position_embeddings", 8192),
+        type_vocab_size=0, layer_norm_eps=c.get("norm_eps", 1e-5),
+        activation=canonical_activation(c.get("hidden_activation", "gelu")), pad_token_id=c.get("pad_token_id"),
+        absolute_positions=False,  # positions enter as rotary embeddings of Q and K
+        pre_norm=True, first_attn_norm=False, norm_bias=bool(c.get("norm_bias", False)),
+        attention_bias=bool(c.get("attention_bias", False)), ffn_bias=bool(c.get("mlp_bias", False)),
+        gated_ffn=True, rotary_theta=theta["full_attention"], local_rotary_theta=theta["sliding_attention"],
+        local_layers=tuple(i for i, t in enumerate(types) if t == "sliding_attention"),
+        local_window=c.get("local_attention", 128) // 2)  # HF: |i - j| <= local_attention // 2
+
+
 LAYER_NAMES = ("qkv", "attn_out", "attn_norm", "ffn_in", "ffn_out", "ffn_norm")
 
 
@@ -195,6 +236,36 @@ def _albert_weights(cfg: ModelConfig) -> WeightTable:
     return table
 
 
+def _modernbert_weights(cfg: ModelConfig) -> WeightTable:
+    """ModernBERT's checkpoint stores Q | K | V already fused (``attn.Wqkv``); biases and norm biases only where
+    the config has them; no attention norm in layer 0."""
+    table: WeightTable = {"embeddings.word.weight": "embeddings.tok_embeddings.weight",
+                          "embeddings.norm.weight": "embeddings.norm.weight", "final_norm.weight": "final_norm.weight"}
+    for i in range(cfg.num_layers):
+        pf, hf = f"layers.{i}.", f"layers.{i}."
+        linears = {"qkv": "attn.Wqkv", "attn_out": "attn.Wo", "ffn_in": "mlp.Wi", "ffn_out": "mlp.Wo"}
+        norms = {"ffn_norm": "mlp_norm"} | ({"attn_norm": "attn_norm"} if i or cfg.first_attn_norm else {})
+        for name, src in linears.items():
+            table[f"{pf}{name}.weight"] = f"{hf}{src}.weight"
+            if cfg.attention_bias if name in ("qkv", "attn_out") else cfg.ffn_bias:
+                table[f"{pf}{name}.bias"] = f"{hf}{src}.bias"
+        for name, src in norms.items():
+            table[f"{pf}{name}.weight"] = f"{hf}{src}.weight"
+    if cfg.norm_bias:
+        table.update({k[:-len("weight")] + "bias": v[:-len("weight")] + "bias" for k, v in list(table.items())
+                      if "norm" in k})
+    return table
+
+
+def _modernbert_head(c: dict) -> HeadSpec:
+    pooling = c.get("classifier_pooling", "cls")
+    if pooling not in ("cls", "mean"):
+        raise ValueError(f"ModernBERT classifier_pooling {pooling!r} is not supported; padfree supports 'cls', "
+                         f"'mean'")
+    return HeadSpec("head.dense", head_activation(c.get("classifier_activation") or "gelu"), "classifier",
+                    norm="head.norm", pooling="first" if pooling == "cls" else "mean")
+
+
 def _mpnet_weights(cfg: ModelConfig) -> WeightTable:
     table = _embeddings(cfg)
     table.update({"pooler.weight": "pooler.dense.weight", "pooler.bias": "pooler.dense.bias",
@@ -248,6 +319,10 @@ FAMILIES: list[Family] = [
            sequence_head=lambda c: HeadSpec("pooler.dense",
                                             head_activation(c.get("pooler_hidden_act") or "gelu"),
                                             "classifier")),
+    # ModernBERT: pre-LN, GeGLU, rotary positions, alternating global / sliding-window layers, all as ModelConfig
+    # fields; head = pooling (cls / mean) + dense + act + LayerNorm, then the classifier
+    Family("modernbert", ("modernbert",), ("model.",), _modernbert_config, _modernbert_weights, ignored=(),
+           sequence_head=_modernbert_head, token_head=None),
 ]
 
 

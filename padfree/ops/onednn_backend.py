@@ -77,6 +77,13 @@ def linear_bias_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     return apply_activation(_linear(x, weight, bias), activation)
 
 
+def linear_gated_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                     activation: str) -> torch.Tensor:
+    """``act(input) * gate`` of ``x @ weight.T + bias = [input | gate]``: ``[T, K] -> [T, N / 2]`` (the bias
+    inside the product)."""
+    return torch_backend.gated_act(_linear(x, weight, bias), None, activation)
+
+
 def linear_residual_layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                                residual: torch.Tensor, ln_weight: torch.Tensor, ln_bias: torch.Tensor,
                                eps: float) -> torch.Tensor:
@@ -87,9 +94,11 @@ def linear_residual_layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torc
 
 def qkv_varlen_attention(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, cu_seqlens: torch.Tensor,
                          max_seqlen: int, num_heads: int, scale: float | None = None,
-                         rel: RelativeScores | None = None, runs=None) -> torch.Tensor:
+                         rel: RelativeScores | None = None, runs=None, rotary=None, window=None) -> torch.Tensor:
     """Self-attention of each packed sequence on ``x [T, H]`` with the fused ``[3H, H]`` QKV projection:
     returns the context ``[T, H]`` in x's dtype. ``rel``: relative-position terms (q and k include the bias);
-    ``runs``: the batch's runs of equal lengths (``PackedBatch.runs``)."""
+    ``runs``: the batch's runs of equal lengths (``PackedBatch.runs``); ``rotary``/``window``: see the torch
+    backend's varlen_attention."""
     qkv = _linear(x, weight, bias)  # [T, 3H], bias added inside the product
-    return torch_backend.varlen_attention(qkv, cu_seqlens, max_seqlen, num_heads, None, scale, rel, runs)
+    return torch_backend.varlen_attention(qkv, cu_seqlens, max_seqlen, num_heads, None, scale, rel, runs,
+                                          rotary, window)

@@ -20,12 +20,17 @@ log = logging.getLogger("padfree")
 
 
 def _compose_qkv_attention(attention: Callable) -> Callable:
-    def qkv_varlen_attention(x, w, b, cu, max_seqlen, heads, scale=None, rel=None, runs=None):
-        # the QKV bias goes into the attention op (Triton adds it as it loads); rel= only where there is one,
-        # so a backend without relative terms keeps its plain signature
-        return attention(F.linear(x, w), cu, max_seqlen, heads, b, scale, runs=runs,
-                         **({} if rel is None else {"rel": rel}))
+    def qkv_varlen_attention(x, w, b, cu, max_seqlen, heads, scale=None, rel=None, runs=None, rotary=None,
+                             window=None):
+        # the QKV bias goes into the attention op (Triton adds it as it loads); rel=, rotary=, window= only where
+        # given, so a backend without those features keeps its plain signature
+        extra = {n: v for n, v in (("rel", rel), ("rotary", rotary), ("window", window)) if v is not None}
+        return attention(F.linear(x, w), cu, max_seqlen, heads, b, scale, runs=runs, **extra)
     return qkv_varlen_attention
+
+
+def _compose_linear_gated_act(gated_act: Callable) -> Callable:
+    return lambda x, w, b, activation: gated_act(F.linear(x, w), b, activation)
 
 
 def _compose_linear_bias_act(bias_act: Callable) -> Callable:
@@ -44,6 +49,9 @@ class Op:
     attention: bool = False              # checked against a backend's head sizes and relative capability
     composed_from: str | None = None     # a fused op: the primitive it is F.linear + (where no backend fuses it)
     compose: Callable[[Callable], Callable] | None = None  # that composition, given the resolved primitive
+    uses: frozenset[str] = frozenset()   # model features (ModelConfig.features) that change what this op must
+                                         # do; a backend runs it for such a model only if it lists them
+    only_for: str | None = None          # resolved only for models with this feature (e.g. "gated_ffn")
 
 
 # Every op, once. Primitives first; the fused ops are a linear together with what consumes its output: a backend
@@ -51,17 +59,22 @@ class Op:
 # registry composes them from F.linear and the primitive it resolved, so a backend that only has the primitives
 # (Triton) keeps its kernels. Adding an op: one entry here, a function of that name in each backend module that
 # implements it (listed in its Backend.ops), a reference in reference.py, a wrapper in ops/__init__.py.
+_ATTENTION_FEATURES = frozenset({"rotary", "sliding_window"})
 OPS: dict[str, Op] = {op.name: op for op in (
     Op("varlen_attention", "(qkv [T, 3H], cu_seqlens, max_seqlen, num_heads, qkv_bias=None, scale=None, rel=None, "
-       "runs=None) -> [T, H]", attention=True),
+       "runs=None, rotary=None, window=None) -> [T, H]", attention=True, uses=_ATTENTION_FEATURES),
     Op("add_bias_residual_layer_norm", "(x [T, H], bias, residual, weight, ln_bias, eps) -> [T, H]"),
     Op("bias_act", "(x [T, F], bias, activation) -> [T, F]"),
-    Op("embed_layer_norm", "(ids, positions, types, word, position, token_type, weight, bias, eps) -> [T, E]"),
+    Op("gated_act", "(x [T, 2F], bias, activation) -> act(x[:, :F]) * x[:, F:] [T, F]", only_for="gated_ffn"),
+    Op("embed_layer_norm", "(ids, positions, types, word, position, token_type, weight, bias, eps) -> [T, E]",
+       uses=frozenset({"norm_without_bias"})),
     Op("qkv_varlen_attention", "(x [T, H], weight [3H, H], bias, cu_seqlens, max_seqlen, num_heads, scale=None, "
-       "rel=None, runs=None) -> [T, H]", attention=True, composed_from="varlen_attention",
-       compose=_compose_qkv_attention),
+       "rel=None, runs=None, rotary=None, window=None) -> [T, H]", attention=True, composed_from="varlen_attention",
+       compose=_compose_qkv_attention, uses=_ATTENTION_FEATURES),
     Op("linear_bias_act", "(x [T, K], weight [N, K], bias, activation) -> act(x W^T + b) [T, N]",
        composed_from="bias_act", compose=_compose_linear_bias_act),
+    Op("linear_gated_act", "(x [T, K], weight [2F, K], bias, activation) -> gated_act(x W^T + b) [T, F]",
+       composed_from="gated_act", compose=_compose_linear_gated_act, only_for="gated_ffn"),
     Op("linear_residual_layer_norm", "(x [T, K], weight [N, K], bias, residual [T, N], ln_weight, ln_bias, eps) "
        "-> [T, N]", composed_from="add_bias_residual_layer_norm", compose=_compose_linear_residual_layer_norm),
 )}
@@ -83,12 +96,16 @@ class Backend:
     needs_mkldnn: bool = False               # runs on PyTorch's oneDNN (mkldnn) CPU build
     primitives_from: str | None = None       # named alone, the backend whose primitives it runs with (onednn
                                              # implements only the fused ops; its attention is the torch one)
+    features: frozenset[str] = frozenset()   # model features its ops handle (see Op.uses): "rotary" and
+                                             # "sliding_window" in the attention, "norm_without_bias" in the
+                                             # embedding LayerNorm
 
     def validate(self, op: str | None, device: torch.device, dtype: torch.dtype, head_dim: int | None = None,
-                 relative_scores: bool = False) -> list[str]:
+                 relative_scores: bool = False, features: frozenset[str] = frozenset()) -> list[str]:
         """Every reason this backend cannot run ``op`` here (empty list = it can); ``op=None``: any op of its.
 
-        ``relative_scores``: the caller will pass relative-position score terms to the attention."""
+        ``relative_scores``: the caller will pass relative-position score terms to the attention;
+        ``features``: the model's :attr:`padfree.config.ModelConfig.features`."""
         reasons = []
         if op is not None and op not in self.ops:
             reasons.append(f"does not implement {op}")
@@ -101,6 +118,9 @@ class Backend:
             reasons.append(f"head size {head_dim} not in {sorted(self.head_dims)}")
         if attention and relative_scores and not self.relative_scores:
             reasons.append(f"no relative-position score terms (rel=) in its {op}")
+        lacking = sorted((features & OPS[op].uses) - self.features) if op is not None else []
+        if lacking:
+            reasons.append(f"no {' or '.join(lacking)} in its {op}")
         if self.requires and importlib.util.find_spec(self.requires) is None:
             reasons.append(f"package {self.requires!r} is not installed")
         if self.needs_mkldnn and not torch.backends.mkldnn.is_available():
@@ -117,14 +137,17 @@ _FLOATS = frozenset({torch.float32, torch.float16, torch.bfloat16})
 
 # Priority order: the first backend that validates is chosen under backend="auto".
 BACKENDS: list[Backend] = [
-    Backend("triton", frozenset({"cuda"}), _FLOATS, "padfree.ops.triton_backend", frozenset(PRIMITIVES),
+    # no gated activation, rotary or sliding window yet: a model needing them gets the torch ops for those
+    # under "auto", and a ValueError naming them when "triton" is asked for by name
+    Backend("triton", frozenset({"cuda"}), _FLOATS, "padfree.ops.triton_backend",
+            frozenset(PRIMITIVES) - {"gated_act"},
             head_dims=frozenset({16, 32, 64, 80, 96, 128}), requires="triton", relative_scores=True),
     # fused linear ops only; fp16 on CPU has no fast oneDNN path here, so it is left to the composition
     Backend("onednn", frozenset({"cpu"}), frozenset({torch.float32, torch.bfloat16}), "padfree.ops.onednn_backend",
             frozenset(FUSED_OPS), needs_mkldnn=True, relative_scores=True,  # its attention is the torch backend's
-            primitives_from="torch"),
+            primitives_from="torch", features=_ATTENTION_FEATURES | {"norm_without_bias"}),
     Backend("torch", frozenset({"cpu", "cuda"}), _FLOATS, "padfree.ops.torch_backend", frozenset(PRIMITIVES),
-            relative_scores=True),
+            relative_scores=True, features=_ATTENTION_FEATURES | {"norm_without_bias"}),
 ]
 
 
@@ -133,7 +156,7 @@ def _reasons(reasons: dict[str, list[str]]) -> str:
 
 
 def _candidates(op: str, device: torch.device, dtype: torch.dtype, head_dim: int | None, backend: str,
-                relative_scores: bool) -> tuple[list[Backend], dict[str, list[str]]]:
+                relative_scores: bool, features: frozenset[str]) -> tuple[list[Backend], dict[str, list[str]]]:
     """The backends to try for ``op`` in order, and the reasons already known against the others."""
     if backend == "auto":
         return list(BACKENDS), {}
@@ -144,32 +167,36 @@ def _candidates(op: str, device: torch.device, dtype: torch.dtype, head_dim: int
     if op in b.ops or b.primitives_from is None or op not in PRIMITIVES:
         return [b], {}
     # a backend of fused ops only, named alone, runs with another's primitives; only where it can run itself
-    why = b.validate(None, device, dtype, head_dim, relative_scores)
+    why = b.validate(None, device, dtype, head_dim, relative_scores, features)
     return ([] if why else [x for x in BACKENDS if x.name == b.primitives_from]), ({b.name: why} if why else {})
 
 
 def select(op: str, device: torch.device | str, dtype: torch.dtype, head_dim: int | None = None,
-           backend: str = "auto", relative_scores: bool = False) -> tuple[str, Callable]:
+           backend: str = "auto", relative_scores: bool = False, features: frozenset[str] = frozenset()
+           ) -> tuple[str, Callable]:
     """``(backend name, function)`` for ``op``, the one way kernels are resolved (``Kernels.resolve`` calls it
     for each op; the per-call functions of ``padfree.ops`` too). A fused op no candidate implements is
     composed from F.linear and its primitive, named ``composed(<backend>)``. ``ValueError`` with every reason
     when nothing fits, or when a named backend cannot run (there is no silent fallback).
 
-    ``relative_scores``: the model passes relative-position score terms to the attention."""
+    ``relative_scores``: the model passes relative-position score terms to the attention; ``features``: the
+    model's other needs (``ModelConfig.features``: rotary, sliding window, LayerNorm without bias), which every
+    chosen backend must handle in the ops that use them (``Op.uses``)."""
     device = torch.device(device)
     spec = OPS.get(op)
     if spec is None:
         raise ValueError(f"unknown op {op!r}; ops: {list(OPS)}")
-    candidates, reasons = _candidates(op, device, dtype, head_dim, backend, relative_scores)
+    features = frozenset(features)
+    candidates, reasons = _candidates(op, device, dtype, head_dim, backend, relative_scores, features)
     for b in candidates:
-        why = b.validate(op, device, dtype, head_dim, relative_scores)
+        why = b.validate(op, device, dtype, head_dim, relative_scores, features)
         if not why:
             log.info("padfree: %s uses backend %s%s", op, b.name, f" ({_reasons(reasons)})" if reasons else "")
             return b.name, b.function(op)
         reasons[b.name] = why
     if spec.composed_from is not None:
         try:
-            name, fn = select(spec.composed_from, device, dtype, head_dim, backend, relative_scores)
+            name, fn = select(spec.composed_from, device, dtype, head_dim, backend, relative_scores, features)
         except ValueError as e:
             raise ValueError(f"no backend can run {op} on {device.type} with {dtype}: {_reasons(reasons)}; "
                              f"and composing it failed: {e}") from None
@@ -183,8 +210,8 @@ class Kernels:
     """The function of every op in :data:`OPS` for one encoder, resolved once by :func:`select` (no per-call
     dispatch): ``kernels.<op>(...)``; ``names`` says which backend runs each."""
 
-    def __init__(self, fns: dict[str, Callable], names: dict[str, str]):
-        missing = set(OPS) - set(fns)
+    def __init__(self, fns: dict[str, Callable], names: dict[str, str], features: frozenset[str] = frozenset()):
+        missing = set(needed_ops(features)) - set(fns)
         if missing:
             raise ValueError(f"Kernels needs a function for every op; missing {sorted(missing)}")
         self.__dict__.update(fns)  # plain attributes: the forward's lookups cost what a dataclass field does
@@ -192,6 +219,12 @@ class Kernels:
 
     @classmethod
     def resolve(cls, device, dtype: torch.dtype, head_dim: int, backend: str = "auto",
-                relative_scores: bool = False) -> "Kernels":
-        chosen = {op: select(op, device, dtype, head_dim, backend, relative_scores) for op in OPS}
-        return cls({op: fn for op, (_, fn) in chosen.items()}, {op: n for op, (n, _) in chosen.items()})
+                relative_scores: bool = False, features: frozenset[str] = frozenset()) -> "Kernels":
+        chosen = {op: select(op, device, dtype, head_dim, backend, relative_scores, features)
+                  for op in needed_ops(features)}
+        return cls({op: fn for op, (_, fn) in chosen.items()}, {op: n for op, (n, _) in chosen.items()}, features)
+
+
+def needed_ops(features: frozenset[str]) -> list[str]:
+    """The ops a model with these features calls: every op, less those only other models need."""
+    return [name for name, op in OPS.items() if op.only_for is None or op.only_for in features]

@@ -4,7 +4,8 @@ Runs on any device and dtype. Attention makes one batched ``scaled_dot_product_a
 of consecutive sequences of equal length: a run is a contiguous slice of the packed tensor, viewed as
 ``[g, L, 3, heads, d]`` with no gather and written back with no scatter, so no pad token is ever computed and
 short sequences do not each pay a call's overhead (``SentenceEncoder`` sorts inside each batch, so each
-distinct length is one run).
+distinct length is one run). A sliding window (ModernBERT's local layers) splits each run's queries into blocks
+that score only the keys within the window: ``O(L * window)`` per sequence, never ``L x L`` for a long one.
 """
 from __future__ import annotations
 
@@ -16,23 +17,31 @@ import torch.nn.functional as F
 from ..batch import HostLayout
 from .activations import apply_activation
 from .relative import RelativeScores, relative_score_terms
+from .rotary import apply_rotary
 
 
 def varlen_attention(qkv: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int, num_heads: int,
                      qkv_bias: torch.Tensor | None = None, scale: float | None = None,
-                     rel: RelativeScores | None = None, runs: Sequence[tuple[int, int, int]] | None = None
+                     rel: RelativeScores | None = None, runs: Sequence[tuple[int, int, int]] | None = None,
+                     rotary: tuple[torch.Tensor, torch.Tensor] | None = None, window: int | None = None
                      ) -> torch.Tensor:
     """See :func:`padfree.ops.reference.varlen_attention_ref`. ``[T, 3H]`` -> ``[T, H]``.
 
     ``runs``: the batch's runs of equal lengths, known on the host (``PackedBatch.runs``; the encoder passes
     them); when absent they are read from ``cu_seqlens`` (one host read). Relative-position terms (``rel``)
-    become an additive ``[g, heads, L, L]`` mask per run: built per sequence length, never for a padded batch."""
+    become an additive ``[g, heads, L, L]`` mask per run: built per sequence length, never for a padded batch.
+    ``rotary``: ``(cos, sin)`` ``[T, d/2]`` applied to Q and K (:mod:`padfree.ops.rotary`); ``window``: keys
+    within ``|i - j| <= window`` only (not combined with ``rel``)."""
     T, three_h = qkv.shape
     H = three_h // 3
     d = H // num_heads
     scale_ = 1.0 / d ** 0.5 if scale is None else scale
     if qkv_bias is not None:
         qkv = qkv + qkv_bias
+    if rotary is not None:
+        qkv = apply_rotary(qkv, *rotary, num_heads)
+    if window is not None and rel is not None:
+        raise ValueError("a sliding window with relative-position terms is not supported")
     x = qkv.view(T, 3, num_heads, d)
     out = torch.empty(T, num_heads, d, dtype=qkv.dtype, device=qkv.device)
     for start, count, n in equal_length_runs(cu_seqlens) if runs is None else runs:
@@ -41,10 +50,39 @@ def varlen_attention(qkv: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: in
         end = start + count * n
         g = x[start:end].view(count, n, 3, num_heads, d)  # a view of the run, no gather
         q, k, v = (g[:, :, i].transpose(1, 2) for i in range(3))  # each [count, heads, L, d], strided views
+        dest = out[start:end].view(count, n, num_heads, d)
+        if window is not None and n - 1 > window:
+            _windowed_attention(q, k, v, window, scale_, dest)
+            continue
         mask = None if rel is None else relative_score_terms(q, k, rel, max_seqlen, scale_).to(q.dtype)
         ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale_)  # [count, heads, L, d]
-        out[start:end].view(count, n, num_heads, d).copy_(ctx.transpose(1, 2))  # written in place, no scatter
+        dest.copy_(ctx.transpose(1, 2))  # written in place, no scatter
     return out.view(T, H)
+
+
+def _windowed_attention(q, k, v, window: int, scale: float, dest: torch.Tensor) -> None:
+    """Sliding-window attention of ``g`` sequences of length L: ``q, k, v [g, heads, L, d]``; query i sees keys
+    ``|i - j| <= window``. Queries go in blocks of ``b`` rows, each scored against only the ``b + 2 window`` keys
+    around it (a ``[b, b + 2 window]`` band mask): ``O(L * window)`` work and memory. Writes ``dest [g, L, heads, d]``."""
+    L = q.shape[2]
+    b = max(window, 32)
+    for lo in range(0, L, b):
+        hi = min(lo + b, L)
+        k_lo, k_hi = max(lo - window, 0), min(hi + window, L)
+        qi = torch.arange(lo, hi, device=q.device)
+        kj = torch.arange(k_lo, k_hi, device=q.device)
+        band = (qi[:, None] - kj[None, :]).abs() <= window  # [b, keys] bool, True = attend
+        ctx = F.scaled_dot_product_attention(q[:, :, lo:hi], k[:, :, k_lo:k_hi], v[:, :, k_lo:k_hi],
+                                             attn_mask=band, scale=scale)  # [g, heads, b, d]
+        dest[:, lo:hi].copy_(ctx.transpose(1, 2))
+
+
+def gated_act(x: torch.Tensor, bias: torch.Tensor | None, activation: str) -> torch.Tensor:
+    """``act(input) * gate`` of ``x + bias = [input | gate]``: ``[T, 2F]`` -> ``[T, F]``."""
+    if bias is not None:
+        x = x + bias
+    f = x.shape[-1] // 2
+    return apply_activation(x[:, :f], activation).mul_(x[:, f:])
 
 
 def add_bias_residual_layer_norm(x: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor,
