@@ -52,7 +52,8 @@ class MLMHead:
         tied = f"{spec.decoder}.weight" not in state
         if tied and not loaded.hf_config.get("tie_word_embeddings", True):
             raise ValueError(f"checkpoint has no {spec.decoder}.weight and does not tie it to the word embeddings")
-        weight = state[f"{spec.word if tied else spec.decoder}.weight"].to(device=dev, dtype=dt)
+        # tied: the encoder's own table (the checkpoint's word embeddings, already on the device), not a copy
+        weight = enc.embeddings.word.weight.detach() if tied else state[f"{spec.decoder}.weight"].to(dev, dt)
         bias = state.get(spec.bias, state.get(f"{spec.decoder}.bias"))
         if bias is None:
             raise ValueError(f"checkpoint has no {spec.bias} (the masked-LM head's vocabulary bias)")

@@ -30,15 +30,14 @@ class HeadSpec:
 class MLMHeadSpec:
     """A masked-LM head as the checkpoint stores it: ``decoder(norm(act(dense(h)))) + bias`` on every token.
 
-    Full checkpoint key prefixes; ``decoder`` is read if the checkpoint holds it, else tied to ``word`` (the
-    word embeddings), as transformers ties them; ``bias`` is the vocabulary bias ``[V]``. ``activation``: a
+    Full checkpoint key prefixes; ``decoder`` is read if the checkpoint holds it, else tied to the encoder's word
+    embeddings, as transformers ties them; ``bias`` is the vocabulary bias ``[V]``. ``activation``: a
     config key holding the activation's name, or ``"=name"`` for one fixed in the model's code."""
     dense: str
     activation: str
     norm: str
     decoder: str
     bias: str
-    word: str
 
 
 @dataclass(frozen=True)
@@ -242,7 +241,7 @@ def _deberta_v2_weights(cfg: ModelConfig) -> WeightTable:
 
 _POOLER = ("pooler.weight", "pooler.bias")
 _BERT_MLM = MLMHeadSpec("cls.predictions.transform.dense", "hidden_act", "cls.predictions.transform.LayerNorm",
-                        "cls.predictions.decoder", "cls.predictions.bias", "bert.embeddings.word_embeddings")
+                        "cls.predictions.decoder", "cls.predictions.bias")
 _TANH_HEAD = HeadSpec("classifier.dense", "tanh", "classifier.out_proj")  # RoBERTa-style head on <s>
 
 FAMILIES: list[Family] = [
@@ -253,12 +252,11 @@ FAMILIES: list[Family] = [
     Family("roberta", ("roberta", "xlm-roberta", "camembert"), ("roberta.",),
            _bert_like_config("roberta", lambda c: c.get("pad_token_id", 1) + 1), _bert_weights,
            optional=_POOLER, sequence_head=lambda c: _TANH_HEAD,
-           mlm_head=MLMHeadSpec("lm_head.dense", "=gelu", "lm_head.layer_norm", "lm_head.decoder", "lm_head.bias",
-                                "roberta.embeddings.word_embeddings")),
+           mlm_head=MLMHeadSpec("lm_head.dense", "=gelu", "lm_head.layer_norm", "lm_head.decoder", "lm_head.bias")),
     Family("distilbert", ("distilbert",), ("distilbert.",), _distilbert_config, _distilbert_weights,
            sequence_head=lambda c: HeadSpec("pre_classifier", "relu", "classifier"),
            mlm_head=MLMHeadSpec("vocab_transform", "activation", "vocab_layer_norm", "vocab_projector",
-                                "vocab_projector.bias", "distilbert.embeddings.word_embeddings")),
+                                "vocab_projector.bias")),
     Family("albert", ("albert",), ("albert.",), _albert_config, _albert_weights, optional=_POOLER,
            sequence_head=lambda c: HeadSpec("albert.pooler", "tanh", "classifier")),
     # ELECTRA's head uses (erf) GELU where BERT uses tanh, fixed in HF's code.
