@@ -52,12 +52,15 @@ def mlm_dir(path: Path, name: str, seed: int = 0) -> Path:
     return path
 
 
-def splade_dir(path: Path, mlm: Path, pooling_strategy: str = "max", activation_function: str = "relu") -> Path:
-    """``mlm`` saved as a sentence-transformers SparseEncoder directory (MLMTransformer + SpladePooling)."""
+def splade_dir(path: Path, mlm: Path, pooling_strategy: str = "max", activation_function: str = "relu",
+               legacy: bool = True) -> Path:
+    """``mlm`` saved as a sentence-transformers SparseEncoder directory: MLMTransformer (``legacy``, the layout of
+    the published SPLADE models) or Transformer with ``transformer_task="fill-mask"``, then SpladePooling."""
     from sentence_transformers import SparseEncoder
-    from sentence_transformers.sparse_encoder.modules import MLMTransformer, SpladePooling
-    st = SparseEncoder(modules=[MLMTransformer(str(mlm), max_seq_length=MAX_SEQ_LENGTH),
-                                SpladePooling(pooling_strategy, activation_function)], device="cpu")
+    from sentence_transformers.sparse_encoder.modules import MLMTransformer, SpladePooling, Transformer
+    first = MLMTransformer(str(mlm), max_seq_length=MAX_SEQ_LENGTH) if legacy else \
+        Transformer(str(mlm), transformer_task="fill-mask", max_seq_length=MAX_SEQ_LENGTH)
+    st = SparseEncoder(modules=[first, SpladePooling(pooling_strategy, activation_function)], device="cpu")
     st.save(str(path))
     return path
 
@@ -112,6 +115,21 @@ def test_matches_sentence_transformers_sparse_encoder(root, texts, name, strateg
     one = ours.encode(texts[3])
     assert one.shape == (30522,)
     assert_same(one, theirs[3])
+
+
+def test_transformer_fill_mask_layout_and_prompts(root, texts):
+    """sentence-transformers 6's own layout (Transformer, transformer_task fill-mask) and a prompt."""
+    from sentence_transformers import SparseEncoder
+    path = splade_dir(root / "fill-mask", mlm_dir(root / "fill-mask-mlm", "bert-wide", seed=3), legacy=False)
+    assert "transformer_task" in (path / "sentence_bert_config.json").read_text()
+    theirs = SparseEncoder(str(path), device="cpu")
+    ours = padfree.SparseEncoder.from_pretrained(path)
+    assert_same(ours.encode(texts), theirs.encode(texts))
+    assert_same(ours.encode(texts[10:16], prompt="query: "), theirs.encode(texts[10:16], prompt="query: "))
+    conf = path / "sentence_bert_config.json"
+    conf.write_text(json.dumps({**json.loads(conf.read_text()), "transformer_task": "feature-extraction"}))
+    with pytest.raises(ValueError, match="transformer_task 'feature-extraction'; SPLADE needs 'fill-mask'"):
+        padfree.SparseEncoder.from_pretrained(path)
 
 
 def test_plain_masked_lm_directory(root, texts):
