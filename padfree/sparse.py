@@ -78,8 +78,9 @@ def _read_modules(path: Path) -> tuple[Path, str, str]:
         kind = m["type"].rsplit(".", 1)[-1]
         if kind in ("MLMTransformer", "Transformer"):
             model_dir = path / m.get("path", "")
-            task = _read_json(model_dir / "sentence_bert_config.json").get("transformer_task", "fill-mask")
-            if kind == "Transformer" and task != "fill-mask":
+            default = "fill-mask" if kind == "MLMTransformer" else "feature-extraction"  # as sentence-transformers
+            task = _read_json(model_dir / "sentence_bert_config.json").get("transformer_task", default)
+            if task != "fill-mask":
                 raise ValueError(f"{path}: its Transformer module has transformer_task {task!r}; SPLADE needs "
                                  "'fill-mask' (a masked-LM head)")
         elif kind == "SpladePooling":
