@@ -138,10 +138,12 @@ class SparseEncoder:
         if max_seq_length is None:
             max_seq_length = st_conf.get("max_seq_length") or min(
                 x for x in (tokenizer.model_max_length, enc.config.max_sequence_length) if x)
-        prompts = {k: v or "" for k, v in (_read_json(path / "config_sentence_transformers.json").get("prompts")
-                                           or {}).items()}
+        model_conf = _read_json(path / "config_sentence_transformers.json")
+        prompts = {k: v or "" for k, v in (model_conf.get("prompts") or {}).items()}
+        # the text side only (tokenization, prompts): its pooling argument is never used
         text = SentenceEncoder(enc, tokenizer, ["cls"], False, int(max_seq_length),
-                               bool(st_conf.get("do_lower_case", False)), prompts)
+                               bool(st_conf.get("do_lower_case", False)), prompts,
+                               model_conf.get("default_prompt_name") or None)
         return cls(text, head, strategy, activation, chunk_tokens)
 
     @property
