@@ -15,6 +15,7 @@ import transformers as t
 
 import padfree
 from padfree.bench.corpus import stdlib_paragraphs
+from padfree.sparse import MLMHead
 from padfree.tasks import SparseTask, load_task
 
 from family_zoo import randomize
@@ -95,7 +96,7 @@ CASES = [("bert", "max", "relu"), ("bert-wide", "max", "relu"), ("distilbert", "
 
 
 @pytest.mark.parametrize("name,strategy,activation", CASES, ids=["-".join(c) for c in CASES])
-def test_matches_sentence_transformers_sparse_encoder(root, texts, name, strategy, activation):
+def test_matches_sentence_transformers_sparse_encoder(root, texts, name, strategy, activation, monkeypatch):
     from sentence_transformers import SparseEncoder
     path = splade_dir(root / f"st-{name}-{strategy}", mlm_dir(root / f"mlm-{name}-{strategy}", name),
                       strategy, activation)
@@ -109,9 +110,13 @@ def test_matches_sentence_transformers_sparse_encoder(root, texts, name, strateg
     nnz = (dense(theirs) != 0).sum(1)
     assert 0 < int(nnz.min()) and int(nnz.max()) < 30522 // 4, nnz  # sparse, as SPLADE vectors are
     assert_same(got, theirs)
-    # small chunks of tokens (a sequence spread over several chunks) and small batches give the same vectors
+    # small chunks of tokens (a sequence spread over several chunks) and small batches give the same vectors;
+    # the head sees each real token once (no pad) and never more than a chunk of them at a time
+    rows, head = [], MLMHead.__call__
+    monkeypatch.setattr(MLMHead, "__call__", lambda self, h: (rows.append(len(h)), head(self, h))[1])
     ours.chunk_tokens = 7
     assert_same(ours.encode(texts, batch_tokens=100), theirs)
+    assert max(rows) == 7 and sum(rows) == sum(map(len, ours.tokenize(texts)))
     one = ours.encode(texts[3])
     assert one.shape == (30522,)
     assert_same(one, theirs[3])
