@@ -8,6 +8,8 @@ sequence in the order given. The callers never touch model internals.
   sequence, or every token's hidden state (``Seq.tokens``).
 - :class:`ClassifyTask` (a ``*ForSequenceClassification`` or CrossEncoder directory): the logits of each text or
   pair; reranking is this with (query, passage) pairs.
+- :class:`SparseTask` (a sentence-transformers SparseEncoder directory, or a plain ``*ForMaskedLM``): a SPLADE
+  vector per sequence, as ``(indices, values)`` of its non-zero vocabulary weights.
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ import torch
 from .batch import PackedBatch
 from .heads import CrossEncoder
 from .sentence import SentenceEncoder
+from .sparse import SparseEncoder
 from .tokenizer import Tokenizer
 
 
@@ -36,7 +39,7 @@ class Seq:
 
 class Task:
     """Common part: the model's limit, and :meth:`run` (sort by length, pack, one forward, unsort)."""
-    kind: str                 # "embed" or "classify"
+    kind: str                 # "embed", "classify" or "sparse"
     tokenizer: Tokenizer
     max_input_length: int     # tokens per sequence, special tokens included
 
@@ -178,6 +181,38 @@ class ClassifyTask(Task):
         return (self.ce.activate(x) if self.num_labels == 1 else self.ce.classifier.probabilities(x)).numpy()
 
 
+class SparseTask(Task):
+    kind = "sparse"
+
+    def __init__(self, se: SparseEncoder):
+        super().__init__(se.encoder)
+        self.se = se
+        self.st = se.text  # the text side, as EmbedTask's: prompts and tokenization
+        self.tokenizer = se.tokenizer
+
+    @property
+    def max_input_length(self) -> int:
+        return self.se.max_seq_length
+
+    def tokenize(self, texts: Sequence[str], truncate: bool, side: str | None = None,
+                 prompt: str | None = None) -> list[Seq]:
+        """Texts with ``prompt`` prepended; ``ValueError`` naming a too-long text and the limit unless
+        ``truncate``."""
+        return [Seq(s) for s in self.se.tokenize(texts, truncate=truncate, prompt=prompt, truncation_side=side)]
+
+    def finish(self, hidden, batch, seqs):
+        """Per sequence ``(indices int64, values float32)`` numpy arrays of its non-zero weights."""
+        return [(i.cpu().numpy(), v.cpu().numpy()) for i, v in self.se.pooled(hidden, batch)]
+
+
+def _is_sparse_encoder(path: Path, archs: list[str]) -> bool:
+    """A sentence-transformers directory ending in SpladePooling, or a plain ``*ForMaskedLM`` checkpoint."""
+    modules = path / "modules.json"
+    if modules.is_file():
+        return any(m["type"].rsplit(".", 1)[-1] == "SpladePooling" for m in json.loads(modules.read_text()))
+    return any(a.endswith("ForMaskedLM") for a in archs)
+
+
 def _architectures(path: Path) -> list[str]:
     """``architectures`` from the checkpoint's config.json (in the directory or in its Transformer module)."""
     dirs = [path]
@@ -193,16 +228,20 @@ def _architectures(path: Path) -> list[str]:
 
 def load_task(path, dtype: torch.dtype = torch.float32, device="cpu") -> Task:
     """The task a checkpoint directory can do: ``*ForSequenceClassification`` / CrossEncoder directories
-    classify and rerank; sentence-transformers directories and plain encoders embed."""
+    classify and rerank; SparseEncoder (SPLADE) and plain ``*ForMaskedLM`` directories give sparse vectors;
+    sentence-transformers directories and plain encoders embed."""
     path = Path(path)
     if not path.is_dir():
         raise ValueError(f"model path {str(path)!r} is not a directory")
     archs = _architectures(path)
     if any(a.endswith("ForSequenceClassification") for a in archs):
         return ClassifyTask(CrossEncoder.from_pretrained(path, dtype=dtype, device=device))
-    if any(a.endswith(("ForTokenClassification", "ForQuestionAnswering", "ForMaskedLM")) for a in archs) and \
+    if _is_sparse_encoder(path, archs):
+        return SparseTask(SparseEncoder.from_pretrained(path, dtype=dtype, device=device))
+    if any(a.endswith(("ForTokenClassification", "ForQuestionAnswering")) for a in archs) and \
             not (path / "modules.json").is_file():
         raise ValueError(f"{path}: architecture {archs} is not served; padfree serve takes sentence-transformers "
-                         "directories or encoders (embeddings) and *ForSequenceClassification / CrossEncoder "
-                         "directories (classification, reranking)")
+                         "directories or encoders (embeddings), *ForSequenceClassification / CrossEncoder "
+                         "directories (classification, reranking) and SparseEncoder / *ForMaskedLM directories "
+                         "(sparse embeddings)")
     return EmbedTask(SentenceEncoder.from_pretrained(path, dtype=dtype, device=device))

@@ -30,6 +30,20 @@ class HeadSpec:
 
 
 @dataclass(frozen=True)
+class MLMHeadSpec:
+    """A masked-LM head as the checkpoint stores it: ``decoder(norm(act(dense(h)))) + bias`` on every token.
+
+    Full checkpoint key prefixes; ``decoder`` is read if the checkpoint holds it, else tied to the encoder's word
+    embeddings, as transformers ties them; ``bias`` is the vocabulary bias ``[V]``. ``activation``: a
+    config key holding the activation's name, or ``"=name"`` for one fixed in the model's code."""
+    dense: str
+    activation: str
+    norm: str
+    decoder: str
+    bias: str
+
+
+@dataclass(frozen=True)
 class Family:
     name: str
     model_types: tuple[str, ...]       # Hugging Face model_type values served by this family
@@ -43,6 +57,7 @@ class Family:
     sequence_head: Callable[[dict], HeadSpec] | None = None  # the *ForSequenceClassification head
     token_head: str | None = "classifier"  # the *ForTokenClassification linear layer's key prefix; None: the
                                            # family's token head is more than one linear (not supported yet)
+    mlm_head: MLMHeadSpec | None = None  # the *ForMaskedLM head (SPLADE sparse embeddings)
 
 
 def head_activation(name: str) -> str:
@@ -296,17 +311,23 @@ def _deberta_v2_weights(cfg: ModelConfig) -> WeightTable:
 
 
 _POOLER = ("pooler.weight", "pooler.bias")
+_BERT_MLM = MLMHeadSpec("cls.predictions.transform.dense", "hidden_act", "cls.predictions.transform.LayerNorm",
+                        "cls.predictions.decoder", "cls.predictions.bias")
 _TANH_HEAD = HeadSpec("classifier.dense", "tanh", "classifier.out_proj")  # RoBERTa-style head on <s>
 
 FAMILIES: list[Family] = [
     Family("bert", ("bert",), ("bert.",), _bert_like_config("bert", lambda c: 0), _bert_weights,
-           optional=_POOLER, sequence_head=lambda c: HeadSpec("bert.pooler.dense", "tanh", "classifier")),
+           optional=_POOLER, sequence_head=lambda c: HeadSpec("bert.pooler.dense", "tanh", "classifier"),
+           mlm_head=_BERT_MLM),
     # RoBERTa numbers positions from padding_idx + 1; its token-type table has one row.
     Family("roberta", ("roberta", "xlm-roberta", "camembert"), ("roberta.",),
            _bert_like_config("roberta", lambda c: c.get("pad_token_id", 1) + 1), _bert_weights,
-           optional=_POOLER, sequence_head=lambda c: _TANH_HEAD),
+           optional=_POOLER, sequence_head=lambda c: _TANH_HEAD,
+           mlm_head=MLMHeadSpec("lm_head.dense", "=gelu", "lm_head.layer_norm", "lm_head.decoder", "lm_head.bias")),
     Family("distilbert", ("distilbert",), ("distilbert.",), _distilbert_config, _distilbert_weights,
-           sequence_head=lambda c: HeadSpec("pre_classifier", "relu", "classifier")),
+           sequence_head=lambda c: HeadSpec("pre_classifier", "relu", "classifier"),
+           mlm_head=MLMHeadSpec("vocab_transform", "activation", "vocab_layer_norm", "vocab_projector",
+                                "vocab_projector.bias")),
     Family("albert", ("albert",), ("albert.",), _albert_config, _albert_weights, optional=_POOLER,
            sequence_head=lambda c: HeadSpec("albert.pooler", "tanh", "classifier")),
     # ELECTRA's head uses (erf) GELU where BERT uses tanh, fixed in HF's code.

@@ -27,7 +27,7 @@ from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import __version__
-from ..tasks import ClassifyTask, EmbedTask, Seq, Task
+from ..tasks import ClassifyTask, EmbedTask, Seq, SparseTask, Task
 from . import schemas as s
 from .metrics import CONTENT_TYPE_LATEST, Metrics
 from .scheduler import BatchStats, Scheduler
@@ -35,7 +35,7 @@ from .scheduler import BatchStats, Scheduler
 log = logging.getLogger("padfree.serve")
 
 # routes that run a model: the in-flight limit and the request log's text/token counts apply to these
-INFERENCE_ROUTES = {"/v1/embeddings", "/embed", "/embed_all", "/rerank", "/predict", "/v1/rerank"}
+INFERENCE_ROUTES = {"/v1/embeddings", "/embed", "/embed_all", "/embed_sparse", "/rerank", "/predict", "/v1/rerank"}
 OPEN_ROUTES = {"/health", "/metrics"}  # no API key needed
 HEALTH_FRESH_S = 10.0                   # a batch that ran this recently proves the model can run
 
@@ -247,7 +247,8 @@ class ServerState:
             raise ApiError(404, f"model {name!r} is not served; served models: {sorted(self.models)}", "NotFound",
                            param="model", code="model_not_found")
         if need is not None and not isinstance(m.task, need):
-            can = "embeddings" if isinstance(m.task, EmbedTask) else "classification and reranking"
+            can = {"embed": "embeddings", "classify": "classification and reranking",
+                   "sparse": "sparse embeddings (/embed_sparse)"}[m.task.kind]
             raise ApiError(400, f"model {m.name!r} cannot do {what}: it serves {can}", param="model")
         return m
 
@@ -331,7 +332,7 @@ def _texts(inputs: str | list[str]) -> list[str]:
     return texts
 
 
-def _prompt(task: EmbedTask, prompt_name: str | None) -> str | None:
+def _prompt(task: EmbedTask | SparseTask, prompt_name: str | None) -> str | None:
     try:
         return task.st.resolve_prompt(prompt_name=prompt_name)
     except ValueError as e:
@@ -518,6 +519,21 @@ def create_app(models: Sequence[Served], config: ServeConfig | None = None) -> F
         out = [[{"score": float(p[j]), "label": labels[j]} for j in np.argsort(-p, kind="stable")] for p in probs]
         return _json(out[0] if single else out, _timing_headers(request, t0))
 
+    @app.post("/embed_sparse", response_model=list[list[s.SparseValue]], tags=["text-embeddings-inference"],
+              responses={413: {"model": s.TEIError}, 422: {"model": s.TEIError}})
+    async def tei_embed_sparse(body: s.EmbedSparseRequest, request: Request):
+        """SPLADE vectors: per input, its non-zero vocabulary weights as ``{"index", "value"}``."""
+        t0 = time.perf_counter()
+        m = state.model(body.model, SparseTask, "sparse embeddings")
+        texts = _texts(body.inputs)
+        state.check_count(len(texts), "inputs")
+        truncate = state.config.auto_truncate if body.truncate is None else body.truncate
+        seqs = await state.tokenize(request, m, m.task.tokenize, texts, truncate, _side(body.truncation_direction),
+                                    _prompt(m.task, body.prompt_name))
+        rows = await state.run(request, m, seqs)
+        out = [[{"index": i, "value": v} for i, v in zip(idx.tolist(), val.tolist())] for idx, val in rows]
+        return _json(out, _timing_headers(request, t0, sum(map(len, texts))))
+
     @app.post("/tokenize", response_model=list[list[s.SimpleToken]], tags=["text-embeddings-inference"])
     async def tei_tokenize(body: s.TokenizeRequest, request: Request):
         m = state.model(body.model)
@@ -544,6 +560,8 @@ def create_app(models: Sequence[Served], config: ServeConfig | None = None) -> F
         task = m.task
         if isinstance(task, EmbedTask):
             model_type = {"embedding": {"pooling": ",".join(task.st.pooling)}}
+        elif isinstance(task, SparseTask):
+            model_type = {"embedding": {"pooling": "splade"}}  # as TEI reports a SPLADE model
         elif task.num_labels == 1:
             model_type = {"reranker": {"id2label": dict(enumerate(task.id2label))}}
         else:

@@ -122,6 +122,17 @@ class SimpleToken(BaseModel):
     stop: int | None
 
 
+class EmbedSparseRequest(_Truncation):
+    """TEI's ``/embed_sparse``: SPLADE vectors as ``[[{"index", "value"}, ...], ...]``, one list per input."""
+    inputs: str | list[str]
+    prompt_name: str | None = None
+
+
+class SparseValue(BaseModel):
+    index: int = Field(description="the vocabulary entry")
+    value: float
+
+
 class TEIError(BaseModel):
     error: str
     error_type: str

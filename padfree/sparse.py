@@ -1,0 +1,236 @@
+"""SparseEncoder: SPLADE-style sparse embeddings from a masked-LM checkpoint, run padding-free.
+
+The vector of a text is, over its tokens, ``max`` (or ``sum``) of ``log(1 + relu(mlm_logits))`` (SpladePooling's
+``relu``; ``log1p_relu`` applies ``log1p`` once more), one weight per vocabulary entry. The masked-LM head
+(dense + activation + LayerNorm, then the decoder tied to the word embeddings, plus its bias) runs on the
+packed hidden states ``[T, H]``: pads are never computed. The ``[tokens, vocab]`` logits are made a chunk of
+tokens at a time (``chunk_tokens``, by default as many as fit in :data:`CHUNK_ELEMENTS` logits) and reduced
+into their sequences at once, so the memory of a batch is bounded by the chunk whatever the batch's size.
+
+Reads a sentence-transformers SparseEncoder directory (``modules.json``: ``MLMTransformer``, or ``Transformer``
+with ``transformer_task: fill-mask``, then ``SpladePooling``) or a plain ``*ForMaskedLM`` directory (max, relu).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Iterable
+
+import torch
+import torch.nn.functional as F
+
+from .batch import PackedBatch
+from .heads import _linear
+from .loading import Loaded, load
+from .ops.activations import apply_activation, canonical_activation
+from .sentence import DEFAULT_BATCH_TOKENS, SentenceEncoder, _read_json, token_budget_batches
+from .tokenizer import Tokenizer, check_texts
+
+CHUNK_ELEMENTS = 1 << 24  # logits per chunk by default (64 MiB in fp32): 549 tokens of a 30522-entry vocabulary
+POOLING_STRATEGIES = ("max", "sum")
+ACTIVATIONS = ("relu", "log1p_relu")
+
+
+class MLMHead:
+    """A checkpoint's masked-LM head on packed hidden states: ``[n, H]`` -> ``[n, V]`` logits."""
+
+    def __init__(self, loaded: Loaded):
+        spec, state, enc = loaded.family.mlm_head, loaded.hf_state, loaded.encoder
+        if spec is None:
+            raise ValueError(f"family {loaded.family.name} has no masked-LM head mapping; SparseEncoder supports "
+                             "BERT, RoBERTa and DistilBERT *ForMaskedLM checkpoints")
+        if f"{spec.dense}.weight" not in state:
+            raise ValueError(f"checkpoint has no masked-LM head ({spec.dense}.weight is missing): SparseEncoder "
+                             f"needs a *ForMaskedLM checkpoint; got architectures "
+                             f"{loaded.hf_config.get('architectures')}")
+        dev, dt = enc.device, enc.dtype
+        self.dense = _linear(state, spec.dense, dev, dt)
+        act = spec.activation
+        self.activation = canonical_activation(act[1:] if act.startswith("=") else loaded.hf_config.get(act, "gelu"))
+        norm_w, norm_b = _linear(state, spec.norm, dev, dt)
+        self.norm = (norm_w, norm_b, enc.config.layer_norm_eps)
+        tied = f"{spec.decoder}.weight" not in state
+        if tied and not loaded.hf_config.get("tie_word_embeddings", True):
+            raise ValueError(f"checkpoint has no {spec.decoder}.weight and does not tie it to the word embeddings")
+        # tied: the encoder's own table (the checkpoint's word embeddings, already on the device), not a copy
+        weight = enc.embeddings.word.weight.detach() if tied else state[f"{spec.decoder}.weight"].to(dev, dt)
+        bias = state.get(spec.bias, state.get(f"{spec.decoder}.bias"))
+        if bias is None:
+            raise ValueError(f"checkpoint has no {spec.bias} (the masked-LM head's vocabulary bias)")
+        self.decoder = (weight, bias.to(device=dev, dtype=dt))
+        self.vocab_size = weight.shape[0]
+
+    def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
+        x = apply_activation(F.linear(hidden, *self.dense), self.activation)
+        w, b, eps = self.norm
+        x = F.layer_norm(x, (x.shape[-1],), w, b, eps)
+        return F.linear(x, *self.decoder)
+
+
+def _read_modules(path: Path) -> tuple[Path, str, str]:
+    """(masked-LM checkpoint dir, pooling strategy, activation) of a SparseEncoder directory; a directory
+    without ``modules.json`` is a plain ``*ForMaskedLM`` checkpoint (max, relu)."""
+    modules_file = path / "modules.json"
+    if not modules_file.is_file():
+        return path, "max", "relu"
+    model_dir, pooling = None, None
+    for m in json.loads(modules_file.read_text()):
+        kind = m["type"].rsplit(".", 1)[-1]
+        if kind in ("MLMTransformer", "Transformer"):
+            model_dir = path / m.get("path", "")
+            default = "fill-mask" if kind == "MLMTransformer" else "feature-extraction"  # as sentence-transformers
+            task = _read_json(model_dir / "sentence_bert_config.json").get("transformer_task", default)
+            if task != "fill-mask":
+                raise ValueError(f"{path}: its Transformer module has transformer_task {task!r}; SPLADE needs "
+                                 "'fill-mask' (a masked-LM head)")
+        elif kind == "SpladePooling":
+            pooling = _read_json(path / m.get("path", "") / "config.json")
+        else:
+            raise ValueError(f"unsupported sentence-transformers module {m['type']!r} for SparseEncoder; padfree "
+                             "supports MLMTransformer (or Transformer with fill-mask) followed by SpladePooling")
+    if model_dir is None or pooling is None:
+        raise ValueError(f"{path}: a SparseEncoder directory needs an MLMTransformer and a SpladePooling module")
+    return model_dir, pooling.get("pooling_strategy", "max"), pooling.get("activation_function", "relu")
+
+
+class SparseEncoder:
+    """Text in, sparse vocabulary-sized vectors out: ``encode(texts)`` -> torch sparse COO ``[N, V]`` (float32,
+    coalesced), as sentence-transformers' ``SparseEncoder.encode`` returns by default (``[V]`` for one string).
+
+    Texts are tokenized as :class:`SentenceEncoder` does (``max_seq_length``, lower-casing, prompts).
+    """
+
+    def __init__(self, text: SentenceEncoder, head: MLMHead, pooling_strategy: str = "max",
+                 activation_function: str = "relu", chunk_tokens: int | None = None):
+        if pooling_strategy not in POOLING_STRATEGIES:
+            raise ValueError(f"unsupported SpladePooling pooling_strategy {pooling_strategy!r}; padfree supports "
+                             f"{POOLING_STRATEGIES}")
+        if activation_function not in ACTIVATIONS:
+            raise ValueError(f"unsupported SpladePooling activation_function {activation_function!r}; padfree "
+                             f"supports {ACTIVATIONS}")
+        self.text = text
+        self.encoder = text.encoder
+        self.tokenizer = text.tokenizer
+        self.head = head
+        self.pooling_strategy = pooling_strategy
+        self.activation_function = activation_function
+        if chunk_tokens is None:
+            chunk_tokens = max(1, CHUNK_ELEMENTS // head.vocab_size)
+        if isinstance(chunk_tokens, bool) or not isinstance(chunk_tokens, int) or chunk_tokens < 1:
+            raise ValueError(f"chunk_tokens must be an int >= 1; got {chunk_tokens!r}")
+        self.chunk_tokens = chunk_tokens
+
+    @classmethod
+    def from_pretrained(cls, path, dtype: torch.dtype = torch.float32, device="cpu", backend: str = "auto",
+                        max_seq_length: int | None = None, chunk_tokens: int | None = None) -> "SparseEncoder":
+        """From a sentence-transformers SparseEncoder directory or a plain ``*ForMaskedLM`` directory.
+        ``max_seq_length`` overrides the directory's (``sentence_bert_config.json``, else the tokenizer's
+        ``model_max_length``, capped by the model's position limit)."""
+        path = Path(path)
+        if not path.is_dir():
+            raise ValueError(f"model path {str(path)!r} is not a directory")
+        model_dir, strategy, activation = _read_modules(path)
+        loaded = load(model_dir, dtype, device, backend)
+        head = MLMHead(loaded)  # fails before the tokenizer is read if there is no head
+        enc = loaded.encoder
+        tokenizer = Tokenizer.from_pretrained(model_dir)
+        st_conf = _read_json(model_dir / "sentence_bert_config.json")
+        if max_seq_length is None:
+            max_seq_length = st_conf.get("max_seq_length") or min(
+                x for x in (tokenizer.model_max_length, enc.config.max_sequence_length) if x)
+        model_conf = _read_json(path / "config_sentence_transformers.json")
+        prompts = {k: v or "" for k, v in (model_conf.get("prompts") or {}).items()}
+        # the text side only (tokenization, prompts): its pooling argument is never used
+        text = SentenceEncoder(enc, tokenizer, ["cls"], False, int(max_seq_length),
+                               bool(st_conf.get("do_lower_case", False)), prompts,
+                               model_conf.get("default_prompt_name") or None)
+        return cls(text, head, strategy, activation, chunk_tokens)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.head.vocab_size
+
+    @property
+    def max_seq_length(self) -> int:
+        return self.text.max_seq_length
+
+    @max_seq_length.setter
+    def max_seq_length(self, value: int) -> None:
+        self.text.max_seq_length = value
+
+    def tokenize(self, texts: Iterable[str], truncate: bool = True, prompt: str | None = None,
+                 truncation_side: str | None = None) -> list[list[int]]:
+        """Token ids as :meth:`SentenceEncoder.tokenize`: cut to ``max_seq_length`` or ``ValueError``."""
+        return self.text.tokenize(texts, truncate, prompt, truncation_side)
+
+    @torch.inference_mode()
+    def pooled(self, hidden: torch.Tensor, batch: PackedBatch) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """SPLADE pooling of a packed forward: per sequence, ``(indices int64, values float32)`` of its
+        non-zero vocabulary weights, indices ascending. The logits are computed ``chunk_tokens`` at a time and
+        reduced per sequence segment; a sequence that spans chunks carries its partial row to the next chunk."""
+        bounds = batch.cu_seqlens.tolist()
+        reduce = torch.amax if self.pooling_strategy == "max" else torch.sum
+        combine = torch.maximum if self.pooling_strategy == "max" else torch.add
+        out: list[tuple[torch.Tensor, torch.Tensor]] = []
+        carry = None  # the partial row of the sequence that continues into the next chunk
+        for start in range(0, batch.num_tokens, self.chunk_tokens):
+            end = min(start + self.chunk_tokens, batch.num_tokens)
+            x = self.head(hidden[start:end]).float().relu_().log1p_()  # [n, V]
+            if self.activation_function == "log1p_relu":
+                x.log1p_()
+            finished, b = [], len(out)
+            while b < batch.batch_size and bounds[b] < end:  # the sequences with tokens in this chunk
+                row = reduce(x[max(bounds[b], start) - start:min(bounds[b + 1], end) - start], dim=0)
+                if carry is not None:
+                    row, carry = combine(row, carry), None
+                if bounds[b + 1] > end:
+                    carry = row
+                    break
+                finished.append(row)
+                b += 1
+            if finished:
+                rows = torch.stack(finished)
+                r, c = rows.nonzero(as_tuple=True)  # row-major: each row's indices ascending
+                counts = torch.bincount(r, minlength=len(finished)).tolist()
+                out += zip(c.split(counts), rows[r, c].split(counts))
+        return out
+
+    def encode(self, texts: Iterable[str] | str, batch_tokens: int | None = None, batch_size: int | None = None,
+               truncate: bool = True, prompt_name: str | None = None, prompt: str | None = None,
+               convert_to_sparse_tensor: bool = True):
+        """Sparse vectors in the order of ``texts``: a coalesced torch sparse COO tensor ``[N, V]`` float32 on the
+        CPU (``[V]`` for one string), or with ``convert_to_sparse_tensor=False`` a list of ``(indices, values)``
+        tensor pairs, one per text (indices ascending). Batching as :meth:`SentenceEncoder.encode` (a budget of
+        ``batch_tokens`` real tokens, default 8192, and optionally ``batch_size`` texts)."""
+        single = isinstance(texts, str)
+        texts = [texts] if single else check_texts(texts)
+        if batch_tokens is None:
+            batch_tokens = DEFAULT_BATCH_TOKENS if batch_size is None else 1 << 62
+        token_budget_batches([], batch_tokens, batch_size)  # checks both limits before any work
+        ids = self.tokenize(texts, truncate, self.text.resolve_prompt(prompt, prompt_name))
+        rows: list = [None] * len(ids)
+        for start, end in token_budget_batches([len(s) for s in ids], batch_tokens, batch_size):
+            order = sorted(range(start, end), key=lambda i: len(ids[i]))  # equal lengths side by side
+            batch = PackedBatch.from_sequences([ids[i] for i in order], device=self.encoder.device)
+            with torch.inference_mode():
+                hidden = self.encoder.forward_packed(batch)
+            for i, (idx, val) in zip(order, self.pooled(hidden, batch)):
+                rows[i] = (idx.cpu(), val.cpu())
+        if not convert_to_sparse_tensor:
+            return rows[0] if single else rows
+        if single:
+            idx, val = rows[0]
+            return torch.sparse_coo_tensor(idx[None], val, (self.vocab_size,), is_coalesced=True,
+                                           check_invariants=False)
+        return to_sparse_tensor(rows, self.vocab_size)
+
+
+def to_sparse_tensor(rows: list[tuple[torch.Tensor, torch.Tensor]], vocab_size: int) -> torch.Tensor:
+    """A coalesced sparse COO ``[N, vocab_size]`` float32 from per-row ``(indices, values)`` (indices ascending)."""
+    if not rows:
+        return torch.sparse_coo_tensor(torch.empty(2, 0, dtype=torch.long), torch.empty(0), (0, vocab_size),
+                                       is_coalesced=True, check_invariants=False)
+    row_ids = torch.cat([torch.full_like(idx, r) for r, (idx, _) in enumerate(rows)])
+    indices = torch.stack([row_ids, torch.cat([idx for idx, _ in rows])])
+    return torch.sparse_coo_tensor(indices, torch.cat([v for _, v in rows]), (len(rows), vocab_size),
+                                   is_coalesced=True, check_invariants=False)
