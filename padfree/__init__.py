@@ -6,10 +6,11 @@ from .loading import from_pretrained
 from .models.encoder import Encoder
 from .outputs import EncoderOutput, SequenceClassifierOutput, TokenClassifierOutput
 from .pooling import pool
-from .sentence import SentenceEncoder
+from .sentence import Chunked, SentenceEncoder
 from .sparse import SparseEncoder
 
-__all__ = ["PackedBatch", "ModelConfig", "Encoder", "EncoderOutput", "SentenceEncoder", "SparseEncoder", "from_pretrained", "pool",
+__all__ = ["PackedBatch", "ModelConfig", "Encoder", "EncoderOutput", "SentenceEncoder", "Chunked", "SparseEncoder",
+           "from_pretrained", "pool",
            "SequenceClassifier", "TokenClassifier", "CrossEncoder", "words_from_tokens",
            "SequenceClassifierOutput", "TokenClassifierOutput"]
 __version__ = "0.1.0"

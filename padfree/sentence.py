@@ -8,8 +8,9 @@ texts), and returns embeddings in input order.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -177,7 +178,10 @@ class SentenceEncoder:
         """Token ids with special tokens, one list per text (``prompt`` prepended to each); cut to
         ``max_seq_length`` on ``truncation_side`` (default: the tokenizer's), or ``ValueError`` for a too-long
         text if not ``truncate``. Texts are not stripped (sentence-transformers 6 does not strip either)."""
-        texts = check_texts(texts)
+        return [e.ids for e in self._encodings(check_texts(texts), truncate, prompt, truncation_side)]
+
+    def _encodings(self, texts: list[str], truncate: bool, prompt: str | None, truncation_side: str | None):
+        """``tokenize``'s ``tokenizers.Encoding`` objects (ids and character offsets into prompt + text)."""
         if prompt:
             texts = [prompt + t for t in texts]
         if self.do_lower_case:
@@ -185,13 +189,12 @@ class SentenceEncoder:
         limit = self.max_seq_length
         encodings = self.tokenizer.encode(texts, max_length=limit if truncate else None,
                                           truncation_side=truncation_side)
-        ids = [e.ids for e in encodings]
         if not truncate:
-            for i, s in enumerate(ids):
-                if len(s) > limit:
-                    raise ValueError(f"text {i} has {len(s)} tokens, more than the limit of {limit}; "
+            for i, e in enumerate(encodings):
+                if len(e.ids) > limit:
+                    raise ValueError(f"text {i} has {len(e.ids)} tokens, more than the limit of {limit}; "
                                      "truncate to cut it")
-        return ids
+        return encodings
 
     def prompt_skip(self, prompt: str | None) -> int:
         """How many leading tokens pooling leaves out for texts encoded with ``prompt`` (0 unless the model
@@ -220,9 +223,7 @@ class SentenceEncoder:
         """
         single = isinstance(texts, str)
         texts = [texts] if single else check_texts(texts)
-        if batch_tokens is None:
-            batch_tokens = DEFAULT_BATCH_TOKENS if batch_size is None else 1 << 62
-        token_budget_batches([], batch_tokens, batch_size)  # checks both limits before any work (also for no texts)
+        batch_tokens = _budget(batch_tokens, batch_size)
         norm = self.normalize_embeddings if normalize_embeddings is None else normalize_embeddings
         text_prompt = self.resolve_prompt(prompt, prompt_name)
         skip = self.prompt_skip(text_prompt)
@@ -230,25 +231,203 @@ class SentenceEncoder:
         if len(texts) == 0:
             return out
         ids = self.tokenize(texts, truncate, text_prompt)
-        batches = token_budget_batches([len(s) for s in ids], batch_tokens, batch_size)
-        bar = None
-        if show_progress_bar:
-            from tqdm.auto import tqdm
-            bar = tqdm(total=len(texts), unit="text", desc="padfree encode")
-        for start, end in batches:
-            # inside a batch, sequences go by length: equal lengths then sit side by side, and attention runs
-            # once per distinct length on a view, with no gather (the batches themselves keep arrival order)
-            order = sorted(range(start, end), key=lambda i: len(ids[i]))
-            batch = PackedBatch.from_sequences([ids[i] for i in order], device=self.encoder.device)
-            emb = self.pooled(self.encoder.forward_packed(batch), batch, skip)
+        for order, hidden, batch in self._forward(ids, batch_tokens, batch_size, show_progress_bar):
+            emb = self.pooled(hidden, batch, skip)
             if norm:
                 emb = normalize(emb)
             out[order] = emb.cpu().numpy()
-            if bar is not None:
-                bar.update(end - start)
-        if bar is not None:
-            bar.close()
         return out[0] if single else out
+
+    def _forward(self, ids: list[list[int]], batch_tokens: int, batch_size: int | None = None,
+                 show_progress_bar: bool = False):
+        """Token-budget batches of ``ids`` in arrival order, one packed forward each: yields
+        ``(order, hidden [T, H], batch)``, ``order`` the indices into ``ids`` of the batch's sequences."""
+        bar = None
+        if show_progress_bar:
+            from tqdm.auto import tqdm
+            bar = tqdm(total=len(ids), unit="text", desc="padfree encode")
+        try:
+            for start, end in token_budget_batches([len(s) for s in ids], batch_tokens, batch_size):
+                # inside a batch, sequences go by length: equal lengths then sit side by side, and attention runs
+                # once per distinct length on a view, with no gather (the batches themselves keep arrival order)
+                order = sorted(range(start, end), key=lambda i: len(ids[i]))
+                batch = PackedBatch.from_sequences([ids[i] for i in order], device=self.encoder.device)
+                yield order, self.encoder.forward_packed(batch), batch
+                if bar is not None:
+                    bar.update(end - start)
+        finally:
+            if bar is not None:
+                bar.close()
+
+    # ------------------------------------------------------------------ late chunking
+    def encode_chunks(self, documents: Iterable[str], chunks: Sequence[Sequence[tuple[int, int]]] | None = None,
+                      chunk_tokens: int | None = None, normalize_embeddings: bool | None = None,
+                      batch_tokens: int | None = None, truncate: bool = True, prompt_name: str | None = None,
+                      prompt: str | None = None, show_progress_bar: bool = False) -> list["Chunked"]:
+        """Late chunking: each document is encoded once, whole, then its token states are pooled per chunk, so
+        that every chunk's vector has seen the whole document. One :class:`Chunked` per document, in order:
+        ``embeddings`` ``[n_chunks, D]`` float32 and ``spans``, the character span ``(start, end)`` each row
+        covers.
+
+        Give exactly one of:
+
+        - ``chunks``: one list of character spans ``(start, end)`` per document, ``0 <= start < end <=
+          len(document)`` (end excluded). A chunk's tokens run from the first to the last token that has a
+          character in ``[start, end)`` (a token of characters ``[a, b)`` is in when ``max(a, start) < min(b,
+          end)``): a token straddling two chunks is in both; spans may overlap or leave gaps. An empty list gives
+          ``[0, D]``.
+        - ``chunk_tokens=N``: consecutive windows of N of the document's tokens (the last may be shorter);
+          ``spans`` are from the first token's first character to the last token's last.
+
+        Special tokens ([CLS], [SEP]) and the prompt's tokens are in no chunk: they are context only. Each chunk
+        is pooled with the directory's pooling (mean, max, mean_sqrt_len; several concatenated as in
+        :meth:`encode`); a model that pools one token per text (cls, lasttoken) is refused with a
+        ``ValueError``, since that token has no per-chunk meaning. ``normalize_embeddings``, ``prompt`` /
+        ``prompt_name`` and ``batch_tokens`` (documents batched in arrival order) as in :meth:`encode`.
+
+        Past ``max_seq_length``: with ``truncate`` (default) a document is cut as :meth:`encode` cuts it (on the
+        tokenizer's truncation side); a chunk partly past the cut is pooled over its tokens before it, a chunk
+        with no token before it is a ``ValueError`` naming it (never dropped: rows stay aligned with the given
+        spans); ``chunk_tokens`` windows cover what the model read, as their ``spans`` show. Without
+        ``truncate``, a document past the limit is a ``ValueError``. Bad spans (out of the document, empty,
+        start > end), both or neither of ``chunks`` / ``chunk_tokens``: ``ValueError`` naming the problem.
+        """
+        documents = check_texts(documents, "document")
+        batch_tokens = _budget(batch_tokens, None)
+        norm = self.normalize_embeddings if normalize_embeddings is None else normalize_embeddings
+        ids, layouts = self.chunk_layouts(documents, chunks, chunk_tokens, truncate,
+                                          self.resolve_prompt(prompt, prompt_name))
+        out: list = [None] * len(documents)
+        for order, hidden, batch in self._forward(ids, batch_tokens, None, show_progress_bar):
+            for i, emb in zip(order, self.pooled_chunks(hidden, batch, [layouts[i] for i in order])):
+                out[i] = Chunked((normalize(emb) if norm else emb).cpu().numpy(), list(layouts[i].spans))
+        return out
+
+    def chunk_layouts(self, documents: Iterable[str], chunks=None, chunk_tokens: int | None = None,
+                      truncate: bool = True, prompt: str | None = None, truncation_side: str | None = None
+                      ) -> tuple[list[list[int]], list["ChunkLayout"]]:
+        """Token ids of each document (``prompt`` prepended) and where its chunks lie, as
+        :meth:`encode_chunks` defines them; ``ValueError`` naming the first bad argument, document or chunk."""
+        documents = check_texts(documents, "document")
+        per_text = [m for m in self.pooling if m in ("cls", "lasttoken")]
+        if per_text:
+            raise ValueError(f"late chunking pools the tokens of each chunk; this model pools with {per_text[0]!r} "
+                             "(one token per text), which has no per-chunk meaning")
+        if (chunks is None) == (chunk_tokens is None):
+            raise ValueError("give either chunks (character spans per document) or chunk_tokens (a window size in "
+                             "tokens)" + (", not both" if chunks is not None else ""))
+        if chunk_tokens is not None:
+            _positive_int("chunk_tokens", chunk_tokens)
+        else:
+            chunks = _check_spans(documents, chunks)
+        encodings = self._encodings(documents, truncate, prompt, truncation_side)
+        prompt = prompt or ""
+        layouts = []
+        for i, (doc, e) in enumerate(zip(documents, encodings)):
+            offsets = np.asarray(e.offsets, dtype=np.int64).reshape(-1, 2)
+            text = prompt + doc
+            if self.do_lower_case and len(text.lower()) != len(text):  # offsets are in the lowered text
+                offsets = np.repeat(np.arange(len(text) + 1), [len(c.lower()) for c in text] + [1])[offsets]
+            layouts.append(_layout(offsets - len(prompt), None if chunks is None else chunks[i], chunk_tokens,
+                                   bool(e.overflowing), i, self.max_seq_length))
+        return [e.ids for e in encodings], layouts
+
+    def pooled_chunks(self, hidden: torch.Tensor, batch: PackedBatch, layouts: Sequence["ChunkLayout | None"]
+                      ) -> list[torch.Tensor | None]:
+        """The directory's pooling over each chunk of a packed forward, not normalized: for sequence ``b``,
+        ``[n_chunks, D]`` fp32 over the token ranges of ``layouts[b]`` (None for a sequence without a layout).
+        One segment reduction for the whole batch."""
+        seq_starts = np.cumsum((0,) + batch.host.lengths[:-1])
+        firsts, sizes, counts = [], [], []
+        for start, layout in zip(seq_starts, layouts):
+            ranges = layout.tokens if layout is not None else ()
+            firsts += [start + a for a, _ in ranges]
+            sizes += [b - a for a, b in ranges]
+            counts.append(len(ranges))
+        if not sizes:
+            pooled = torch.zeros(0, self.dimension, device=hidden.device)
+        else:
+            sizes = np.asarray(sizes, dtype=np.int64)
+            index = np.repeat(np.asarray(firsts, dtype=np.int64) - (np.cumsum(sizes) - sizes), sizes) \
+                + np.arange(sizes.sum())
+            pooled = self.pooled(hidden[torch.from_numpy(index).to(hidden.device)],
+                                 _segments(sizes.tolist(), hidden.device))
+        return [p if layout is not None else None for p, layout in zip(pooled.split(counts), layouts)]
+
+
+class Chunked(NamedTuple):
+    """One document's late chunking (:meth:`SentenceEncoder.encode_chunks`)."""
+    embeddings: np.ndarray
+    """``[n_chunks, D]`` float32, one row per chunk."""
+    spans: list[tuple[int, int]]
+    """The character span ``(start, end)`` of the document each row covers (end excluded)."""
+
+
+@dataclass(frozen=True)
+class ChunkLayout:
+    """Where a document's chunks lie in its tokenized sequence."""
+    tokens: tuple[tuple[int, int], ...]
+    """``[first, end)`` token positions of each chunk in the sequence (special tokens included in the count)."""
+    spans: tuple[tuple[int, int], ...]
+    """The character span ``(start, end)`` of the document each chunk stands for."""
+
+
+def _check_spans(documents: list[str], chunks) -> list[list[tuple[int, int]]]:
+    """``chunks`` as one list of ``(start, end)`` int pairs per document, each inside its document and not
+    empty; ``ValueError`` naming the first that is not."""
+    try:
+        chunks = [list(c) for c in chunks]
+    except TypeError:
+        raise ValueError("chunks must be one list of (start, end) character spans per document") from None
+    if len(chunks) != len(documents):
+        raise ValueError(f"chunks has {len(chunks)} lists of spans for {len(documents)} documents; give one list "
+                         "per document")
+    out = []
+    for i, (doc, spans) in enumerate(zip(documents, chunks)):
+        checked = []
+        for j, span in enumerate(spans):
+            if not (isinstance(span, (tuple, list)) and len(span) == 2 and all(
+                    isinstance(x, (int, np.integer)) and not isinstance(x, bool) for x in span)):
+                raise ValueError(f"document {i} chunk {j}: a span is a pair (start, end) of ints; got {span!r:.40}")
+            s, e = int(span[0]), int(span[1])
+            if s > e:
+                raise ValueError(f"document {i} chunk {j}: start {s} > end {e}")
+            if s == e:
+                raise ValueError(f"document {i} chunk {j} is empty: start == end == {s}")
+            if s < 0 or e > len(doc):
+                raise ValueError(f"document {i} chunk {j} ({s}, {e}) is out of range: the document has {len(doc)} "
+                                 f"characters, spans lie within [0, {len(doc)}]")
+            checked.append((s, e))
+        out.append(checked)
+    return out
+
+
+def _layout(offsets: np.ndarray, spans: list[tuple[int, int]] | None, chunk_tokens: int | None, truncated: bool,
+            doc: int, limit: int) -> ChunkLayout:
+    """A document's :class:`ChunkLayout` from its tokens' character offsets ``[n, 2]`` in the document (negative:
+    in the prompt; special tokens have none) and either its ``spans`` or ``chunk_tokens``."""
+    starts, ends = np.maximum(offsets[:, 0], 0), offsets[:, 1]
+    tokens = np.flatnonzero(ends > starts)  # those with a character of the document: no special or prompt token
+    starts, ends = starts[tokens], ends[tokens]
+    if chunk_tokens is not None:
+        firsts = range(0, len(tokens), chunk_tokens)
+        lasts = [min(f + chunk_tokens, len(tokens)) - 1 for f in firsts]
+        return ChunkLayout(tuple((int(tokens[f]), int(tokens[k]) + 1) for f, k in zip(firsts, lasts)),
+                           tuple((int(starts[f]), int(ends[k])) for f, k in zip(firsts, lasts)))
+    ranges = []
+    for j, (s, e) in enumerate(spans):
+        inside = np.flatnonzero(np.maximum(starts, s) < np.minimum(ends, e))
+        if len(inside):
+            ranges.append((int(tokens[inside[0]]), int(tokens[inside[-1]]) + 1))
+        elif truncated and (not len(tokens) or s >= ends[-1] or e <= starts[0]):
+            read = f"characters {starts[0]}..{ends[-1]}" if len(tokens) else "none of its characters"
+            raise ValueError(f"document {doc} chunk {j} ({s}, {e}) lies past the model's limit of {limit} tokens: "
+                             f"the model reads {read} of the document (split the document, or use a longer "
+                             "max_seq_length)")
+        else:
+            raise ValueError(f"document {doc} chunk {j} ({s}, {e}) covers no token (the tokenizer keeps none of "
+                             "its characters, e.g. only whitespace)")
+    return ChunkLayout(tuple(ranges), tuple(spans))
 
 
 def _without_prefix(hidden: torch.Tensor, batch: PackedBatch, skip: int | torch.Tensor
@@ -259,9 +438,22 @@ def _without_prefix(hidden: torch.Tensor, batch: PackedBatch, skip: int | torch.
     lengths = batch.seqlens
     cut = torch.minimum(lengths - 1, torch.as_tensor(skip, device=lengths.device))  # [B]
     keep = batch.position_ids >= cut.repeat_interleave(lengths, output_size=batch.num_tokens)
-    new_lengths = (lengths - cut).tolist()
-    sub = PackedBatch.from_sequences([[0] * n for n in new_lengths], device=hidden.device)
-    return hidden[keep], sub
+    return hidden[keep], _segments((lengths - cut).tolist(), hidden.device)
+
+
+def _segments(lengths: Sequence[int], device) -> PackedBatch:
+    """A batch of sequences of these lengths (ids all 0): the layout :func:`padfree.pooling.pool` reduces over,
+    for token states taken out of a forward's batch."""
+    return PackedBatch.from_sequences([[0] * n for n in lengths], device=device)
+
+
+def _budget(batch_tokens: int | None, batch_size: int | None) -> int:
+    """The token budget of ``encode``'s arguments (8192 when neither limit is given), both limits checked before
+    any work."""
+    if batch_tokens is None:
+        batch_tokens = DEFAULT_BATCH_TOKENS if batch_size is None else 1 << 62
+    token_budget_batches([], batch_tokens, batch_size)
+    return batch_tokens
 
 
 def _positive_int(name: str, value, what: str = "") -> None:
