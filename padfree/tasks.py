@@ -5,7 +5,7 @@ them as one packed forward (:meth:`Task.run`, on the scheduler's worker thread),
 sequence in the order given. The callers never touch model internals.
 
 - :class:`EmbedTask` (a sentence-transformers directory, or a plain encoder: mean pooling): a pooled vector per
-  sequence, or every token's hidden state (``Seq.tokens``).
+  sequence, every token's hidden state (``Seq.tokens``), or one pooled vector per chunk (``Seq.chunks``).
 - :class:`ClassifyTask` (a ``*ForSequenceClassification`` or CrossEncoder directory): the logits of each text or
   pair; reranking is this with (query, passage) pairs.
 - :class:`SparseTask` (a sentence-transformers SparseEncoder directory, or a plain ``*ForMaskedLM``): a SPLADE
@@ -23,7 +23,7 @@ import torch
 
 from .batch import PackedBatch
 from .heads import CrossEncoder
-from .sentence import SentenceEncoder
+from .sentence import ChunkLayout, SentenceEncoder
 from .sparse import SparseEncoder
 from .tokenizer import Tokenizer
 
@@ -35,6 +35,7 @@ class Seq:
     type_ids: list[int] | None = None
     skip: int = 0          # leading tokens (a prompt) that pooling leaves out (include_prompt=False models)
     tokens: bool = False   # EmbedTask: every token's hidden state [n, H] instead of the pooled vector [D]
+    chunks: ChunkLayout | None = None  # EmbedTask: one pooled vector per chunk [n_chunks, D] (late chunking)
 
 
 class Task:
@@ -117,9 +118,13 @@ class EmbedTask(Task):
         return self.st.normalize_embeddings
 
     def tokenize(self, texts: Sequence[str], truncate: bool, side: str | None = None, prompt: str | None = None,
-                 tokens: bool = False) -> list[Seq]:
+                 tokens: bool = False, chunks=None, chunk_tokens: int | None = None) -> list[Seq]:
         """Texts with ``prompt`` prepended; ``ValueError`` naming a too-long text and the limit unless
-        ``truncate``."""
+        ``truncate``. With ``chunks`` or ``chunk_tokens`` each text is a document of late chunking
+        (:meth:`SentenceEncoder.encode_chunks`: its result is ``[n_chunks, D]``, its spans in ``Seq.chunks``)."""
+        if chunks is not None or chunk_tokens is not None:
+            ids, layouts = self.st.chunk_layouts(texts, chunks, chunk_tokens, truncate, prompt, side)
+            return [Seq(s, chunks=c) for s, c in zip(ids, layouts)]
         ids = self.st.tokenize(texts, truncate=truncate, prompt=prompt, truncation_side=side)
         skip = self.st.prompt_skip(prompt)
         return [Seq(s, skip=skip, tokens=tokens) for s in ids]
@@ -127,10 +132,15 @@ class EmbedTask(Task):
     def finish(self, hidden, batch, seqs):
         skips = torch.tensor([s.skip for s in seqs], device=hidden.device)
         pooled = self.st.pooled(hidden, batch, skips if skips.any() else 0).cpu().numpy()  # [B, D]
+        chunked = [None] * len(seqs)
+        if any(s.chunks is not None for s in seqs):
+            chunked = [c if c is None else c.cpu().numpy()
+                       for c in self.st.pooled_chunks(hidden, batch, [s.chunks for s in seqs])]
         starts = batch.host.lengths
         out, start = [], 0
         for b, (s, n) in enumerate(zip(seqs, starts)):
-            out.append(hidden[start:start + n].float().cpu().numpy() if s.tokens else pooled[b])
+            out.append(hidden[start:start + n].float().cpu().numpy() if s.tokens
+                       else pooled[b] if chunked[b] is None else chunked[b])
             start += n
         return out
 

@@ -437,11 +437,17 @@ def create_app(models: Sequence[Served], config: ServeConfig | None = None) -> F
                                                   "owned_by": "padfree"} for m in state.models.values()]})
 
     # ------------------------------------------------------------------ TEI
-    @app.post("/embed", response_model=list[list[float]], tags=["text-embeddings-inference"],
+    @app.post("/embed", response_model=list[list[float]] | list[s.ChunkedEmbeddings],
+              tags=["text-embeddings-inference"],
               responses={413: {"model": s.TEIError}, 422: {"model": s.TEIError}, 429: {"model": s.TEIError}})
     async def tei_embed(body: s.EmbedRequest, request: Request):
         t0 = time.perf_counter()
-        m, texts, rows = await _tei_rows(body, request, tokens=False)
+        m, texts, rows = await _tei_rows(body, request, tokens=False, chunks=body.chunks,
+                                         chunk_tokens=body.chunk_tokens)
+        if body.chunks is not None or body.chunk_tokens is not None:  # late chunking: rows are (vectors, spans)
+            out = [{"embeddings": _truncate_dims(v, body.dimensions, m.task.dimension, body.normalize).tolist(),
+                    "spans": spans} for v, spans in rows]
+            return _json(out, _timing_headers(request, t0, sum(map(len, texts))))
         vectors = _truncate_dims(np.stack(rows), body.dimensions, m.task.dimension, renormalize=body.normalize)
         return _json(vectors.tolist(), _timing_headers(request, t0, sum(map(len, texts))))
 
@@ -452,15 +458,19 @@ def create_app(models: Sequence[Served], config: ServeConfig | None = None) -> F
         _, texts, rows = await _tei_rows(body, request, tokens=True)
         return _json([r.tolist() for r in rows], _timing_headers(request, t0, sum(map(len, texts))))
 
-    async def _tei_rows(body: s.EmbedAllRequest, request: Request, tokens: bool):
-        """(model, texts, one row per text) for /embed (pooled vectors) and /embed_all (every token's)."""
+    async def _tei_rows(body: s.EmbedAllRequest, request: Request, tokens: bool, **chunking):
+        """(model, texts, one row per text) for /embed (pooled vectors) and /embed_all (every token's); with
+        ``chunks`` / ``chunk_tokens``, each row is (``[n_chunks, D]`` vectors, their character spans)."""
         m = state.model(body.model, EmbedTask, "embeddings")
         texts = _texts(body.inputs)
         state.check_count(len(texts), "inputs")
         truncate = state.config.auto_truncate if body.truncate is None else body.truncate
         seqs = await state.tokenize(request, m, m.task.tokenize, texts, truncate, _side(body.truncation_direction),
-                                    _prompt(m.task, body.prompt_name), tokens=tokens)
-        return m, texts, await state.run(request, m, seqs)
+                                    _prompt(m.task, body.prompt_name), tokens=tokens, **chunking)
+        rows = await state.run(request, m, seqs)
+        if any(q.chunks is not None for q in seqs):
+            rows = [(r, [list(span) for span in q.chunks.spans]) for q, r in zip(seqs, rows)]
+        return m, texts, rows
 
     @app.post("/rerank", response_model=list[s.Rank], tags=["text-embeddings-inference"],
               responses={413: {"model": s.TEIError}, 422: {"model": s.TEIError}})

@@ -81,6 +81,22 @@ class EmbedAllRequest(_Truncation):
 class EmbedRequest(EmbedAllRequest):
     normalize: bool = True
     dimensions: int | None = Field(None, ge=1, description="keep the first N dimensions (then normalize)")
+    # late chunking (a padfree extension): the answer is then one ChunkedEmbeddings per input
+    chunks: list[list[tuple[int, int]]] | None = Field(
+        None, description="late chunking: one list of character spans [start, end) per input (end excluded). Each "
+                          "input is encoded whole, and each span is pooled over the tokens that have a character in "
+                          "it, so every chunk's vector has seen the whole input. The answer is one "
+                          "ChunkedEmbeddings per input instead of one vector")
+    chunk_tokens: int | None = Field(
+        None, ge=1, description="late chunking into consecutive windows of this many tokens of each input (special "
+                                "tokens excluded); the answer gives each window's character span. Give chunks or "
+                                "chunk_tokens, not both")
+
+
+class ChunkedEmbeddings(BaseModel):
+    """One input's late chunking on /embed: a vector per chunk and the character span each covers."""
+    embeddings: list[list[float]]
+    spans: list[tuple[int, int]]
 
 
 class RerankRequest(_Truncation):
