@@ -28,9 +28,6 @@ SHAPES = {
     "bert-a": (64, 2, 4, 512, 256, {"pooling_mode_mean_tokens": True}, True),
     "bert-b": (96, 3, 6, 64, 64, {"pooling_mode_max_tokens": True, "pooling_mode_mean_sqrt_len_tokens": True}, False),
 }
-# padfree's names of the flags, in sentence-transformers' concatenation order
-MODES = {"pooling_mode_cls_token": "cls", "pooling_mode_max_tokens": "max", "pooling_mode_mean_tokens": "mean",
-         "pooling_mode_mean_sqrt_len_tokens": "mean_sqrt_len"}
 
 
 def st_dir(path, shape: str, seed: int = 0, pooling: dict | None = None):
@@ -123,10 +120,8 @@ def documents():
 
 
 def sentence_spans(doc: str, seed: int) -> list[tuple[int, int]]:
-    """The sentences of ``doc`` (surrounding whitespace left out), then a span cut mid-word and one overlapping
-    two sentences."""
-    spans = [(m.start() + len(m.group()) - len(m.group().lstrip()), m.end() - (len(m.group()) - len(m.group().rstrip())))
-             for m in re.finditer(r"[^.!?]+[.!?]*", doc) if m.group().strip()]
+    """The sentences of ``doc`` (surrounding whitespace left out), a span from mid-word, and one over them all."""
+    spans = [(m.start(), m.start() + len(m.group().rstrip())) for m in re.finditer(r"[^\s.!?][^.!?]*[.!?]*", doc)]
     rng = random.Random(seed)
     a = rng.randrange(1, max(2, len(doc) // 2))
     return spans + [(a, min(len(doc), a + rng.randint(3, 40))), (spans[0][0], spans[-1][1])]
