@@ -276,8 +276,9 @@ class SentenceEncoder:
           character in ``[start, end)`` (a token of characters ``[a, b)`` is in when ``max(a, start) < min(b,
           end)``): a token straddling two chunks is in both; spans may overlap or leave gaps. An empty list gives
           ``[0, D]``.
-        - ``chunk_tokens=N``: consecutive windows of N of the document's tokens (the last may be shorter);
-          ``spans`` are from the first token's first character to the last token's last.
+        - ``chunk_tokens=N``: consecutive windows of N of the document's tokens (the last may be shorter; a
+          document without tokens, "", has none); ``spans`` are from the first token's first character to the
+          last token's last.
 
         Special tokens ([CLS], [SEP]) and the prompt's tokens are in no chunk: they are context only. Each chunk
         is pooled with the directory's pooling (mean, max, mean_sqrt_len; several concatenated as in
@@ -292,12 +293,11 @@ class SentenceEncoder:
         ``truncate``, a document past the limit is a ``ValueError``. Bad spans (out of the document, empty,
         start > end), both or neither of ``chunks`` / ``chunk_tokens``: ``ValueError`` naming the problem.
         """
-        documents = check_texts(documents, "document")
         batch_tokens = _budget(batch_tokens, None)
         norm = self.normalize_embeddings if normalize_embeddings is None else normalize_embeddings
         ids, layouts = self.chunk_layouts(documents, chunks, chunk_tokens, truncate,
                                           self.resolve_prompt(prompt, prompt_name))
-        out: list = [None] * len(documents)
+        out: list = [None] * len(ids)
         for order, hidden, batch in self._forward(ids, batch_tokens, None, show_progress_bar):
             for i, emb in zip(order, self.pooled_chunks(hidden, batch, [layouts[i] for i in order])):
                 out[i] = Chunked((normalize(emb) if norm else emb).cpu().numpy(), list(layouts[i].spans))

@@ -210,6 +210,8 @@ def test_bad_input(paths):
     empty = enc.encode_chunks(docs, chunks=[[], [(0, 5)]])  # no chunk asked for: no row
     assert empty[0].embeddings.shape == (0, enc.dimension) and empty[0].spans == []
     assert enc.encode_chunks([], chunk_tokens=3) == []
+    nothing = enc.encode_chunks(["", "x"], chunk_tokens=3)[0]  # an empty document has no token to chunk
+    assert nothing.embeddings.shape == (0, enc.dimension) and nothing.spans == []
 
 
 def test_per_text_pooling_is_refused(tmp_path):
