@@ -4,7 +4,7 @@ The vector of a text is, over its tokens, ``max`` (or ``sum``) of ``log(1 + relu
 ``relu``; ``log1p_relu`` applies ``log1p`` once more), one weight per vocabulary entry. The masked-LM head
 (dense + activation + LayerNorm, then the decoder tied to the word embeddings, plus its bias) runs on the
 packed hidden states ``[T, H]``: pads are never computed. The ``[tokens, vocab]`` logits are made a chunk of
-tokens at a time (``chunk_tokens``, by default as many as fit in :data:`CHUNK_ELEMENTS` logits) and reduced
+tokens at a time (``head_tokens``, by default as many as fit in :data:`CHUNK_ELEMENTS` logits) and reduced
 into their sequences at once, so the memory of a batch is bounded by the chunk whatever the batch's size.
 
 Reads a sentence-transformers SparseEncoder directory (``modules.json``: ``MLMTransformer``, or ``Transformer``
@@ -23,7 +23,7 @@ from .batch import PackedBatch
 from .heads import _linear
 from .loading import Loaded, load
 from .ops.activations import apply_activation, canonical_activation
-from .sentence import DEFAULT_BATCH_TOKENS, SentenceEncoder, _read_json, token_budget_batches
+from .sentence import SentenceEncoder, _budget, _read_json, token_budget_batches
 from .tokenizer import Tokenizer, check_texts
 
 CHUNK_ELEMENTS = 1 << 24  # logits per chunk by default (64 MiB in fp32): 549 tokens of a 30522-entry vocabulary
@@ -101,7 +101,7 @@ class SparseEncoder:
     """
 
     def __init__(self, text: SentenceEncoder, head: MLMHead, pooling_strategy: str = "max",
-                 activation_function: str = "relu", chunk_tokens: int | None = None):
+                 activation_function: str = "relu", head_tokens: int | None = None):
         if pooling_strategy not in POOLING_STRATEGIES:
             raise ValueError(f"unsupported SpladePooling pooling_strategy {pooling_strategy!r}; padfree supports "
                              f"{POOLING_STRATEGIES}")
@@ -114,15 +114,15 @@ class SparseEncoder:
         self.head = head
         self.pooling_strategy = pooling_strategy
         self.activation_function = activation_function
-        if chunk_tokens is None:
-            chunk_tokens = max(1, CHUNK_ELEMENTS // head.vocab_size)
-        if isinstance(chunk_tokens, bool) or not isinstance(chunk_tokens, int) or chunk_tokens < 1:
-            raise ValueError(f"chunk_tokens must be an int >= 1; got {chunk_tokens!r}")
-        self.chunk_tokens = chunk_tokens
+        if head_tokens is None:
+            head_tokens = max(1, CHUNK_ELEMENTS // head.vocab_size)
+        if isinstance(head_tokens, bool) or not isinstance(head_tokens, int) or head_tokens < 1:
+            raise ValueError(f"head_tokens must be an int >= 1; got {head_tokens!r}")
+        self.head_tokens = head_tokens
 
     @classmethod
     def from_pretrained(cls, path, dtype: torch.dtype = torch.float32, device="cpu", backend: str = "auto",
-                        max_seq_length: int | None = None, chunk_tokens: int | None = None) -> "SparseEncoder":
+                        max_seq_length: int | None = None, head_tokens: int | None = None) -> "SparseEncoder":
         """From a sentence-transformers SparseEncoder directory or a plain ``*ForMaskedLM`` directory.
         ``max_seq_length`` overrides the directory's (``sentence_bert_config.json``, else the tokenizer's
         ``model_max_length``, capped by the model's position limit)."""
@@ -144,7 +144,7 @@ class SparseEncoder:
         text = SentenceEncoder(enc, tokenizer, ["cls"], False, int(max_seq_length),
                                bool(st_conf.get("do_lower_case", False)), prompts,
                                model_conf.get("default_prompt_name") or None)
-        return cls(text, head, strategy, activation, chunk_tokens)
+        return cls(text, head, strategy, activation, head_tokens)
 
     @property
     def vocab_size(self) -> int:
@@ -166,15 +166,15 @@ class SparseEncoder:
     @torch.inference_mode()
     def pooled(self, hidden: torch.Tensor, batch: PackedBatch) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """SPLADE pooling of a packed forward: per sequence, ``(indices int64, values float32)`` of its
-        non-zero vocabulary weights, indices ascending. The logits are computed ``chunk_tokens`` at a time and
+        non-zero vocabulary weights, indices ascending. The logits are computed ``head_tokens`` at a time and
         reduced per sequence segment; a sequence that spans chunks carries its partial row to the next chunk."""
         bounds = batch.cu_seqlens.tolist()
         reduce = torch.amax if self.pooling_strategy == "max" else torch.sum
         combine = torch.maximum if self.pooling_strategy == "max" else torch.add
         out: list[tuple[torch.Tensor, torch.Tensor]] = []
         carry = None  # the partial row of the sequence that continues into the next chunk
-        for start in range(0, batch.num_tokens, self.chunk_tokens):
-            end = min(start + self.chunk_tokens, batch.num_tokens)
+        for start in range(0, batch.num_tokens, self.head_tokens):
+            end = min(start + self.head_tokens, batch.num_tokens)
             x = self.head(hidden[start:end]).float().relu_().log1p_()  # [n, V]
             if self.activation_function == "log1p_relu":
                 x.log1p_()
@@ -204,9 +204,7 @@ class SparseEncoder:
         ``batch_tokens`` real tokens, default 8192, and optionally ``batch_size`` texts)."""
         single = isinstance(texts, str)
         texts = [texts] if single else check_texts(texts)
-        if batch_tokens is None:
-            batch_tokens = DEFAULT_BATCH_TOKENS if batch_size is None else 1 << 62
-        token_budget_batches([], batch_tokens, batch_size)  # checks both limits before any work
+        batch_tokens = _budget(batch_tokens, batch_size)  # both limits checked before any work
         ids = self.tokenize(texts, truncate, self.text.resolve_prompt(prompt, prompt_name))
         rows: list = [None] * len(ids)
         for start, end in token_budget_batches([len(s) for s in ids], batch_tokens, batch_size):

@@ -114,7 +114,7 @@ def test_matches_sentence_transformers_sparse_encoder(root, texts, name, strateg
     # the head sees each real token once (no pad) and never more than a chunk of them at a time
     rows, head = [], MLMHead.__call__
     monkeypatch.setattr(MLMHead, "__call__", lambda self, h: (rows.append(len(h)), head(self, h))[1])
-    ours.chunk_tokens = 7
+    ours.head_tokens = 7
     assert_same(ours.encode(texts, batch_tokens=100), theirs)
     assert max(rows) == 7 and sum(rows) == sum(map(len, ours.tokenize(texts)))
     one = ours.encode(texts[3])
@@ -179,8 +179,8 @@ def test_bad_inputs(root, tmp_path):
     enc = padfree.SparseEncoder.from_pretrained(path)
     with pytest.raises(ValueError, match="more than the limit of 48"):
         enc.encode(["word " * 100], truncate=False)
-    with pytest.raises(ValueError, match="chunk_tokens must be an int >= 1"):
-        padfree.SparseEncoder(enc.text, enc.head, chunk_tokens=0)
+    with pytest.raises(ValueError, match="head_tokens must be an int >= 1"):
+        padfree.SparseEncoder(enc.text, enc.head, head_tokens=0)
     empty = enc.encode([])
     assert empty.shape == (0, 30522) and empty._nnz() == 0
 
