@@ -62,6 +62,9 @@ class ModelConfig:
                                         # global_attn_every_n_layers-th)
     local_window: int = 0              # local layers: query i sees key j iff |i - j| <= local_window
                                        # (ModernBERT: local_attention // 2)
+    rms_norm: bool = False             # every norm is RMSNorm, x / sqrt(mean(x^2) + eps) * weight: no mean, no bias
+                                       # (EuroBERT); pre_norm layers only
+    embedding_norm: bool = True        # a LayerNorm follows the embeddings (EuroBERT: none, layer 0's norm is first)
 
     def __post_init__(self):
         if self.hidden_size % self.num_heads:
@@ -81,9 +84,13 @@ class ModelConfig:
                              f"local_window >= 1; got {self.local_window}")
         pre_only = [n for n, on in (("gated_ffn", self.gated_ffn), ("rotary_theta", self.rotary_theta > 0),
                                     ("local_layers", bool(self.local_layers)),
-                                    ("first_attn_norm=False", not self.first_attn_norm)) if on]
+                                    ("first_attn_norm=False", not self.first_attn_norm),
+                                    ("rms_norm", self.rms_norm), ("embedding_norm=False", not self.embedding_norm))
+                    if on]
         if pre_only and not self.pre_norm:  # the post-LN layer does not read them: refuse, never ignore
             raise ValueError(f"{', '.join(pre_only)} need pre_norm layers")
+        if self.rms_norm and self.norm_bias:
+            raise ValueError("rms_norm has no bias: it needs norm_bias=False")
         if self.pre_norm and self.relative_attention != "none":
             raise ValueError("relative_attention is not supported with pre_norm layers")
         if self.local_layers and self.rotary_theta > 0 and self.local_rotary_theta <= 0:
@@ -116,7 +123,8 @@ class ModelConfig:
         return frozenset(name for name, on in (("rotary", self.rotary_theta > 0),
                                                ("sliding_window", bool(self.local_layers)),
                                                ("gated_ffn", self.gated_ffn),
-                                               ("norm_without_bias", not self.norm_bias)) if on)
+                                               ("norm_without_bias", not self.norm_bias),
+                                               ("rms_norm", self.rms_norm)) if on)
 
     def window(self, layer: int) -> int | None:
         """The attention half-window of parameter layer ``layer``; None = the whole sequence."""

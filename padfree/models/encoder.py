@@ -22,7 +22,9 @@ from ..ops.relative import RelativeTables, deberta_span, device_rows
 from ..ops.rotary import rotary_tables
 
 
-def _layer_norm(cfg: ModelConfig) -> nn.LayerNorm:
+def _layer_norm(cfg: ModelConfig) -> nn.LayerNorm | nn.RMSNorm:
+    if cfg.rms_norm:  # EuroBERT: a weight only
+        return nn.RMSNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
     return nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps, bias=cfg.norm_bias)
 
 
@@ -52,7 +54,8 @@ class Embeddings(nn.Module):
         self.word = nn.Embedding(cfg.vocab_size, E)
         self.position = nn.Embedding(cfg.max_position_embeddings, E) if cfg.absolute_positions else None
         self.token_type = nn.Embedding(cfg.type_vocab_size, E) if cfg.type_vocab_size else None
-        self.norm = nn.LayerNorm(H if cfg.norm_after_projection else E, eps=cfg.layer_norm_eps, bias=cfg.norm_bias)
+        self.norm = (nn.LayerNorm(H if cfg.norm_after_projection else E, eps=cfg.layer_norm_eps, bias=cfg.norm_bias)
+                     if cfg.embedding_norm else None)  # EuroBERT: none
         # E -> H (ALBERT always; ELECTRA, DeBERTa with embedding_size != hidden_size)
         self.project = nn.Linear(E, H, bias=cfg.embedding_projection_bias) if cfg.has_embedding_projection else None
 
@@ -158,25 +161,27 @@ class Encoder(nn.Module):
                       for t in {cfg.theta(i) for i in cfg.schedule} if t > 0}
             for i in cfg.schedule:
                 x = self._pre_norm_layer(i, x, batch, rotary)
-            n = self.final_norm
-            return F.layer_norm(x, x.shape[-1:], n.weight, n.bias, cfg.layer_norm_eps)
+            return self._norm(x, self.final_norm)
         for i in cfg.schedule:  # ALBERT runs shared layers several times
             x = self._layer(self.layers[i], x, batch, rel)
         return x
 
     def _embed(self, batch: PackedBatch) -> torch.Tensor:
         """``LayerNorm(word + position + type)`` then the optional E -> H projection (DeBERTa: projection
-        first, LayerNorm over H after): ``[T, H]``."""
+        first, LayerNorm over H after; EuroBERT: no LayerNorm): ``[T, H]``."""
         k, cfg, e = self.kernels, self.config, self.embeddings
         position = None if e.position is None else e.position.weight[cfg.position_offset:]  # offset rows skipped
         token_type = None if e.token_type is None else e.token_type.weight
-        if e.project is not None and cfg.norm_after_projection:
+        if e.norm is None or (e.project is not None and cfg.norm_after_projection):
             y = F.embedding(batch.input_ids, e.word.weight)  # [T, E]
             if position is not None:
                 y = y + F.embedding(batch.position_ids, position)
             if token_type is not None:
                 y = y + F.embedding(batch.token_type_ids, token_type)
-            y = F.linear(y, e.project.weight, e.project.bias)  # [T, H]
+            if e.project is not None:
+                y = F.linear(y, e.project.weight, e.project.bias)  # [T, H]
+            if e.norm is None:
+                return y
             return F.layer_norm(y, y.shape[-1:], e.norm.weight, e.norm.bias, cfg.layer_norm_eps)
         x = k.embed_layer_norm(batch.input_ids, batch.position_ids, batch.token_type_ids, e.word.weight,
                                position, token_type, e.norm.weight, e.norm.bias, cfg.layer_norm_eps)  # [T, E]
@@ -199,20 +204,23 @@ class Encoder(nn.Module):
         """Pre-LN layer ``i`` (ModernBERT): ``x + attn(norm(x))`` then ``x + ffn(norm(x))``; the attention rotates
         Q and K by the layer's RoPE base and, in a local layer, sees only its window."""
         k, cfg, layer = self.kernels, self.config, self.layers[i]
-        eps = cfg.layer_norm_eps
-        n = layer.attn_norm
-        h = x if n is None else F.layer_norm(x, x.shape[-1:], n.weight, n.bias, eps)
+        h = x if layer.attn_norm is None else self._norm(x, layer.attn_norm)
         extra = {"rotary": rotary[cfg.theta(i)]} if cfg.theta(i) > 0 else {}
         if cfg.window(i) is not None:
             extra["window"] = cfg.window(i)
         ctx = k.qkv_varlen_attention(h, layer.qkv.weight, layer.qkv.bias, batch.cu_seqlens, batch.max_seqlen,
                                      cfg.num_heads, cfg.attention_scale, runs=batch.runs, **extra)  # [T, H]
         x = x + F.linear(ctx, layer.attn_out.weight, layer.attn_out.bias)
-        n = layer.ffn_norm
-        h = F.layer_norm(x, x.shape[-1:], n.weight, n.bias, eps)
+        h = self._norm(x, layer.ffn_norm)
         act = k.linear_gated_act if cfg.gated_ffn else k.linear_bias_act
         f = act(h, layer.ffn_in.weight, layer.ffn_in.bias, cfg.activation)  # [T, F]
         return x + F.linear(f, layer.ffn_out.weight, layer.ffn_out.bias)
+
+    def _norm(self, x: torch.Tensor, n: nn.Module) -> torch.Tensor:
+        """A pre-LN norm: RMSNorm (EuroBERT, the ``rms_norm`` op) or LayerNorm (ModernBERT)."""
+        if self.config.rms_norm:
+            return self.kernels.rms_norm(x, n.weight, self.config.layer_norm_eps)
+        return F.layer_norm(x, x.shape[-1:], n.weight, n.bias, self.config.layer_norm_eps)
 
     def pool_cls(self, hidden: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
         """The BERT pooler: ``tanh(W · h_CLS + b)``, ``[B, H]``; ``ValueError`` if the checkpoint has none."""

@@ -188,6 +188,29 @@ def _modernbert_config(c: dict) -> ModelConfig:
         local_window=c.get("local_attention", 128) // 2)  # HF: |i - j| <= local_attention // 2
 
 
+def _eurobert_config(c: dict) -> ModelConfig:
+    H, heads = c["hidden_size"], c["num_attention_heads"]
+    if c.get("head_dim") not in (None, H // heads):
+        raise ValueError(f"head_dim {c['head_dim']} != hidden_size / heads is not supported")
+    if c.get("num_key_value_heads") not in (None, heads):
+        raise ValueError(f"num_key_value_heads {c['num_key_value_heads']} != num_attention_heads (grouped-query "
+                         f"attention) is not supported")
+    if c.get("rope_scaling"):
+        raise ValueError(f"EuroBERT rope_scaling {c['rope_scaling']!r} is not supported")
+    rope = c.get("rope_parameters") or {}  # transformers 5; older configs: rope_theta at the top level
+    if rope.get("rope_type", "default") != "default":
+        raise ValueError(f"EuroBERT rope_type {rope['rope_type']!r} is not supported; padfree supports 'default'")
+    return ModelConfig(
+        family="eurobert", vocab_size=c["vocab_size"], hidden_size=H, num_layers=c["num_hidden_layers"],
+        num_heads=heads, intermediate_size=c["intermediate_size"],
+        max_position_embeddings=c.get("max_position_embeddings", 8192), type_vocab_size=0,
+        layer_norm_eps=c.get("rms_norm_eps", 1e-5), activation=canonical_activation(c.get("hidden_act", "silu")),
+        pad_token_id=c.get("pad_token_id"), absolute_positions=False, embedding_norm=False, pre_norm=True,
+        rms_norm=True, norm_bias=False, attention_bias=bool(c.get("attention_bias", False)),
+        ffn_bias=bool(c.get("mlp_bias", False)), gated_ffn=True,  # SwiGLU: act(gate_proj x) * up_proj x
+        rotary_theta=float(rope.get("rope_theta") or c.get("rope_theta") or 10000.0))
+
+
 LAYER_NAMES = ("qkv", "attn_out", "attn_norm", "ffn_in", "ffn_out", "ffn_norm")
 
 
@@ -281,6 +304,32 @@ def _modernbert_head(c: dict) -> HeadSpec:
                     norm="head.norm", pooling="first" if pooling == "cls" else "mean")
 
 
+def _eurobert_weights(cfg: ModelConfig) -> WeightTable:
+    """Llama-style names: separate q/k/v (fused here into [3H, H]), gate_proj | up_proj as the gated FFN's
+    [input | gate] matrix, RMSNorm weights only; biases where the config has them."""
+    table: WeightTable = {"embeddings.word.weight": "embed_tokens.weight", "final_norm.weight": "norm.weight"}
+    for i in range(cfg.num_layers):
+        pf, hf = f"layers.{i}.", f"layers.{i}."
+        table[pf + "attn_norm.weight"] = hf + "input_layernorm.weight"
+        table[pf + "ffn_norm.weight"] = hf + "post_attention_layernorm.weight"
+        for p in ("weight", "bias"):
+            if p == "weight" or cfg.attention_bias:
+                table[f"{pf}qkv.{p}"] = tuple(f"{hf}self_attn.{n}_proj.{p}" for n in "qkv")
+                table[f"{pf}attn_out.{p}"] = f"{hf}self_attn.o_proj.{p}"
+            if p == "weight" or cfg.ffn_bias:
+                table[f"{pf}ffn_in.{p}"] = (f"{hf}mlp.gate_proj.{p}", f"{hf}mlp.up_proj.{p}")
+                table[f"{pf}ffn_out.{p}"] = f"{hf}mlp.down_proj.{p}"
+    return table
+
+
+def _eurobert_head(c: dict) -> HeadSpec:
+    pooling = c.get("classifier_pooling", "late")
+    if pooling not in ("bos", "mean"):  # "late" averages per-token logits: not a pooled-vector head
+        raise ValueError(f"EuroBERT classifier_pooling {pooling!r} is not supported; padfree supports 'bos', "
+                         f"'mean'")
+    return HeadSpec("dense", "gelu", "classifier", pooling="first" if pooling == "bos" else "mean")  # nn.GELU()
+
+
 def _mpnet_weights(cfg: ModelConfig) -> WeightTable:
     table = _embeddings(cfg)
     table.update({"pooler.weight": "pooler.dense.weight", "pooler.bias": "pooler.dense.bias",
@@ -344,6 +393,10 @@ FAMILIES: list[Family] = [
     # fields; head = pooling (cls / mean) + dense + act + LayerNorm, then the classifier
     Family("modernbert", ("modernbert",), ("model.",), _modernbert_config, _modernbert_weights, ignored=(),
            sequence_head=_modernbert_head, token_head=None),
+    # EuroBERT (Llama-like): pre-norm RMSNorm, SwiGLU, rotary, no embedding norm; head = bos / mean pooling +
+    # dense + GELU, then the classifier
+    Family("eurobert", ("eurobert",), ("model.",), _eurobert_config, _eurobert_weights, ignored=(),
+           sequence_head=_eurobert_head),
 ]
 
 

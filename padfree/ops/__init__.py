@@ -10,7 +10,7 @@ import torch
 
 from .activations import canonical_activation
 from .reference import (add_bias_residual_layer_norm_ref, bias_act_ref, embed_layer_norm_ref, gated_act_ref,
-                        rotary_ref, varlen_attention_ref)
+                        rms_norm_ref, rotary_ref, varlen_attention_ref)
 from .registry import BACKENDS, OPS, Backend, Kernels, select
 from .relative import RelativeScores
 from .rotary import apply_rotary, rotary_tables
@@ -41,6 +41,12 @@ def add_bias_residual_layer_norm(x, bias, residual, weight, ln_bias, eps, backen
     return fn(x, bias, residual, weight, ln_bias, eps)
 
 
+def rms_norm(x, weight, eps, backend="auto"):
+    """RMSNorm ``x / sqrt(mean(x^2) + eps) * weight`` with fp32 statistics: ``[T, H]`` (EuroBERT)."""
+    _, fn = select("rms_norm", x.device, x.dtype, backend=backend)
+    return fn(x, weight, eps)
+
+
 def bias_act(x, bias, activation, backend="auto"):
     """``act(x + bias)``: ``[T, F]``; ``activation`` a canonical or Hugging Face name."""
     _, fn = select("bias_act", x.device, x.dtype, backend=backend)
@@ -55,8 +61,8 @@ def embed_layer_norm(input_ids, position_ids, token_type_ids, word, position, to
     return fn(input_ids, position_ids, token_type_ids, word, position, token_type, weight, bias, eps)
 
 
-__all__ = ["varlen_attention", "add_bias_residual_layer_norm", "bias_act", "gated_act", "embed_layer_norm",
+__all__ = ["varlen_attention", "add_bias_residual_layer_norm", "bias_act", "gated_act", "embed_layer_norm", "rms_norm",
            "apply_rotary", "rotary_tables",
            "varlen_attention_ref", "add_bias_residual_layer_norm_ref", "bias_act_ref", "gated_act_ref",
-           "embed_layer_norm_ref", "rotary_ref",
+           "embed_layer_norm_ref", "rms_norm_ref", "rotary_ref",
            "BACKENDS", "OPS", "Backend", "Kernels", "select", "canonical_activation", "RelativeScores"]

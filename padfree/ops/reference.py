@@ -106,5 +106,12 @@ def gated_act_ref(x: torch.Tensor, bias: torch.Tensor | None, activation: str) -
     return (apply_activation(y[:, :f], activation) * y[:, f:]).to(x.dtype)
 
 
+def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm over the last dim: ``x / sqrt(mean(x^2) + eps) * weight`` in fp32 (no mean subtracted, no bias);
+    ``[T, H]`` in x's dtype."""
+    y = x.float()
+    return (y / (y.square().mean(dim=-1, keepdim=True) + eps).sqrt() * weight.float()).to(x.dtype)
+
+
 def _f32(t: torch.Tensor | None) -> torch.Tensor | None:
     return None if t is None else t.float()  # a LayerNorm without bias (ModernBERT) passes None

@@ -66,6 +66,7 @@ OPS: dict[str, Op] = {op.name: op for op in (
     Op("add_bias_residual_layer_norm", "(x [T, H], bias, residual, weight, ln_bias, eps) -> [T, H]"),
     Op("bias_act", "(x [T, F], bias, activation) -> [T, F]"),
     Op("gated_act", "(x [T, 2F], bias, activation) -> act(x[:, :F]) * x[:, F:] [T, F]", only_for="gated_ffn"),
+    Op("rms_norm", "(x [T, H], weight, eps) -> x / sqrt(mean(x^2) + eps) * weight [T, H]", only_for="rms_norm"),
     Op("embed_layer_norm", "(ids, positions, types, word, position, token_type, weight, bias, eps) -> [T, E]",
        uses=frozenset({"norm_without_bias"})),
     Op("qkv_varlen_attention", "(x [T, H], weight [3H, H], bias, cu_seqlens, max_seqlen, num_heads, scale=None, "
@@ -137,10 +138,10 @@ _FLOATS = frozenset({torch.float32, torch.float16, torch.bfloat16})
 
 # Priority order: the first backend that validates is chosen under backend="auto".
 BACKENDS: list[Backend] = [
-    # no gated activation, rotary or sliding window yet: a model needing them gets the torch ops for those
-    # under "auto", and a ValueError naming them when "triton" is asked for by name
+    # no gated activation, RMSNorm, rotary or sliding window yet: a model needing them gets the torch ops for
+    # those under "auto", and a ValueError naming them when "triton" is asked for by name
     Backend("triton", frozenset({"cuda"}), _FLOATS, "padfree.ops.triton_backend",
-            frozenset(PRIMITIVES) - {"gated_act"},
+            frozenset(PRIMITIVES) - {"gated_act", "rms_norm"},
             head_dims=frozenset({16, 32, 64, 80, 96, 128}), requires="triton", relative_scores=True),
     # fused linear ops only; fp16 on CPU has no fast oneDNN path here, so it is left to the composition
     Backend("onednn", frozenset({"cpu"}), frozenset({torch.float32, torch.bfloat16}), "padfree.ops.onednn_backend",

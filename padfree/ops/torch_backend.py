@@ -92,6 +92,11 @@ def add_bias_residual_layer_norm(x: torch.Tensor, bias: torch.Tensor | None, res
     return F.layer_norm(y, y.shape[-1:], weight, ln_bias, eps)
 
 
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm ``x / sqrt(mean(x^2) + eps) * weight``; ``[T, H]``, statistics and scaling in fp32."""
+    return F.rms_norm(x.float(), x.shape[-1:], weight.float(), eps).to(x.dtype)
+
+
 def bias_act(x: torch.Tensor, bias: torch.Tensor | None, activation: str) -> torch.Tensor:
     """``act(x + bias)``; ``[T, F]``."""
     return apply_activation(x if bias is None else x + bias, activation)
