@@ -1,0 +1,264 @@
+"""EuroBERT against transformers (random weights) and the RMSNorm op against its references.
+
+Two shapes: one with transformers' defaults (no biases, SiLU, theta 10000), one with every bias on, another RoPE
+base and eps. HF numbers positions from column 0 by default, so under left padding it gets explicit per-sequence
+``position_ids`` (as for the other families); rotary scores depend only on distances, so padfree's per-sequence
+positions give the same result.
+"""
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+import transformers as t
+
+import padfree
+from padfree.ops import rms_norm
+from padfree.ops import torch_backend
+from padfree.ops.reference import rms_norm_ref
+from padfree.ops.registry import BACKENDS, select
+
+from family_zoo import BF16_ATOL, LENGTHS, batch, max_diff
+
+VOCAB = 60
+FP32_TOL = 1e-4
+SPECIAL = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2, mask_token_id=3)
+LONG = LENGTHS + [100, 63]  # 1 to 100 tokens in one batch
+SHAPES = [
+    # transformers' defaults: no biases, SiLU, rope_theta 10000, eps 1e-5
+    dict(hidden_size=32, num_attention_heads=2, num_hidden_layers=3, intermediate_size=40,
+         max_position_embeddings=128),
+    # every bias on, another RoPE base and eps, four heads of 12
+    dict(hidden_size=48, num_attention_heads=4, num_hidden_layers=2, intermediate_size=64, attention_bias=True,
+         mlp_bias=True, rope_parameters={"rope_type": "default", "rope_theta": 500.0}, rms_norm_eps=1e-6,
+         max_position_embeddings=128),
+]
+
+
+def make(shape: int, kind: str = "base", seed: int = 0, attn: str = "sdpa", vocab: int = VOCAB, **extra):
+    cfg = t.EuroBertConfig(vocab_size=vocab, **SPECIAL, **{**SHAPES[shape], **extra})
+    cls = {"base": t.EuroBertModel, "seq": t.EuroBertForSequenceClassification,
+           "mlm": t.EuroBertForMaskedLM}[kind]
+    torch.manual_seed(seed)
+    model = cls._from_config(cfg, attn_implementation=attn)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():  # a wider spread than HF's init, norm weights around 1, so nothing hides
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=g) * 0.2
+            p.copy_(1 + noise if "norm" in name else noise)
+    return model.eval()
+
+
+def hf_hidden(model, ids, mask, kw):
+    with torch.no_grad():
+        return model(input_ids=ids, attention_mask=mask, **kw).last_hidden_state
+
+
+# ---------------------------------------------------------------------------------------------- model parity
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("shape", [0, 1])
+def test_hidden_state_parity_fp32(shape, attn):
+    model = make(shape, attn=attn)
+    enc = padfree.from_pretrained(model)
+    for side in ("right", "left"):
+        ids, mask, _, kw = batch(model, LONG, side)
+        out = enc(ids, mask).last_hidden_state
+        err = max_diff(out, hf_hidden(model, ids, mask, kw), mask)
+        assert err <= FP32_TOL, f"shape {shape} {attn} {side}: {err:.2e}"
+        assert float(out[~mask.bool()].abs().max()) == 0.0
+
+
+def test_right_padding_needs_no_position_ids():
+    """Under right padding HF's default numbering (from column 0) is padfree's: no position_ids needed."""
+    model = make(0)
+    ids, mask, _, _ = batch(model, LONG, "right")
+    err = max_diff(padfree.from_pretrained(model)(ids, mask).last_hidden_state, hf_hidden(model, ids, mask, {}),
+                   mask)
+    assert err <= FP32_TOL
+
+
+@pytest.mark.parametrize("shape", [0, 1])
+def test_hidden_state_parity_bf16(shape):
+    model = make(shape)
+    enc = padfree.from_pretrained(model, dtype=torch.bfloat16)
+    ids, mask, _, kw = batch(model, LONG, "left")
+    with torch.no_grad():
+        ref = hf_hidden(model, ids, mask, kw)
+        theirs = hf_hidden(copy.deepcopy(model).to(torch.bfloat16), ids, mask, kw)
+    ours = max_diff(enc(ids, mask).last_hidden_state, ref, mask)
+    theirs = max_diff(theirs, ref, mask)
+    assert ours <= 2 * theirs + BF16_ATOL, f"bf16: {ours:.3f} vs transformers' own bf16 {theirs:.3f}"
+
+
+@pytest.mark.parametrize("pooling", ["bos", "mean"])
+@pytest.mark.parametrize("shape", [0, 1])
+def test_sequence_classification(shape, pooling):
+    model = make(shape, "seq", classifier_pooling=pooling, num_labels=3)
+    clf = padfree.SequenceClassifier.from_pretrained(model)
+    ids, mask, _, kw = batch(model, LONG, "right")  # HF's bos pooling reads column 0
+    with torch.no_grad():
+        ref = model(input_ids=ids, attention_mask=mask, **kw).logits
+    err = max_diff(clf(ids, mask).logits, ref)
+    assert err <= FP32_TOL, f"{pooling}: {err:.2e}"
+    if pooling == "mean":  # mean pooling is side-independent: left padding must give the same logits
+        ids_l, mask_l, _, _ = batch(model, LONG, "left")
+        assert max_diff(clf(ids_l, mask_l).logits, ref) <= FP32_TOL
+    clf16 = padfree.SequenceClassifier.from_pretrained(model, dtype=torch.bfloat16)
+    with torch.no_grad():
+        theirs = copy.deepcopy(model).to(torch.bfloat16)(input_ids=ids, attention_mask=mask, **kw).logits
+    ours, theirs = max_diff(clf16(ids, mask).logits, ref), max_diff(theirs, ref)
+    assert ours <= 2 * theirs + BF16_ATOL, f"bf16 {pooling}: {ours:.3f} vs {theirs:.3f}"
+
+
+def test_structure_as_data():
+    enc = padfree.from_pretrained(make(0))
+    cfg = enc.config
+    assert cfg.rms_norm and cfg.pre_norm and cfg.gated_ffn and not cfg.embedding_norm
+    assert enc.embeddings.norm is None and enc.embeddings.position is None
+    assert isinstance(enc.final_norm, torch.nn.RMSNorm) and all(l.attn_norm is not None for l in enc.layers)
+    assert enc.layers[0].qkv.bias is None and enc.layers[0].ffn_in.weight.shape == (2 * 40, 32)  # [gate | up]
+    assert enc.kernels.names["rms_norm"] == "torch"
+
+
+def test_load_from_saved_directory_and_sentence_encoder(tmp_path):
+    """A saved EuroBERT directory with its tokenizer: from_pretrained and SentenceEncoder (mean pooling, as
+    sentence-transformers builds it) against sentence-transformers."""
+    from sentence_transformers import SentenceTransformer
+    from test_tokenizer import bpe_tokenizer
+    tok = bpe_tokenizer()
+    model = make(1, vocab=len(tok))
+    model.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    ids, mask, _, _ = batch(model, [3, 11, 1], "right")
+    enc_dir, enc_mem = padfree.from_pretrained(tmp_path), padfree.from_pretrained(model)
+    assert max_diff(enc_dir(ids, mask).last_hidden_state, enc_mem(ids, mask).last_hidden_state) == 0
+    texts = ["the cat on the mat", "a", "then the dog sat on the cat near the door of the house"]
+    ours = padfree.SentenceEncoder.from_pretrained(tmp_path).encode(texts)
+    theirs = SentenceTransformer(str(tmp_path), device="cpu").encode(texts)
+    assert abs(ours - theirs).max() <= FP32_TOL
+
+
+def test_masked_lm_checkpoint_gives_its_encoder(tmp_path):
+    """The hub's EuroBERT checkpoints are EuroBertForMaskedLM: the encoder under ``model.`` loads, lm_head is not
+    the encoder's."""
+    model = make(0, "mlm")
+    model.save_pretrained(tmp_path)
+    ids, mask, _, kw = batch(model, LENGTHS, "left")
+    ref = hf_hidden(model.model, ids, mask, kw)
+    for source in (model, tmp_path):
+        assert max_diff(padfree.from_pretrained(source)(ids, mask).last_hidden_state, ref, mask) <= FP32_TOL
+
+
+# ---------------------------------------------------------------------------------------------- config / loading
+def _config_dir(tmp_path, **extra):
+    """A directory holding only a config.json: a config error must come before any weight is read."""
+    cfg = t.EuroBertConfig(vocab_size=VOCAB, **SPECIAL, **SHAPES[0]).to_dict()
+    cfg.update(extra)
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    return tmp_path
+
+
+@pytest.mark.parametrize("extra,match", [
+    (dict(hidden_act="mish"), "unsupported activation 'mish'"),
+    (dict(rope_parameters={"rope_type": "linear", "rope_theta": 1e4, "factor": 2.0}), "rope_type 'linear'"),
+    (dict(rope_scaling={"rope_type": "dynamic", "factor": 2.0}), "rope_scaling"),
+    (dict(num_key_value_heads=1), "num_key_value_heads"),
+    (dict(head_dim=8), "head_dim 8"),
+])
+def test_unsupported_config_raises_before_weights(tmp_path, extra, match):
+    with pytest.raises(ValueError, match=match):
+        padfree.from_pretrained(_config_dir(tmp_path, **extra))
+
+
+def test_rope_theta_from_old_style_config():
+    from padfree.models.families import family_for
+    c = t.EuroBertConfig(vocab_size=VOCAB, **SPECIAL, **SHAPES[0]).to_dict()
+    del c["rope_parameters"]
+    c["rope_theta"] = 250.0
+    assert family_for("eurobert").make_config(c).rotary_theta == 250.0
+    assert padfree.from_pretrained(make(1)).config.rotary_theta == 500.0
+
+
+def test_unused_base_weight_is_an_error():
+    for kind in ("base", "seq"):
+        model = make(0, kind)
+        base = model if kind == "base" else model.model
+        base.layers[1].planted = torch.nn.Parameter(torch.ones(3))
+        key = "layers.1.planted" if kind == "base" else "model.layers.1.planted"
+        with pytest.raises(ValueError, match=f"does not use.*{key}"):
+            padfree.from_pretrained(model)
+
+
+def test_late_pooling_is_refused(tmp_path):
+    """transformers' default head averages per-token logits ("late"): not a pooled-vector head."""
+    model = make(0, "seq")  # classifier_pooling defaults to "late"
+    assert model.config.classifier_pooling == "late"
+    with pytest.raises(ValueError, match="classifier_pooling 'late'"):
+        padfree.SequenceClassifier.from_pretrained(model)
+
+
+def test_triton_backend_names_what_it_lacks(triton_everywhere):
+    """Allowed on this device, "auto" runs RMSNorm and the rotary attention elsewhere; "triton" by name refuses,
+    naming what it lacks."""
+    model = make(0)
+    with pytest.raises(ValueError, match="triton: .*rotary"):
+        padfree.from_pretrained(model, backend="triton")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    with pytest.raises(ValueError, match="triton: does not implement rms_norm"):
+        select("rms_norm", device, torch.float32, backend="triton", features=frozenset({"rms_norm"}))
+    enc = padfree.from_pretrained(model)
+    assert "triton" not in enc.kernels.names["rms_norm"] + enc.kernels.names["qkv_varlen_attention"]
+    ids, mask, _, kw = batch(model, LENGTHS, "right")
+    assert max_diff(enc(ids, mask).last_hidden_state, hf_hidden(model, ids, mask, kw), mask) <= FP32_TOL
+
+
+def test_triton_lacks_rms_norm_in_registry():
+    triton = next(b for b in BACKENDS if b.name == "triton")
+    assert any("rms_norm" in r for r in triton.validate("rms_norm", torch.device("cuda"), torch.float32))
+
+
+@pytest.mark.parametrize("backend", ["torch", "onednn"])
+def test_named_cpu_backends(backend):
+    model = make(1)
+    enc = padfree.from_pretrained(model, backend=backend)
+    assert enc.kernels.names["rms_norm"] == "torch"
+    ids, mask, _, kw = batch(model, LENGTHS, "left")
+    assert max_diff(enc(ids, mask).last_hidden_state, hf_hidden(model, ids, mask, kw), mask) <= FP32_TOL
+
+
+def test_rms_norm_and_no_embedding_norm_outside_pre_norm_are_refused():
+    from padfree.config import ModelConfig
+    base = dict(family="x", vocab_size=10, hidden_size=8, num_layers=2, num_heads=2, intermediate_size=8,
+                max_position_embeddings=16, type_vocab_size=0, layer_norm_eps=1e-5, activation="gelu")
+    for extra in (dict(rms_norm=True, norm_bias=False), dict(embedding_norm=False)):
+        with pytest.raises(ValueError, match="need pre_norm"):
+            ModelConfig(**base, **extra)
+    with pytest.raises(ValueError, match="norm_bias=False"):
+        ModelConfig(**base, pre_norm=True, rms_norm=True)
+
+
+# ---------------------------------------------------------------------------------------------- RMSNorm op
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rms_norm_against_references(dtype):
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(37, 48, generator=g) * 3 + 0.5).to(dtype)  # a non-zero mean: LayerNorm would differ
+    w = (1 + 0.3 * torch.randn(48, generator=g)).to(dtype)
+    eps = 1e-6
+    x64, w64 = x.double(), w.double()
+    formula = x64 * (x64.pow(2).sum(-1, keepdim=True) / x64.shape[-1] + eps) ** -0.5 * w64  # independent, fp64
+    ref = rms_norm_ref(x, w, eps)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    for name, out in (("ref", ref), ("torch", torch_backend.rms_norm(x, w, eps)), ("auto", rms_norm(x, w, eps)),
+                      ("nn.RMSNorm", None)):
+        if out is None:
+            m = torch.nn.RMSNorm(48, eps=eps).to(torch.float64)
+            with torch.no_grad():
+                m.weight.copy_(w64)
+                out = m(x64)
+        assert out.dtype in (dtype, torch.float64)
+        err = float((out.double() - formula).abs().max() / formula.abs().max())
+        assert err <= tol, f"{name} {dtype}: {err:.2e}"
+    layer_norm = torch.nn.functional.layer_norm(x.float(), (48,), w.float(), None, eps)
+    assert max_diff(layer_norm, formula) > 0.1  # the input's mean matters: the test tells the two norms apart
