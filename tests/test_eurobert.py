@@ -40,7 +40,7 @@ SHAPES = [
 def make(shape: int, kind: str = "base", seed: int = 0, attn: str = "sdpa", vocab: int = VOCAB, **extra):
     cfg = t.EuroBertConfig(vocab_size=vocab, **SPECIAL, **{**SHAPES[shape], **extra})
     cls = {"base": t.EuroBertModel, "seq": t.EuroBertForSequenceClassification,
-           "mlm": t.EuroBertForMaskedLM}[kind]
+           "tok": t.EuroBertForTokenClassification, "mlm": t.EuroBertForMaskedLM}[kind]
     torch.manual_seed(seed)
     model = cls._from_config(cfg, attn_implementation=attn)
     g = torch.Generator().manual_seed(seed)
@@ -110,6 +110,17 @@ def test_sequence_classification(shape, pooling):
         theirs = copy.deepcopy(model).to(torch.bfloat16)(input_ids=ids, attention_mask=mask, **kw).logits
     ours, theirs = max_diff(clf16(ids, mask).logits, ref), max_diff(theirs, ref)
     assert ours <= 2 * theirs + BF16_ATOL, f"bf16 {pooling}: {ours:.3f} vs {theirs:.3f}"
+
+
+def test_token_classification():
+    model = make(1, "tok", num_labels=5)
+    clf = padfree.TokenClassifier.from_pretrained(model)
+    for side in ("right", "left"):
+        ids, mask, _, kw = batch(model, LONG, side)
+        with torch.no_grad():
+            ref = model(input_ids=ids, attention_mask=mask, **kw).logits
+        err = max_diff(clf(ids, mask).logits, ref, mask)
+        assert err <= FP32_TOL, f"{side}: {err:.2e}"
 
 
 def test_structure_as_data():
