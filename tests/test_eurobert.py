@@ -151,6 +151,17 @@ def test_load_from_saved_directory_and_sentence_encoder(tmp_path):
     assert abs(ours - theirs).max() <= FP32_TOL
 
 
+@pytest.mark.parametrize("pooling", ["bos", "mean"])
+def test_cross_encoder_matches_sentence_transformers(pooling, tmp_path):
+    import numpy as np
+    from sentence_transformers import CrossEncoder as STCrossEncoder
+    from test_heads import TEXTS, save_with_tokenizer
+    save_with_tokenizer(make(1, "seq", num_labels=1, classifier_pooling=pooling), tmp_path)
+    pairs = [("query", p) for p in TEXTS] + [("python code", p) for p in TEXTS[:2]]
+    ref = STCrossEncoder(str(tmp_path), device="cpu").predict(pairs, convert_to_numpy=True)
+    assert np.abs(padfree.CrossEncoder.from_pretrained(tmp_path).score(pairs) - ref).max() <= FP32_TOL
+
+
 def test_masked_lm_checkpoint_gives_its_encoder(tmp_path):
     """The hub's EuroBERT checkpoints are EuroBertForMaskedLM: the encoder under ``model.`` loads, lm_head is not
     the encoder's."""
