@@ -201,8 +201,8 @@ class Encoder(nn.Module):
                                             layer.ffn_norm.weight, layer.ffn_norm.bias, cfg.layer_norm_eps)
 
     def _pre_norm_layer(self, i: int, x: torch.Tensor, batch: PackedBatch, rotary: dict) -> torch.Tensor:
-        """Pre-LN layer ``i`` (ModernBERT): ``x + attn(norm(x))`` then ``x + ffn(norm(x))``; the attention rotates
-        Q and K by the layer's RoPE base and, in a local layer, sees only its window."""
+        """Pre-LN layer ``i`` (ModernBERT, EuroBERT): ``x + attn(norm(x))`` then ``x + ffn(norm(x))``; the attention
+        rotates Q and K by the layer's RoPE base and, in a local layer, sees only its window."""
         k, cfg, layer = self.kernels, self.config, self.layers[i]
         h = x if layer.attn_norm is None else self._norm(x, layer.attn_norm)
         extra = {"rotary": rotary[cfg.theta(i)]} if cfg.theta(i) > 0 else {}

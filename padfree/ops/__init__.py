@@ -61,8 +61,8 @@ def embed_layer_norm(input_ids, position_ids, token_type_ids, word, position, to
     return fn(input_ids, position_ids, token_type_ids, word, position, token_type, weight, bias, eps)
 
 
-__all__ = ["varlen_attention", "add_bias_residual_layer_norm", "bias_act", "gated_act", "embed_layer_norm", "rms_norm",
-           "apply_rotary", "rotary_tables",
+__all__ = ["varlen_attention", "add_bias_residual_layer_norm", "bias_act", "gated_act", "embed_layer_norm",
+           "rms_norm", "apply_rotary", "rotary_tables",
            "varlen_attention_ref", "add_bias_residual_layer_norm_ref", "bias_act_ref", "gated_act_ref",
            "embed_layer_norm_ref", "rms_norm_ref", "rotary_ref",
            "BACKENDS", "OPS", "Backend", "Kernels", "select", "canonical_activation", "RelativeScores"]
