@@ -58,6 +58,8 @@ class Family:
     token_head: str | None = "classifier"  # the *ForTokenClassification linear layer's key prefix; None: the
                                            # family's token head is more than one linear (not supported yet)
     mlm_head: MLMHeadSpec | None = None  # the *ForMaskedLM head (SPLADE sparse embeddings)
+    other_layout: Callable[[ModelConfig], WeightTable] | None = None  # the same weights under other names
+    # (NomicBERT: transformers' module names in memory, the hub's on disk); the loader reads the table that fits
 
 
 def head_activation(name: str) -> str:
@@ -188,6 +190,30 @@ def _modernbert_config(c: dict) -> ModelConfig:
         local_window=c.get("local_attention", 128) // 2)  # HF: |i - j| <= local_attention // 2
 
 
+def _nomic_bert_config(c: dict) -> ModelConfig:
+    """transformers' NomicBERT: BERT's post-LN layers with rotary Q/K over the whole head (half-split pairs, base
+    ``rope_theta``), SwiGLU, no linear biases, and no position table (word + token type, then LayerNorm)."""
+    if c.get("rope_scaling"):
+        raise ValueError(f"NomicBERT rope_scaling {c['rope_scaling']!r} is not supported")
+    rope = c.get("rope_parameters") or {}
+    if rope.get("rope_type", "default") != "default":
+        raise ValueError(f"NomicBERT rope_type {rope['rope_type']!r} is not supported; padfree supports 'default'")
+    if rope.get("partial_rotary_factor", 1.0) != 1.0:
+        raise ValueError(f"NomicBERT partial_rotary_factor {rope['partial_rotary_factor']} is not supported; "
+                         f"padfree rotates the whole head")
+    H, heads = c["hidden_size"], c["num_attention_heads"]
+    if c.get("head_dim") not in (None, H // heads):
+        raise ValueError(f"head_dim {c['head_dim']} != hidden_size / heads is not supported")
+    return ModelConfig(
+        family="nomic_bert", vocab_size=c["vocab_size"], hidden_size=H, num_layers=c["num_hidden_layers"],
+        num_heads=heads, intermediate_size=c["intermediate_size"],
+        max_position_embeddings=c.get("max_position_embeddings", 2048), type_vocab_size=c.get("type_vocab_size", 2),
+        layer_norm_eps=c.get("layer_norm_eps", 1e-12), activation=canonical_activation(c.get("hidden_act", "silu")),
+        pad_token_id=c.get("pad_token_id"), absolute_positions=False,  # positions enter as rotary Q and K
+        attention_bias=False, ffn_bias=False, gated_ffn=True,
+        rotary_theta=float(rope.get("rope_theta") or c.get("rope_theta") or 1000.0))  # HF's default_theta
+
+
 LAYER_NAMES = ("qkv", "attn_out", "attn_norm", "ffn_in", "ffn_out", "ffn_norm")
 
 
@@ -272,6 +298,34 @@ def _modernbert_weights(cfg: ModelConfig) -> WeightTable:
     return table
 
 
+# NomicBERT's two names for the same weights: transformers' modules (an in-memory model) and the hub layout that
+# nomic-embed-text ships and transformers' save_pretrained writes (fused Wqkv; fc12 is the gate, fc11 the up).
+_NOMIC_MODULES = dict(layer="layers.{}.", qkv=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+                      attn_out="self_attn.o_proj", attn_norm="post_attention_layernorm",
+                      ffn_in=("mlp.gate_proj", "mlp.up_proj"), ffn_out="mlp.down_proj", ffn_norm="post_mlp_layernorm",
+                      emb_norm="embeddings.LayerNorm")
+_NOMIC_HUB = dict(layer="encoder.layers.{}.", qkv=("attn.Wqkv",), attn_out="attn.out_proj", attn_norm="norm1",
+                  ffn_in=("mlp.fc12", "mlp.fc11"), ffn_out="mlp.fc2", ffn_norm="norm2", emb_norm="emb_ln")
+
+
+def _nomic_bert_weights(names: dict) -> Callable[[ModelConfig], WeightTable]:
+    """Post-LN like BERT; linears without biases (only the LayerNorms have them). SwiGLU ``act(gate x) * up x``
+    is padfree's ``[input | gate]``: ``ffn_in`` = gate | up, one [2F, H] product, as Q | K | V is one."""
+    def table(cfg: ModelConfig) -> WeightTable:
+        out = _embeddings(cfg, norm=names["emb_norm"])
+        out.update({"pooler.weight": "pooler.dense.weight", "pooler.bias": "pooler.dense.bias"})
+        for i in range(cfg.num_layers):
+            pf, hf = f"layers.{i}.", names["layer"].format(i)
+            for name in ("qkv", "attn_out", "ffn_in", "ffn_out"):
+                src = names[name]
+                out[f"{pf}{name}.weight"] = tuple(f"{hf}{s}.weight" for s in src) if isinstance(src, tuple) \
+                    else f"{hf}{src}.weight"
+            for name in ("attn_norm", "ffn_norm"):
+                out.update({f"{pf}{name}.{p}": f"{hf}{names[name]}.{p}" for p in ("weight", "bias")})
+        return out
+    return table
+
+
 def _modernbert_head(c: dict) -> HeadSpec:
     pooling = c.get("classifier_pooling", "cls")
     if pooling not in ("cls", "mean"):
@@ -344,6 +398,10 @@ FAMILIES: list[Family] = [
     # fields; head = pooling (cls / mean) + dense + act + LayerNorm, then the classifier
     Family("modernbert", ("modernbert",), ("model.",), _modernbert_config, _modernbert_weights, ignored=(),
            sequence_head=_modernbert_head, token_head=None),
+    # NomicBERT (nomic-embed-text): post-LN, rotary positions, SwiGLU, no linear biases; BERT's pooler head
+    Family("nomic_bert", ("nomic_bert",), ("nomic_bert.",), _nomic_bert_config, _nomic_bert_weights(_NOMIC_HUB),
+           optional=_POOLER, sequence_head=lambda c: HeadSpec("nomic_bert.pooler.dense", "tanh", "classifier"),
+           other_layout=_nomic_bert_weights(_NOMIC_MODULES)),
 ]
 
 

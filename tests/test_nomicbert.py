@@ -1,0 +1,173 @@
+"""NomicBERT (nomic-embed-text) against transformers' ``nomic_bert`` (random weights).
+
+NomicBERT is BERT's post-LN layer with rotary Q/K (whole head, half-split, base ``rope_theta``), a SwiGLU FFN
+and no linear biases; no position table. Two shapes with different RoPE bases and epsilons; lengths 1 to 100 in
+one batch. HF gets explicit per-sequence ``position_ids`` under left padding as for the other families (rotary
+scores depend only on distances, so its column numbering gives the same result too, checked once).
+"""
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+import transformers as t
+
+import padfree
+
+from family_zoo import BF16_ATOL, batch, max_diff
+
+VOCAB = 60
+FP32_TOL = 1e-4
+LENGTHS = [5, 100, 1, 37, 2, 64, 17]
+SHAPES = [
+    dict(hidden_size=32, num_attention_heads=2, num_hidden_layers=3, intermediate_size=40,
+         max_position_embeddings=128),
+    dict(hidden_size=48, num_attention_heads=4, num_hidden_layers=2, intermediate_size=64, layer_norm_eps=1e-6,
+         rope_parameters={"rope_type": "default", "rope_theta": 300.0}, max_position_embeddings=256),
+]
+
+
+def make(shape: int, kind: str = "base", seed: int = 0, vocab: int = VOCAB, **extra):
+    cfg = t.NomicBertConfig(vocab_size=vocab, pad_token_id=1, **{**SHAPES[shape], **extra})
+    cls = {"base": t.NomicBertModel, "seq": t.NomicBertForSequenceClassification}[kind]
+    torch.manual_seed(seed)
+    model = cls(cfg)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():  # a wider spread than HF's init, norms around 1, so nothing hides
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=g) * 0.2
+            p.copy_(1 + noise if "norm.weight" in name.lower() else noise)
+    return model.eval()
+
+
+def hf_hidden(model, ids, mask, kw):
+    with torch.no_grad():
+        return model(input_ids=ids, attention_mask=mask, **kw).last_hidden_state
+
+
+# ---------------------------------------------------------------------------------------------- model parity
+@pytest.mark.parametrize("shape", [0, 1])
+def test_hidden_state_parity_fp32(shape):
+    model = make(shape)
+    enc = padfree.from_pretrained(model)
+    assert enc.config.rotary_theta == (1000.0 if shape == 0 else 300.0) and not enc.config.pre_norm
+    for side in ("right", "left"):
+        ids, mask, types, kw = batch(model, LENGTHS, side)
+        assert types is not None  # token types are read (type_vocab_size 2)
+        ref = hf_hidden(model, ids, mask, kw)
+        out = enc(ids, mask, types).last_hidden_state
+        err = max_diff(out, ref, mask)
+        assert err <= FP32_TOL, f"shape {shape} {side}: {err:.2e}"
+        assert float(out[~mask.bool()].abs().max()) == 0.0
+        # transformers' position_ids are accepted as they are (rotary: no offset)
+        assert max_diff(enc(ids, mask, types, kw["position_ids"]).last_hidden_state, ref, mask) <= FP32_TOL
+    # HF's own numbering from column 0 under left padding: same scores, rotary depends on distances only
+    ref = hf_hidden(model, ids, mask, {"token_type_ids": types})
+    assert max_diff(enc(ids, mask, types).last_hidden_state, ref, mask) <= FP32_TOL
+
+
+@pytest.mark.parametrize("shape", [0, 1])
+def test_hidden_state_parity_bf16(shape):
+    model = make(shape)
+    enc = padfree.from_pretrained(model, dtype=torch.bfloat16)
+    ids, mask, types, kw = batch(model, LENGTHS, "left")
+    ref = hf_hidden(model, ids, mask, kw)
+    theirs = max_diff(hf_hidden(copy.deepcopy(model).to(torch.bfloat16), ids, mask, kw), ref, mask)
+    ours = max_diff(enc(ids, mask, types).last_hidden_state, ref, mask)
+    assert ours <= 2 * theirs + BF16_ATOL, f"bf16: {ours:.3f} vs transformers' own bf16 {theirs:.3f}"
+
+
+@pytest.mark.parametrize("backend", ["torch", "onednn"])
+def test_named_cpu_backends(backend):
+    if backend == "onednn" and not torch.backends.mkldnn.is_available():
+        pytest.skip("no oneDNN")
+    model = make(1)
+    enc = padfree.from_pretrained(model, backend=backend)
+    ids, mask, types, kw = batch(model, LENGTHS, "right")
+    assert max_diff(enc(ids, mask, types).last_hidden_state, hf_hidden(model, ids, mask, kw), mask) <= FP32_TOL
+
+
+def test_sequence_classification(tmp_path):
+    """BERT's head: tanh pooler on the first token, then the classifier."""
+    model = make(1, "seq", num_labels=3)
+    clf = padfree.SequenceClassifier.from_pretrained(model)
+    ids, mask, types, kw = batch(model, LENGTHS, "right")  # HF's pooler reads column 0
+    with torch.no_grad():
+        ref = model(input_ids=ids, attention_mask=mask, **kw).logits
+    assert max_diff(clf(ids, mask, types).logits, ref) <= FP32_TOL
+    ids_l, mask_l, types_l, _ = batch(model, LENGTHS, "left")  # padfree's first token is the first real one
+    assert max_diff(clf(ids_l, mask_l, types_l).logits, ref) <= FP32_TOL
+    model.save_pretrained(tmp_path)  # the hub's names under nomic_bert.
+    assert max_diff(padfree.SequenceClassifier.from_pretrained(tmp_path)(ids, mask, types).logits, ref) <= FP32_TOL
+
+
+def test_weights_are_one_product_each():
+    enc = padfree.from_pretrained(make(0))
+    layer = enc.layers[0]
+    assert layer.qkv.weight.shape == (3 * 32, 32) and layer.ffn_in.weight.shape == (2 * 40, 32)  # [gate | up]
+    assert layer.qkv.bias is None and layer.attn_out.bias is None and layer.ffn_in.bias is None
+    assert layer.ffn_out.bias is None and layer.attn_norm.bias is not None and enc.final_norm is None
+    assert enc.embeddings.position is None and enc.embeddings.token_type is not None
+
+
+# ---------------------------------------------------------------------------------------------- loading
+def test_directory_and_sentence_encoder_with_prompts(tmp_path):
+    """A saved NomicBERT directory with its tokenizer and nomic-embed-text's prompts: mean pooling and the
+    "search_query: " prompt as sentence-transformers applies them."""
+    from sentence_transformers import SentenceTransformer
+    from test_heads import tokenizer
+    model = make(1)  # the tokenizer's ids are below VOCAB
+    model.save_pretrained(tmp_path)  # the hub's names (emb_ln, Wqkv, fc11/fc12...), not the modules'
+    assert "encoder.layers.0.mlp.fc11.weight" in padfree.loading.read_weights(tmp_path)
+    tokenizer().save_pretrained(tmp_path)
+    ids, mask, types, _ = batch(model, [3, 11, 1], "right")
+    enc_dir, enc_mem = padfree.from_pretrained(tmp_path), padfree.from_pretrained(model)
+    assert max_diff(enc_dir(ids, mask, types).last_hidden_state, enc_mem(ids, mask, types).last_hidden_state) == 0
+    SentenceTransformer(str(tmp_path), device="cpu").save(str(tmp_path))  # modules.json, 1_Pooling (mean)
+    st_conf = tmp_path / "config_sentence_transformers.json"
+    conf = json.loads(st_conf.read_text())
+    conf["prompts"] = {"query": "search_query: ", "document": "search_document: "}
+    st_conf.write_text(json.dumps(conf))
+    texts = ["the cat on the mat", "a", "then the dog sat on the cat near the door of the house"]
+    ours, theirs = padfree.SentenceEncoder.from_pretrained(tmp_path), SentenceTransformer(str(tmp_path), device="cpu")
+    q_ours, q_theirs = ours.encode(texts, prompt_name="query"), theirs.encode(texts, prompt_name="query")
+    assert abs(q_ours - q_theirs).max() <= FP32_TOL
+    assert abs(q_ours - ours.encode(texts)).max() > 1e-3  # the prompt changed the embeddings
+
+
+def _config_dir(tmp_path, **extra):
+    """A directory holding only a config.json: a config error must come before any weight is read."""
+    cfg = t.NomicBertConfig(vocab_size=VOCAB, **SHAPES[0]).to_dict()
+    cfg.update(extra)
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    return tmp_path
+
+
+@pytest.mark.parametrize("extra,match", [
+    (dict(hidden_act="mish"), "unsupported activation 'mish'"),
+    (dict(rope_parameters={"rope_type": "dynamic", "rope_theta": 1000.0, "factor": 2.0}), "rope_type 'dynamic'"),
+    (dict(rope_parameters={"rope_type": "default", "rope_theta": 1000.0, "partial_rotary_factor": 0.5}),
+     "partial_rotary_factor"),
+    (dict(rope_scaling={"rope_type": "linear", "factor": 2.0}), "rope_scaling"),
+    (dict(head_dim=8), "head_dim 8"),
+])
+def test_unsupported_config_raises_before_weights(tmp_path, extra, match):
+    with pytest.raises(ValueError, match=match):
+        padfree.from_pretrained(_config_dir(tmp_path, **extra))
+
+
+def test_unused_base_weight_is_an_error():
+    for kind in ("base", "seq"):
+        model = make(0, kind)
+        base = model if kind == "base" else model.nomic_bert
+        base.embeddings.planted = torch.nn.Parameter(torch.ones(3))
+        key = "embeddings.planted" if kind == "base" else "nomic_bert.embeddings.planted"
+        with pytest.raises(ValueError, match=f"does not use.*{key}"):
+            padfree.from_pretrained(model)
+
+
+def test_triton_backend_names_what_it_lacks():
+    with pytest.raises(ValueError, match="rotary"):
+        padfree.from_pretrained(make(0), backend="triton")
