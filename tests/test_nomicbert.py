@@ -31,7 +31,8 @@ SHAPES = [
 
 def make(shape: int, kind: str = "base", seed: int = 0, vocab: int = VOCAB, **extra):
     cfg = t.NomicBertConfig(vocab_size=vocab, pad_token_id=1, **{**SHAPES[shape], **extra})
-    cls = {"base": t.NomicBertModel, "seq": t.NomicBertForSequenceClassification}[kind]
+    cls = {"base": t.NomicBertModel, "seq": t.NomicBertForSequenceClassification,
+           "token": t.NomicBertForTokenClassification}[kind]
     torch.manual_seed(seed)
     model = cls(cfg)
     g = torch.Generator().manual_seed(seed)
@@ -103,6 +104,16 @@ def test_sequence_classification(tmp_path):
     assert max_diff(padfree.SequenceClassifier.from_pretrained(tmp_path)(ids, mask, types).logits, ref) <= FP32_TOL
 
 
+def test_token_classification():
+    model = make(0, "token", num_labels=5)
+    tc = padfree.TokenClassifier.from_pretrained(model)
+    for side in ("right", "left"):
+        ids, mask, types, kw = batch(model, LENGTHS, side)
+        with torch.no_grad():
+            ref = model(input_ids=ids, attention_mask=mask, **kw).logits
+        assert max_diff(tc(ids, mask, types).logits, ref, mask) <= FP32_TOL, side
+
+
 def test_weights_are_one_product_each():
     enc = padfree.from_pretrained(make(0))
     layer = enc.layers[0]
@@ -135,6 +146,16 @@ def test_directory_and_sentence_encoder_with_prompts(tmp_path):
     q_ours, q_theirs = ours.encode(texts, prompt_name="query"), theirs.encode(texts, prompt_name="query")
     assert abs(q_ours - q_theirs).max() <= FP32_TOL
     assert abs(q_ours - ours.encode(texts)).max() > 1e-3  # the prompt changed the embeddings
+
+
+def test_cross_encoder_matches_sentence_transformers(tmp_path):
+    import numpy as np
+    from sentence_transformers import CrossEncoder as STCrossEncoder
+    from test_heads import TEXTS, save_with_tokenizer
+    save_with_tokenizer(make(0, "seq", num_labels=1), tmp_path)
+    pairs = [("query", p) for p in TEXTS] + [("python code", p) for p in TEXTS[:2]]
+    ref = STCrossEncoder(str(tmp_path), device="cpu").predict(pairs, convert_to_numpy=True)
+    assert np.abs(padfree.CrossEncoder.from_pretrained(tmp_path).score(pairs) - ref).max() <= FP32_TOL
 
 
 def _config_dir(tmp_path, **extra):
