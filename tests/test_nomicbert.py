@@ -158,6 +158,38 @@ def test_cross_encoder_matches_sentence_transformers(tmp_path):
     assert np.abs(padfree.CrossEncoder.from_pretrained(tmp_path).score(pairs) - ref).max() <= FP32_TOL
 
 
+def _original_config(cfg) -> dict:
+    """The config.json nomic-ai ships with nomic-embed-text (keys of its own remote code), for ``cfg``."""
+    return {"model_type": "nomic_bert", "vocab_size": cfg.vocab_size, "n_embd": cfg.hidden_size,
+            "n_head": cfg.num_attention_heads, "n_layer": cfg.num_hidden_layers, "n_inner": cfg.intermediate_size,
+            "n_positions": cfg.max_position_embeddings, "layer_norm_epsilon": cfg.layer_norm_eps,
+            "rotary_emb_base": cfg.rope_parameters["rope_theta"], "rotary_emb_fraction": 1.0,
+            "rotary_emb_interleaved": False, "rotary_scaling_factor": None, "activation_function": "swiglu",
+            "prenorm": False, "qkv_proj_bias": False, "mlp_fc1_bias": False, "mlp_fc2_bias": False,
+            "type_vocab_size": cfg.type_vocab_size, "pad_token_id": cfg.pad_token_id}
+
+
+def test_original_nomic_config(tmp_path):
+    """The hub's nomic-embed-text directory: nomic-ai's config keys and the hub's weight names."""
+    model = make(1)
+    model.save_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps(_original_config(model.config)))
+    enc = padfree.from_pretrained(tmp_path)
+    assert enc.config.rotary_theta == 300.0 and enc.config.layer_norm_eps == 1e-6
+    ids, mask, types, kw = batch(model, LENGTHS, "left")
+    assert max_diff(enc(ids, mask, types).last_hidden_state, hf_hidden(model, ids, mask, kw), mask) <= FP32_TOL
+
+
+@pytest.mark.parametrize("key,value", [("rotary_emb_fraction", 0.5), ("rotary_emb_interleaved", True),
+                                       ("rotary_scaling_factor", 2.0), ("prenorm", True), ("qkv_proj_bias", True),
+                                       ("activation_function", "gelu")])
+def test_unsupported_original_option_raises_before_weights(tmp_path, key, value):
+    cfg = _original_config(make(0).config)
+    (tmp_path / "config.json").write_text(json.dumps({**cfg, key: value}))
+    with pytest.raises(ValueError, match=f"NomicBERT {key}="):
+        padfree.from_pretrained(tmp_path)
+
+
 def _config_dir(tmp_path, **extra):
     """A directory holding only a config.json: a config error must come before any weight is read."""
     cfg = t.NomicBertConfig(vocab_size=VOCAB, **SHAPES[0]).to_dict()

@@ -1,9 +1,10 @@
 """One generic encoder that runs on packed tokens ``[T, H]``.
 
-Every family (BERT, RoBERTa, DistilBERT, ALBERT, ELECTRA, MPNet, DeBERTa-v2/v3, ModernBERT) is this module with
-its own config and weight table; the differences are fields of :class:`ModelConfig` (embedding width and
-projection, shared layers, absolute positions or not, relative attention kind; ModernBERT's pre-LN layers, gated
-FFN, rotary positions and sliding-window layers; NomicBERT's rotary and SwiGLU in post-LN layers). Nothing here ever sees a pad token.
+Every family (BERT, RoBERTa, DistilBERT, ALBERT, ELECTRA, MPNet, DeBERTa-v2/v3, ModernBERT, NomicBERT) is this
+module with its own config and weight table; the differences are fields of :class:`ModelConfig` (embedding width
+and projection, shared layers, absolute positions or not, relative attention kind; ModernBERT's pre-LN layers,
+gated FFN, rotary positions and sliding-window layers; NomicBERT's rotary and SwiGLU in post-LN layers). Nothing
+here ever sees a pad token.
 The ops it calls are resolved once per device/dtype by the backend registry.
 """
 from __future__ import annotations

@@ -190,9 +190,33 @@ def _modernbert_config(c: dict) -> ModelConfig:
         local_window=c.get("local_attention", 128) // 2)  # HF: |i - j| <= local_attention // 2
 
 
+# nomic-ai's own config keys (the hub's nomic-embed-text config.json, written for its remote code) -> transformers'
+_NOMIC_KEYS = {"n_embd": "hidden_size", "n_head": "num_attention_heads", "n_layer": "num_hidden_layers",
+               "n_inner": "intermediate_size", "n_positions": "max_position_embeddings",
+               "layer_norm_epsilon": "layer_norm_eps", "rotary_emb_base": "rope_theta"}
+# its options whose other values change the computation: (key, the one value padfree supports)
+_NOMIC_FIXED = (("activation_function", "swiglu"), ("rotary_emb_fraction", 1.0), ("rotary_emb_interleaved", False),
+                ("rotary_scaling_factor", None), ("prenorm", False), ("use_rms_norm", False), ("causal", False),
+                ("qkv_proj_bias", False), ("mlp_fc1_bias", False), ("mlp_fc2_bias", False),
+                ("rotary_emb_scale_base", None), ("scale_attn_weights", True),
+                ("scale_attn_by_inverse_layer_idx", False), ("moe_every_n_layers", 0))
+
+
+def _nomic_original_config(c: dict) -> dict:
+    """nomic-ai's config as transformers' keys; ``ValueError`` naming an option padfree does not run."""
+    for key, value in _NOMIC_FIXED:
+        if c.get(key, value) != value:
+            raise ValueError(f"NomicBERT {key}={c[key]!r} is not supported; padfree supports {value!r}")
+    out = {**c, **{new: c[old] for old, new in _NOMIC_KEYS.items() if c.get(old) is not None}, "hidden_act": "silu"}
+    out.setdefault("intermediate_size", 4 * out["hidden_size"])
+    return out
+
+
 def _nomic_bert_config(c: dict) -> ModelConfig:
     """transformers' NomicBERT: BERT's post-LN layers with rotary Q/K over the whole head (half-split pairs, base
     ``rope_theta``), SwiGLU, no linear biases, and no position table (word + token type, then LayerNorm)."""
+    if "n_embd" in c:
+        c = _nomic_original_config(c)
     if c.get("rope_scaling"):
         raise ValueError(f"NomicBERT rope_scaling {c['rope_scaling']!r} is not supported")
     rope = c.get("rope_parameters") or {}
