@@ -221,6 +221,13 @@ def test_unused_base_weight_is_an_error():
             padfree.from_pretrained(model)
 
 
-def test_triton_backend_names_what_it_lacks():
-    with pytest.raises(ValueError, match="rotary"):
-        padfree.from_pretrained(make(0), backend="triton")
+def test_triton_allowed_here(triton_everywhere):
+    """With the Triton backend allowed on this device (its interpreter on a CPU): "auto" runs the rotary attention
+    and the gated FFN on other backends, the rest may be Triton's, and matches HF; "triton" by name refuses."""
+    model = make(0)
+    with pytest.raises(ValueError, match="triton: .*rotary"):
+        padfree.from_pretrained(model, backend="triton")
+    enc = padfree.from_pretrained(model)
+    assert "triton" not in enc.kernels.names["qkv_varlen_attention"] + enc.kernels.names["linear_gated_act"]
+    ids, mask, types, kw = batch(model, [5, 40, 1, 17], "left")
+    assert max_diff(enc(ids, mask, types).last_hidden_state, hf_hidden(model, ids, mask, kw), mask) <= FP32_TOL
