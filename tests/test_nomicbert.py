@@ -29,12 +29,12 @@ SHAPES = [
 ]
 
 
-def make(shape: int, kind: str = "base", seed: int = 0, vocab: int = VOCAB, **extra):
+def make(shape: int, kind: str = "base", seed: int = 0, vocab: int = VOCAB, attn: str = "sdpa", **extra):
     cfg = t.NomicBertConfig(vocab_size=vocab, pad_token_id=1, **{**SHAPES[shape], **extra})
     cls = {"base": t.NomicBertModel, "seq": t.NomicBertForSequenceClassification,
            "token": t.NomicBertForTokenClassification}[kind]
     torch.manual_seed(seed)
-    model = cls(cfg)
+    model = cls._from_config(cfg, attn_implementation=attn)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():  # a wider spread than HF's init, norms around 1, so nothing hides
         for name, p in model.named_parameters():
@@ -49,9 +49,10 @@ def hf_hidden(model, ids, mask, kw):
 
 
 # ---------------------------------------------------------------------------------------------- model parity
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
 @pytest.mark.parametrize("shape", [0, 1])
-def test_hidden_state_parity_fp32(shape):
-    model = make(shape)
+def test_hidden_state_parity_fp32(shape, attn):
+    model = make(shape, attn=attn)
     enc = padfree.from_pretrained(model)
     assert enc.config.rotary_theta == (1000.0 if shape == 0 else 300.0) and not enc.config.pre_norm
     for side in ("right", "left"):
@@ -60,7 +61,7 @@ def test_hidden_state_parity_fp32(shape):
         ref = hf_hidden(model, ids, mask, kw)
         out = enc(ids, mask, types).last_hidden_state
         err = max_diff(out, ref, mask)
-        assert err <= FP32_TOL, f"shape {shape} {side}: {err:.2e}"
+        assert err <= FP32_TOL, f"shape {shape} {attn} {side}: {err:.2e}"
         assert float(out[~mask.bool()].abs().max()) == 0.0
         # transformers' position_ids are accepted as they are (rotary: no offset)
         assert max_diff(enc(ids, mask, types, kw["position_ids"]).last_hidden_state, ref, mask) <= FP32_TOL
