@@ -55,8 +55,9 @@ class ModelConfig:
     attention_bias: bool = True        # QKV and attention-output linears have biases (ModernBERT attention_bias)
     ffn_bias: bool = True              # FFN linears have biases (ModernBERT mlp_bias)
     gated_ffn: bool = False            # the FFN input linear makes [input | gate] (2F wide): act(input) * gate
-                                       # feeds the output linear (ModernBERT's GeGLU)
+                                       # feeds the output linear (ModernBERT's GeGLU; NomicBERT's SwiGLU, post-LN)
     rotary_theta: float = 0.0          # RoPE base of the global layers' Q and K; 0 = no rotary embedding
+                                       # (pre- or post-LN: NomicBERT rotates in post-LN layers)
     local_rotary_theta: float = 0.0    # RoPE base of the local (sliding-window) layers
     local_layers: tuple[int, ...] = ()  # layers that attend within a window (ModernBERT: every layer but each
                                         # global_attn_every_n_layers-th)
@@ -82,8 +83,7 @@ class ModelConfig:
                                                                              and self.local_window < 1):
             raise ValueError(f"local_layers {self.local_layers} need layers in 0..{self.num_layers - 1} and a "
                              f"local_window >= 1; got {self.local_window}")
-        pre_only = [n for n, on in (("gated_ffn", self.gated_ffn), ("rotary_theta", self.rotary_theta > 0),
-                                    ("local_layers", bool(self.local_layers)),
+        pre_only = [n for n, on in (("local_layers", bool(self.local_layers)),
                                     ("first_attn_norm=False", not self.first_attn_norm),
                                     ("rms_norm", self.rms_norm), ("embedding_norm=False", not self.embedding_norm))
                     if on]
@@ -91,8 +91,8 @@ class ModelConfig:
             raise ValueError(f"{', '.join(pre_only)} need pre_norm layers")
         if self.rms_norm and self.norm_bias:
             raise ValueError("rms_norm has no bias: it needs norm_bias=False")
-        if self.pre_norm and self.relative_attention != "none":
-            raise ValueError("relative_attention is not supported with pre_norm layers")
+        if (self.pre_norm or self.rotary_theta > 0) and self.relative_attention != "none":
+            raise ValueError("relative_attention is not supported with pre_norm layers or rotary_theta")
         if self.local_layers and self.rotary_theta > 0 and self.local_rotary_theta <= 0:
             raise ValueError("local layers of a rotary model need local_rotary_theta > 0")
         if self.layer_schedule is not None and any(not 0 <= i < self.num_layers for i in self.layer_schedule):

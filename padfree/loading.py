@@ -14,7 +14,7 @@ import torch
 
 from .config import ModelConfig
 from .models.encoder import Encoder
-from .models.families import Family, family_for
+from .models.families import Family, WeightTable, family_for
 
 
 def _is_model(source) -> bool:
@@ -54,6 +54,11 @@ def _load_bin(file: Path) -> dict[str, torch.Tensor]:
     return torch.load(file, map_location="cpu", weights_only=True)
 
 
+def _absent(table: WeightTable, state: dict) -> int:
+    """How many of the table's checkpoint names ``state`` lacks."""
+    return sum(s not in state for source in table.values() for s in ((source,) if isinstance(source, str) else source))
+
+
 def map_weights(family: Family, cfg: ModelConfig, hf_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """padfree's state dict from a checkpoint's, by the family's table.
 
@@ -68,8 +73,9 @@ def map_weights(family: Family, cfg: ModelConfig, hf_state: dict[str, torch.Tens
             break
     else:
         prefix = ""
+    tables = [family.weight_table(cfg)] + ([family.other_layout(cfg)] if family.other_layout else [])
     out, missing, used = {}, [], set()
-    for name, source in family.weight_table(cfg).items():
+    for name, source in min(tables, key=lambda table: _absent(table, state)).items():  # ties: the first
         sources = (source,) if isinstance(source, str) else source
         absent = [s for s in sources if s not in state]
         if absent:

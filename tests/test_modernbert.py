@@ -363,9 +363,12 @@ def test_features_outside_pre_norm_are_refused():
     from padfree.config import ModelConfig
     base = dict(family="x", vocab_size=10, hidden_size=8, num_layers=2, num_heads=2, intermediate_size=8,
                 max_position_embeddings=16, type_vocab_size=0, layer_norm_eps=1e-5, activation="gelu")
-    for extra in (dict(gated_ffn=True), dict(rotary_theta=10.0), dict(local_layers=(1,), local_window=2)):
+    for extra in (dict(local_layers=(1,), local_window=2), dict(first_attn_norm=False)):
         with pytest.raises(ValueError, match="need pre_norm"):
             ModelConfig(**base, **extra)
+    ModelConfig(**base, gated_ffn=True, rotary_theta=10.0)  # post-LN reads both (NomicBERT)
+    with pytest.raises(ValueError, match="relative_attention"):
+        ModelConfig(**base, rotary_theta=10.0, relative_attention="bias", relative_buckets=32)
     with pytest.raises(ValueError, match="local_window"):
         ModelConfig(**base, pre_norm=True, local_layers=(1,))
 

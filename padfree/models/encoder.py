@@ -1,9 +1,10 @@
 """One generic encoder that runs on packed tokens ``[T, H]``.
 
-Every family (BERT, RoBERTa, DistilBERT, ALBERT, ELECTRA, MPNet, DeBERTa-v2/v3, ModernBERT) is this module with
-its own config and weight table; the differences are fields of :class:`ModelConfig` (embedding width and
-projection, shared layers, absolute positions or not, relative attention kind; ModernBERT's pre-LN layers, gated
-FFN, rotary positions and sliding-window layers). Nothing here ever sees a pad token.
+Every family (BERT, RoBERTa, DistilBERT, ALBERT, ELECTRA, MPNet, DeBERTa-v2/v3, ModernBERT, NomicBERT) is this
+module with its own config and weight table; the differences are fields of :class:`ModelConfig` (embedding width
+and projection, shared layers, absolute positions or not, relative attention kind; ModernBERT's pre-LN layers,
+gated FFN, rotary positions and sliding-window layers; NomicBERT's rotary and SwiGLU in post-LN layers). Nothing
+here ever sees a pad token.
 The ops it calls are resolved once per device/dtype by the backend registry.
 """
 from __future__ import annotations
@@ -155,15 +156,15 @@ class Encoder(nn.Module):
         x = self._embed(batch)  # [T, H]
         cfg = self.config
         rel = None if self.relative is None else self.relative.for_batch(cfg, batch.max_seqlen)
+        # RoPE tables [T, d/2] from the per-sequence positions, once per base (global / local) per forward
+        rotary = {t: rotary_tables(batch.position_ids, cfg.head_dim, t)
+                  for t in {cfg.theta(i) for i in cfg.schedule} if t > 0}
         if cfg.pre_norm:
-            # RoPE tables [T, d/2] from the per-sequence positions, once per base (global / local) per forward
-            rotary = {t: rotary_tables(batch.position_ids, cfg.head_dim, t)
-                      for t in {cfg.theta(i) for i in cfg.schedule} if t > 0}
             for i in cfg.schedule:
                 x = self._pre_norm_layer(i, x, batch, rotary)
             return self._norm(x, self.final_norm)
         for i in cfg.schedule:  # ALBERT runs shared layers several times
-            x = self._layer(self.layers[i], x, batch, rel)
+            x = self._layer(self.layers[i], x, batch, rel, rotary.get(cfg.theta(i)))
         return x
 
     def _embed(self, batch: PackedBatch) -> torch.Tensor:
@@ -188,15 +189,18 @@ class Encoder(nn.Module):
         return x if e.project is None else F.linear(x, e.project.weight, e.project.bias)  # [T, H]
 
     def _layer(self, layer: EncoderLayer, x: torch.Tensor, batch: PackedBatch,
-               rel: RelativeTables | None = None) -> torch.Tensor:
+               rel: RelativeTables | None = None, rotary: tuple | None = None) -> torch.Tensor:
+        """Post-LN layer; ``rotary``: the layer's RoPE tables (NomicBERT), None = no rotation."""
         k, cfg = self.kernels, self.config
         scores = None if rel is None else rel.scores(layer.qkv.weight, layer.qkv.bias, layer.pos_key, layer.pos_query)
+        extra = {} if rotary is None else {"rotary": rotary}  # only where used: backends without it keep working
         ctx = k.qkv_varlen_attention(x, layer.qkv.weight, layer.qkv.bias, batch.cu_seqlens, batch.max_seqlen,
-                                     cfg.num_heads, cfg.attention_scale, scores, runs=batch.runs)  # [T, H]
+                                     cfg.num_heads, cfg.attention_scale, scores, runs=batch.runs, **extra)  # [T, H]
         # each remaining op is a linear fused with its consumer (a backend's epilogue, or F.linear + the primitive)
         h = k.linear_residual_layer_norm(ctx, layer.attn_out.weight, layer.attn_out.bias, x,
                                          layer.attn_norm.weight, layer.attn_norm.bias, cfg.layer_norm_eps)
-        f = k.linear_bias_act(h, layer.ffn_in.weight, layer.ffn_in.bias, cfg.activation)  # [T, F]
+        act = k.linear_gated_act if cfg.gated_ffn else k.linear_bias_act  # NomicBERT: SwiGLU
+        f = act(h, layer.ffn_in.weight, layer.ffn_in.bias, cfg.activation)  # [T, F]
         return k.linear_residual_layer_norm(f, layer.ffn_out.weight, layer.ffn_out.bias, h,
                                             layer.ffn_norm.weight, layer.ffn_norm.bias, cfg.layer_norm_eps)
 

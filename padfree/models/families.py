@@ -58,6 +58,8 @@ class Family:
     token_head: str | None = "classifier"  # the *ForTokenClassification linear layer's key prefix; None: the
                                            # family's token head is more than one linear (not supported yet)
     mlm_head: MLMHeadSpec | None = None  # the *ForMaskedLM head (SPLADE sparse embeddings)
+    other_layout: Callable[[ModelConfig], WeightTable] | None = None  # the same weights under other names
+    # (NomicBERT: transformers' module names in memory, the hub's on disk); the loader reads the table that fits
 
 
 def head_activation(name: str) -> str:
@@ -211,6 +213,54 @@ def _eurobert_config(c: dict) -> ModelConfig:
         rotary_theta=float(rope.get("rope_theta") or c.get("rope_theta") or 10000.0))
 
 
+# nomic-ai's own config keys (the hub's nomic-embed-text config.json, written for its remote code) -> transformers'
+_NOMIC_KEYS = {"n_embd": "hidden_size", "n_head": "num_attention_heads", "n_layer": "num_hidden_layers",
+               "n_inner": "intermediate_size", "n_positions": "max_position_embeddings",
+               "layer_norm_epsilon": "layer_norm_eps", "rotary_emb_base": "rope_theta"}
+# its options whose other values change the computation: (key, the one value padfree supports)
+_NOMIC_FIXED = (("activation_function", "swiglu"), ("rotary_emb_fraction", 1.0), ("rotary_emb_interleaved", False),
+                ("rotary_scaling_factor", None), ("prenorm", False), ("use_rms_norm", False), ("causal", False),
+                ("qkv_proj_bias", False), ("mlp_fc1_bias", False), ("mlp_fc2_bias", False),
+                ("rotary_emb_scale_base", None), ("scale_attn_weights", True),
+                ("scale_attn_by_inverse_layer_idx", False), ("moe_every_n_layers", 0))
+
+
+def _nomic_original_config(c: dict) -> dict:
+    """nomic-ai's config as transformers' keys; ``ValueError`` naming an option padfree does not run."""
+    for key, value in _NOMIC_FIXED:
+        if c.get(key, value) != value:
+            raise ValueError(f"NomicBERT {key}={c[key]!r} is not supported; padfree supports {value!r}")
+    out = {**c, **{new: c[old] for old, new in _NOMIC_KEYS.items() if c.get(old) is not None}, "hidden_act": "silu"}
+    out.setdefault("intermediate_size", 4 * out["hidden_size"])
+    return out
+
+
+def _nomic_bert_config(c: dict) -> ModelConfig:
+    """transformers' NomicBERT: BERT's post-LN layers with rotary Q/K over the whole head (half-split pairs, base
+    ``rope_theta``), SwiGLU, no linear biases, and no position table (word + token type, then LayerNorm)."""
+    if "n_embd" in c:
+        c = _nomic_original_config(c)
+    if c.get("rope_scaling"):
+        raise ValueError(f"NomicBERT rope_scaling {c['rope_scaling']!r} is not supported")
+    rope = c.get("rope_parameters") or {}
+    if rope.get("rope_type", "default") != "default":
+        raise ValueError(f"NomicBERT rope_type {rope['rope_type']!r} is not supported; padfree supports 'default'")
+    if rope.get("partial_rotary_factor", 1.0) != 1.0:
+        raise ValueError(f"NomicBERT partial_rotary_factor {rope['partial_rotary_factor']} is not supported; "
+                         f"padfree rotates the whole head")
+    H, heads = c["hidden_size"], c["num_attention_heads"]
+    if c.get("head_dim") not in (None, H // heads):
+        raise ValueError(f"head_dim {c['head_dim']} != hidden_size / heads is not supported")
+    return ModelConfig(
+        family="nomic_bert", vocab_size=c["vocab_size"], hidden_size=H, num_layers=c["num_hidden_layers"],
+        num_heads=heads, intermediate_size=c["intermediate_size"],
+        max_position_embeddings=c.get("max_position_embeddings", 2048), type_vocab_size=c.get("type_vocab_size", 2),
+        layer_norm_eps=c.get("layer_norm_eps", 1e-12), activation=canonical_activation(c.get("hidden_act", "silu")),
+        pad_token_id=c.get("pad_token_id"), absolute_positions=False,  # positions enter as rotary Q and K
+        attention_bias=False, ffn_bias=False, gated_ffn=True,
+        rotary_theta=float(rope.get("rope_theta") or c.get("rope_theta") or 1000.0))  # HF's default_theta
+
+
 LAYER_NAMES = ("qkv", "attn_out", "attn_norm", "ffn_in", "ffn_out", "ffn_norm")
 
 
@@ -292,6 +342,34 @@ def _modernbert_weights(cfg: ModelConfig) -> WeightTable:
     if cfg.norm_bias:
         table.update({k[:-len("weight")] + "bias": v[:-len("weight")] + "bias" for k, v in list(table.items())
                       if "norm" in k})
+    return table
+
+
+# NomicBERT's two names for the same weights: transformers' modules (an in-memory model) and the hub layout that
+# nomic-embed-text ships and transformers' save_pretrained writes (fused Wqkv; fc12 is the gate, fc11 the up).
+_NOMIC_MODULES = dict(layer="layers.{}.", qkv=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+                      attn_out="self_attn.o_proj", attn_norm="post_attention_layernorm",
+                      ffn_in=("mlp.gate_proj", "mlp.up_proj"), ffn_out="mlp.down_proj", ffn_norm="post_mlp_layernorm",
+                      emb_norm="embeddings.LayerNorm")
+_NOMIC_HUB = dict(layer="encoder.layers.{}.", qkv=("attn.Wqkv",), attn_out="attn.out_proj", attn_norm="norm1",
+                  ffn_in=("mlp.fc12", "mlp.fc11"), ffn_out="mlp.fc2", ffn_norm="norm2", emb_norm="emb_ln")
+
+
+def _nomic_bert_weights(names: dict) -> Callable[[ModelConfig], WeightTable]:
+    """Post-LN like BERT; linears without biases (only the LayerNorms have them). SwiGLU ``act(gate x) * up x``
+    is padfree's ``[input | gate]``: ``ffn_in`` = gate | up, one [2F, H] product, as Q | K | V is one."""
+    def table(cfg: ModelConfig) -> WeightTable:
+        out = _embeddings(cfg, norm=names["emb_norm"])
+        out.update({"pooler.weight": "pooler.dense.weight", "pooler.bias": "pooler.dense.bias"})
+        for i in range(cfg.num_layers):
+            pf, hf = f"layers.{i}.", names["layer"].format(i)
+            for name in ("qkv", "attn_out", "ffn_in", "ffn_out"):
+                src = names[name]
+                out[f"{pf}{name}.weight"] = tuple(f"{hf}{s}.weight" for s in src) if isinstance(src, tuple) \
+                    else f"{hf}{src}.weight"
+            for name in ("attn_norm", "ffn_norm"):
+                out.update({f"{pf}{name}.{p}": f"{hf}{names[name]}.{p}" for p in ("weight", "bias")})
+        return out
     return table
 
 
@@ -397,6 +475,10 @@ FAMILIES: list[Family] = [
     # dense + GELU, then the classifier
     Family("eurobert", ("eurobert",), ("model.",), _eurobert_config, _eurobert_weights, ignored=(),
            sequence_head=_eurobert_head),
+    # NomicBERT (nomic-embed-text): post-LN, rotary positions, SwiGLU, no linear biases; BERT's pooler head
+    Family("nomic_bert", ("nomic_bert",), ("nomic_bert.",), _nomic_bert_config, _nomic_bert_weights(_NOMIC_HUB),
+           optional=_POOLER, sequence_head=lambda c: HeadSpec("nomic_bert.pooler.dense", "tanh", "classifier"),
+           other_layout=_nomic_bert_weights(_NOMIC_MODULES)),
 ]
 
 

@@ -2,9 +2,9 @@
 
 A token at position p (inside its own sequence, as ``PackedBatch.position_ids`` counts) has each pair
 ``(x[m], x[m + d/2])`` of its query and key heads rotated by the angle ``p * theta ** (-2m / d)`` (the
-"rotate half" pairing ModernBERT and transformers use). The tables are ``[T, d/2]``: one row per packed token,
-never a padded ``[B, S]`` tensor. Since a rotation by p then q . k depends only on the distance between the two
-tokens, any numbering that restarts at each sequence gives the same scores.
+"rotate half" pairing ModernBERT, NomicBERT and transformers use). The tables are ``[T, d/2]``: one row per
+packed token, never a padded ``[B, S]`` tensor. Since a rotation by p then q . k depends only on the distance
+between the two tokens, any numbering that restarts at each sequence gives the same scores.
 """
 from __future__ import annotations
 
