@@ -19,7 +19,7 @@ from .batch import PackedBatch
 from .loading import from_pretrained
 from .models.encoder import Encoder
 from .pooling import normalize, pool
-from .tokenizer import Tokenizer, check_texts
+from .tokenizer import InputTooLong, Tokenizer, check_texts
 
 # sentence-transformers' legacy pooling flags -> padfree mode, in sentence-transformers' concatenation order
 _POOLING_KEYS = {
@@ -192,7 +192,7 @@ class SentenceEncoder:
         if not truncate:
             for i, e in enumerate(encodings):
                 if len(e.ids) > limit:
-                    raise ValueError(f"text {i} has {len(e.ids)} tokens, more than the limit of {limit}; "
+                    raise InputTooLong(f"text {i} has {len(e.ids)} tokens, more than the limit of {limit}; "
                                      "truncate to cut it")
         return encodings
 

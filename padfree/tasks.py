@@ -25,7 +25,7 @@ from .batch import PackedBatch
 from .heads import CrossEncoder
 from .sentence import ChunkLayout, SentenceEncoder
 from .sparse import SparseEncoder
-from .tokenizer import Tokenizer
+from .tokenizer import InputTooLong, Tokenizer
 
 
 @dataclass(frozen=True)
@@ -74,7 +74,7 @@ class Task:
         limit = self.max_input_length
         for i, s in enumerate(ids):
             if len(s) > limit:
-                raise ValueError(f"{what} {i} has {len(s)} tokens, more than the model's limit of {limit}; "
+                raise InputTooLong(f"{what} {i} has {len(s)} tokens, more than the model's limit of {limit}; "
                                  "set truncate to cut it")
             if not s:
                 raise ValueError(f"{what} {i} is empty (no tokens)")

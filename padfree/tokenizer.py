@@ -29,6 +29,10 @@ _BERT_NORMALIZER_KEYS = {"do_lower_case": "lowercase", "strip_accents": "strip_a
 _HUGE = 10 ** 12  # transformers' "no limit" model_max_length is int(1e30)
 
 
+class InputTooLong(ValueError):
+    """An input has more tokens than the model's limit and truncation is off (HTTP 413 in the server)."""
+
+
 def check_texts(texts, what: str = "text") -> list[str]:
     """``texts`` (any iterable) as a list of ``str``; ``ValueError`` naming the index and type of the first
     item that is not a string."""

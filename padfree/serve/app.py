@@ -28,6 +28,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import __version__
 from ..tasks import ClassifyTask, EmbedTask, Seq, SparseTask, Task
+from ..tokenizer import InputTooLong
 from . import schemas as s
 from .metrics import CONTENT_TYPE_LATEST, Metrics
 from .scheduler import BatchStats, Scheduler
@@ -266,8 +267,7 @@ class ServerState:
         try:
             seqs = await asyncio.get_running_loop().run_in_executor(self.tokenizers, lambda: fn(*args, **kwargs))
         except ValueError as e:
-            status = 413 if "more than the model's limit" in str(e) or "more than the limit" in str(e) else 422
-            raise ApiError(status, str(e)) from None
+            raise ApiError(413 if isinstance(e, InputTooLong) else 422, str(e)) from None
         request.state.tokenization_s = time.perf_counter() - t0
         self.metrics.tokenization_seconds.labels(m.name).observe(request.state.tokenization_s)
         return seqs
