@@ -23,7 +23,7 @@ from .batch import PackedBatch
 from .heads import _linear
 from .loading import Loaded, load
 from .ops.activations import apply_activation, canonical_activation
-from .sentence import SentenceEncoder, _budget, _read_json, token_budget_batches
+from .sentence import SentenceEncoder, _budget, _read_json
 from .tokenizer import Tokenizer, check_texts
 
 CHUNK_ELEMENTS = 1 << 24  # logits per chunk by default (64 MiB in fp32): 549 tokens of a 30522-entry vocabulary
@@ -207,11 +207,7 @@ class SparseEncoder:
         batch_tokens = _budget(batch_tokens, batch_size)  # both limits checked before any work
         ids = self.tokenize(texts, truncate, self.text.resolve_prompt(prompt, prompt_name))
         rows: list = [None] * len(ids)
-        for start, end in token_budget_batches([len(s) for s in ids], batch_tokens, batch_size):
-            order = sorted(range(start, end), key=lambda i: len(ids[i]))  # equal lengths side by side
-            batch = PackedBatch.from_sequences([ids[i] for i in order], device=self.encoder.device)
-            with torch.inference_mode():
-                hidden = self.encoder.forward_packed(batch)
+        for order, hidden, batch in self.text._forward(ids, batch_tokens, batch_size):  # encode's batching
             for i, (idx, val) in zip(order, self.pooled(hidden, batch)):
                 rows[i] = (idx.cpu(), val.cpu())
         if not convert_to_sparse_tensor:
