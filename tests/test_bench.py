@@ -254,3 +254,65 @@ def test_cli_arguments_w3():
     assert a.workloads == ["w3"] and a.w3_model_list == ["minilm"] and "openvino" in a.systems
     with pytest.raises(SystemExit):
         parse_args(["--workload", "w3", "--w3-models", "gpt2"])
+
+
+# ------------------------------------------------------------------------------------------------ W1-long
+def _tiny_modernbert(attn: str):
+    import transformers as tf
+    torch.manual_seed(0)
+    cfg = tf.ModernBertConfig(vocab_size=200, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
+                              intermediate_size=48, local_attention=16, max_position_embeddings=512, pad_token_id=0,
+                              bos_token_id=1, eos_token_id=2, cls_token_id=1, sep_token_id=2)
+    cfg._attn_implementation = attn
+    return tf.ModernBertModel(cfg).eval()
+
+
+def test_openvino_conversion_that_computes_something_else_is_skipped():
+    """OpenVINO 2026.4's conversion of ModernBERT's sdpa attention gives NaN on padded batches longer than its
+    window: the baseline must refuse it (never time a wrong model); from eager attention it matches transformers."""
+    pytest.importorskip("openvino")
+    from padfree.bench.baselines import Skip, build_openvino
+    with pytest.raises(Skip, match="differs from transformers on a padded batch"):
+        build_openvino(_tiny_modernbert("sdpa"), torch.float32, "cpu", log=lambda s: None)
+    model = _tiny_modernbert("eager")
+    run = build_openvino(model, torch.float32, "cpu", log=lambda s: None)
+    case = workloads.make_w1_case(3, 60, 200, seed=2, pad_to_longest=True)
+    with torch.inference_mode():
+        ref = model(input_ids=case.input_ids, attention_mask=case.attention_mask).last_hidden_state
+    valid = case.attention_mask.bool()
+    assert float((run(case)[valid] - ref[valid]).abs().max()) < 1e-4
+
+
+def test_w1_long_case_is_padded_to_its_longest():
+    case = workloads.make_w1_case(2, 8192, 50368, pad_to_longest=True)
+    assert case.input_ids.shape == (2, max(case.lengths)) == case.attention_mask.shape
+    assert case.padded_tokens == 2 * max(case.lengths)
+    assert case.attention_mask.sum(1).tolist() == list(case.lengths)
+    full = workloads.make_w1_case(2, 8192, 50368)  # the same draw, padded to the protocol's max
+    assert full.lengths == case.lengths and torch.equal(full.input_ids[:, :case.input_ids.shape[1]], case.input_ids)
+
+
+def test_band_pairs_and_modernbert_flops_against_brute_force():
+    for L, w in ((1, 3), (5, 1), (5, 10), (40, 7), (64, 64)):
+        i = torch.arange(L)
+        assert workloads.band_pairs(L, w) == int(((i[:, None] - i[None, :]).abs() <= w).sum())
+    import transformers as tf
+    cfg = tf.ModernBertConfig(hidden_size=32, num_hidden_layers=4, num_attention_heads=4, intermediate_size=48,
+                              local_attention=8, global_attn_every_n_layers=2)
+    shape = workloads.Shape.of(cfg)
+    assert (shape.gated, shape.local_layers, shape.window) == (True, 2, 4)
+    lengths = [3, 20]
+    H, F = 32, 48
+    dense = sum(2 * L * (4 * H * H + 3 * H * F) for L in lengths) * 4
+    attn = 2 * sum(4 * L * L * H for L in lengths) + 2 * sum(4 * workloads.band_pairs(L, 4) * H for L in lengths)
+    assert workloads.encoder_flops(lengths, shape) == dense + attn
+
+
+def test_w1_long_rows_get_their_own_files():
+    rows = [dict(workload="w1", model_shape="bert-base", system="padfree"),
+            dict(workload="w1-long", model_shape="modernbert-base", system="padfree")]
+    result = {"meta": {}, "w1": rows, "mha": [], "w2": [], "w2_corpus": {}, "w3": []}
+    assert _subset(result, "w1")["w1"] == rows[:1]
+    assert _subset(result, "w1-long")["w1"] == rows[1:]
+    args = parse_args(["--workload", "w1-long"])
+    assert args.long_systems == ["padfree", "hf-sdpa", "openvino"] and "hf-eager" in args.systems

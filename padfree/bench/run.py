@@ -8,9 +8,14 @@ Examples::
         --markdown 'benchmarks/results/cpu-epyc-2c-{workload}.md' --plot benchmarks/results/cpu-epyc-2c-w1.png
     padfree bench --device cuda --dtype fp16,bf16          # GPU: adds the varlen_attn packed baseline
     padfree bench --workload w3                            # latency: batch 1/4, 8-128 tokens, MiniLM and BERT-base
+    padfree bench --workload w1-long                       # long documents: ModernBERT-base, max 1024-8192
     padfree bench --workload serve                         # HTTP servers under load (serve.py; runs alone)
 
-A ``{workload}`` in an output path writes one file per workload (w1, w2, w3); without it, one file holds all.
+A ``{workload}`` in an output path writes one file per workload (w1, w1-long, w2, w3); without it, one file holds
+all. W1-long is W1 at long lengths on the ModernBERT-base shape (batch 2, max 1024-8192, lengths uniform in
+[0.2 max, max]), each batch padded to its longest sequence (``padding=True``) for the padded systems, 1 warm-up
+and 3 timed runs (a padded 8192-token batch takes minutes on 2 cores); its systems: padfree, transformers sdpa,
+OpenVINO.
 Timed runs (``RunPolicy``): full sweep 1 warm-up + 10 timed runs; ``--quick`` 1 warm-up + 5 timed runs, cut to
 no fewer than 3 where a configuration's rounds would take more than 60 s (the padded baselines at max length 512
 on a 2-core CPU), and W2 on 1500 texts with 3 timed runs; W3 (quick or not): 5 warm-up calls, then the median of
@@ -30,14 +35,17 @@ from . import baselines as bl
 from . import machine, report
 from .timing import RunPolicy, time_interleaved
 from .w3 import W3_BATCHES, W3_LENGTHS, W3_MODELS, W3_POLICY, W3_SYSTEMS, run_w3, w3_grid
-from .workloads import MODEL_SHAPES, Shape, attention_flops, build_hf_model, encoder_flops, make_w1_case, w1_grid
+from .workloads import (LONG_SHAPE, MODEL_SHAPES, Shape, attention_flops, build_hf_model, encoder_flops,
+                        make_w1_case, w1_grid, w1_long_grid)
 
 W1_SYSTEMS = ("padfree", "hf-eager", "hf-sdpa", "hf-sdpa-compile", "ort", "openvino", "torch-varlen")
-WORKLOADS = ("w1", "w2", "w3")
+LONG_SYSTEMS = ("padfree", "hf-sdpa", "openvino")  # eager (S x S in Python ops) and ORT's BERT graph do not fit
+WORKLOADS = ("w1", "w1-long", "w2", "w3")
 QUICK_POLICY = RunPolicy(runs=5, min_runs=3, budget_s=60.0)
 FULL_POLICY = RunPolicy(runs=10, min_runs=5, budget_s=600.0)
 QUICK_W2 = (1500, RunPolicy(runs=3, min_runs=3))
 FULL_W2 = (6000, RunPolicy(runs=5, min_runs=5))
+LONG_POLICY = RunPolicy(runs=3, min_runs=3)
 
 
 def parse_args(argv):
@@ -46,15 +54,16 @@ def parse_args(argv):
     p.add_argument("--quick", action="store_true", help="batch 16, max length 64/128/256/512, fewer runs, W2 on 1500 texts")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     p.add_argument("--dtype", help="comma list of fp32,bf16,fp16 (default: fp32,bf16 on CPU; fp16,bf16 on GPU)")
-    p.add_argument("--workload", default="w1,w2", help="comma list of w1,w2,w3 (default w1,w2); coldstart, serve "
+    p.add_argument("--workload", default="w1,w2", help="comma list of w1,w1-long,w2,w3 (default w1,w2); coldstart, serve "
                    "and job run alone, each with its own options (padfree bench --workload job --help)")
     p.add_argument("--model-shape", default="bert-base", help=f"W1 model shapes, comma list of {','.join(MODEL_SHAPES)}")
-    p.add_argument("--systems", default=",".join(W1_SYSTEMS), help="W1 and W3 systems to run (default all that can)")
+    p.add_argument("--systems", help="W1, W1-long and W3 systems to run (default all that can; W1-long: "
+                   f"{','.join(LONG_SYSTEMS)})")
     p.add_argument("--no-mha", action="store_true", help="skip the MHA-only comparison")
     p.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
                    help="the torch.compile baseline: auto = GPU, and CPU outside --quick (compiling takes ~45 s on 2 cores)")
-    p.add_argument("--batch", help="override the W1 batch sizes (comma list)")
-    p.add_argument("--max-len", help="override the W1 max lengths (comma list)")
+    p.add_argument("--batch", help="override the W1 and W1-long batch sizes (comma list)")
+    p.add_argument("--max-len", help="override the W1 and W1-long max lengths (comma list)")
     p.add_argument("--w2-texts", type=int, help="number of corpus texts for W2")
     p.add_argument("--w3-models", default=",".join(W3_MODELS), help=f"W3 models, comma list of {','.join(W3_MODELS)}")
     p.add_argument("--w3-batch", help=f"override the W3 batch sizes (default {','.join(map(str, W3_BATCHES))})")
@@ -70,7 +79,8 @@ def parse_args(argv):
     args.w3_model_list = _list(args.w3_models, W3_MODELS, "--w3-models")
     args.dtypes = _list(args.dtype or ("fp32,bf16" if args.device == "cpu" else "fp16,bf16"), tuple(bl.DTYPES), "--dtype")
     args.shapes = _list(args.model_shape, MODEL_SHAPES, "--model-shape")
-    args.systems = _list(args.systems, W1_SYSTEMS, "--systems")
+    args.long_systems = _list(args.systems, W1_SYSTEMS, "--systems") if args.systems else list(LONG_SYSTEMS)
+    args.systems = _list(args.systems or ",".join(W1_SYSTEMS), W1_SYSTEMS, "--systems")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         p.error("--device cuda but torch.cuda.is_available() is False")
     return args
@@ -109,15 +119,17 @@ def _valid_max_diff(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor) -> flo
     return float((a.float()[m] - b.float().to(a.device)[m]).abs().max())
 
 
-def run_w1(args, peaks: dict, result: dict) -> None:
-    policy = QUICK_POLICY if args.quick else FULL_POLICY
-    grid = w1_grid(args.quick)
+def run_w1(args, peaks: dict, result: dict, long: bool = False) -> None:
+    """W1, or with ``long`` W1-long (its shape, grid, systems and policy; batches padded to their longest)."""
+    policy = LONG_POLICY if long else QUICK_POLICY if args.quick else FULL_POLICY
+    grid = w1_long_grid() if long else w1_grid(args.quick)
     if args.batch or args.max_len:
         bs = [int(x) for x in args.batch.split(",")] if args.batch else sorted({b for b, _ in grid})
         ss = [int(x) for x in args.max_len.split(",")] if args.max_len else sorted({s for _, s in grid})
         grid = [(b, s) for s in ss for b in bs]
     max_len = max(s for _, s in grid)
-    for shape in args.shapes:
+    workload, systems = ("w1-long", args.long_systems) if long else ("w1", args.systems)
+    for shape in ([LONG_SHAPE] if long else args.shapes):
         model = build_hf_model(shape, max_len, args.seed)
         fl_shape = Shape.of(model.config)
         for dname in args.dtypes:
@@ -125,7 +137,7 @@ def run_w1(args, peaks: dict, result: dict) -> None:
             _log(f"W1 {shape} {dname}: building systems")
             runners, skipped = {}, {}
             for name, build in _builders(args, shape).items():
-                if name not in args.systems:
+                if name not in systems:
                     continue
                 try:
                     runners[name] = build(model, dtype)
@@ -133,7 +145,7 @@ def run_w1(args, peaks: dict, result: dict) -> None:
                     skipped[name] = str(e)
                     _log(f"  {name}: skipped: {e}")
             for batch, s in grid:
-                case = make_w1_case(batch, s, model.config.vocab_size, args.seed)
+                case = make_w1_case(batch, s, model.config.vocab_size, args.seed, pad_to_longest=long)
                 flops = encoder_flops(case.lengths, fl_shape)
                 outputs = {}
 
@@ -142,7 +154,7 @@ def run_w1(args, peaks: dict, result: dict) -> None:
                         outputs[name] = fn(case)
                     return go
                 timings = time_interleaved({n: call(n, f) for n, f in runners.items()}, policy, args.device, _log)
-                base = dict(workload="w1", model_shape=shape, dtype=dname, batch=batch, max_len=s,
+                base = dict(workload=workload, model_shape=shape, dtype=dname, batch=batch, max_len=s,
                             tokens=case.tokens, padded_tokens=case.padded_tokens, flops=flops)
                 t_pf = timings["padfree"].median_s if "padfree" in timings else None
                 ref = outputs.get("hf-sdpa")
@@ -160,9 +172,9 @@ def run_w1(args, peaks: dict, result: dict) -> None:
                     result["w1"].append(row)
                 for name, reason in skipped.items():
                     result["w1"].append(dict(base, system=name, status="skipped", reason=reason))
-                _log(f"W1 {shape} {dname} b{batch} s{s} T={case.tokens}: " + ", ".join(
+                _log(f"{workload.upper()} {shape} {dname} b{batch} s{s} T={case.tokens}: " + ", ".join(
                     f"{n} {t.median_s * 1e3:.0f}ms" for n, t in timings.items() if t.median_s))
-            if not args.no_mha and "padfree" in runners:
+            if not long and not args.no_mha and "padfree" in runners:
                 run_mha(args, model, dname, runners["padfree"].encoder, grid, policy, peaks, result)
             del runners
 
@@ -212,8 +224,11 @@ def _outputs(path: str | None, workloads: list[str]) -> dict[str, str]:
 
 def _subset(result: dict, workload: str) -> dict:
     parts = ("w1", "mha", "w2", "w2_corpus", "w3")
-    keep = {"w1": ("w1", "mha"), "w2": ("w2", "w2_corpus"), "w3": ("w3",), "all": parts}[workload]
-    return {k: v for k, v in result.items() if k not in parts or k in keep}
+    keep = {"w1": ("w1", "mha"), "w1-long": ("w1",), "w2": ("w2", "w2_corpus"), "w3": ("w3",), "all": parts}[workload]
+    out = {k: v for k, v in result.items() if k not in parts or k in keep}
+    if workload in ("w1", "w1-long"):  # W1 and W1-long rows share the "w1" list, told apart by their workload
+        out["w1"] = [r for r in result["w1"] if r.get("workload", "w1") == workload]
+    return out
 
 
 def _wants_workload(argv: list[str], workload: str) -> bool:
@@ -249,15 +264,18 @@ def main(argv: list[str] | None = None) -> dict:
             "timing": (f"median of {policy.runs} timed runs after 1 warm-up (cut to >= {policy.min_runs} where a "
                        f"configuration's rounds pass {policy.budget_s:.0f} s), systems interleaved round by round; "
                        f"W2: {w2_policy.runs} timed runs; W3: median of {args.w3_calls} calls after "
-                       f"{W3_POLICY.warmup} warm-up calls")}
+                       f"{W3_POLICY.warmup} warm-up calls; W1-long: median of {LONG_POLICY.runs} timed runs after "
+                       f"{LONG_POLICY.warmup} warm-up")}
     _log(f"padfree bench on {meta['machine_line']}; git {meta['git_revision']}")
     result = {"meta": meta, "peaks": {}, "w1": [], "mha": [], "w2": [], "w2_corpus": {}, "w3": []}
     t0 = time.perf_counter()
-    for d in (args.dtypes if {"w1", "w2"} & set(args.workloads) else []):  # W3 reports no GFLOP/s
+    for d in (args.dtypes if {"w1", "w1-long", "w2"} & set(args.workloads) else []):  # W3 reports no GFLOP/s
         result["peaks"][d] = machine.matmul_peak(bl.DTYPES[d], args.device)
         _log(f"matmul peak {d}: {result['peaks'][d]['gflops']:.0f} GFLOP/s {result['peaks'][d]['gflops_by_path']}")
     if "w1" in args.workloads:
         run_w1(args, result["peaks"], result)
+    if "w1-long" in args.workloads:
+        run_w1(args, result["peaks"], result, long=True)
     if "w2" in args.workloads:
         from .corpus import stdlib_paragraphs
         from .w2 import run_w2

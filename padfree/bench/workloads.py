@@ -17,13 +17,23 @@ FULL_MAX_LENS = (64, 128, 256, 384, 512, 768, 1024)
 QUICK_BATCHES = (16,)
 QUICK_MAX_LENS = (64, 128, 256, 512)
 
-MODEL_SHAPES = ("bert-base", "distilbert-base", "albert-base", "deberta-v3-base", "mpnet-base")
+MODEL_SHAPES = ("bert-base", "distilbert-base", "albert-base", "deberta-v3-base", "mpnet-base", "modernbert-base")
+
+# W1-long: long documents on a model made for them (ModernBERT-base: 8192 positions, rotary, GeGLU, local layers)
+LONG_SHAPE = "modernbert-base"
+LONG_BATCHES = (2,)
+LONG_MAX_LENS = (1024, 2048, 4096, 8192)
 
 
 def w1_grid(quick: bool) -> list[tuple[int, int]]:
     """``(batch, max_len)`` pairs of W1, in the order they run (by max length, then batch)."""
     batches, lens = (QUICK_BATCHES, QUICK_MAX_LENS) if quick else (FULL_BATCHES, FULL_MAX_LENS)
     return [(b, s) for s in lens for b in batches]
+
+
+def w1_long_grid() -> list[tuple[int, int]]:
+    """``(batch, max_len)`` pairs of W1-long, in the order they run."""
+    return [(b, s) for s in LONG_MAX_LENS for b in LONG_BATCHES]
 
 
 def w1_lengths(batch: int, max_len: int, seed: int = 0) -> list[int]:
@@ -54,17 +64,20 @@ class W1Case:
 
     @property
     def padded_tokens(self) -> int:
-        """Tokens a padded implementation computes: batch * max_len."""
-        return self.batch * self.max_len
+        """Tokens a padded implementation computes: batch * padded width."""
+        return self.input_ids.numel()
 
 
-def make_w1_case(batch: int, max_len: int, vocab_size: int, seed: int = 0) -> W1Case:
+def make_w1_case(batch: int, max_len: int, vocab_size: int, seed: int = 0, pad_to_longest: bool = False) -> W1Case:
     """One W1 batch: lengths from :func:`w1_lengths`, padded to ``max_len`` (the protocol's max, not the
-    batch's longest, as a padded framework given that max length would)."""
+    batch's longest, as a padded framework given that max length would); ``pad_to_longest``: padded to the
+    batch's longest sequence instead (a tokenizer's ``padding=True``; W1-long)."""
     lengths = w1_lengths(batch, max_len, seed)
     g = torch.Generator().manual_seed(_case_seed(seed, batch, max_len) + 1)
     ids = torch.randint(1, vocab_size, (batch, max_len), generator=g)  # [B, S]; id 0 is the pad token
-    mask = (torch.arange(max_len)[None, :] < torch.tensor(lengths)[:, None]).long()  # [B, S]
+    width = max(lengths) if pad_to_longest else max_len
+    ids = ids[:, :width]
+    mask = (torch.arange(width)[None, :] < torch.tensor(lengths)[:, None]).long()  # [B, S]
     return W1Case(batch, max_len, tuple(lengths), ids * mask, mask)
 
 
@@ -87,6 +100,8 @@ def hf_config(shape: str, max_len: int = 512):
                                   max_relative_positions=-1, layer_norm_eps=1e-7, max_position_embeddings=positions)
     if shape == "mpnet-base":  # MPNet base (all-mpnet-base-v2's encoder): relative bias, 32 buckets, positions from 2
         return tf.MPNetConfig(max_position_embeddings=positions + 2)
+    if shape == "modernbert-base":  # transformers' defaults are ModernBERT-base: 22 layers, hidden 768, GeGLU 1152,
+        return tf.ModernBertConfig(max_position_embeddings=max(8192, max_len))  # every 3rd layer global, window 128
     raise ValueError(f"unknown model shape {shape!r}; known: {list(MODEL_SHAPES)}")
 
 
@@ -97,7 +112,7 @@ def build_hf_model(shape: str, max_len: int, seed: int = 0, attn_implementation:
     cfg._attn_implementation = attn_implementation
     torch.manual_seed(seed)
     cls = {"bert-base": tf.BertModel, "distilbert-base": tf.DistilBertModel, "albert-base": tf.AlbertModel,
-           "deberta-v3-base": tf.DebertaV2Model, "mpnet-base": tf.MPNetModel}[shape]
+           "deberta-v3-base": tf.DebertaV2Model, "mpnet-base": tf.MPNetModel, "modernbert-base": tf.ModernBertModel}[shape]
     kwargs = {"add_pooling_layer": False} if shape in ("bert-base", "albert-base", "mpnet-base") else {}
     return cls(cfg, **kwargs).eval()
 
@@ -108,11 +123,18 @@ class Shape:
     layers: int
     hidden: int
     ffn: int
+    gated: bool = False      # the FFN's input linear is [2F, H] (GeGLU / SwiGLU)
+    local_layers: int = 0    # layers whose query i sees only keys |i - j| <= window
+    window: int = 0
 
     @classmethod
     def of(cls, hf_cfg) -> "Shape":
         get = lambda *names: next(getattr(hf_cfg, n) for n in names if hasattr(hf_cfg, n))  # noqa: E731
-        return cls(get("num_hidden_layers", "n_layers"), get("hidden_size", "dim"), get("intermediate_size", "hidden_dim"))
+        dims = get("num_hidden_layers", "n_layers"), get("hidden_size", "dim"), get("intermediate_size", "hidden_dim")
+        if hf_cfg.model_type != "modernbert":
+            return cls(*dims)
+        local = sum(t == "sliding_attention" for t in hf_cfg.layer_types)
+        return cls(*dims, gated=True, local_layers=local, window=hf_cfg.local_attention // 2)
 
 
 def encoder_flops(lengths, shape: Shape) -> int:
@@ -122,12 +144,24 @@ def encoder_flops(lengths, shape: Shape) -> int:
     - the four projections (QKV ``3H x H``, output ``H x H``) and the FFN (``F x H`` and ``H x F``):
       ``2 * L * (4 * H * H + 2 * H * F)``;
     - attention scores ``Q K^T`` and context ``P V`` over all heads: ``2 * 2 * L * L * H``.
+    A gated FFN's input linear is ``2F x H`` (``2 * L * 3 * H * F`` for the FFN); a local layer scores only the
+    query-key pairs inside its window (:func:`band_pairs`).
     Not counted (a few % at most): embeddings, biases, softmax, activations, LayerNorms, and family extras
-    (ALBERT's embedding projection, MPNet's and DeBERTa's relative-position terms), so the figure is conservative.
+    (ALBERT's embedding projection, MPNet's and DeBERTa's relative-position terms, rotary), so the figure is
+    conservative.
     """
     H, F = shape.hidden, shape.ffn
-    per_layer = sum(2 * L * (4 * H * H + 2 * H * F) + 4 * L * L * H for L in lengths)
-    return shape.layers * per_layer
+    ffn = (3 if shape.gated else 2) * H * F
+    dense = shape.layers * sum(2 * L * (4 * H * H + ffn) for L in lengths)
+    glob = (shape.layers - shape.local_layers) * sum(4 * L * L * H for L in lengths)
+    local = shape.local_layers * sum(4 * band_pairs(L, shape.window) * H for L in lengths)
+    return dense + glob + local
+
+
+def band_pairs(length: int, window: int) -> int:
+    """Query-key pairs ``(i, j)`` of one sequence with ``|i - j| <= window``."""
+    w = min(window, length - 1)
+    return length + 2 * (w * length - w * (w + 1) // 2)
 
 
 def attention_flops(lengths, hidden: int) -> int:
