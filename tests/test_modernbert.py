@@ -285,7 +285,7 @@ def _window_oracle(qkv, bias, lengths, heads, scale, window):
 
 @pytest.mark.parametrize("window", [1, 3, 40])
 def test_sliding_window_attention(window):
-    heads, d, lengths = 2, 8, [70, 1, 5, 5, 33, 2]
+    heads, d, lengths = 2, 8, [70, 1, 5, 5, 33, 2, 45, 45]  # runs of equal lengths past the window too
     qkv, bias, cu, pos = _packed(lengths, heads, d)
     S = max(lengths)
     oracle = _window_oracle(qkv, bias, lengths, heads, 0.3, window)
@@ -300,18 +300,20 @@ def test_sliding_window_attention(window):
 
 
 def test_window_scores_stay_within_the_window(monkeypatch):
-    """The CPU path never scores a long sequence's full L x L: each call sees at most b + 2 window keys."""
+    """The CPU path never scores a long sequence's full L x L: one call, in which each block of b = 32 queries
+    (b = max(window, 32)) scores 3b keys, the three blocks around it."""
     heads, d, window, L = 2, 8, 4, 300
     qkv, bias, cu, pos = _packed([L], heads, d)
-    widths = []
+    shapes = []
     sdpa = F.scaled_dot_product_attention
 
     def spy(q, k, v, **kw):
-        widths.append(k.shape[2])
+        shapes.append((tuple(q.shape), tuple(k.shape)))
         return sdpa(q, k, v, **kw)
     monkeypatch.setattr(torch_backend.F, "scaled_dot_product_attention", spy)
     torch_backend.varlen_attention(qkv, cu, L, heads, bias, 0.3, window=window)
-    assert widths and max(widths) <= 32 + 2 * window
+    blocks = -(-L // 32)
+    assert shapes == [((blocks, heads, 32, d), (blocks, heads, 96, d))]
 
 
 def test_attention_with_rotary_and_window():

@@ -5,7 +5,8 @@ of consecutive sequences of equal length: a run is a contiguous slice of the pac
 ``[g, L, 3, heads, d]`` with no gather and written back with no scatter, so no pad token is ever computed and
 short sequences do not each pay a call's overhead (``SentenceEncoder`` sorts inside each batch, so each
 distinct length is one run). A sliding window (ModernBERT's local layers) splits each run's queries into blocks
-that score only the keys within the window: ``O(L * window)`` per sequence, never ``L x L`` for a long one.
+that score only the keys of their neighbouring blocks, in one batched call: ``O(L * window)`` per sequence, never
+``L x L`` for a long one.
 """
 from __future__ import annotations
 
@@ -62,19 +63,29 @@ def varlen_attention(qkv: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: in
 
 def _windowed_attention(q, k, v, window: int, scale: float, dest: torch.Tensor) -> None:
     """Sliding-window attention of ``g`` sequences of length L: ``q, k, v [g, heads, L, d]``; query i sees keys
-    ``|i - j| <= window``. Queries go in blocks of ``b`` rows, each scored against only the ``b + 2 window`` keys
-    around it (a ``[b, b + 2 window]`` band mask): ``O(L * window)`` work and memory. Writes ``dest [g, L, heads, d]``."""
-    L = q.shape[2]
+    ``|i - j| <= window``. One batched call: the queries go in blocks of ``b >= window`` rows, and block i scores
+    the ``3b`` keys of blocks i-1, i, i+1 (overlapping windows of the zero-padded keys, ``unfold``), under one
+    ``[blocks, b, 3b]`` band mask that also masks the padding: ``O(L * window)`` work and memory, no Python loop
+    over blocks. Writes ``dest [g, L, heads, d]``."""
+    g, h, L, d = q.shape
     b = max(window, 32)
-    for lo in range(0, L, b):
-        hi = min(lo + b, L)
-        k_lo, k_hi = max(lo - window, 0), min(hi + window, L)
-        qi = torch.arange(lo, hi, device=q.device)
-        kj = torch.arange(k_lo, k_hi, device=q.device)
-        band = (qi[:, None] - kj[None, :]).abs() <= window  # [b, keys] bool, True = attend
-        ctx = F.scaled_dot_product_attention(q[:, :, lo:hi], k[:, :, k_lo:k_hi], v[:, :, k_lo:k_hi],
-                                             attn_mask=band, scale=scale)  # [g, heads, b, d]
-        dest[:, lo:hi].copy_(ctx.transpose(1, 2))
+    nb = -(-L // b)  # query blocks
+    qp = q.new_zeros(g, nb * b, h, d)
+    qp[:, :L] = q.transpose(1, 2)
+    kp, vp = (x.new_zeros(g, (nb + 2) * b, h, d) for x in (k, v))  # one zero block before, padding after
+    kp[:, b:b + L] = k.transpose(1, 2)
+    vp[:, b:b + L] = v.transpose(1, 2)
+    qb = qp.view(g * nb, b, h, d).transpose(1, 2)  # [g nb, heads, b, d]
+    kb, vb = (x.unfold(1, 3 * b, b).reshape(g * nb, h, d, 3 * b).transpose(-1, -2) for x in (kp, vp))  # [g nb, heads, 3b, d]
+    rows = torch.arange(b, device=q.device)
+    cols = torch.arange(3 * b, device=q.device)
+    key_pos = (torch.arange(nb, device=q.device)[:, None] - 1) * b + cols[None, :]  # [nb, 3b]
+    band = ((rows[:, None] + b - cols[None, :]).abs() <= window)[None] & ((key_pos >= 0) & (key_pos < L))[:, None]
+    band = band[:, None].expand(nb, 1, b, 3 * b)  # [nb, 1, b, 3b], True = attend
+    if g > 1:
+        band = band.repeat(g, 1, 1, 1)
+    ctx = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=band, scale=scale)  # [g nb, heads, b, d]
+    dest.copy_(ctx.transpose(1, 2).reshape(g, nb * b, h, d)[:, :L])
 
 
 def gated_act(x: torch.Tensor, bias: torch.Tensor | None, activation: str) -> torch.Tensor:
