@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from .batch import PackedBatch
 from .loading import Loaded, load
+from .models.families import HeadSpec
 from .models.encoder import Encoder
 from .ops.activations import apply_activation
 from .pooling import pool
@@ -72,6 +73,25 @@ def _need_tokenizer(tokenizer):
     return tokenizer
 
 
+class _Transform:
+    """What a head computes before its output linear: ``norm(act(dense(x)))``, each part where the head has it."""
+
+    def __init__(self, loaded: Loaded, spec: HeadSpec):
+        enc, state = loaded.encoder, loaded.hf_state
+        self.dense = None if spec.dense is None else _linear(state, spec.dense, enc.device, enc.dtype)
+        self.activation = spec.activation
+        self.norm = None if spec.norm is None else _linear(state, spec.norm, enc.device, enc.dtype)  # (w, b)
+        self.eps = enc.config.layer_norm_eps
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.dense is not None:
+            x = F.linear(x, *self.dense)
+            x = torch.tanh(x) if self.activation == "tanh" else apply_activation(x, self.activation)
+        if self.norm is not None:
+            x = F.layer_norm(x, x.shape[-1:], *self.norm, self.eps)
+        return x
+
+
 class SequenceClassifier:
     """Logits ``[B, num_labels]`` for each sequence, and labels from the config's ``id2label``.
 
@@ -85,10 +105,8 @@ class SequenceClassifier:
             raise ValueError(f"family {loaded.family.name} has no sequence-classification head mapping")
         spec = loaded.family.sequence_head(cfg)
         self.encoder = enc
-        self.dense = None if spec.dense is None else _linear(state, spec.dense, enc.device, enc.dtype)
-        self.activation = spec.activation
-        self.norm = None if spec.norm is None else _linear(state, spec.norm, enc.device, enc.dtype)  # (w, b)
         self.pooling = spec.pooling
+        self.transform = _Transform(loaded, spec)
         self.out = _linear(state, spec.out, enc.device, enc.dtype)
         self.num_labels = self.out[0].shape[0]
         self.id2label = _labels(cfg, self.num_labels)
@@ -119,12 +137,7 @@ class SequenceClassifier:
             x = pool(hidden, batch, "mean").to(hidden.dtype)  # [B, H], summed in fp32
         else:
             x = hidden[batch.cu_seqlens[:-1].long()]  # [B, H]
-        if self.dense is not None:
-            x = F.linear(x, *self.dense)
-            x = torch.tanh(x) if self.activation == "tanh" else apply_activation(x, self.activation)
-        if self.norm is not None:
-            x = F.layer_norm(x, x.shape[-1:], *self.norm, self.encoder.config.layer_norm_eps)
-        return F.linear(x, *self.out).float()
+        return F.linear(self.transform(x), *self.out).float()
 
     def __call__(self, input_ids, attention_mask=None, token_type_ids=None,
                  position_ids=None) -> SequenceClassifierOutput:
@@ -167,10 +180,13 @@ class TokenClassifier:
 
     def __init__(self, loaded: Loaded, tokenizer=None):
         enc = loaded.encoder
-        if loaded.family.token_head is None:
+        head = loaded.family.token_head
+        if head is None:
             raise ValueError(f"token classification is not supported for family {loaded.family.name} yet")
+        spec = HeadSpec(None, "", head, pooling="none") if isinstance(head, str) else head(loaded.hf_config)
         self.encoder = enc
-        self.out = _linear(loaded.hf_state, loaded.family.token_head, enc.device, enc.dtype)
+        self.transform = _Transform(loaded, spec)
+        self.out = _linear(loaded.hf_state, spec.out, enc.device, enc.dtype)
         self.num_labels = self.out[0].shape[0]
         self.id2label = _labels(loaded.hf_config, self.num_labels)
         self.tokenizer = Tokenizer.coerce(tokenizer)
@@ -183,7 +199,7 @@ class TokenClassifier:
     @torch.inference_mode()
     def logits_packed(self, batch: PackedBatch) -> torch.Tensor:
         """``[T, num_labels]`` fp32 logits, one row per real token."""
-        return F.linear(self.encoder.forward_packed(batch), *self.out).float()
+        return F.linear(self.transform(self.encoder.forward_packed(batch)), *self.out).float()
 
     def __call__(self, input_ids, attention_mask=None, token_type_ids=None,
                  position_ids=None) -> TokenClassifierOutput:

@@ -41,7 +41,7 @@ SHAPES = [
 def make(shape: int, kind: str = "base", seed: int = 0, attn: str = "sdpa", vocab: int = VOCAB, **extra):
     cfg = t.ModernBertConfig(vocab_size=vocab, **SPECIAL, **{**SHAPES[shape], **extra})
     cls = {"base": t.ModernBertModel, "seq": t.ModernBertForSequenceClassification,
-           "mlm": t.ModernBertForMaskedLM}[kind]
+           "tok": t.ModernBertForTokenClassification, "mlm": t.ModernBertForMaskedLM}[kind]
     torch.manual_seed(seed)
     model = cls._from_config(cfg, attn_implementation=attn)
     g = torch.Generator().manual_seed(seed)
@@ -116,6 +116,27 @@ def test_sequence_classification(shape, pooling):
     assert ours <= 2 * theirs + BF16_ATOL, f"bf16 {pooling}: {ours:.3f} vs {theirs:.3f}"
 
 
+@pytest.mark.parametrize("shape", [0, 1])
+def test_token_classification(shape):
+    """ModernBertForTokenClassification: the prediction head (dense, activation, LayerNorm) then the classifier,
+    on every real token; right and left padding; fp32 and bf16."""
+    model = make(shape, "tok", num_labels=5, classifier_activation="gelu" if shape == 0 else "silu",
+                 classifier_bias=shape == 1)
+    clf = padfree.TokenClassifier.from_pretrained(model)
+    clf16 = padfree.TokenClassifier.from_pretrained(model, dtype=torch.bfloat16)
+    for side in ("right", "left"):
+        ids, mask, _, kw = batch(model, LENGTHS, side)
+        with torch.no_grad():
+            ref = model(input_ids=ids, attention_mask=mask, **kw).logits
+            theirs = copy.deepcopy(model).to(torch.bfloat16)(input_ids=ids, attention_mask=mask, **kw).logits
+        ours = clf(ids, mask).logits
+        assert ours.shape == ref.shape
+        err = max_diff(ours, ref, mask)
+        assert err <= FP32_TOL, f"{side}: {err:.2e}"
+        ours16, theirs16 = max_diff(clf16(ids, mask).logits, ref, mask), max_diff(theirs, ref, mask)
+        assert ours16 <= 2 * theirs16 + BF16_ATOL, f"bf16 {side}: {ours16:.3f} vs {theirs16:.3f}"
+
+
 def test_layer0_has_no_attention_norm_and_norms_have_no_bias():
     enc = padfree.from_pretrained(make(0))
     assert enc.layers[0].attn_norm is None and all(l.attn_norm is not None for l in enc.layers[1:])
@@ -182,14 +203,12 @@ def test_unused_base_weight_is_an_error():
             padfree.from_pretrained(model)
 
 
-def test_unsupported_pooling_and_token_head(tmp_path):
+def test_unsupported_pooling(tmp_path):
     make(0, "seq").save_pretrained(tmp_path)  # transformers itself refuses "max": edit the saved config
     cfg = json.loads((tmp_path / "config.json").read_text())
     (tmp_path / "config.json").write_text(json.dumps({**cfg, "classifier_pooling": "max"}))
     with pytest.raises(ValueError, match="classifier_pooling 'max'"):
         padfree.SequenceClassifier.from_pretrained(tmp_path)
-    with pytest.raises(ValueError, match="token classification is not supported"):
-        padfree.TokenClassifier.from_pretrained(make(0))
 
 
 def test_triton_backend_names_what_it_lacks():

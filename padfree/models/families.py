@@ -26,7 +26,8 @@ class HeadSpec:
     activation: str   # "tanh" or a canonical activation after ``dense`` (see head_activation)
     out: str
     norm: str | None = None  # a LayerNorm (checkpoint key prefix; bias optional) after the activation
-    pooling: str = "first"   # "first": each sequence's first real token; "mean": the mean of its tokens
+    pooling: str = "first"   # "first": each sequence's first real token; "mean": the mean of its tokens; "none":
+                             # every token (a token-classification head)
 
 
 @dataclass(frozen=True)
@@ -55,8 +56,8 @@ class Family:
     # base-model checkpoint keys padfree may leave unused: buffers HF rebuilds (not weights). Any other base key
     # the weight table does not use is an error at load time, so no family can drop a weight silently.
     sequence_head: Callable[[dict], HeadSpec] | None = None  # the *ForSequenceClassification head
-    token_head: str | None = "classifier"  # the *ForTokenClassification linear layer's key prefix; None: the
-                                           # family's token head is more than one linear (not supported yet)
+    token_head: "str | Callable[[dict], HeadSpec] | None" = "classifier"  # the *ForTokenClassification head: its
+    # linear layer's key prefix, or a HeadSpec (dense, activation, norm, out) applied to every token (ModernBERT)
     mlm_head: MLMHeadSpec | None = None  # the *ForMaskedLM head (SPLADE sparse embeddings)
     other_layout: Callable[[ModelConfig], WeightTable] | None = None  # the same weights under other names
     # (NomicBERT: transformers' module names in memory, the hub's on disk); the loader reads the table that fits
@@ -382,6 +383,12 @@ def _modernbert_head(c: dict) -> HeadSpec:
                     norm="head.norm", pooling="first" if pooling == "cls" else "mean")
 
 
+def _modernbert_token_head(c: dict) -> HeadSpec:
+    """ModernBertForTokenClassification: the same prediction head (dense, activation, LayerNorm) on every token."""
+    return HeadSpec("head.dense", head_activation(c.get("classifier_activation") or "gelu"), "classifier",
+                    norm="head.norm", pooling="none")
+
+
 def _eurobert_weights(cfg: ModelConfig) -> WeightTable:
     """Llama-style names: separate q/k/v (fused here into [3H, H]), gate_proj | up_proj as the gated FFN's
     [input | gate] matrix, RMSNorm weights only; biases where the config has them."""
@@ -470,7 +477,7 @@ FAMILIES: list[Family] = [
     # ModernBERT: pre-LN, GeGLU, rotary positions, alternating global / sliding-window layers, all as ModelConfig
     # fields; head = pooling (cls / mean) + dense + act + LayerNorm, then the classifier
     Family("modernbert", ("modernbert",), ("model.",), _modernbert_config, _modernbert_weights, ignored=(),
-           sequence_head=_modernbert_head, token_head=None),
+           sequence_head=_modernbert_head, token_head=_modernbert_token_head),
     # EuroBERT (Llama-like): pre-norm RMSNorm, SwiGLU, rotary, no embedding norm; head = bos / mean pooling +
     # dense + GELU, then the classifier
     Family("eurobert", ("eurobert",), ("model.",), _eurobert_config, _eurobert_weights, ignored=(),

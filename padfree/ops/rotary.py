@@ -18,14 +18,24 @@ def rotary_tables(positions: torch.Tensor, head_dim: int, theta: float) -> tuple
     return angles.cos(), angles.sin()
 
 
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """``x [..., d]`` rotated pairwise (``(x[m], x[m + d/2])`` by the angles of ``cos``/``sin``, broadcastable to
+    ``[..., d/2]``): a new tensor in x's dtype, computed in fp32 and rounded once."""
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half].float(), x[..., half:].float()
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    lo, hi = (x1 * cos).addcmul_(x2, sin, value=-1), (x2 * cos).addcmul_(x1, sin)
+    out[..., :half] = lo
+    out[..., half:] = hi
+    return out
+
+
 def apply_rotary(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, num_heads: int) -> torch.Tensor:
     """``qkv [T, 3H]`` (Q | K | V, bias included) with Q and K rotated: a new ``[T, 3H]`` in qkv's dtype, the
     rotation computed in fp32; V is copied unchanged."""
     T = qkv.shape[0]
     x = qkv.view(T, 3, num_heads, -1)
-    half = x.shape[-1] // 2
-    qk = x[:, :2].float()                    # [T, 2, heads, d]
-    x1, x2 = qk[..., :half], qk[..., half:]
-    c, s = cos[:, None, None, :], sin[:, None, None, :]
-    rotated = torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1).to(qkv.dtype)
-    return torch.cat((rotated, x[:, 2:]), dim=1).view(T, -1)
+    out = torch.empty_like(x)
+    out[:, :2] = rotate(x[:, :2], cos[:, None, None, :], sin[:, None, None, :])
+    out[:, 2] = x[:, 2]
+    return out.view(T, -1)

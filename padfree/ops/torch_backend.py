@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from ..batch import HostLayout
 from .activations import apply_activation
 from .relative import RelativeScores, relative_score_terms
-from .rotary import apply_rotary
+from .rotary import rotate
 
 
 def varlen_attention(qkv: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int, num_heads: int,
@@ -39,8 +39,6 @@ def varlen_attention(qkv: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: in
     scale_ = 1.0 / d ** 0.5 if scale is None else scale
     if qkv_bias is not None:
         qkv = qkv + qkv_bias
-    if rotary is not None:
-        qkv = apply_rotary(qkv, *rotary, num_heads)
     if window is not None and rel is not None:
         raise ValueError("a sliding window with relative-position terms is not supported")
     x = qkv.view(T, 3, num_heads, d)
@@ -51,6 +49,9 @@ def varlen_attention(qkv: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: in
         end = start + count * n
         g = x[start:end].view(count, n, 3, num_heads, d)  # a view of the run, no gather
         q, k, v = (g[:, :, i].transpose(1, 2) for i in range(3))  # each [count, heads, L, d], strided views
+        if rotary is not None:  # Q and K of the run rotated into new tensors (V is read where it is)
+            cos, sin = (t[start:end].view(count, 1, n, -1) for t in rotary)
+            q, k = rotate(q, cos, sin), rotate(k, cos, sin)
         dest = out[start:end].view(count, n, num_heads, d)
         if window is not None and n - 1 > window:
             _windowed_attention(q, k, v, window, scale_, dest)
