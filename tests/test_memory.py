@@ -114,3 +114,40 @@ def test_memory_levels_off_under_varying_shapes():
     warm, final = map(int, out.split())
     growth = (final - warm) / warm
     assert growth < 0.10, f"RSS grew {100 * growth:.0f}% with level_memory() ({warm >> 20} -> {final >> 20} MiB)"
+
+
+_LONG_SEQUENCE = """
+    import resource, torch, transformers as t
+    import torch.nn.functional as F
+    import padfree
+    from padfree.batch import PackedBatch
+    from padfree.ops import torch_backend
+    torch.manual_seed(0)
+    cfg = t.ModernBertConfig(vocab_size=100, hidden_size=64, num_hidden_layers=3, num_attention_heads=4,
+                             intermediate_size=96, local_attention=128, max_position_embeddings=8192,
+                             pad_token_id=0, bos_token_id=1, eos_token_id=2, cls_token_id=1, sep_token_id=2)
+    enc = padfree.from_pretrained(t.ModernBertModel(cfg).eval())  # layers 0 global, 1-2 local (window 64)
+    if {explicit}:  # the control: attention that holds its L x L scores (what a padded framework's eager path does)
+        def explicit(q, k, v, attn_mask=None, scale=None):
+            s = (q @ k.transpose(-1, -2)) * scale
+            if attn_mask is not None:
+                s = s.masked_fill(~attn_mask, float("-inf"))
+            return s.softmax(-1) @ v
+        torch_backend.F.scaled_dot_product_attention = explicit
+    peak = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    enc.forward_packed(PackedBatch.from_sequences([list(range(3, 100)) * 5]))  # warm: 485 tokens
+    before = peak()
+    out = enc.forward_packed(PackedBatch.from_sequences([[3 + i % 97 for i in range(8192)]]))
+    assert out.shape == (8192, 64) and torch.isfinite(out).all()
+    print((peak() - before) / 2**20)
+"""
+
+
+def test_an_8192_token_sequence_needs_memory_linear_in_its_length():
+    """One 8192-token document on the CPU path (ModernBERT: a global layer and sliding-window layers): its peak
+    memory stays far below one head's 8192 x 8192 fp32 scores (256 MiB; all four heads: 1 GiB). The control, the
+    same model with an attention that holds its scores, grows by more than that, so the measurement can tell."""
+    linear = float(_run(_LONG_SEQUENCE.format(explicit=False), timeout=300).strip())
+    assert linear < 160, f"peak RSS grew by {linear:.0f} MiB for one 8192-token sequence"
+    quadratic = float(_run(_LONG_SEQUENCE.format(explicit=True), timeout=300).strip())
+    assert quadratic > 1024, f"the control grew by only {quadratic:.0f} MiB"
