@@ -66,10 +66,15 @@ class ModelConfig:
     rms_norm: bool = False             # every norm is RMSNorm, x / sqrt(mean(x^2) + eps) * weight: no mean, no bias
                                        # (EuroBERT); pre_norm layers only
     embedding_norm: bool = True        # a LayerNorm follows the embeddings (EuroBERT: none, layer 0's norm is first)
+    kv_heads: int = 0                  # the checkpoint's K and V heads when fewer than num_heads (grouped-query
+                                       # attention, EuroBERT-610m/2.1B); 0 = as many as Q. Each is repeated at load
+                                       # for the query heads it serves, so the encoder runs plain multi-head attention
 
     def __post_init__(self):
         if self.hidden_size % self.num_heads:
             raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+        if self.kv_heads and (self.kv_heads > self.num_heads or self.num_heads % self.kv_heads):
+            raise ValueError(f"num_key_value_heads {self.kv_heads} must divide num_attention_heads {self.num_heads}")
         if self.max_sequence_length < 1:
             raise ValueError(f"max_position_embeddings {self.max_position_embeddings} leaves no position after "
                              f"the offset {self.position_offset}")

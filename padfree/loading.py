@@ -83,6 +83,8 @@ def map_weights(family: Family, cfg: ModelConfig, hf_state: dict[str, torch.Tens
                 missing.extend(absent)
             continue
         out[name] = state[sources[0]] if len(sources) == 1 else torch.cat([state[s] for s in sources], dim=0)
+        if cfg.kv_heads and name.endswith((".qkv.weight", ".qkv.bias")):
+            out[name] = _repeat_kv(out[name], cfg)
         used.update(sources)
     if missing:
         raise ValueError(f"checkpoint for {family.name} is missing {len(missing)} weights: "
@@ -93,6 +95,19 @@ def map_weights(family: Family, cfg: ModelConfig, hf_state: dict[str, torch.Tens
                          f"use (its output would differ from the checkpoint's model): "
                          f"{unused[:8]}{' ...' if len(unused) > 8 else ''}")
     return out
+
+
+def _repeat_kv(qkv: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
+    """A grouped-query ``Q | K | V`` weight (or bias) ``[H + 2 kv d, ...]`` as multi-head ``[3H, ...]``: each K and
+    V head repeated for the ``heads / kv`` query heads it serves (transformers' ``repeat_kv``: query head i reads
+    K/V head ``i // (heads / kv)``). Exact; the QKV product computes the repeats (a few % more FLOPs than GQA)."""
+    H, d, kv = cfg.hidden_size, cfg.head_dim, cfg.kv_heads
+    if qkv.shape[0] != H + 2 * kv * d:
+        return qkv  # a wrong shape is reported with the others by the loader
+    q, k, v = qkv.split([H, kv * d, kv * d])
+    group = cfg.num_heads // kv
+    expand = lambda x: x.unflatten(0, (kv, d)).repeat_interleave(group, dim=0).flatten(0, 1)  # noqa: E731
+    return torch.cat([q, expand(k), expand(v)])
 
 
 def from_pretrained(source, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",

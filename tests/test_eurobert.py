@@ -70,6 +70,25 @@ def test_hidden_state_parity_fp32(shape, attn):
         assert float(out[~mask.bool()].abs().max()) == 0.0
 
 
+@pytest.mark.parametrize("shape,kv", [(0, 1), (1, 2), (1, 1)])
+def test_grouped_query_attention(shape, kv):
+    """num_key_value_heads < heads (EuroBERT-610m/2.1B): each K/V head repeated at load for its query heads; fp32
+    parity with both paddings, and the same weights with kv = heads would compute something else."""
+    model = make(shape, num_key_value_heads=kv)
+    enc = padfree.from_pretrained(model)
+    H = model.config.hidden_size
+    assert enc.config.kv_heads == kv and enc.layers[0].qkv.weight.shape == (3 * H, H)
+    for side in ("right", "left"):
+        ids, mask, _, kw = batch(model, LONG, side)
+        err = max_diff(enc(ids, mask).last_hidden_state, hf_hidden(model, ids, mask, kw), mask)
+        assert err <= FP32_TOL, f"shape {shape} kv {kv} {side}: {err:.2e}"
+    k = model.layers[0].self_attn.k_proj.weight  # [kv d, H]
+    d = H // model.config.num_attention_heads
+    group = model.config.num_attention_heads // kv
+    ours = enc.layers[0].qkv.weight[H:2 * H]
+    assert torch.equal(ours[:group * d], k[:d].repeat(group, 1))  # query heads 0..group-1 read K head 0
+
+
 def test_right_padding_needs_no_position_ids():
     """Under right padding HF's default numbering (from column 0) is padfree's: no position_ids needed."""
     model = make(0)
@@ -186,7 +205,7 @@ def _config_dir(tmp_path, **extra):
     (dict(hidden_act="mish"), "unsupported activation 'mish'"),
     (dict(rope_parameters={"rope_type": "linear", "rope_theta": 1e4, "factor": 2.0}), "rope_type 'linear'"),
     (dict(rope_scaling={"rope_type": "dynamic", "factor": 2.0}), "rope_scaling"),
-    (dict(num_key_value_heads=1), "num_key_value_heads"),
+    (dict(num_key_value_heads=3), "num_key_value_heads 3 must divide num_attention_heads 2"),
     (dict(head_dim=8), "head_dim 8"),
 ])
 def test_unsupported_config_raises_before_weights(tmp_path, extra, match):

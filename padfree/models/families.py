@@ -195,9 +195,6 @@ def _eurobert_config(c: dict) -> ModelConfig:
     H, heads = c["hidden_size"], c["num_attention_heads"]
     if c.get("head_dim") not in (None, H // heads):
         raise ValueError(f"head_dim {c['head_dim']} != hidden_size / heads is not supported")
-    if c.get("num_key_value_heads") not in (None, heads):
-        raise ValueError(f"num_key_value_heads {c['num_key_value_heads']} != num_attention_heads (grouped-query "
-                         f"attention) is not supported")
     if c.get("rope_scaling"):
         raise ValueError(f"EuroBERT rope_scaling {c['rope_scaling']!r} is not supported")
     rope = c.get("rope_parameters") or {}  # transformers 5; older configs: rope_theta at the top level
@@ -211,7 +208,8 @@ def _eurobert_config(c: dict) -> ModelConfig:
         pad_token_id=c.get("pad_token_id"), absolute_positions=False, embedding_norm=False, pre_norm=True,
         rms_norm=True, norm_bias=False, attention_bias=bool(c.get("attention_bias", False)),
         ffn_bias=bool(c.get("mlp_bias", False)), gated_ffn=True,  # SwiGLU: act(gate_proj x) * up_proj x
-        rotary_theta=float(rope.get("rope_theta") or c.get("rope_theta") or 10000.0))
+        rotary_theta=float(rope.get("rope_theta") or c.get("rope_theta") or 10000.0),
+        kv_heads=0 if c.get("num_key_value_heads") in (None, heads) else c["num_key_value_heads"])
 
 
 # nomic-ai's own config keys (the hub's nomic-embed-text config.json, written for its remote code) -> transformers'
