@@ -35,7 +35,7 @@ SHAPES = [
 LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.fc1", "mlp.fc2")
 
 
-def _add_adapters(base, cfg, g, std=0.5):
+def _add_adapters(base, cfg, g, std=0.3):
     """Random factors in jinaai's layout on every adapted module, and the hooks that apply them per token."""
     scale = cfg.lora_alpha / cfg.lora_rank
     n, r = len(cfg.lora_adaptations), cfg.lora_rank
@@ -49,16 +49,17 @@ def _add_adapters(base, cfg, g, std=0.5):
         else:
             a, b = torch.randn(n, r, m.in_features, generator=g), torch.randn(n, m.out_features, r, generator=g)
         m.lora_A, m.lora_B = torch.nn.Parameter(a * std), torch.nn.Parameter(b * std)
+        m.lora_scale, m.current_task = scale, None  # set by hf_run; module attributes follow a deepcopy
+        m.register_forward_hook(_lora_hook)
 
-        def hook(mod, args, out):
-            task = base.config.current_task
-            if task is None:
-                return out
-            i = base.config.lora_adaptations.index(task)
-            if isinstance(mod, torch.nn.Embedding):
-                return out + scale * F.embedding(args[0], mod.lora_A[i]) @ mod.lora_B[i]
-            return out + scale * (args[0] @ mod.lora_A[i].T) @ mod.lora_B[i].T
-        m.register_forward_hook(hook)
+
+def _lora_hook(mod, args, out):
+    if mod.current_task is None:
+        return out
+    i = TASKS.index(mod.current_task)
+    if isinstance(mod, torch.nn.Embedding):
+        return out + mod.lora_scale * F.embedding(args[0], mod.lora_A[i]) @ mod.lora_B[i]
+    return out + mod.lora_scale * (args[0] @ mod.lora_A[i].T) @ mod.lora_B[i].T
 
 
 def make(shape: int, kind: str = "base", seed: int = 0, attn: str = "sdpa", adapters: bool = True, **extra):
@@ -73,20 +74,23 @@ def make(shape: int, kind: str = "base", seed: int = 0, attn: str = "sdpa", adap
         for name, p in model.named_parameters():
             noise = torch.randn(p.shape, generator=g) * 0.2
             p.copy_(1 + noise if "norm.weight" in name.lower() else noise)
-    model.config.current_task = None
     if adapters:
         _add_adapters(model if kind == "base" else model.roberta, model.config, g)
     return model.eval()
 
 
 def hf_run(model, ids, mask, kw, task=None):
-    model.config.current_task = task
+    adapted = [m for m in model.modules() if hasattr(m, "lora_scale")]
+    assert adapted or task is None
+    for m in adapted:
+        m.current_task = task
     try:
         with torch.no_grad():
             out = model(input_ids=ids, attention_mask=mask, **kw)
         return out.logits if hasattr(out, "logits") else out.last_hidden_state
     finally:
-        model.config.current_task = None
+        for m in adapted:
+            m.current_task = None
 
 
 # ---------------------------------------------------------------------------------------------- model parity
