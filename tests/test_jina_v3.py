@@ -315,3 +315,13 @@ def test_token_classification():
         ids, mask, types, kw = batch(model, LENGTHS, side)
         ref = hf_run(model, ids, mask, kw, "separation")
         assert max_diff(tc(ids, mask, types).logits, ref, mask) <= FP32_TOL, side
+
+
+@pytest.mark.parametrize("rope", [{}, {"rope_theta": 700.0}])
+def test_rope_base_as_transformers_reads_it(rope):
+    """A config.json without rope_parameters: HF's default_theta (20000), or a legacy top-level rope_theta."""
+    from padfree.models.families import family_for
+    cfg = t.JinaEmbeddingsV3Config(vocab_size=VOCAB, **{k: v for k, v in SHAPES[0].items() if k[:4] != "lora"})
+    d = {k: v for k, v in cfg.to_dict().items() if k != "rope_parameters"} | rope
+    theirs = t.JinaEmbeddingsV3Config.from_dict(d).rope_parameters["rope_theta"]
+    assert family_for("jina_embeddings_v3").make_config(d).rotary_theta == theirs == rope.get("rope_theta", 20000.0)
