@@ -325,3 +325,18 @@ def test_rope_base_as_transformers_reads_it(rope):
     d = {k: v for k, v in cfg.to_dict().items() if k != "rope_parameters"} | rope
     theirs = t.JinaEmbeddingsV3Config.from_dict(d).rope_parameters["rope_theta"]
     assert family_for("jina_embeddings_v3").make_config(d).rotary_theta == theirs == rope.get("rope_theta", 20000.0)
+
+
+def test_triton_allowed_here(triton_everywhere):
+    """With the Triton backend allowed on this device (its interpreter on a CPU): "auto" runs the rotary attention
+    on another backend and matches HF with a task merged; "triton" by name refuses (no rotary kernel)."""
+    model = make(0)
+    with pytest.raises(ValueError, match="triton: .*rotary"):
+        padfree.from_pretrained(model, backend="triton")
+    enc = padfree.from_pretrained(model, task="retrieval.passage")
+    assert "triton" not in enc.kernels.names["qkv_varlen_attention"]
+    ids, mask, types, kw = batch(model, [5, 40, 1, 17], "left")
+    ref = hf_run(model, ids, mask, kw, "retrieval.passage")
+    assert max_diff(enc(ids, mask, types).last_hidden_state, ref, mask) <= FP32_TOL
+    other = enc.for_task("classification")  # built with the same backend choice
+    assert other.backend == enc.backend and other.kernels.names == enc.kernels.names

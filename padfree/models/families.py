@@ -547,10 +547,10 @@ FAMILIES: list[Family] = [
            optional=_POOLER, sequence_head=lambda c: HeadSpec("nomic_bert.pooler.dense", "tanh", "classifier"),
            other_layout=_nomic_bert_weights(_NOMIC_MODULES)),
     # jina-embeddings-v3: XLM-RoBERTa with rotary positions (post-LN, biases, GELU); task LoRA adapters merged at
-    # load by padfree.lora (lora_targets: which weights carry them); RoBERTa's heads under roberta.
+    # load by padfree.lora (lora_targets: which weights carry them); RoBERTa's heads under roberta. (no
+    # masked-LM mapping: its decoder is tied to the word embeddings, which an adapter changes)
     Family("jina_embeddings_v3", ("jina_embeddings_v3",), ("roberta.",), _jina_v3_config,
            _jina_v3_weights(_JINA_MODULES), optional=_POOLER, sequence_head=lambda c: _TANH_HEAD,
-           mlm_head=MLMHeadSpec("lm_head.dense", "=gelu", "lm_head.layer_norm", "lm_head.decoder", "lm_head.bias"),
            other_layout=_jina_v3_weights(_JINA_HUB), lora_targets=_jina_lora_targets),
 ]
 
