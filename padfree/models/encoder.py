@@ -1,7 +1,8 @@
 """One generic encoder that runs on packed tokens ``[T, H]``.
 
-Every family (BERT, RoBERTa, DistilBERT, ALBERT, ELECTRA, MPNet, DeBERTa-v2/v3, ModernBERT, NomicBERT) is this
-module with its own config and weight table; the differences are fields of :class:`ModelConfig` (embedding width
+Every family (BERT, RoBERTa, DistilBERT, ALBERT, ELECTRA, MPNet, DeBERTa-v2/v3, ModernBERT, NomicBERT,
+jina-embeddings-v3) is this module with its own config and weight table (jina-v3's task adapters are merged into
+the weights at load, :mod:`padfree.lora`); the differences are fields of :class:`ModelConfig` (embedding width
 and projection, shared layers, absolute positions or not, relative attention kind; ModernBERT's pre-LN layers,
 gated FFN, rotary positions and sliding-window layers; NomicBERT's rotary and SwiGLU in post-LN layers). Nothing
 here ever sees a pad token.
