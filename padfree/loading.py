@@ -15,7 +15,7 @@ import torch
 from .config import ModelConfig
 from .lora import TaskAdapters, check_task, read_lora_config, split_adapters
 from .models.encoder import Encoder
-from .models.families import Family, WeightTable, family_for
+from .models.families import Family, WeightTable, family_for_config
 
 
 def _is_model(source) -> bool:
@@ -142,7 +142,7 @@ def load(source, dtype: torch.dtype = torch.float32, device: torch.device | str 
     ``task``: the LoRA adapter merged into the weights (see :func:`from_pretrained`)."""
     check_dtype(dtype)
     hf_config = read_config(source)
-    family = family_for(hf_config.get("model_type", "<missing model_type>"))
+    family = family_for_config(hf_config)
     cfg = family.make_config(hf_config)  # unsupported types/activations fail here, before any weight is read
     lora = read_lora_config(hf_config) if family.lora_targets else None
     check_task(family, lora, task)  # an unknown task too

@@ -231,6 +231,54 @@ def test_directory_layouts(tmp_path, original):
                         mask) <= FP32_TOL, task
 
 
+def _original_config(cfg) -> dict:
+    """The config.json jinaai ships with jina-embeddings-v3 (its remote code's keys), for ``cfg``."""
+    return {"model_type": "xlm-roberta", "architectures": ["XLMRobertaLoRA"], "vocab_size": cfg.vocab_size,
+            "hidden_size": cfg.hidden_size, "num_hidden_layers": cfg.num_hidden_layers,
+            "num_attention_heads": cfg.num_attention_heads, "intermediate_size": cfg.intermediate_size,
+            "hidden_act": cfg.hidden_act, "max_position_embeddings": cfg.max_position_embeddings,
+            "type_vocab_size": cfg.type_vocab_size, "layer_norm_eps": cfg.layer_norm_eps, "pad_token_id": 1,
+            "position_embedding_type": "rotary", "rotary_emb_base": cfg.rope_parameters["rope_theta"],
+            "lora_adaptations": TASKS, "lora_rank": cfg.lora_rank, "lora_alpha": cfg.lora_alpha,
+            "lora_dropout_p": 0.0, "lora_main_params_trainable": False, "load_trained_adapters": True,
+            "use_flash_attn": True, "emb_pooler": None, "matryoshka_dimensions": [8, 16], "truncate_dim": None,
+            "task_instructions": {t: f"{t}: " for t in TASKS}}
+
+
+@pytest.mark.parametrize("shape", [0, 1])
+def test_original_jina_config(tmp_path, shape):
+    """jinaai's published directory: its config dialect (model_type xlm-roberta + rotary, rotary_emb_base) and its
+    parametrized weight names under roberta., one fused Q|K|V adapter."""
+    model = make(shape)
+    save(model, tmp_path, original=True)
+    (tmp_path / "config.json").write_text(json.dumps(_original_config(model.config)))
+    ids, mask, types, kw = batch(model, LENGTHS, "left")
+    for task in ("retrieval.query", None):
+        enc = padfree.from_pretrained(tmp_path, task=task)
+        assert enc.config.family == "jina_embeddings_v3"
+        assert enc.config.rotary_theta == model.config.rope_parameters["rope_theta"]
+        assert max_diff(enc(ids, mask, types).last_hidden_state, hf_run(model, ids, mask, kw, task),
+                        mask) <= FP32_TOL, task
+    conf = _original_config(model.config)
+    del conf["rotary_emb_base"]  # its code's default base is 10000, not transformers' 20000
+    (tmp_path / "config.json").write_text(json.dumps(conf))
+    assert padfree.from_pretrained(tmp_path).config.rotary_theta == 10000.0
+
+
+@pytest.mark.parametrize("key,value,match", [
+    ("rotary_emb_interleaved", True, "rotary_emb_interleaved=True"),
+    ("rotary_emb_scale_base", 512, "rotary_emb_scale_base=512"),
+    ("rotary_emb_dim", 8, "rotary_emb_dim=8"),
+    ("load_trained_adapters", False, "load_trained_adapters=False"),
+    ("position_embedding_type", "alibi", "position_embedding_type 'alibi'"),
+])
+def test_unsupported_original_option_raises_before_weights(tmp_path, key, value, match):
+    conf = _original_config(make(0, adapters=False).config)
+    (tmp_path / "config.json").write_text(json.dumps({**conf, key: value}))
+    with pytest.raises(ValueError, match=match):
+        padfree.from_pretrained(tmp_path)
+
+
 def _config_dir(tmp_path, **extra):
     """A directory holding only a config.json: a config error must come before any weight is read."""
     cfg = t.JinaEmbeddingsV3Config(vocab_size=VOCAB, lora_adaptations=TASKS, lora_rank=4, lora_alpha=1,

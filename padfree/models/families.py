@@ -264,10 +264,35 @@ def _nomic_bert_config(c: dict) -> ModelConfig:
         rotary_theta=float(rope.get("rope_theta") or c.get("rope_theta") or 1000.0))  # HF's default_theta
 
 
+# jinaai's own config (remote code XLMRobertaFlashConfig, model_type "xlm-roberta" with position_embedding_type
+# "rotary"): options that change the computation and the one value padfree runs (getattr defaults of its code)
+_JINA_ORIGINAL_FIXED = (("rotary_emb_scale_base", None), ("rotary_emb_interleaved", False),
+                        ("load_trained_adapters", True))
+
+
+def _jina_original_config(c: dict) -> dict:
+    """jinaai's config as transformers' keys; ``ValueError`` naming an option padfree does not run. Accepted as
+    they do not change the encoder: use_flash_attn / fused_* (kernels), emb_pooler, matryoshka_dimensions,
+    truncate_dim, task_instructions (what its ``encode`` does around the encoder), lora_dropout_p."""
+    for key, value in _JINA_ORIGINAL_FIXED:
+        if c.get(key, value) != value:
+            raise ValueError(f"jina-embeddings-v3 {key}={c[key]!r} is not supported; padfree supports {value!r}")
+    H, heads = c["hidden_size"], c["num_attention_heads"]
+    if c.get("rotary_emb_dim") not in (None, H // heads, H / heads):
+        raise ValueError(f"jina-embeddings-v3 rotary_emb_dim={c['rotary_emb_dim']!r} is not supported; padfree "
+                         f"rotates the whole head ({H // heads})")
+    theta = c.get("rotary_emb_base")
+    return {**c, "rope_parameters": {"rope_type": "default",
+                                     "rope_theta": 10000.0 if theta is None else float(theta)}}  # its default
+
+
 def _jina_v3_config(c: dict) -> ModelConfig:
     """transformers' jina-embeddings-v3: XLM-RoBERTa's post-LN layers (biases everywhere, GELU FFN) with rotary Q/K
     (whole head, half-split pairs, base ``rope_theta``, 20000 by default) instead of a position table; word +
-    token-type embeddings, then LayerNorm. The task LoRA adapters are merged at load (:mod:`padfree.lora`)."""
+    token-type embeddings, then LayerNorm. The task LoRA adapters are merged at load (:mod:`padfree.lora`).
+    jinaai's own config dialect (``model_type`` "xlm-roberta", ``position_embedding_type`` "rotary") is read too."""
+    if c.get("model_type") == "xlm-roberta":
+        c = _jina_original_config(c)
     if c.get("rope_scaling"):
         raise ValueError(f"jina-embeddings-v3 rope_scaling {c['rope_scaling']!r} is not supported")
     rope = c.get("rope_parameters") or {}
@@ -553,6 +578,14 @@ FAMILIES: list[Family] = [
            _jina_v3_weights(_JINA_MODULES), optional=_POOLER, sequence_head=lambda c: _TANH_HEAD,
            other_layout=_jina_v3_weights(_JINA_HUB), lora_targets=_jina_lora_targets),
 ]
+
+
+def family_for_config(c: dict) -> Family:
+    """The family of a config.json: by ``model_type``, except jinaai's jina-embeddings-v3 config, which says
+    "xlm-roberta" with rotary positions (its remote code's dialect), served by the jina_embeddings_v3 family."""
+    if c.get("model_type") == "xlm-roberta" and c.get("position_embedding_type") == "rotary":
+        return family_for("jina_embeddings_v3")
+    return family_for(c.get("model_type", "<missing model_type>"))
 
 
 def family_for(model_type: str) -> Family:
