@@ -118,11 +118,12 @@ class SequenceClassifier:
 
     @classmethod
     def from_pretrained(cls, source, dtype: torch.dtype = torch.float32, device="cpu", backend: str = "auto",
-                        tokenizer=None) -> "SequenceClassifier":
+                        tokenizer=None, task: str | None = None) -> "SequenceClassifier":
         """From a ``*ForSequenceClassification`` directory or in-memory model. A directory's fast tokenizer is
         loaded (for :meth:`predict`) unless ``tokenizer`` is given (a :class:`padfree.tokenizer.Tokenizer` or a
-        ``transformers`` fast tokenizer)."""
-        return cls(load(source, dtype, device, backend), tokenizer or _maybe_tokenizer(source))
+        ``transformers`` fast tokenizer). ``task``: the encoder's LoRA adapter merged at load (jina-embeddings-v3,
+        see :func:`padfree.from_pretrained`)."""
+        return cls(load(source, dtype, device, backend, task), tokenizer or _maybe_tokenizer(source))
 
     @torch.inference_mode()
     def logits_packed(self, batch: PackedBatch) -> torch.Tensor:
@@ -193,8 +194,8 @@ class TokenClassifier:
 
     @classmethod
     def from_pretrained(cls, source, dtype: torch.dtype = torch.float32, device="cpu", backend: str = "auto",
-                        tokenizer=None) -> "TokenClassifier":
-        return cls(load(source, dtype, device, backend), tokenizer or _maybe_tokenizer(source))
+                        tokenizer=None, task: str | None = None) -> "TokenClassifier":
+        return cls(load(source, dtype, device, backend, task), tokenizer or _maybe_tokenizer(source))
 
     @torch.inference_mode()
     def logits_packed(self, batch: PackedBatch) -> torch.Tensor:

@@ -13,8 +13,9 @@ from pathlib import Path
 import torch
 
 from .config import ModelConfig
+from .lora import TaskAdapters, check_task, read_lora_config, split_adapters
 from .models.encoder import Encoder
-from .models.families import Family, WeightTable, family_for
+from .models.families import Family, WeightTable, family_for_config
 
 
 def _is_model(source) -> bool:
@@ -111,13 +112,19 @@ def _repeat_kv(qkv: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
 
 
 def from_pretrained(source, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
-                    backend: str = "auto") -> Encoder:
+                    backend: str = "auto", task: str | None = None) -> Encoder:
     """A padfree :class:`Encoder` from a Hugging Face directory or in-memory ``transformers`` model.
 
     ``backend``: "auto" (the registry's priority order) or a backend name ("torch", "triton", "onednn": the CPU's
     fused linears with the torch primitives); a named backend that cannot run raises a ``ValueError`` saying why.
+    ``task``: for a checkpoint with task LoRA adapters (jina-embeddings-v3: "retrieval.query",
+    "retrieval.passage", "separation", "classification", "text-matching"), the adapter merged into the weights
+    at load; None runs the base weights, as transformers does. An unknown task is a ``ValueError`` listing the
+    known ones, raised before any weight is read. Other tasks stay reachable per call
+    (``encoder(ids, mask, task=...)``, :meth:`Encoder.for_task`), merged on first use (see
+    :class:`padfree.lora.TaskAdapters` for the memory this costs).
     """
-    return load(source, dtype, device, backend).encoder
+    return load(source, dtype, device, backend, task).encoder
 
 
 class _SkipInit(torch.overrides.TorchFunctionMode):
@@ -145,14 +152,24 @@ def check_dtype(dtype: torch.dtype) -> None:
 
 
 def load(source, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
-         backend: str = "auto") -> Loaded:
-    """Read a checkpoint once and build its encoder; the raw config and state stay available for heads."""
+         backend: str = "auto", task: str | None = None) -> Loaded:
+    """Read a checkpoint once and build its encoder; the raw config and state stay available for heads.
+    ``task``: the LoRA adapter merged into the weights (see :func:`from_pretrained`)."""
     check_dtype(dtype)
     hf_config = read_config(source)
-    family = family_for(hf_config.get("model_type", "<missing model_type>"))
+    family = family_for_config(hf_config)
     cfg = family.make_config(hf_config)  # unsupported types/activations fail here, before any weight is read
+    lora = read_lora_config(hf_config) if family.lora_targets else None
+    check_task(family, lora, task)  # an unknown task too
     hf_state = read_weights(source)
+    factors = {}
+    if family.lora_targets:  # adapter factors are the adapters' business, not the base table's
+        hf_state, factors = split_adapters(hf_state, family.prefixes)
+        if factors and lora is None:
+            raise ValueError(f"checkpoint holds {len(factors)} adapter weights but its config has no "
+                             f"lora_adaptations: {sorted(factors)[:4]}")
     state = map_weights(family, cfg, hf_state)
+    adapters = TaskAdapters.build(family, cfg, lora, factors, state) if lora is not None else None
     with torch.device("meta"), _SkipInit():  # no init on meta tensors: it would import torch._dynamo (~1 s)
         model = Encoder(cfg, has_pooler="pooler.weight" in state)
     expected = model.state_dict()
@@ -161,5 +178,10 @@ def load(source, dtype: torch.dtype = torch.float32, device: torch.device | str 
     if wrong:
         raise ValueError(f"checkpoint shapes do not match its config: {wrong[:8]}")
     state = {k: v.to(device=device, dtype=dtype) for k, v in state.items()}
+    if task is not None:  # merged once, here: W + scale * B A (fp32), then cast
+        state.update(adapters.merged(task, dtype, device))
     model.load_state_dict(state, assign=True, strict=True)
+    model.task, model.adapters = task, adapters
+    if adapters is not None:
+        adapters.register(model)
     return Loaded(model.prepare(backend), family, hf_config, hf_state)

@@ -119,16 +119,18 @@ class SentenceEncoder:
     @classmethod
     def from_pretrained(cls, path, dtype: torch.dtype = torch.float32, device="cpu", backend: str = "auto",
                         max_seq_length: int | None = None, prompts: dict[str, str] | None = None,
-                        default_prompt_name: str | None = None) -> "SentenceEncoder":
+                        default_prompt_name: str | None = None, task: str | None = None) -> "SentenceEncoder":
         """From a sentence-transformers directory (or a plain Hugging Face one: mean pooling).
 
         ``max_seq_length`` overrides ``sentence_bert_config.json`` (up to the model's position limit);
         ``prompts`` / ``default_prompt_name`` override those of ``config_sentence_transformers.json``
-        (prompts are merged, the given ones win), as in sentence-transformers.
+        (prompts are merged, the given ones win), as in sentence-transformers. ``task``: the LoRA adapter merged
+        at load for a model with task adapters (jina-embeddings-v3; see :func:`padfree.from_pretrained`);
+        ``encode(..., task=...)`` picks another per call.
         """
         path = Path(path)
         transformer_dir, modes, include_prompt, normalize_ = _read_modules(path)
-        encoder = from_pretrained(transformer_dir, dtype=dtype, device=device, backend=backend)
+        encoder = from_pretrained(transformer_dir, dtype=dtype, device=device, backend=backend, task=task)
         st_conf = _read_json(transformer_dir / "sentence_bert_config.json")
         tokenizer = Tokenizer.from_pretrained(transformer_dir)
         if max_seq_length is None:  # as sentence-transformers: its config, else the tokenizer's limit, capped
@@ -211,7 +213,7 @@ class SentenceEncoder:
     def encode(self, texts: Iterable[str] | str, normalize_embeddings: bool | None = None,
                batch_tokens: int | None = None, truncate: bool = True, show_progress_bar: bool = False,
                batch_size: int | None = None, prompt_name: str | None = None, prompt: str | None = None,
-               convert_to_numpy: bool = True) -> np.ndarray:
+               convert_to_numpy: bool = True, task: str | None = None) -> np.ndarray:
         """Embeddings ``[N, D]`` (float32 numpy) in the order of ``texts``; one string gives ``[D]``.
 
         Texts (any iterable of strings) are taken in arrival order into batches of at most ``batch_tokens`` real
@@ -219,8 +221,12 @@ class SentenceEncoder:
         when ``batch_size`` is given, at most that many texts. ``prompt`` / ``prompt_name`` as in
         sentence-transformers (default: the directory's ``default_prompt_name``). ``normalize_embeddings``
         defaults to the directory's Normalize module. ``convert_to_numpy`` is accepted for code written against
-        sentence-transformers; the result is always numpy.
+        sentence-transformers; the result is always numpy. ``task``: for a model with task LoRA adapters
+        (jina-embeddings-v3), the adapter to run (None: the one chosen at load); each task's merged weights are
+        built on its first use and kept (about one model's memory per task used, see
+        :class:`padfree.lora.TaskAdapters`). The task does not choose a prompt: pass ``prompt_name`` for that.
         """
+        encoder = self.encoder.for_task(task) if task is not None else self.encoder
         single = isinstance(texts, str)
         texts = [texts] if single else check_texts(texts)
         batch_tokens = _budget(batch_tokens, batch_size)
@@ -231,7 +237,7 @@ class SentenceEncoder:
         if len(texts) == 0:
             return out
         ids = self.tokenize(texts, truncate, text_prompt)
-        for order, hidden, batch in self._forward(ids, batch_tokens, batch_size, show_progress_bar):
+        for order, hidden, batch in self._forward(ids, batch_tokens, batch_size, show_progress_bar, encoder):
             emb = self.pooled(hidden, batch, skip)
             if norm:
                 emb = normalize(emb)
@@ -239,9 +245,10 @@ class SentenceEncoder:
         return out[0] if single else out
 
     def _forward(self, ids: list[list[int]], batch_tokens: int, batch_size: int | None = None,
-                 show_progress_bar: bool = False):
+                 show_progress_bar: bool = False, encoder: Encoder | None = None):
         """Token-budget batches of ``ids`` in arrival order, one packed forward each: yields
         ``(order, hidden [T, H], batch)``, ``order`` the indices into ``ids`` of the batch's sequences."""
+        encoder = encoder or self.encoder
         bar = None
         if show_progress_bar:
             from tqdm.auto import tqdm
@@ -251,8 +258,8 @@ class SentenceEncoder:
                 # inside a batch, sequences go by length: equal lengths then sit side by side, and attention runs
                 # once per distinct length on a view, with no gather (the batches themselves keep arrival order)
                 order = sorted(range(start, end), key=lambda i: len(ids[i]))
-                batch = PackedBatch.from_sequences([ids[i] for i in order], device=self.encoder.device)
-                yield order, self.encoder.forward_packed(batch), batch
+                batch = PackedBatch.from_sequences([ids[i] for i in order], device=encoder.device)
+                yield order, encoder.forward_packed(batch), batch
                 if bar is not None:
                     bar.update(end - start)
         finally:

@@ -1,7 +1,8 @@
 """One generic encoder that runs on packed tokens ``[T, H]``.
 
-Every family (BERT, RoBERTa, DistilBERT, ALBERT, ELECTRA, MPNet, DeBERTa-v2/v3, ModernBERT, NomicBERT) is this
-module with its own config and weight table; the differences are fields of :class:`ModelConfig` (embedding width
+Every family (BERT, RoBERTa, DistilBERT, ALBERT, ELECTRA, MPNet, DeBERTa-v2/v3, ModernBERT, NomicBERT,
+jina-embeddings-v3) is this module with its own config and weight table (jina-v3's task adapters are merged into
+the weights at load, :mod:`padfree.lora`); the differences are fields of :class:`ModelConfig` (embedding width
 and projection, shared layers, absolute positions or not, relative attention kind; ModernBERT's pre-LN layers,
 gated FFN, rotary positions and sliding-window layers; NomicBERT's rotary and SwiGLU in post-LN layers). Nothing
 here ever sees a pad token.
@@ -102,14 +103,28 @@ class Encoder(nn.Module):
         self.relative = RelativePositions(cfg) if cfg.relative_attention != "none" else None
         self.pooler = nn.Linear(cfg.hidden_size, cfg.hidden_size) if has_pooler else None
         self.kernels: Kernels | None = None  # set by prepare()
+        self.backend = "auto"  # the backend asked of prepare()
+        self.task: str | None = None  # the task LoRA adapter merged into these weights (None: base weights)
+        self.adapters = None  # padfree.lora.TaskAdapters of a checkpoint with task adapters (jina-embeddings-v3)
 
     def prepare(self, backend: str = "auto") -> "Encoder":
         """Resolve the ops for this encoder's device and dtype (call after loading or moving it)."""
+        self.backend = backend
         w = self.embeddings.word.weight
         self.kernels = Kernels.resolve(w.device, w.dtype, self.config.head_dim, backend,
                                        relative_scores=self.relative is not None, features=self.config.features)
         self.eval()
         return self
+
+    def for_task(self, task: str | None) -> "Encoder":
+        """The encoder running ``task``'s LoRA adapter (None: the base weights): this one if it is its task,
+        else one merged from the same checkpoint on first use and kept (:class:`padfree.lora.TaskAdapters`);
+        ``ValueError`` for an unknown task or a model without adapters."""
+        if task == self.task:
+            return self
+        if self.adapters is None:
+            raise ValueError(f"task {task!r} given, but this {self.config.family} model has no task adapters")
+        return self.adapters.encoder(task)
 
     @property
     def device(self) -> torch.device:
@@ -147,8 +162,11 @@ class Encoder(nn.Module):
                              f"{bounds[5] + off}])" if off else ""))
 
     @torch.inference_mode()
-    def forward_packed(self, batch: PackedBatch, check: bool = True) -> torch.Tensor:
-        """Hidden states of every real token: ``[T, H]``."""
+    def forward_packed(self, batch: PackedBatch, check: bool = True, task: str | None = None) -> torch.Tensor:
+        """Hidden states of every real token: ``[T, H]``. ``task``: run another task's adapter than the one
+        merged at load (None: this encoder's own weights); see :meth:`for_task`."""
+        if task is not None and task != self.task:
+            return self.for_task(task).forward_packed(batch, check)
         if self.kernels is None:
             self.prepare()
         if check:
@@ -236,13 +254,16 @@ class Encoder(nn.Module):
     # ------------------------------------------------------------------ Hugging Face-compatible path
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                token_type_ids: torch.Tensor | None = None, position_ids: torch.Tensor | None = None
-                ) -> EncoderOutput:
+                token_type_ids: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
+                task: str | None = None) -> EncoderOutput:
         """``input_ids``/``attention_mask``/``token_type_ids``/``position_ids``: ``[B, S]``. Padding may be on
         either side. Without ``position_ids``, positions restart at 0 at each sequence's first real token, so a
         sequence's output does not depend on its padding; with them, they are rows of the position table as
         transformers reads them (RoBERTa and MPNet count from ``pad_token_id + 1``), e.g. to reproduce
-        transformers' own numbering from column 0 under left padding."""
+        transformers' own numbering from column 0 under left padding. ``task``: another task adapter than the
+        one merged at load (jina-embeddings-v3; see :meth:`for_task`)."""
+        if task is not None and task != self.task:
+            return self.for_task(task).forward(input_ids, attention_mask, token_type_ids, position_ids)
         batch = self.pack(input_ids, attention_mask, token_type_ids, position_ids)
         hidden = self.forward_packed(batch)
         pooled = self.pool_cls(hidden, batch) if self.pooler is not None else None

@@ -61,6 +61,9 @@ class Family:
     mlm_head: MLMHeadSpec | None = None  # the *ForMaskedLM head (SPLADE sparse embeddings)
     other_layout: Callable[[ModelConfig], WeightTable] | None = None  # the same weights under other names
     # (NomicBERT: transformers' module names in memory, the hub's on disk); the loader reads the table that fits
+    lora_targets: "Callable[[ModelConfig], dict[str, tuple[str, ...]]] | None" = None
+    # task LoRA adapters (jina-embeddings-v3): padfree weight -> the checkpoint modules whose adapters make its
+    # delta (several: stacked along dim 0, as Q | K | V); see padfree.lora
 
 
 def head_activation(name: str) -> str:
@@ -260,6 +263,56 @@ def _nomic_bert_config(c: dict) -> ModelConfig:
         rotary_theta=float(rope.get("rope_theta") or c.get("rope_theta") or 1000.0))  # HF's default_theta
 
 
+# jinaai's own config (remote code XLMRobertaFlashConfig, model_type "xlm-roberta" with position_embedding_type
+# "rotary"): options that change the computation and the one value padfree runs (getattr defaults of its code)
+_JINA_ORIGINAL_FIXED = (("rotary_emb_scale_base", None), ("rotary_emb_interleaved", False),
+                        ("load_trained_adapters", True))
+
+
+def _jina_original_config(c: dict) -> dict:
+    """jinaai's config as transformers' keys; ``ValueError`` naming an option padfree does not run. Accepted as
+    they do not change the encoder: use_flash_attn / fused_* (kernels), emb_pooler, matryoshka_dimensions,
+    truncate_dim, task_instructions (what its ``encode`` does around the encoder), lora_dropout_p."""
+    for key, value in _JINA_ORIGINAL_FIXED:
+        if c.get(key, value) != value:
+            raise ValueError(f"jina-embeddings-v3 {key}={c[key]!r} is not supported; padfree supports {value!r}")
+    H, heads = c["hidden_size"], c["num_attention_heads"]
+    if c.get("rotary_emb_dim") not in (None, H // heads, H / heads):
+        raise ValueError(f"jina-embeddings-v3 rotary_emb_dim={c['rotary_emb_dim']!r} is not supported; padfree "
+                         f"rotates the whole head ({H // heads})")
+    theta = c.get("rotary_emb_base")
+    return {**c, "rope_parameters": {"rope_type": "default",
+                                     "rope_theta": 10000.0 if theta is None else float(theta)}}  # its default
+
+
+def _jina_v3_config(c: dict) -> ModelConfig:
+    """transformers' jina-embeddings-v3: XLM-RoBERTa's post-LN layers (biases everywhere, GELU FFN) with rotary Q/K
+    (whole head, half-split pairs, base ``rope_theta``, 20000 by default) instead of a position table; word +
+    token-type embeddings, then LayerNorm. The task LoRA adapters are merged at load (:mod:`padfree.lora`).
+    jinaai's own config dialect (``model_type`` "xlm-roberta", ``position_embedding_type`` "rotary") is read too."""
+    if c.get("model_type") == "xlm-roberta":
+        c = _jina_original_config(c)
+    if c.get("rope_scaling"):
+        raise ValueError(f"jina-embeddings-v3 rope_scaling {c['rope_scaling']!r} is not supported")
+    rope = c.get("rope_parameters") or {}
+    if rope.get("rope_type", "default") != "default":  # HF's default RoPE ignores partial_rotary_factor
+        raise ValueError(f"jina-embeddings-v3 rope_type {rope['rope_type']!r} is not supported; padfree supports "
+                         f"'default'")
+    H, heads = c["hidden_size"], c["num_attention_heads"]
+    if c.get("head_dim") not in (None, H // heads):
+        raise ValueError(f"head_dim {c['head_dim']} != hidden_size / heads is not supported")
+    for key in ("is_decoder", "add_cross_attention"):  # not attributes of HF's config: refuse, never ignore
+        if c.get(key):
+            raise ValueError(f"jina-embeddings-v3 {key}=True is not supported")
+    return ModelConfig(
+        family="jina_embeddings_v3", vocab_size=c["vocab_size"], hidden_size=H, num_layers=c["num_hidden_layers"],
+        num_heads=heads, intermediate_size=c["intermediate_size"],
+        max_position_embeddings=c.get("max_position_embeddings", 8194), type_vocab_size=c.get("type_vocab_size", 1),
+        layer_norm_eps=c.get("layer_norm_eps", 1e-5), activation=canonical_activation(c.get("hidden_act", "gelu")),
+        pad_token_id=c.get("pad_token_id"), absolute_positions=False,  # positions enter as rotary Q and K
+        rotary_theta=float(rope.get("rope_theta") or c.get("rope_theta") or 20000.0))  # HF's default_theta
+
+
 LAYER_NAMES = ("qkv", "attn_out", "attn_norm", "ffn_in", "ffn_out", "ffn_norm")
 
 
@@ -370,6 +423,45 @@ def _nomic_bert_weights(names: dict) -> Callable[[ModelConfig], WeightTable]:
                 out.update({f"{pf}{name}.{p}": f"{hf}{names[name]}.{p}" for p in ("weight", "bias")})
         return out
     return table
+
+
+# jina-embeddings-v3's two names for the same weights: transformers' modules (an in-memory model) and the layout
+# of jinaai's original checkpoint, which transformers' save_pretrained writes back (fused mixer.Wqkv, emb_ln, ...).
+_JINA_MODULES = dict(layer="layers.{}.", qkv=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+                     attn_out="self_attn.o_proj", attn_norm="post_attention_layernorm", ffn_in="mlp.fc1",
+                     ffn_out="mlp.fc2", ffn_norm="post_mlp_layernorm", emb_norm="embeddings.LayerNorm")
+_JINA_HUB = dict(layer="encoder.layers.{}.", qkv=("mixer.Wqkv",), attn_out="mixer.out_proj", attn_norm="norm1",
+                 ffn_in="mlp.fc1", ffn_out="mlp.fc2", ffn_norm="norm2", emb_norm="emb_ln")
+
+
+def _jina_v3_weights(names: dict) -> Callable[[ModelConfig], WeightTable]:
+    """Post-LN, every linear and norm with a bias; Q | K | V fused into [3H, H] (or stored fused)."""
+    def table(cfg: ModelConfig) -> WeightTable:
+        out = _embeddings(cfg, norm=names["emb_norm"])
+        out.update({"pooler.weight": "pooler.dense.weight", "pooler.bias": "pooler.dense.bias"})
+        for i in range(cfg.num_layers):
+            pf, hf = f"layers.{i}.", names["layer"].format(i)
+            for p in ("weight", "bias"):
+                out[f"{pf}qkv.{p}"] = tuple(f"{hf}{s}.{p}" for s in names["qkv"])
+                for name in ("attn_out", "attn_norm", "ffn_in", "ffn_out", "ffn_norm"):
+                    out[f"{pf}{name}.{p}"] = f"{hf}{names[name]}.{p}"
+        return out
+    return table
+
+
+def _jina_lora_targets(cfg: ModelConfig) -> dict[str, tuple[str, tuple[tuple[str, ...], ...]]]:
+    """padfree weight -> (kind, alternative module tuples carrying its adapter): transformers' module names
+    (Q, K, V as three adapters) or jinaai's (one fused ``mixer.Wqkv`` adapter); see padfree.lora."""
+    out = {"embeddings.word.weight": ("embedding", (("embeddings.word_embeddings",),)),
+           "pooler.weight": ("linear", (("pooler.dense",),))}
+    if cfg.type_vocab_size:
+        out["embeddings.token_type.weight"] = ("embedding", (("embeddings.token_type_embeddings",),))
+    for i in range(cfg.num_layers):
+        for name in ("qkv", "attn_out", "ffn_in", "ffn_out"):
+            out[f"layers.{i}.{name}.weight"] = ("linear", tuple(
+                tuple(names["layer"].format(i) + m for m in (names[name] if name == "qkv" else (names[name],)))
+                for names in (_JINA_MODULES, _JINA_HUB)))
+    return out
 
 
 def _modernbert_head(c: dict) -> HeadSpec:
@@ -484,7 +576,21 @@ FAMILIES: list[Family] = [
     Family("nomic_bert", ("nomic_bert",), ("nomic_bert.",), _nomic_bert_config, _nomic_bert_weights(_NOMIC_HUB),
            optional=_POOLER, sequence_head=lambda c: HeadSpec("nomic_bert.pooler.dense", "tanh", "classifier"),
            other_layout=_nomic_bert_weights(_NOMIC_MODULES)),
+    # jina-embeddings-v3: XLM-RoBERTa with rotary positions (post-LN, biases, GELU); task LoRA adapters merged at
+    # load by padfree.lora (lora_targets: which weights carry them); RoBERTa's heads under roberta. (no
+    # masked-LM mapping: its decoder is tied to the word embeddings, which an adapter changes)
+    Family("jina_embeddings_v3", ("jina_embeddings_v3",), ("roberta.",), _jina_v3_config,
+           _jina_v3_weights(_JINA_MODULES), optional=_POOLER, sequence_head=lambda c: _TANH_HEAD,
+           other_layout=_jina_v3_weights(_JINA_HUB), lora_targets=_jina_lora_targets),
 ]
+
+
+def family_for_config(c: dict) -> Family:
+    """The family of a config.json: by ``model_type``, except jinaai's jina-embeddings-v3 config, which says
+    "xlm-roberta" with rotary positions (its remote code's dialect), served by the jina_embeddings_v3 family."""
+    if c.get("model_type") == "xlm-roberta" and c.get("position_embedding_type") == "rotary":
+        return family_for("jina_embeddings_v3")
+    return family_for(c.get("model_type", "<missing model_type>"))
 
 
 def family_for(model_type: str) -> Family:
