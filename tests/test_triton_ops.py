@@ -302,6 +302,10 @@ def test_attention_sliding_window(dtype):
         check_rotary_window(lengths, 2, 16, dtype, rotary=False, window=5)
         check_rotary_window(lengths, 2, 16, dtype, window=21, seed=1)  # wider than a block
         check_rotary_window(lengths, 1, 16, dtype, window=0, seed=2)
+        # a band edge on a block edge: query block m_lo's first key m_lo - 16, or last key m_lo + 15 + 1 = the
+        # first key of a block (a key loop bound off by one skips it)
+        check_rotary_window(lengths, 1, 16, dtype, rotary=False, window=16, seed=5)
+        check_rotary_window(lengths, 1, 16, dtype, rotary=False, window=1, seed=6)
         check_rotary_window([1, 30, 3, 25], 2, 16, dtype, window=4, seed=3)  # single tile
         check_rotary_window([3, 50, 1], 1, 32, dtype, window=6, seed=4,
                             config=dict(block_m=32, block_n=16, single_tile=False, num_warps=4, num_stages=1))
@@ -309,13 +313,14 @@ def test_attention_sliding_window(dtype):
 
 def test_attention_window_visits_only_its_band():
     """Local layers cost O(T * window): a query block reads only the key blocks its band meets. NaN values in the
-    last key block poison every query block that reads it (0 * NaN), so the first blocks must stay finite."""
-    L, window, cfg = 64, 3, dict(block_m=16, block_n=16, single_tile=False, num_warps=4, num_stages=1)
+    first and last key blocks poison every query block that reads them (0 * NaN), so the middle one (queries
+    32..47, band 29..50: key blocks 1..3) must stay finite."""
+    L, window, cfg = 80, 3, dict(block_m=16, block_n=16, single_tile=False, num_warps=4, num_stages=1)
     qkv = torch.randn(L, 3 * 32, generator=torch.Generator().manual_seed(8)).to(DEVICE)
-    qkv[48:, 64:] = float("nan")  # V of keys 48..63
+    qkv[:16, 64:] = qkv[64:, 64:] = float("nan")  # V of keys 0..15 and 64..79
     out = launch_varlen_attention(qkv, cu_seqlens_of([L]), L, 1, window=window, **cfg)
-    assert torch.isfinite(out[:32]).all()  # query blocks 0 and 1 reach keys <= 34: blocks 0..2 at most
-    assert not torch.isfinite(out[48:]).any()  # (the planted NaNs do reach the block that reads them)
+    assert torch.isfinite(out[32:48]).all()
+    assert not torch.isfinite(out[:16]).any() and not torch.isfinite(out[64:]).any()  # the NaNs do reach
 
 
 def test_attention_window_with_rel_refused():
