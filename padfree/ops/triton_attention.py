@@ -20,6 +20,13 @@ added to each tile's logits from small tables, by a gather on ``r = index[i - j 
 from ``[heads, R]``, c2p/p2c from per-token ``[heads, T, R]`` score tables computed by one batched product
 before the launch. No padded or ``S x S`` bias exists.
 
+Rotary positions (``rotary=(cos, sin)``, ``[T, d/2]`` fp32 tables; ModernBERT, NomicBERT, EuroBERT): Q and K
+are rotated as they are loaded (``_load_head``), pairs ``(x[m], x[m + d/2])`` ("rotate half"), in fp32 after
+the bias, rounded once to the dtype. With rotary the K bias no longer cancels (``q . R_j b_k`` depends on the
+key), so it is added to K before the rotation. A sliding window (``window=w``: ``|i - j| <= w``, ModernBERT's
+local layers) limits each query block's key loop to the blocks that meet ``[m_lo - w, m_hi + w]``, so a local
+layer costs ``O(T w)``; the band is masked inside those tiles. Each is a constexpr variant of the one kernel.
+
 Short sequences (``max_seqlen <= SHORT_MAX``) take a single-tile path: the whole key range of a sequence is one
 tile and the softmax is computed directly (no running rescale). Block sizes come from measurements (see
 ``attention_config``).
