@@ -409,3 +409,17 @@ def test_masked_lm_checkpoint_gives_its_encoder(tmp_path):
     ref = hf_hidden(model.model, ids, mask, kw)
     for source in (model, tmp_path):
         assert max_diff(padfree.from_pretrained(source)(ids, mask).last_hidden_state, ref, mask) <= FP32_TOL
+
+
+def test_bucketed_forward_on_triton(triton_everywhere):
+    """The CUDA-graph runner's static layout (sequence slots of length 0, token slots in no sequence, max_seqlen =
+    the bucket) through the Triton kernels with rotary and a window narrower than the bucket: every real token
+    gets the eager result (in the interpreter on a CPU, captured on a GPU)."""
+    from padfree.cuda_graphs import CudaGraphEncoder
+    gpu = torch.cuda.is_available()
+    device = "cuda" if gpu else "cpu"
+    enc = padfree.from_pretrained(make(0), device=device, backend="triton")
+    runner = CudaGraphEncoder(enc, buckets=(48,), max_batch=6, capture=gpu)
+    for lengths in ([3, 17, 1], [40], [9, 9, 20]):
+        batch = padfree.PackedBatch.from_sequences([list(range(3, 3 + n)) for n in lengths], device=device)
+        torch.testing.assert_close(runner.forward_packed(batch), enc.forward_packed(batch), atol=1e-5, rtol=1e-5)
