@@ -21,11 +21,13 @@ from ``[heads, R]``, c2p/p2c from per-token ``[heads, T, R]`` score tables compu
 before the launch. No padded or ``S x S`` bias exists.
 
 Rotary positions (``rotary=(cos, sin)``, ``[T, d/2]`` fp32 tables; ModernBERT, NomicBERT, EuroBERT): Q and K
-are rotated as they are loaded (``_load_head``), pairs ``(x[m], x[m + d/2])`` ("rotate half"), in fp32 after
-the bias, rounded once to the dtype. With rotary the K bias no longer cancels (``q . R_j b_k`` depends on the
-key), so it is added to K before the rotation. A sliding window (``window=w``: ``|i - j| <= w``, ModernBERT's
-local layers) limits each query block's key loop to the blocks that meet ``[m_lo - w, m_hi + w]``, so a local
-layer costs ``O(T w)``; the band is masked inside those tiles. Each is a constexpr variant of the one kernel.
+are rotated as they are loaded (``_load_rotated``), pairs ``(x[m], x[m + d/2])`` ("rotate half"), in fp32
+after the bias, rounded once to the dtype; they stay as two halves and the logits are ``q1 . k1 + q2 . k2``
+(two products of depth d/2), so each element and each table entry is loaded once. With rotary the K bias no
+longer cancels (``q . R_j b_k`` depends on the key), so it is added to K before the rotation. A sliding window
+(``window=w``: ``|i - j| <= w``, ModernBERT's local layers) limits each query block's key loop to the blocks
+that meet ``[m_lo - w, m_hi + w]``, so a local layer costs ``O(T w)``; the band is masked inside those tiles.
+Each is a constexpr variant of the one kernel.
 
 Short sequences (``max_seqlen <= SHORT_MAX``) take a single-tile path: the whole key range of a sequence is one
 tile and the softmax is computed directly (no running rescale). Block sizes come from measurements (see
@@ -83,44 +85,53 @@ def _relative_terms(offs_m, cols, seqlen, max_seqlen, row0, head, index_ptr, bia
 
 
 @triton.jit
-def _load_head(base, rows, row_ok, offs_d, stride_row, bias_ptr, cos_ptr, sin_ptr, stride_rot, row0,
-               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HAS_BIAS: tl.constexpr, ROTARY: tl.constexpr):
-    """One head's ``[len(rows), BLOCK_D]`` tile of Q or K (``base``: its column 0 of the sequence's row 0), with
-    its bias (``bias_ptr``: the head's slice) added and, if ``ROTARY``, rotated by its tokens' angles (the
-    "rotate half" pairing ``(x[m], x[m + d/2])``; ``cos``/``sin`` ``[T, d/2]`` fp32 rows ``row0 + rows``): in fp32,
-    then rounded once to the tile's dtype. The partner half is a second load of the same rows (cached)."""
+def _load_head(base, rows, row_ok, offs_d, stride_row, bias_ptr, HEAD_DIM: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """One head's ``[len(rows), BLOCK_D]`` tile of Q (``base``: its column 0 of the sequence's row 0) with its bias
+    (``bias_ptr``: the head's slice) added in fp32, rounded once to the tile's dtype."""
     d_ok = offs_d < HEAD_DIM
-    mask = row_ok[:, None] & d_ok[None, :]
-    x = tl.load(base + rows[:, None] * stride_row + offs_d[None, :], mask=mask, other=0.0)
-    y = x.to(tl.float32)
+    x = tl.load(base + rows[:, None] * stride_row + offs_d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
     if HAS_BIAS:
-        y += tl.load(bias_ptr + offs_d, mask=d_ok, other=0.0).to(tl.float32)[None, :]
-    if ROTARY:
-        HALF: tl.constexpr = HEAD_DIM // 2
-        lower = offs_d < HALF
-        partner = tl.where(lower, offs_d + HALF, offs_d - HALF)  # the other element of each pair
-        xp = tl.load(base + rows[:, None] * stride_row + partner[None, :], mask=mask, other=0.0).to(tl.float32)
-        if HAS_BIAS:
-            xp += tl.load(bias_ptr + partner, mask=d_ok, other=0.0).to(tl.float32)[None, :]
-        rot_off = (row0 + rows)[:, None] * stride_rot + tl.where(lower, offs_d, offs_d - HALF)[None, :]
-        c = tl.load(cos_ptr + rot_off, mask=mask, other=0.0)
-        sn = tl.load(sin_ptr + rot_off, mask=mask, other=0.0)
-        # (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin)
-        y = y * c + tl.where(lower, -1.0, 1.0)[None, :] * xp * sn
-    return y.to(x.dtype)
+        x = (x.to(tl.float32) + tl.load(bias_ptr + offs_d, mask=d_ok, other=0.0).to(tl.float32)[None, :]).to(x.dtype)
+    return x
 
 
 @triton.jit
-def _attn_kv_block(acc, l_i, m_i, q, k_base, v_base, start_n, offs_m, offs_n, offs_d, seqlen, stride_row,
+def _load_rotated(base, rows, row_ok, stride_row, bias_ptr, cos_ptr, sin_ptr, stride_rot, row0,
+                  HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """One head's Q or K tile rotated, as its two halves ``(x[:d/2], x[d/2:])``, each ``[len(rows), BLOCK_H]``:
+    the bias added, then each pair ``(x1, x2) = (x[m], x[m + d/2])`` turned by its token's angle (``cos``/``sin``
+    ``[T, d/2]`` fp32, rows ``row0 + rows``) to ``(x1 cos - x2 sin, x2 cos + x1 sin)``, in fp32, rounded once to
+    the dtype. Kept as halves (the scores are ``q1 . k1 + q2 . k2``), each element is loaded once and each table
+    entry once, for both halves."""
+    HALF: tl.constexpr = HEAD_DIM // 2
+    offs_h = tl.arange(0, BLOCK_H)
+    h_ok = offs_h < HALF
+    mask = row_ok[:, None] & h_ok[None, :]
+    ptrs = base + rows[:, None] * stride_row + offs_h[None, :]
+    x1 = tl.load(ptrs, mask=mask, other=0.0)
+    y1 = x1.to(tl.float32)
+    y2 = tl.load(ptrs + HALF, mask=mask, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        y1 += tl.load(bias_ptr + offs_h, mask=h_ok, other=0.0).to(tl.float32)[None, :]
+        y2 += tl.load(bias_ptr + HALF + offs_h, mask=h_ok, other=0.0).to(tl.float32)[None, :]
+    rot = (row0 + rows)[:, None] * stride_rot + offs_h[None, :]
+    c = tl.load(cos_ptr + rot, mask=mask, other=0.0)
+    sn = tl.load(sin_ptr + rot, mask=mask, other=0.0)
+    return (y1 * c - y2 * sn).to(x1.dtype), (y2 * c + y1 * sn).to(x1.dtype)
+
+
+@triton.jit
+def _attn_kv_block(acc, l_i, m_i, q, q2, k_base, v_base, start_n, offs_m, offs_n, offs_d, seqlen, stride_row,
                    qk_scale, max_seqlen, row0, head, index_ptr, rel_bias_ptr, c2p_ptr, p2c_ptr, R, stride_rel_head,
                    kbias_ptr, cos_ptr, sin_ptr, stride_rot, window,
-                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, MASK_N: tl.constexpr,
+                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr, MASK_N: tl.constexpr,
                    HAS_REL_BIAS: tl.constexpr, HAS_C2P: tl.constexpr, HAS_P2C: tl.constexpr,
                    HAS_BIAS: tl.constexpr, ROTARY: tl.constexpr, WINDOW: tl.constexpr,
                    PRECISION: tl.constexpr, INTERPRET: tl.constexpr):
     """One step of the online softmax over keys ``start_n + offs_n``; returns the updated (acc, l_i, m_i).
-    ``ROTARY``: K gets its bias and its rotation as it is loaded; ``WINDOW``: keys with ``|i - j| > window`` are
-    masked (a tile may then hold no key of some query row: the running max stays finite-safe)."""
+    ``ROTARY``: ``q``, ``q2`` are Q's rotated halves and K gets its bias and rotation as it is loaded;
+    ``WINDOW``: keys with ``|i - j| > window`` are masked (a tile may then hold no key of some query row: the
+    running max stays finite-safe)."""
     cols = start_n + offs_n  # [BLOCK_N] key positions inside the sequence
     ptr_off = cols[:, None] * stride_row + offs_d[None, :]  # [BLOCK_N, BLOCK_D]
     if MASK_N:
@@ -142,9 +153,12 @@ def _attn_kv_block(acc, l_i, m_i, q, k_base, v_base, start_n, offs_m, offs_n, of
             if not ROTARY:
                 k = tl.load(k_base + ptr_off)
     if ROTARY:  # the K bias is added, then rotated (the bias-skipping identity holds only without rotation)
-        k = _load_head(k_base, cols, cols < seqlen, offs_d, stride_row, kbias_ptr, cos_ptr, sin_ptr, stride_rot,
-                       row0, HEAD_DIM, BLOCK_D, HAS_BIAS, True)
-    s = _mma(q, tl.trans(k), None, PRECISION, INTERPRET) * qk_scale  # [BLOCK_M, BLOCK_N] logits, log2 units
+        k1, k2 = _load_rotated(k_base, cols, cols < seqlen, stride_row, kbias_ptr, cos_ptr, sin_ptr, stride_rot,
+                               row0, HEAD_DIM, BLOCK_H, HAS_BIAS)
+        s = _mma(q2, tl.trans(k2), _mma(q, tl.trans(k1), None, PRECISION, INTERPRET), PRECISION, INTERPRET)
+        s = s * qk_scale
+    else:
+        s = _mma(q, tl.trans(k), None, PRECISION, INTERPRET) * qk_scale  # [BLOCK_M, BLOCK_N] logits, log2 units
     if HAS_REL_BIAS or HAS_C2P or HAS_P2C:
         s += _relative_terms(offs_m, cols, seqlen, max_seqlen, row0, head, index_ptr, rel_bias_ptr, c2p_ptr,
                              p2c_ptr, R, stride_rel_head, HAS_REL_BIAS, HAS_C2P, HAS_P2C) * _LOG2E
@@ -171,9 +185,9 @@ def _varlen_attention_kernel(qkv_ptr, bias_ptr, out_ptr, cu_seqlens_ptr, stride_
                              max_seqlen, index_ptr, rel_bias_ptr, c2p_ptr, p2c_ptr, R, stride_rel_head,
                              cos_ptr, sin_ptr, stride_rot, window,
                              NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SINGLE_TILE: tl.constexpr,
-                             HAS_BIAS: tl.constexpr, HAS_REL_BIAS: tl.constexpr, HAS_C2P: tl.constexpr,
-                             HAS_P2C: tl.constexpr, ROTARY: tl.constexpr, WINDOW: tl.constexpr,
+                             BLOCK_H: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                             SINGLE_TILE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_REL_BIAS: tl.constexpr,
+                             HAS_C2P: tl.constexpr, HAS_P2C: tl.constexpr, ROTARY: tl.constexpr, WINDOW: tl.constexpr,
                              PRECISION: tl.constexpr, INTERPRET: tl.constexpr):
     pid_m = tl.program_id(0)
     seq = tl.program_id(1)
@@ -197,9 +211,14 @@ def _varlen_attention_kernel(qkv_ptr, bias_ptr, out_ptr, cu_seqlens_ptr, stride_
         q_mask = (offs_m[:, None] < seqlen) & (offs_d[None, :] < HEAD_DIM)
     else:
         q_mask = offs_m[:, None] < seqlen
-    # Q with its bias (and rotation), rounded once to qkv's dtype
-    q = _load_head(q_base, offs_m, offs_m < seqlen, offs_d, stride_row, bias_ptr + head * HEAD_DIM, cos_ptr,
-                   sin_ptr, stride_rot, row0, HEAD_DIM, BLOCK_D, HAS_BIAS, ROTARY)
+    # Q with its bias (rotary: and its rotation, as two halves), rounded once to qkv's dtype
+    if ROTARY:
+        q, q2 = _load_rotated(q_base, offs_m, offs_m < seqlen, stride_row, bias_ptr + head * HEAD_DIM, cos_ptr,
+                              sin_ptr, stride_rot, row0, HEAD_DIM, BLOCK_H, HAS_BIAS)
+    else:
+        q = _load_head(q_base, offs_m, offs_m < seqlen, offs_d, stride_row, bias_ptr + head * HEAD_DIM, HEAD_DIM,
+                       HAS_BIAS)
+        q2 = q  # unused
 
     if SINGLE_TILE:
         # the whole sequence's keys in one tile: plain softmax, no running rescale
@@ -209,12 +228,14 @@ def _varlen_attention_kernel(qkv_ptr, bias_ptr, out_ptr, cu_seqlens_ptr, stride_
         else:
             kv_mask = offs_n[:, None] < seqlen
         if ROTARY:
-            k = _load_head(k_base, offs_n, offs_n < seqlen, offs_d, stride_row, kbias_ptr, cos_ptr, sin_ptr,
-                           stride_rot, row0, HEAD_DIM, BLOCK_D, HAS_BIAS, True)
+            k1, k2 = _load_rotated(k_base, offs_n, offs_n < seqlen, stride_row, kbias_ptr, cos_ptr, sin_ptr,
+                                   stride_rot, row0, HEAD_DIM, BLOCK_H, HAS_BIAS)
+            s = _mma(q2, tl.trans(k2), _mma(q, tl.trans(k1), None, PRECISION, INTERPRET), PRECISION, INTERPRET)
+            s = s * qk_scale
         else:
             k = tl.load(k_base + ptr_off, mask=kv_mask, other=0.0)
+            s = _mma(q, tl.trans(k), None, PRECISION, INTERPRET) * qk_scale
         v = tl.load(v_base + ptr_off, mask=kv_mask, other=0.0)
-        s = _mma(q, tl.trans(k), None, PRECISION, INTERPRET) * qk_scale
         if HAS_REL_BIAS or HAS_C2P or HAS_P2C:
             s += _relative_terms(offs_m, offs_n, seqlen, max_seqlen, row0, head, index_ptr, rel_bias_ptr,
                                  c2p_ptr, p2c_ptr, R, stride_rel_head, HAS_REL_BIAS, HAS_C2P, HAS_P2C) * _LOG2E
@@ -240,46 +261,46 @@ def _varlen_attention_kernel(qkv_ptr, bias_ptr, out_ptr, cu_seqlens_ptr, stride_
             if INTERPRET:
                 start_n = lo_n
                 while start_n < hi_n:
-                    acc, l_i, m_i = _attn_kv_block(acc, l_i, m_i, q, k_base, v_base, start_n, offs_m, offs_n,
+                    acc, l_i, m_i = _attn_kv_block(acc, l_i, m_i, q, q2, k_base, v_base, start_n, offs_m, offs_n,
                                                    offs_d, seqlen, stride_row, qk_scale, max_seqlen, row0, head,
                                                    index_ptr, rel_bias_ptr, c2p_ptr, p2c_ptr, R, stride_rel_head,
                                                    kbias_ptr, cos_ptr, sin_ptr, stride_rot, window, HEAD_DIM,
-                                                   BLOCK_D, True, HAS_REL_BIAS, HAS_C2P, HAS_P2C, HAS_BIAS,
+                                                   BLOCK_D, BLOCK_H, True, HAS_REL_BIAS, HAS_C2P, HAS_P2C, HAS_BIAS,
                                                    ROTARY, True, PRECISION, INTERPRET)
                     start_n += BLOCK_N
             else:
                 for start_n in range(lo_n, hi_n, BLOCK_N):
-                    acc, l_i, m_i = _attn_kv_block(acc, l_i, m_i, q, k_base, v_base, start_n, offs_m, offs_n,
+                    acc, l_i, m_i = _attn_kv_block(acc, l_i, m_i, q, q2, k_base, v_base, start_n, offs_m, offs_n,
                                                    offs_d, seqlen, stride_row, qk_scale, max_seqlen, row0, head,
                                                    index_ptr, rel_bias_ptr, c2p_ptr, p2c_ptr, R, stride_rel_head,
                                                    kbias_ptr, cos_ptr, sin_ptr, stride_rot, window, HEAD_DIM,
-                                                   BLOCK_D, True, HAS_REL_BIAS, HAS_C2P, HAS_P2C, HAS_BIAS,
+                                                   BLOCK_D, BLOCK_H, True, HAS_REL_BIAS, HAS_C2P, HAS_P2C, HAS_BIAS,
                                                    ROTARY, True, PRECISION, INTERPRET)
         else:
             n_full = (seqlen // BLOCK_N) * BLOCK_N  # keys [0, n_full) need no bounds mask
             if INTERPRET:  # Triton's CPU interpreter cannot take a tensor as range() bound under numpy >= 2.4
                 start_n = 0
                 while start_n < n_full:
-                    acc, l_i, m_i = _attn_kv_block(acc, l_i, m_i, q, k_base, v_base, start_n, offs_m, offs_n,
+                    acc, l_i, m_i = _attn_kv_block(acc, l_i, m_i, q, q2, k_base, v_base, start_n, offs_m, offs_n,
                                                    offs_d, seqlen, stride_row, qk_scale, max_seqlen, row0, head,
                                                    index_ptr, rel_bias_ptr, c2p_ptr, p2c_ptr, R, stride_rel_head,
                                                    kbias_ptr, cos_ptr, sin_ptr, stride_rot, window, HEAD_DIM,
-                                                   BLOCK_D, False, HAS_REL_BIAS, HAS_C2P, HAS_P2C, HAS_BIAS,
+                                                   BLOCK_D, BLOCK_H, False, HAS_REL_BIAS, HAS_C2P, HAS_P2C, HAS_BIAS,
                                                    ROTARY, False, PRECISION, INTERPRET)
                     start_n += BLOCK_N
             else:
                 for start_n in range(0, n_full, BLOCK_N):
-                    acc, l_i, m_i = _attn_kv_block(acc, l_i, m_i, q, k_base, v_base, start_n, offs_m, offs_n,
+                    acc, l_i, m_i = _attn_kv_block(acc, l_i, m_i, q, q2, k_base, v_base, start_n, offs_m, offs_n,
                                                    offs_d, seqlen, stride_row, qk_scale, max_seqlen, row0, head,
                                                    index_ptr, rel_bias_ptr, c2p_ptr, p2c_ptr, R, stride_rel_head,
                                                    kbias_ptr, cos_ptr, sin_ptr, stride_rot, window, HEAD_DIM,
-                                                   BLOCK_D, False, HAS_REL_BIAS, HAS_C2P, HAS_P2C, HAS_BIAS,
+                                                   BLOCK_D, BLOCK_H, False, HAS_REL_BIAS, HAS_C2P, HAS_P2C, HAS_BIAS,
                                                    ROTARY, False, PRECISION, INTERPRET)
             if n_full < seqlen:
-                acc, l_i, m_i = _attn_kv_block(acc, l_i, m_i, q, k_base, v_base, n_full, offs_m, offs_n, offs_d,
+                acc, l_i, m_i = _attn_kv_block(acc, l_i, m_i, q, q2, k_base, v_base, n_full, offs_m, offs_n, offs_d,
                                                seqlen, stride_row, qk_scale, max_seqlen, row0, head, index_ptr,
                                                rel_bias_ptr, c2p_ptr, p2c_ptr, R, stride_rel_head, kbias_ptr,
-                                               cos_ptr, sin_ptr, stride_rot, window, HEAD_DIM, BLOCK_D, True,
+                                               cos_ptr, sin_ptr, stride_rot, window, HEAD_DIM, BLOCK_D, BLOCK_H, True,
                                                HAS_REL_BIAS, HAS_C2P, HAS_P2C, HAS_BIAS, ROTARY, False,
                                                PRECISION, INTERPRET)
 
@@ -427,6 +448,7 @@ def _launch(qkv, cu_seqlens, max_seqlen, num_heads, head_dim, qkv_bias, scale, r
         _or(index, cu_seqlens), _or(rel_bias, qkv), _or(c2p, qkv), _or(p2c, qkv), R, T * R,
         _or(cos, qkv), _or(sin, qkv), head_dim // 2, window if windowed else 0,
         NUM_HEADS=num_heads, HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim),
+        BLOCK_H=max(16, triton.next_power_of_2(head_dim // 2)),
         BLOCK_M=block_m, BLOCK_N=block_n, SINGLE_TILE=single_tile, HAS_BIAS=qkv_bias is not None,
         HAS_REL_BIAS=rel_bias is not None, HAS_C2P=c2p is not None, HAS_P2C=p2c is not None,
         ROTARY=rotary is not None, WINDOW=windowed,
