@@ -83,8 +83,9 @@ def patch(module, name):
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
-def attention(dtype, max_len, head_dim, qkv_bias=True, rel=None, heads=4, rows=9):
-    """Run the public attention on zero CPU tensors of one shape; ``rel``: None, "bias" or "disentangled"."""
+def attention(dtype, max_len, head_dim, qkv_bias=True, rel=None, heads=4, rows=9, rotary=False, window=None):
+    """Run the public attention on zero CPU tensors of one shape; ``rel``: None, "bias" or "disentangled";
+    ``rotary``: with RoPE tables; ``window``: a sliding window."""
     H = heads * head_dim
     qkv = torch.zeros(2 * max_len, 3 * H, dtype=dtype)
     cu = torch.tensor([0, max_len, 2 * max_len], dtype=torch.int32)
@@ -94,7 +95,8 @@ def attention(dtype, max_len, head_dim, qkv_bias=True, rel=None, heads=4, rows=9
               "bias": RelativeScores(index, bias=torch.zeros(heads, rows, dtype=dtype)),
               "disentangled": RelativeScores(index, pos_key=torch.zeros(heads, rows, head_dim, dtype=dtype),
                                              pos_query=torch.zeros(heads, rows, head_dim, dtype=dtype))}[rel]
-    triton_attention.varlen_attention(qkv, cu, max_len, heads, bias, rel=scores)
+    tables = (torch.zeros(2 * max_len, head_dim // 2), torch.zeros(2 * max_len, head_dim // 2)) if rotary else None
+    triton_attention.varlen_attention(qkv, cu, max_len, heads, bias, rel=scores, rotary=tables, window=window)
 
 
 def attention_variants():
@@ -105,6 +107,15 @@ def attention_variants():
             attention(dtype, max_len, 64)
             attention(dtype, max_len, 64, rel="disentangled")
         attention(torch.float16, max_len, 64, rel="bias")
+        # ModernBERT (rotary, windowed local layers, no QKV bias), NomicBERT and EuroBERT (rotary, with and
+        # without a QKV bias): every dtype, and every head size in fp16
+        for dtype in DTYPES:
+            for qkv_bias in (True, False):
+                attention(dtype, max_len, 64, qkv_bias, rotary=True)
+                attention(dtype, max_len, 64, qkv_bias, rotary=True, window=16)
+            attention(dtype, max_len, 64, window=16)
+        for head_dim in triton_attention.HEAD_DIMS:
+            attention(torch.float16, max_len, head_dim, rotary=True, window=16)
     attention(torch.float16, 300, 64, qkv_bias=False)
 
 
@@ -114,13 +125,19 @@ def row_variants():
             x = torch.zeros(8, H, dtype=dtype)
             v = torch.zeros(H, dtype=dtype)
             for bias in (v, None):
-                triton_layer_norm.add_bias_residual_layer_norm(x, bias, x, v, v, 1e-12)
-            for act in (ACTIVATIONS if dtype == torch.float16 else ("gelu",)):
+                for ln_bias in (v, None):  # None: a LayerNorm without bias (ModernBERT)
+                    triton_layer_norm.add_bias_residual_layer_norm(x, bias, x, v, ln_bias, 1e-12)
+            triton_layer_norm.rms_norm(x, v, 1e-6)
+            x2, v2 = torch.zeros(8, 2 * H, dtype=dtype), torch.zeros(2 * H, dtype=dtype)
+            for act in (ACTIVATIONS if dtype == torch.float16 else ("gelu", "silu")):
                 triton_activation.bias_act(x, v, act)
+                for bias in (v2, None):
+                    triton_activation.gated_act(x2, bias, act)
             ids = torch.zeros(8, dtype=torch.long)
             table = torch.zeros(16, H, dtype=dtype)
             for position, token_type in ((table, table), (None, None)):
                 triton_embedding.embed_layer_norm(ids, ids, ids, table, position, token_type, v, v, 1e-12)
+            triton_embedding.embed_layer_norm(ids, None, None, table, None, None, v, None, 1e-5)  # ModernBERT
 
 
 def main(argv: list[str]) -> int:
@@ -129,6 +146,8 @@ def main(argv: list[str]) -> int:
     patch(triton_attention, "_varlen_attention_kernel")
     patch(triton_layer_norm, "_add_bias_residual_layer_norm_kernel")
     patch(triton_activation, "_bias_act_kernel")
+    patch(triton_activation, "_gated_act_kernel")
+    patch(triton_layer_norm, "_rms_norm_kernel")
     patch(triton_embedding, "_embed_layer_norm_kernel")
     t0 = time.perf_counter()
     attention_variants()

@@ -1,6 +1,6 @@
-"""End to end on a CUDA GPU (skipped without one): BERT-base and DeBERTa-v3-base parity with transformers in
-fp16/bf16 through the Triton backend (DeBERTa's relative terms inside the attention kernel), and CUDA-graph
-replay equal to the eager forward."""
+"""End to end on a CUDA GPU (skipped without one): BERT-base, DeBERTa-v3-base and a ModernBERT-base-shaped model
+parity with transformers in fp16/bf16 through the Triton backend (DeBERTa's relative terms, ModernBERT's rotary
+and sliding window inside the attention kernel), and CUDA-graph replay equal to the eager forward."""
 import pytest
 import torch
 
@@ -24,6 +24,18 @@ def deberta_v3_base(seed=0):
     return DebertaV2Model(cfg).eval().cuda()  # the deberta-v3-base shape: 12 layers, 768, 12 heads
 
 
+def modernbert_base(seed=0, layers=4):
+    """ModernBERT-base's widths (768, 12 heads of 64, GeGLU 1152) and 128-token local attention (window 64), with
+    fewer layers: a global and local layers, sequences longer than the window."""
+    from transformers import ModernBertConfig, ModernBertModel
+    torch.manual_seed(seed)
+    cfg = ModernBertConfig(num_hidden_layers=layers, pad_token_id=0)
+    return ModernBertModel._from_config(cfg, attn_implementation="sdpa").eval().cuda()
+
+
+FAMILIES = {"bert": bert_base, "deberta-v3": deberta_v3_base, "modernbert": modernbert_base}
+
+
 def ragged(lengths, vocab=30522, seed=0):
     g = torch.Generator().manual_seed(seed)
     S = max(lengths)
@@ -33,9 +45,9 @@ def ragged(lengths, vocab=30522, seed=0):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("family", ["bert", "deberta-v3"])
+@pytest.mark.parametrize("family", ["bert", "deberta-v3", "modernbert"])
 def test_base_parity_half(family, dtype):
-    hf = bert_base() if family == "bert" else deberta_v3_base()
+    hf = FAMILIES[family]()
     ids, mask = ragged([1, 512, 77, 300, 128, 5, 64, 200])
     with torch.no_grad():
         ref = hf(input_ids=ids, attention_mask=mask).last_hidden_state
@@ -61,11 +73,10 @@ def test_bert_base_parity_fp32():
     assert (out[real] - ref[real]).abs().max().item() <= 1e-4
 
 
-@pytest.mark.parametrize("family", ["bert", "deberta-v3"])
+@pytest.mark.parametrize("family", ["bert", "deberta-v3", "modernbert"])
 def test_cuda_graph_replay_matches_eager(family):
     from padfree.cuda_graphs import CudaGraphEncoder
-    enc = padfree.from_pretrained(bert_base() if family == "bert" else deberta_v3_base(), dtype=torch.float16,
-                                  device="cuda")
+    enc = padfree.from_pretrained(FAMILIES[family](), dtype=torch.float16, device="cuda")
     runner = CudaGraphEncoder(enc, buckets=(64, 256), max_batch=8)
     for lengths in ([3, 17, 1], [60], [100, 90, 50], [7] * 8, [300]):
         batch = padfree.PackedBatch.from_sequences(

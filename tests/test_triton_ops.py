@@ -22,13 +22,14 @@ triton = pytest.importorskip("triton")
 from padfree.ops import torch_backend  # noqa: E402
 from padfree.ops.activations import ACTIVATIONS, apply_activation  # noqa: E402
 from padfree.ops.reference import (add_bias_residual_layer_norm_ref, bias_act_ref,  # noqa: E402
-                                   embed_layer_norm_ref, varlen_attention_ref)
+                                   embed_layer_norm_ref, gated_act_ref, rms_norm_ref, varlen_attention_ref)
 from padfree.ops.relative import RelativeScores, relative_score_terms  # noqa: E402
-from padfree.ops.triton_activation import bias_act  # noqa: E402
+from padfree.ops.rotary import apply_rotary, rotary_tables  # noqa: E402
+from padfree.ops.triton_activation import bias_act, gated_act  # noqa: E402
 from padfree.ops.triton_attention import (HEAD_DIMS, launch_varlen_attention,  # noqa: E402
                                           varlen_attention)
 from padfree.ops.triton_embedding import embed_layer_norm  # noqa: E402
-from padfree.ops.triton_layer_norm import add_bias_residual_layer_norm  # noqa: E402
+from padfree.ops.triton_layer_norm import add_bias_residual_layer_norm, rms_norm  # noqa: E402
 
 GPU = torch.cuda.is_available()
 DEVICE = "cuda" if GPU else "cpu"
@@ -62,13 +63,17 @@ def ragged_lengths(max_len, n, gen):
 
 
 # ------------------------------------------------------------------------------------------------ attention
-def plain_attention(qkv, cu_seqlens, num_heads, qkv_bias, scale, rel=None, max_seqlen=0):
+def plain_attention(qkv, cu_seqlens, num_heads, qkv_bias, scale, rel=None, max_seqlen=0, rotary=None, window=None):
     """Per-sequence ``softmax(q k^T * scale + rel terms) v`` in qkv's own dtype (what plain PyTorch code
-    computes; the relative terms are rounded to that dtype as an additive mask)."""
+    computes; the relative terms are rounded to that dtype as an additive mask; Q and K rotated by the torch
+    backend's ``apply_rotary``, rounded to the dtype; the window as a band mask)."""
     T, three_h = qkv.shape
     d = three_h // 3 // num_heads
     scale = 1.0 / math.sqrt(d) if scale is None else scale
-    x = (qkv if qkv_bias is None else qkv + qkv_bias).view(T, 3, num_heads, d)
+    x = qkv if qkv_bias is None else qkv + qkv_bias
+    if rotary is not None:
+        x = apply_rotary(x, *rotary, num_heads)
+    x = x.view(T, 3, num_heads, d)
     out = torch.empty(T, num_heads, d, dtype=qkv.dtype, device=qkv.device)
     bounds = cu_seqlens.tolist()
     for s, e in zip(bounds[:-1], bounds[1:]):
@@ -76,6 +81,9 @@ def plain_attention(qkv, cu_seqlens, num_heads, qkv_bias, scale, rel=None, max_s
         logits = (q @ k.transpose(1, 2)) * scale
         if rel is not None:
             logits = logits + relative_score_terms(q[None], k[None], rel, max_seqlen, scale)[0].to(qkv.dtype)
+        if window is not None:
+            pos = torch.arange(e - s, device=qkv.device)
+            logits = logits.masked_fill((pos[:, None] - pos[None, :]).abs() > window, float("-inf"))
         p = torch.softmax(logits, dim=-1)
         out[s:e] = (p @ v).transpose(0, 1)
     return out.reshape(T, -1)
@@ -241,22 +249,120 @@ def test_registry_selects_triton():
     assert name == "triton" and fn is varlen_attention
 
 
+# ------------------------------------------------------------------------------------------------ rotary, window
+def check_rotary_window(lengths, heads, head_dim, dtype, rotary=True, window=None, with_bias=True, config=None,
+                        seed=0, theta=10000.0):
+    """Rotary and/or sliding window against the fp32 reference; positions restart at each sequence (as
+    ``PackedBatch.position_ids``), the bias is added before the rotation (a K bias matters under rotary)."""
+    gen = torch.Generator().manual_seed(seed)
+    cu, max_len = cu_seqlens_of(lengths), max(lengths)
+    T, H = sum(lengths), heads * head_dim
+    qkv = torch.randn(T, 3 * H, generator=gen).to(DEVICE, dtype)
+    bias = (torch.randn(3 * H, generator=gen)).to(DEVICE, dtype) if with_bias else None
+    pos = torch.cat([torch.arange(n) for n in lengths]).to(DEVICE)
+    tables = rotary_tables(pos, head_dim, theta) if rotary else None
+    kw = dict(rotary=tables, window=window)
+    if config is None:
+        out = varlen_attention(qkv, cu, max_len, heads, bias, None, **kw)
+    else:
+        out = launch_varlen_attention(qkv, cu, max_len, heads, bias, None, **config, **kw)
+    ref = varlen_attention_ref(qkv.float(), cu, max_len, heads, None if bias is None else bias.float(), None, **kw)
+    plain = plain_attention(qkv, cu, heads, bias, None, **kw)
+    assert_close_to_ref(out, ref, plain, dtype, f"rotary={rotary} window={window} d={head_dim} {config}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_attention_rotary(dtype):
+    """Q and K rotated inside the kernel, with a QKV bias (the K bias is added, then rotated): the single-tile and
+    the streaming path, a padded head size (80: the pairs (m, m + 40) inside a 128-wide tile), length 1."""
+    if GPU:
+        for max_len in (60, 500):
+            for head_dim in (64, 80, 128):
+                check_rotary_window(ragged_lengths(max_len, 8, torch.Generator().manual_seed(max_len)), 4,
+                                    head_dim, dtype)
+    else:
+        check_rotary_window([1, 30, 12, 30], 2, 32, dtype)  # single tile
+        check_rotary_window([1, 33, 48, 0, 7], 2, 32, dtype, seed=1)  # streaming, a zero-length sequence
+        check_rotary_window([1, 5, 20], 1, 80, dtype, seed=2)
+        check_rotary_window([2, 40], 2, 16, dtype, with_bias=False, seed=3)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_attention_sliding_window(dtype):
+    """The band ``|i - j| <= window`` alone and with rotary: windows smaller and larger than a key block, lengths
+    past the window and within it, length 1, window 0 (each token sees itself only)."""
+    if GPU:
+        lengths = ragged_lengths(700, 8, torch.Generator().manual_seed(6))
+        for window in (64, 100, 256):
+            check_rotary_window(lengths, 4, 64, dtype, rotary=False, window=window)
+            check_rotary_window(lengths, 4, 64, dtype, window=window, seed=window)
+        check_rotary_window(ragged_lengths(60, 20, torch.Generator().manual_seed(7)), 4, 64, dtype, window=10)
+    else:
+        lengths = [1, 50, 7, 0, 36, 12]  # streaming path: 16x16 tiles
+        check_rotary_window(lengths, 2, 16, dtype, rotary=False, window=5)
+        check_rotary_window(lengths, 2, 16, dtype, window=21, seed=1)  # wider than a block
+        check_rotary_window(lengths, 1, 16, dtype, window=0, seed=2)
+        # a band edge on a block edge: query block m_lo's first key m_lo - 16, or last key m_lo + 15 + 1 = the
+        # first key of a block (a key loop bound off by one skips it)
+        check_rotary_window(lengths, 1, 16, dtype, rotary=False, window=16, seed=5)
+        check_rotary_window(lengths, 1, 16, dtype, rotary=False, window=1, seed=6)
+        check_rotary_window([1, 30, 3, 25], 2, 16, dtype, window=4, seed=3)  # single tile
+        check_rotary_window([3, 50, 1], 1, 32, dtype, window=6, seed=4,
+                            config=dict(block_m=32, block_n=16, single_tile=False, num_warps=4, num_stages=1))
+
+
+def test_attention_window_visits_only_its_band():
+    """Local layers cost O(T * window): a query block reads only the key blocks its band meets. NaN values in the
+    first and last key blocks poison every query block that reads them (0 * NaN), so the middle one (queries
+    32..47, band 29..50: key blocks 1..3) must stay finite."""
+    L, window, cfg = 80, 3, dict(block_m=16, block_n=16, single_tile=False, num_warps=4, num_stages=1)
+    qkv = torch.randn(L, 3 * 32, generator=torch.Generator().manual_seed(8)).to(DEVICE)
+    qkv[:16, 64:] = qkv[64:, 64:] = float("nan")  # V of keys 0..15 and 64..79
+    out = launch_varlen_attention(qkv, cu_seqlens_of([L]), L, 1, window=window, **cfg)
+    assert torch.isfinite(out[32:48]).all()
+    assert not torch.isfinite(out[:16]).any() and not torch.isfinite(out[64:]).any()  # the NaNs do reach
+
+
+def test_attention_window_with_rel_refused():
+    qkv = torch.zeros(4, 3 * 2 * 32, device=DEVICE)
+    with pytest.raises(ValueError, match="sliding window with relative"):
+        varlen_attention(qkv, cu_seqlens_of([4]), 4, 2, rel=random_rel("bias", 2, 32, 4, torch.float32), window=1)
+    with pytest.raises(ValueError, match="rotary cos"):
+        varlen_attention(qkv, cu_seqlens_of([4]), 4, 2, rotary=(torch.zeros(4, 8), torch.zeros(4, 16)))
+
+
 # ------------------------------------------------------------------------------------------------ LayerNorm
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("hidden", [96, 100] if not GPU else [768, 1000, 1024, 4096])
 @pytest.mark.parametrize("with_bias", [True, False])
-def test_add_bias_residual_layer_norm(hidden, dtype, with_bias):
+@pytest.mark.parametrize("ln_bias", [True, False])
+def test_add_bias_residual_layer_norm(hidden, dtype, with_bias, ln_bias):
     gen = torch.Generator().manual_seed(hidden)
     T = 37 if not GPU else 3001
     x, res = ((2 * torch.randn(T, hidden, generator=gen) + 1).to(DEVICE, dtype) for _ in range(2))
     bias = torch.randn(hidden, generator=gen).to(DEVICE, dtype) if with_bias else None
     w = (1 + 0.1 * torch.randn(hidden, generator=gen)).to(DEVICE, dtype)
-    b = (0.1 * torch.randn(hidden, generator=gen)).to(DEVICE, dtype)
+    b = (0.5 + 0.1 * torch.randn(hidden, generator=gen)).to(DEVICE, dtype) if ln_bias else None  # None: ModernBERT
     out = add_bias_residual_layer_norm(x, bias, res, w, b, 1e-12)
     up = lambda t: None if t is None else t.float()  # noqa: E731
-    ref = add_bias_residual_layer_norm_ref(x.float(), up(bias), res.float(), w.float(), b.float(), 1e-12)
+    ref = add_bias_residual_layer_norm_ref(x.float(), up(bias), res.float(), w.float(), up(b), 1e-12)
     plain = torch_backend.add_bias_residual_layer_norm(x, bias, res, w, b, 1e-12)
     assert_close_to_ref(out, ref, plain, dtype, f"layer norm H={hidden}")
+
+
+# ------------------------------------------------------------------------------------------------ RMSNorm
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("hidden", [96, 100] if not GPU else [768, 1000, 4096])
+def test_rms_norm(hidden, dtype):
+    gen = torch.Generator().manual_seed(hidden)
+    T = 37 if not GPU else 3001
+    x = (2 * torch.randn(T, hidden, generator=gen) + 1).to(DEVICE, dtype)
+    x[0] = 0  # an all-zero row: eps alone under the root
+    w = (1 + 0.1 * torch.randn(hidden, generator=gen)).to(DEVICE, dtype)
+    out = rms_norm(x, w, 1e-6)
+    ref = rms_norm_ref(x.float(), w.float(), 1e-6)
+    plain = (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)) * w  # every step in the dtype
+    assert_close_to_ref(out, ref, plain, dtype, f"rms norm H={hidden}")
 
 
 # ------------------------------------------------------------------------------------------------ bias + act
@@ -277,6 +383,26 @@ def test_bias_act(activation, dtype):
         assert_close_to_ref(out, ref, plain, dtype, f"{activation} bias={b is not None}")
 
 
+@pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("activation", sorted(ACTIVATIONS))
+def test_gated_act(activation, dtype):
+    """``act(input) * gate`` of ``x + bias = [input | gate]`` (GeGLU: gelu, SwiGLU: silu), F not a power of 2."""
+    gen = torch.Generator().manual_seed(9)
+    T, F = (19, 550) if not GPU else (2001, 3072)
+    x = (3 * torch.randn(T, 2 * F, generator=gen)).to(DEVICE, dtype)
+    x[0, :8] = torch.tensor([-60.0, -20.0, -9.0, -1e-3, 0.0, 1e-3, 9.0, 20.0], dtype=dtype)  # tails of exp/erf
+    bias = torch.randn(2 * F, generator=gen).to(DEVICE, dtype)
+    bias[:8] = 0
+    for b in (bias, None):
+        out = gated_act(x, b, activation)
+        ref = gated_act_ref(x.float(), None if b is None else b.float(), activation)
+        plain = torch_backend.gated_act(x, b, activation)
+        assert_close_to_ref(out, ref, plain, dtype, f"gated {activation} bias={b is not None}")
+    with pytest.raises(ValueError, match="odd width"):
+        gated_act(x[:, 1:].contiguous(), None, activation)
+
+
 def test_bias_act_rejects_unknown():
     with pytest.raises(ValueError, match="activation"):
         bias_act(torch.zeros(2, 4, device=DEVICE), None, "gelu_new")  # HF name: canonicalise first
@@ -292,23 +418,23 @@ def test_activation_formulas_match_pytorch():
 
 # ------------------------------------------------------------------------------------------------ embedding
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("tables", ["all", "no_type", "word_only"])
+@pytest.mark.parametrize("tables", ["all", "no_type", "word_only", "word_only_no_bias"])
 @pytest.mark.parametrize("id_dtype", [torch.int64, torch.int32])
 def test_embed_layer_norm(tables, dtype, id_dtype):
     gen = torch.Generator().manual_seed(3)
     V, P, E, T = (50, 16, 96, 23) if not GPU else (30522, 512, 768, 4001)
     word = torch.randn(V, E, generator=gen).to(DEVICE, dtype)
-    pos = torch.randn(P, E, generator=gen).to(DEVICE, dtype) if tables != "word_only" else None
+    pos = torch.randn(P, E, generator=gen).to(DEVICE, dtype) if not tables.startswith("word_only") else None
     typ = torch.randn(2, E, generator=gen).to(DEVICE, dtype) if tables == "all" else None
     w = (1 + 0.1 * torch.randn(E, generator=gen)).to(DEVICE, dtype)
-    b = (0.1 * torch.randn(E, generator=gen)).to(DEVICE, dtype)
+    b = (0.5 + 0.1 * torch.randn(E, generator=gen)).to(DEVICE, dtype) if tables != "word_only_no_bias" else None
     ids = torch.randint(0, V, (T,), generator=gen).to(DEVICE, id_dtype)
     ids[0], ids[-1] = 0, V - 1
     pos_ids = torch.randint(0, P, (T,), generator=gen).to(DEVICE, id_dtype) if pos is not None else None
     type_ids = torch.randint(0, 2, (T,), generator=gen).to(DEVICE, id_dtype) if typ is not None else None
     out = embed_layer_norm(ids, pos_ids, type_ids, word, pos, typ, w, b, 1e-12)
     up = lambda t: None if t is None else t.float()  # noqa: E731
-    ref = embed_layer_norm_ref(ids, pos_ids, type_ids, word.float(), up(pos), up(typ), w.float(), b.float(), 1e-12)
+    ref = embed_layer_norm_ref(ids, pos_ids, type_ids, word.float(), up(pos), up(typ), w.float(), up(b), 1e-12)
     plain = torch_backend.embed_layer_norm(ids, pos_ids, type_ids, word, pos, typ, w, b, 1e-12)
     assert_close_to_ref(out, ref, plain, dtype, f"embedding {tables}")
 
@@ -319,7 +445,8 @@ def test_backend_exports_match_torch_backend():
     from padfree.ops import triton_backend
     from padfree.ops.registry import BACKENDS
     triton_entry = next(b for b in BACKENDS if b.name == "triton")
-    for name in ("varlen_attention", "add_bias_residual_layer_norm", "bias_act", "embed_layer_norm"):
+    assert triton_entry.ops == frozenset(triton_backend.__all__)
+    for name in triton_backend.__all__:
         # a capability the registry declares missing (rel=: relative-position score terms; rotary=, window=:
         # the features "rotary", "sliding_window") is the only allowed difference; the registry then never
         # routes a call that needs it to this backend

@@ -138,11 +138,13 @@ _FLOATS = frozenset({torch.float32, torch.float16, torch.bfloat16})
 
 # Priority order: the first backend that validates is chosen under backend="auto".
 BACKENDS: list[Backend] = [
-    # no gated activation, RMSNorm, rotary or sliding window yet: a model needing them gets the torch ops for
-    # those under "auto", and a ValueError naming them when "triton" is asked for by name
-    Backend("triton", frozenset({"cuda"}), _FLOATS, "padfree.ops.triton_backend",
-            frozenset(PRIMITIVES) - {"gated_act", "rms_norm"},
-            head_dims=frozenset({16, 32, 64, 80, 96, 128}), requires="triton", relative_scores=True),
+    # every primitive as a Triton kernel: rotary (Q and K rotated as the attention loads them) and the sliding
+    # window (each query block visits only the key blocks of its band) in the attention, LayerNorms without bias
+    # (embedding and residual), gated activations (GeGLU, SwiGLU) and RMSNorm, so ModernBERT, NomicBERT and
+    # EuroBERT run on it whole; what it still lacks is a window together with relative-position terms (rel=)
+    Backend("triton", frozenset({"cuda"}), _FLOATS, "padfree.ops.triton_backend", frozenset(PRIMITIVES),
+            head_dims=frozenset({16, 32, 64, 80, 96, 128}), requires="triton", relative_scores=True,
+            features=_ATTENTION_FEATURES | {"norm_without_bias"}),
     # fused linear ops only; fp16 on CPU has no fast oneDNN path here, so it is left to the composition
     Backend("onednn", frozenset({"cpu"}), frozenset({torch.float32, torch.bfloat16}), "padfree.ops.onednn_backend",
             frozenset(FUSED_OPS), needs_mkldnn=True, relative_scores=True,  # its attention is the torch backend's

@@ -20,6 +20,15 @@ added to each tile's logits from small tables, by a gather on ``r = index[i - j 
 from ``[heads, R]``, c2p/p2c from per-token ``[heads, T, R]`` score tables computed by one batched product
 before the launch. No padded or ``S x S`` bias exists.
 
+Rotary positions (``rotary=(cos, sin)``, ``[T, d/2]`` fp32 tables; ModernBERT, NomicBERT, EuroBERT): Q and K
+are rotated as they are loaded (``_load_rotated``), pairs ``(x[m], x[m + d/2])`` ("rotate half"), in fp32
+after the bias, rounded once to the dtype; they stay as two halves and the logits are ``q1 . k1 + q2 . k2``
+(two products of depth d/2), so each element and each table entry is loaded once. With rotary the K bias no
+longer cancels (``q . R_j b_k`` depends on the key), so it is added to K before the rotation. A sliding window
+(``window=w``: ``|i - j| <= w``, ModernBERT's local layers) limits each query block's key loop to the blocks
+that meet ``[m_lo - w, m_hi + w]``, so a local layer costs ``O(T w)``; the band is masked inside those tiles.
+Each is a constexpr variant of the one kernel.
+
 Short sequences (``max_seqlen <= SHORT_MAX``) take a single-tile path: the whole key range of a sequence is one
 tile and the softmax is computed directly (no running rescale). Block sizes come from measurements (see
 ``attention_config``).
@@ -76,12 +85,53 @@ def _relative_terms(offs_m, cols, seqlen, max_seqlen, row0, head, index_ptr, bia
 
 
 @triton.jit
-def _attn_kv_block(acc, l_i, m_i, q, k_base, v_base, start_n, offs_m, offs_n, offs_d, seqlen, stride_row,
+def _load_head(base, rows, row_ok, offs_d, stride_row, bias_ptr, HEAD_DIM: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """One head's ``[len(rows), BLOCK_D]`` tile of Q (``base``: its column 0 of the sequence's row 0) with its bias
+    (``bias_ptr``: the head's slice) added in fp32, rounded once to the tile's dtype."""
+    d_ok = offs_d < HEAD_DIM
+    x = tl.load(base + rows[:, None] * stride_row + offs_d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    if HAS_BIAS:
+        x = (x.to(tl.float32) + tl.load(bias_ptr + offs_d, mask=d_ok, other=0.0).to(tl.float32)[None, :]).to(x.dtype)
+    return x
+
+
+@triton.jit
+def _load_rotated(base, rows, row_ok, stride_row, bias_ptr, cos_ptr, sin_ptr, stride_rot, row0,
+                  HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """One head's Q or K tile rotated, as its two halves ``(x[:d/2], x[d/2:])``, each ``[len(rows), BLOCK_H]``:
+    the bias added, then each pair ``(x1, x2) = (x[m], x[m + d/2])`` turned by its token's angle (``cos``/``sin``
+    ``[T, d/2]`` fp32, rows ``row0 + rows``) to ``(x1 cos - x2 sin, x2 cos + x1 sin)``, in fp32, rounded once to
+    the dtype. Kept as halves (the scores are ``q1 . k1 + q2 . k2``), each element is loaded once and each table
+    entry once, for both halves."""
+    HALF: tl.constexpr = HEAD_DIM // 2
+    offs_h = tl.arange(0, BLOCK_H)
+    h_ok = offs_h < HALF
+    mask = row_ok[:, None] & h_ok[None, :]
+    ptrs = base + rows[:, None] * stride_row + offs_h[None, :]
+    x1 = tl.load(ptrs, mask=mask, other=0.0)
+    y1 = x1.to(tl.float32)
+    y2 = tl.load(ptrs + HALF, mask=mask, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        y1 += tl.load(bias_ptr + offs_h, mask=h_ok, other=0.0).to(tl.float32)[None, :]
+        y2 += tl.load(bias_ptr + HALF + offs_h, mask=h_ok, other=0.0).to(tl.float32)[None, :]
+    rot = (row0 + rows)[:, None] * stride_rot + offs_h[None, :]
+    c = tl.load(cos_ptr + rot, mask=mask, other=0.0)
+    sn = tl.load(sin_ptr + rot, mask=mask, other=0.0)
+    return (y1 * c - y2 * sn).to(x1.dtype), (y2 * c + y1 * sn).to(x1.dtype)
+
+
+@triton.jit
+def _attn_kv_block(acc, l_i, m_i, q, q2, k_base, v_base, start_n, offs_m, offs_n, offs_d, seqlen, stride_row,
                    qk_scale, max_seqlen, row0, head, index_ptr, rel_bias_ptr, c2p_ptr, p2c_ptr, R, stride_rel_head,
-                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, MASK_N: tl.constexpr,
+                   kbias_ptr, cos_ptr, sin_ptr, stride_rot, window,
+                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr, MASK_N: tl.constexpr,
                    HAS_REL_BIAS: tl.constexpr, HAS_C2P: tl.constexpr, HAS_P2C: tl.constexpr,
+                   HAS_BIAS: tl.constexpr, ROTARY: tl.constexpr, WINDOW: tl.constexpr,
                    PRECISION: tl.constexpr, INTERPRET: tl.constexpr):
-    """One step of the online softmax over keys ``start_n + offs_n``; returns the updated (acc, l_i, m_i)."""
+    """One step of the online softmax over keys ``start_n + offs_n``; returns the updated (acc, l_i, m_i).
+    ``ROTARY``: ``q``, ``q2`` are Q's rotated halves and K gets its bias and rotation as it is loaded;
+    ``WINDOW``: keys with ``|i - j| > window`` are masked (a tile may then hold no key of some query row: the
+    running max stays finite-safe)."""
     cols = start_n + offs_n  # [BLOCK_N] key positions inside the sequence
     ptr_off = cols[:, None] * stride_row + offs_d[None, :]  # [BLOCK_N, BLOCK_D]
     if MASK_N:
@@ -89,25 +139,41 @@ def _attn_kv_block(acc, l_i, m_i, q, k_base, v_base, start_n, offs_m, offs_n, of
             mask = (cols[:, None] < seqlen) & (offs_d[None, :] < HEAD_DIM)
         else:
             mask = cols[:, None] < seqlen
-        k = tl.load(k_base + ptr_off, mask=mask, other=0.0)
         v = tl.load(v_base + ptr_off, mask=mask, other=0.0)
+        if not ROTARY:
+            k = tl.load(k_base + ptr_off, mask=mask, other=0.0)
     else:
         if BLOCK_D != HEAD_DIM:
             mask = offs_d[None, :] < HEAD_DIM
-            k = tl.load(k_base + ptr_off, mask=mask, other=0.0)
             v = tl.load(v_base + ptr_off, mask=mask, other=0.0)
+            if not ROTARY:
+                k = tl.load(k_base + ptr_off, mask=mask, other=0.0)
         else:
-            k = tl.load(k_base + ptr_off)
             v = tl.load(v_base + ptr_off)
-    s = _mma(q, tl.trans(k), None, PRECISION, INTERPRET) * qk_scale  # [BLOCK_M, BLOCK_N] logits, log2 units
+            if not ROTARY:
+                k = tl.load(k_base + ptr_off)
+    if ROTARY:  # the K bias is added, then rotated (the bias-skipping identity holds only without rotation)
+        k1, k2 = _load_rotated(k_base, cols, cols < seqlen, stride_row, kbias_ptr, cos_ptr, sin_ptr, stride_rot,
+                               row0, HEAD_DIM, BLOCK_H, HAS_BIAS)
+        s = _mma(q2, tl.trans(k2), _mma(q, tl.trans(k1), None, PRECISION, INTERPRET), PRECISION, INTERPRET)
+        s = s * qk_scale
+    else:
+        s = _mma(q, tl.trans(k), None, PRECISION, INTERPRET) * qk_scale  # [BLOCK_M, BLOCK_N] logits, log2 units
     if HAS_REL_BIAS or HAS_C2P or HAS_P2C:
         s += _relative_terms(offs_m, cols, seqlen, max_seqlen, row0, head, index_ptr, rel_bias_ptr, c2p_ptr,
                              p2c_ptr, R, stride_rel_head, HAS_REL_BIAS, HAS_C2P, HAS_P2C) * _LOG2E
-    if MASK_N:
-        s = tl.where(cols[None, :] < seqlen, s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))  # running max, in log2 units
-    p = tl.exp2(s - m_new[:, None])
-    alpha = tl.exp2(m_i - m_new)  # rescale of what was accumulated so far
+    if WINDOW:
+        dist = offs_m[:, None] - cols[None, :]
+        s = tl.where((cols[None, :] < seqlen) & (dist <= window) & (dist >= -window), s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with no key yet: exp2(-inf - 0) = 0, no NaN
+    else:
+        if MASK_N:
+            s = tl.where(cols[None, :] < seqlen, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))  # running max, in log2 units
+        m_ref = m_new
+    p = tl.exp2(s - m_ref[:, None])
+    alpha = tl.exp2(m_i - m_ref)  # rescale of what was accumulated so far
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None]
     acc = _mma(p.to(v.dtype), v, acc, PRECISION, INTERPRET)
@@ -117,10 +183,12 @@ def _attn_kv_block(acc, l_i, m_i, q, k_base, v_base, start_n, offs_m, offs_n, of
 @triton.jit
 def _varlen_attention_kernel(qkv_ptr, bias_ptr, out_ptr, cu_seqlens_ptr, stride_row, stride_out, qk_scale,
                              max_seqlen, index_ptr, rel_bias_ptr, c2p_ptr, p2c_ptr, R, stride_rel_head,
+                             cos_ptr, sin_ptr, stride_rot, window,
                              NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SINGLE_TILE: tl.constexpr,
-                             HAS_BIAS: tl.constexpr, HAS_REL_BIAS: tl.constexpr, HAS_C2P: tl.constexpr,
-                             HAS_P2C: tl.constexpr, PRECISION: tl.constexpr, INTERPRET: tl.constexpr):
+                             BLOCK_H: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                             SINGLE_TILE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_REL_BIAS: tl.constexpr,
+                             HAS_C2P: tl.constexpr, HAS_P2C: tl.constexpr, ROTARY: tl.constexpr, WINDOW: tl.constexpr,
+                             PRECISION: tl.constexpr, INTERPRET: tl.constexpr):
     pid_m = tl.program_id(0)
     seq = tl.program_id(1)
     head = tl.program_id(2)
@@ -137,15 +205,20 @@ def _varlen_attention_kernel(qkv_ptr, bias_ptr, out_ptr, cu_seqlens_ptr, stride_
     q_base = qkv_ptr + row0 * stride_row + head * HEAD_DIM
     k_base = q_base + hidden
     v_base = q_base + 2 * hidden
+    kbias_ptr = bias_ptr + hidden + head * HEAD_DIM
 
     if BLOCK_D != HEAD_DIM:
         q_mask = (offs_m[:, None] < seqlen) & (offs_d[None, :] < HEAD_DIM)
     else:
         q_mask = offs_m[:, None] < seqlen
-    q = tl.load(q_base + offs_m[:, None] * stride_row + offs_d[None, :], mask=q_mask, other=0.0)
-    if HAS_BIAS:
-        bq = tl.load(bias_ptr + head * HEAD_DIM + offs_d, mask=offs_d < HEAD_DIM, other=0.0)
-        q = (q.to(tl.float32) + bq.to(tl.float32)[None, :]).to(q.dtype)
+    # Q with its bias (rotary: and its rotation, as two halves), rounded once to qkv's dtype
+    if ROTARY:
+        q, q2 = _load_rotated(q_base, offs_m, offs_m < seqlen, stride_row, bias_ptr + head * HEAD_DIM, cos_ptr,
+                              sin_ptr, stride_rot, row0, HEAD_DIM, BLOCK_H, HAS_BIAS)
+    else:
+        q = _load_head(q_base, offs_m, offs_m < seqlen, offs_d, stride_row, bias_ptr + head * HEAD_DIM, HEAD_DIM,
+                       HAS_BIAS)
+        q2 = q  # unused
 
     if SINGLE_TILE:
         # the whole sequence's keys in one tile: plain softmax, no running rescale
@@ -154,14 +227,26 @@ def _varlen_attention_kernel(qkv_ptr, bias_ptr, out_ptr, cu_seqlens_ptr, stride_
             kv_mask = (offs_n[:, None] < seqlen) & (offs_d[None, :] < HEAD_DIM)
         else:
             kv_mask = offs_n[:, None] < seqlen
-        k = tl.load(k_base + ptr_off, mask=kv_mask, other=0.0)
+        if ROTARY:
+            k1, k2 = _load_rotated(k_base, offs_n, offs_n < seqlen, stride_row, kbias_ptr, cos_ptr, sin_ptr,
+                                   stride_rot, row0, HEAD_DIM, BLOCK_H, HAS_BIAS)
+            s = _mma(q2, tl.trans(k2), _mma(q, tl.trans(k1), None, PRECISION, INTERPRET), PRECISION, INTERPRET)
+            s = s * qk_scale
+        else:
+            k = tl.load(k_base + ptr_off, mask=kv_mask, other=0.0)
+            s = _mma(q, tl.trans(k), None, PRECISION, INTERPRET) * qk_scale
         v = tl.load(v_base + ptr_off, mask=kv_mask, other=0.0)
-        s = _mma(q, tl.trans(k), None, PRECISION, INTERPRET) * qk_scale
         if HAS_REL_BIAS or HAS_C2P or HAS_P2C:
             s += _relative_terms(offs_m, offs_n, seqlen, max_seqlen, row0, head, index_ptr, rel_bias_ptr,
                                  c2p_ptr, p2c_ptr, R, stride_rel_head, HAS_REL_BIAS, HAS_C2P, HAS_P2C) * _LOG2E
-        s = tl.where(offs_n[None, :] < seqlen, s, float("-inf"))
-        m_i = tl.max(s, 1)
+        if WINDOW:
+            dist = offs_m[:, None] - offs_n[None, :]
+            s = tl.where((offs_n[None, :] < seqlen) & (dist <= window) & (dist >= -window), s, float("-inf"))
+            m_i = tl.max(s, 1)
+            m_i = tl.where(m_i == float("-inf"), 0.0, m_i)  # rows past the sequence may see no key
+        else:
+            s = tl.where(offs_n[None, :] < seqlen, s, float("-inf"))
+            m_i = tl.max(s, 1)
         p = tl.exp2(s - m_i[:, None])
         l_i = tl.sum(p, 1)
         acc = _mma(p.to(v.dtype), v, None, PRECISION, INTERPRET)
@@ -169,29 +254,58 @@ def _varlen_attention_kernel(qkv_ptr, bias_ptr, out_ptr, cu_seqlens_ptr, stride_
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-        n_full = (seqlen // BLOCK_N) * BLOCK_N  # keys [0, n_full) need no bounds mask
-        if INTERPRET:  # Triton's CPU interpreter cannot take a tensor as range() bound under numpy >= 2.4
-            start_n = 0
-            while start_n < n_full:
-                acc, l_i, m_i = _attn_kv_block(acc, l_i, m_i, q, k_base, v_base, start_n, offs_m, offs_n, offs_d,
-                                               seqlen, stride_row, qk_scale, max_seqlen, row0, head, index_ptr,
-                                               rel_bias_ptr, c2p_ptr, p2c_ptr, R, stride_rel_head, HEAD_DIM,
-                                               BLOCK_D, False, HAS_REL_BIAS, HAS_C2P, HAS_P2C, PRECISION,
-                                               INTERPRET)
-                start_n += BLOCK_N
+        if WINDOW:
+            # only the key blocks that meet [m_lo - window, m_hi + window]: O(window) work per query block
+            lo_n = (tl.maximum(pid_m * BLOCK_M - window, 0) // BLOCK_N) * BLOCK_N
+            hi_n = tl.minimum(seqlen, pid_m * BLOCK_M + BLOCK_M + window)
+            if INTERPRET:
+                start_n = lo_n
+                while start_n < hi_n:
+                    acc, l_i, m_i = _attn_kv_block(acc, l_i, m_i, q, q2, k_base, v_base, start_n, offs_m, offs_n,
+                                                   offs_d, seqlen, stride_row, qk_scale, max_seqlen, row0, head,
+                                                   index_ptr, rel_bias_ptr, c2p_ptr, p2c_ptr, R, stride_rel_head,
+                                                   kbias_ptr, cos_ptr, sin_ptr, stride_rot, window, HEAD_DIM,
+                                                   BLOCK_D, BLOCK_H, True, HAS_REL_BIAS, HAS_C2P, HAS_P2C, HAS_BIAS,
+                                                   ROTARY, True, PRECISION, INTERPRET)
+                    start_n += BLOCK_N
+            else:
+                for start_n in range(lo_n, hi_n, BLOCK_N):
+                    acc, l_i, m_i = _attn_kv_block(acc, l_i, m_i, q, q2, k_base, v_base, start_n, offs_m, offs_n,
+                                                   offs_d, seqlen, stride_row, qk_scale, max_seqlen, row0, head,
+                                                   index_ptr, rel_bias_ptr, c2p_ptr, p2c_ptr, R, stride_rel_head,
+                                                   kbias_ptr, cos_ptr, sin_ptr, stride_rot, window, HEAD_DIM,
+                                                   BLOCK_D, BLOCK_H, True, HAS_REL_BIAS, HAS_C2P, HAS_P2C, HAS_BIAS,
+                                                   ROTARY, True, PRECISION, INTERPRET)
         else:
-            for start_n in range(0, n_full, BLOCK_N):
-                acc, l_i, m_i = _attn_kv_block(acc, l_i, m_i, q, k_base, v_base, start_n, offs_m, offs_n, offs_d,
+            n_full = (seqlen // BLOCK_N) * BLOCK_N  # keys [0, n_full) need no bounds mask
+            if INTERPRET:  # Triton's CPU interpreter cannot take a tensor as range() bound under numpy >= 2.4
+                start_n = 0
+                while start_n < n_full:
+                    acc, l_i, m_i = _attn_kv_block(acc, l_i, m_i, q, q2, k_base, v_base, start_n, offs_m, offs_n,
+                                                   offs_d, seqlen, stride_row, qk_scale, max_seqlen, row0, head,
+                                                   index_ptr, rel_bias_ptr, c2p_ptr, p2c_ptr, R, stride_rel_head,
+                                                   kbias_ptr, cos_ptr, sin_ptr, stride_rot, window, HEAD_DIM,
+                                                   BLOCK_D, BLOCK_H, False, HAS_REL_BIAS, HAS_C2P, HAS_P2C, HAS_BIAS,
+                                                   ROTARY, False, PRECISION, INTERPRET)
+                    start_n += BLOCK_N
+            else:
+                for start_n in range(0, n_full, BLOCK_N):
+                    acc, l_i, m_i = _attn_kv_block(acc, l_i, m_i, q, q2, k_base, v_base, start_n, offs_m, offs_n,
+                                                   offs_d, seqlen, stride_row, qk_scale, max_seqlen, row0, head,
+                                                   index_ptr, rel_bias_ptr, c2p_ptr, p2c_ptr, R, stride_rel_head,
+                                                   kbias_ptr, cos_ptr, sin_ptr, stride_rot, window, HEAD_DIM,
+                                                   BLOCK_D, BLOCK_H, False, HAS_REL_BIAS, HAS_C2P, HAS_P2C, HAS_BIAS,
+                                                   ROTARY, False, PRECISION, INTERPRET)
+            if n_full < seqlen:
+                acc, l_i, m_i = _attn_kv_block(acc, l_i, m_i, q, q2, k_base, v_base, n_full, offs_m, offs_n, offs_d,
                                                seqlen, stride_row, qk_scale, max_seqlen, row0, head, index_ptr,
-                                               rel_bias_ptr, c2p_ptr, p2c_ptr, R, stride_rel_head, HEAD_DIM,
-                                               BLOCK_D, False, HAS_REL_BIAS, HAS_C2P, HAS_P2C, PRECISION,
-                                               INTERPRET)
-        if n_full < seqlen:
-            acc, l_i, m_i = _attn_kv_block(acc, l_i, m_i, q, k_base, v_base, n_full, offs_m, offs_n, offs_d,
-                                           seqlen, stride_row, qk_scale, max_seqlen, row0, head, index_ptr,
-                                           rel_bias_ptr, c2p_ptr, p2c_ptr, R, stride_rel_head, HEAD_DIM, BLOCK_D,
-                                           True, HAS_REL_BIAS, HAS_C2P, HAS_P2C, PRECISION, INTERPRET)
+                                               rel_bias_ptr, c2p_ptr, p2c_ptr, R, stride_rel_head, kbias_ptr,
+                                               cos_ptr, sin_ptr, stride_rot, window, HEAD_DIM, BLOCK_D, BLOCK_H, True,
+                                               HAS_REL_BIAS, HAS_C2P, HAS_P2C, HAS_BIAS, ROTARY, False,
+                                               PRECISION, INTERPRET)
 
+    if WINDOW:
+        l_i = tl.where(l_i == 0.0, 1.0, l_i)  # rows past the sequence's end (not stored) may have seen no key
     acc = acc / l_i[:, None]
     if HAS_BIAS:
         bv = tl.load(bias_ptr + 2 * hidden + head * HEAD_DIM + offs_d, mask=offs_d < HEAD_DIM, other=0.0)
@@ -256,11 +370,32 @@ def _check(qkv, cu_seqlens, max_seqlen, num_heads, qkv_bias):
 
 
 def launch_varlen_attention(qkv, cu_seqlens, max_seqlen, num_heads, qkv_bias=None, scale=None, rel=None, *,
-                            block_m, block_n, single_tile, num_warps, num_stages):
+                            block_m, block_n, single_tile, num_warps, num_stages, rotary=None, window=None):
     """Launch the kernel with explicit block sizes (tests and benchmarks; :func:`varlen_attention` picks them)."""
     head_dim = _check(qkv, cu_seqlens, max_seqlen, num_heads, qkv_bias)
+    rotary, window = _check_rotary_window(qkv, head_dim, rel, rotary, window)
     return _launch(qkv, cu_seqlens, int(max_seqlen), num_heads, head_dim, qkv_bias, scale, rel, block_m, block_n,
-                   single_tile, num_warps, num_stages)
+                   single_tile, num_warps, num_stages, rotary, window)
+
+
+def _check_rotary_window(qkv, head_dim, rel, rotary, window):
+    """``rotary`` as two contiguous fp32 ``[T, d/2]`` tables (or None) and ``window`` as an int (or None)."""
+    if window is not None:
+        if rel is not None:
+            raise ValueError("a sliding window with relative-position terms is not supported")
+        if isinstance(window, torch.Tensor) or not isinstance(window, numbers.Integral) or window < 0:
+            raise ValueError(f"window must be a host int >= 0; got {window!r}")
+        window = int(window)
+    if rotary is not None:
+        cos, sin = rotary
+        want = (qkv.shape[0], head_dim // 2)
+        for name, t in (("cos", cos), ("sin", sin)):
+            if tuple(t.shape) != want or t.device != qkv.device:
+                raise ValueError(f"rotary {name} must be [T, head_dim / 2] = {want} on {qkv.device}; got "
+                                 f"{tuple(t.shape)} on {t.device}")
+        rotary = tuple(t if t.dtype == torch.float32 and t.is_contiguous() else t.float().contiguous()
+                       for t in (cos, sin))
+    return rotary, window
 
 
 def _relative_tables(qkv, qkv_bias, rel: RelativeScores, max_seqlen, num_heads, head_dim, scale):
@@ -288,7 +423,7 @@ def _relative_tables(qkv, qkv_bias, rel: RelativeScores, max_seqlen, num_heads, 
 
 
 def _launch(qkv, cu_seqlens, max_seqlen, num_heads, head_dim, qkv_bias, scale, rel, block_m, block_n, single_tile,
-            num_warps, num_stages):
+            num_warps, num_stages, rotary=None, window=None):
     T = qkv.shape[0]
     hidden = num_heads * head_dim
     out = torch.empty(T, hidden, dtype=qkv.dtype, device=qkv.device)
@@ -304,13 +439,19 @@ def _launch(qkv, cu_seqlens, max_seqlen, num_heads, head_dim, qkv_bias, scale, r
     R = 1
     if rel is not None and (rel.bias is not None or rel.pos_key is not None or rel.pos_query is not None):
         index, rel_bias, c2p, p2c, R = _relative_tables(qkv, qkv_bias, rel, max_seqlen, num_heads, head_dim, scale)
+    cos, sin = (None, None) if rotary is None else rotary
+    # a window reaching the whole sequence masks nothing: the plain kernel then does the same work
+    windowed = window is not None and window < max_seqlen - 1
     grid = (triton.cdiv(max_seqlen, block_m), batch, num_heads)
     _varlen_attention_kernel[grid](
         qkv, _or(qkv_bias, qkv), out, cu_seqlens, qkv.stride(0), out.stride(0), scale * LOG2E, max_seqlen,
         _or(index, cu_seqlens), _or(rel_bias, qkv), _or(c2p, qkv), _or(p2c, qkv), R, T * R,
+        _or(cos, qkv), _or(sin, qkv), head_dim // 2, window if windowed else 0,
         NUM_HEADS=num_heads, HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim),
+        BLOCK_H=max(16, triton.next_power_of_2(head_dim // 2)),
         BLOCK_M=block_m, BLOCK_N=block_n, SINGLE_TILE=single_tile, HAS_BIAS=qkv_bias is not None,
         HAS_REL_BIAS=rel_bias is not None, HAS_C2P=c2p is not None, HAS_P2C=p2c is not None,
+        ROTARY=rotary is not None, WINDOW=windowed,
         PRECISION="ieee" if qkv.dtype == torch.float32 else "tf32", INTERPRET=_interpreting(),
         num_warps=num_warps, num_stages=num_stages)
     return out
@@ -326,12 +467,19 @@ def _or(t, placeholder):
 # ----------------------------------------------------------------------------------------------------------
 def varlen_attention(qkv: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int, num_heads: int,
                      qkv_bias: torch.Tensor | None = None, scale: float | None = None,
-                     rel: RelativeScores | None = None, runs=None) -> torch.Tensor:
+                     rel: RelativeScores | None = None, runs=None,
+                     rotary: tuple[torch.Tensor, torch.Tensor] | None = None, window: int | None = None
+                     ) -> torch.Tensor:
     """See :func:`padfree.ops.reference.varlen_attention_ref`. ``[T, 3H]`` -> ``[T, H]``; no host sync.
 
     ``rel``: relative-position score terms (MPNet's bias, DeBERTa's c2p/p2c), gathered inside the tile loop.
+    ``rotary``: ``(cos, sin)`` ``[T, d/2]`` fp32 (:func:`padfree.ops.rotary.rotary_tables`): Q and K are rotated
+    as they are loaded. ``window``: query i sees keys ``|i - j| <= window`` only; each query block visits only the
+    key blocks its band meets (not combined with ``rel``).
     ``runs`` (the host's runs of equal lengths) is not needed: the kernel reads the offsets on the device."""
     head_dim = _check(qkv, cu_seqlens, max_seqlen, num_heads, qkv_bias)
+    rotary, window = _check_rotary_window(qkv, head_dim, rel, rotary, window)
     max_seqlen = int(max_seqlen)
     cfg = attention_config(max_seqlen, head_dim, qkv.dtype)
-    return _launch(qkv, cu_seqlens, max_seqlen, num_heads, head_dim, qkv_bias, scale, rel, **cfg)
+    return _launch(qkv, cu_seqlens, max_seqlen, num_heads, head_dim, qkv_bias, scale, rel, **cfg, rotary=rotary,
+                   window=window)

@@ -2,7 +2,8 @@
 
 Each program handles ``ROWS`` tokens: it loads their ids, gathers one row of each table per token (the tables
 stay wherever they are; nothing is materialised), sums in fp32 and applies LayerNorm with fp32 statistics.
-The position and token-type tables are optional (families without them pass None).
+The position and token-type tables are optional (families without them pass None), and so is the LayerNorm bias
+(ModernBERT has none).
 """
 from __future__ import annotations
 
@@ -23,8 +24,8 @@ _ID_DTYPES = (torch.int32, torch.int64)
 @triton.jit
 def _embed_layer_norm_kernel(ids_ptr, pos_ids_ptr, type_ids_ptr, word_ptr, pos_ptr, type_ptr, w_ptr, b_ptr,
                              out_ptr, n_rows, n_cols, stride_word, stride_pos, stride_type, stride_out, eps,
-                             HAS_POS: tl.constexpr, HAS_TYPE: tl.constexpr, ROWS: tl.constexpr,
-                             BLOCK: tl.constexpr):
+                             HAS_POS: tl.constexpr, HAS_TYPE: tl.constexpr, HAS_LN_BIAS: tl.constexpr,
+                             ROWS: tl.constexpr, BLOCK: tl.constexpr):
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)  # [ROWS] token indices
     row_ok = rows < n_rows
     cols = tl.arange(0, BLOCK)
@@ -39,7 +40,7 @@ def _embed_layer_norm_kernel(ids_ptr, pos_ids_ptr, type_ids_ptr, word_ptr, pos_p
         typ = tl.load(type_ids_ptr + rows, mask=row_ok, other=0).to(tl.int64)
         y += tl.load(type_ptr + typ[:, None] * stride_type + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     rows64 = rows.to(tl.int64)[:, None]
-    _layer_norm_store(y, mask, cols, col_ok, n_cols, eps, w_ptr, b_ptr, out_ptr + rows64 * stride_out)
+    _layer_norm_store(y, mask, cols, col_ok, n_cols, eps, w_ptr, b_ptr, out_ptr + rows64 * stride_out, HAS_LN_BIAS)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -73,6 +74,8 @@ def launch_embed_layer_norm(input_ids, position_ids, token_type_ids, word, posit
                              f"{table.dtype} {tuple(table.shape)} on {table.device}")
         _check_ids(f"{name}_ids", ids, T, word.device)
     for name, t in (("weight", weight), ("bias", bias)):
+        if name == "bias" and t is None:  # a LayerNorm without bias (ModernBERT)
+            continue
         if t is None or t.shape != (E,) or not t.is_contiguous() or t.device != word.device:
             raise ValueError(f"{name} must be a contiguous [{E}] on {word.device}")
     tables = [t if t is None or t.stride(1) == 1 else t.contiguous() for t in (word, position, token_type)]
@@ -88,10 +91,10 @@ def launch_embed_layer_norm(input_ids, position_ids, token_type_ids, word, posit
         input_ids, input_ids if position is None else position_ids,
         input_ids if token_type is None else token_type_ids,
         word, word if position is None else position, word if token_type is None else token_type,
-        weight, bias, out, T, E, word.stride(0), 0 if position is None else position.stride(0),
-        0 if token_type is None else token_type.stride(0), out.stride(0), float(eps),
-        HAS_POS=position is not None, HAS_TYPE=token_type is not None, ROWS=rows, BLOCK=block,
-        num_warps=num_warps)
+        weight, weight if bias is None else bias, out, T, E, word.stride(0),
+        0 if position is None else position.stride(0), 0 if token_type is None else token_type.stride(0),
+        out.stride(0), float(eps), HAS_POS=position is not None, HAS_TYPE=token_type is not None,
+        HAS_LN_BIAS=bias is not None, ROWS=rows, BLOCK=block, num_warps=num_warps)
     return out
 
 
@@ -100,8 +103,9 @@ def launch_embed_layer_norm(input_ids, position_ids, token_type_ids, word, posit
 # ----------------------------------------------------------------------------------------------------------
 def embed_layer_norm(input_ids: torch.Tensor, position_ids: torch.Tensor | None,
                      token_type_ids: torch.Tensor | None, word: torch.Tensor, position: torch.Tensor | None,
-                     token_type: torch.Tensor | None, weight: torch.Tensor, bias: torch.Tensor,
+                     token_type: torch.Tensor | None, weight: torch.Tensor, bias: torch.Tensor | None,
                      eps: float) -> torch.Tensor:
-    """See :func:`padfree.ops.reference.embed_layer_norm_ref`: ``[T, E]`` in the word table's dtype."""
+    """See :func:`padfree.ops.reference.embed_layer_norm_ref`: ``[T, E]`` in the word table's dtype; ``bias=None``:
+    a LayerNorm without bias."""
     return launch_embed_layer_norm(input_ids, position_ids, token_type_ids, word, position, token_type, weight,
                                    bias, eps)
