@@ -376,15 +376,17 @@ def test_rope_base_as_transformers_reads_it(rope):
 
 
 def test_triton_allowed_here(triton_everywhere):
-    """With the Triton backend allowed on this device (its interpreter on a CPU): "auto" runs the rotary attention
-    on another backend and matches HF with a task merged; "triton" by name refuses (no rotary kernel)."""
+    """With the Triton backend allowed on this device (its interpreter on a CPU): jina-v3 runs on it whole, named
+    (rotary in the attention kernel) and under "auto", and matches HF with a task merged."""
+    from padfree.ops.registry import PRIMITIVES
     model = make(0)
-    with pytest.raises(ValueError, match="triton: .*rotary"):
-        padfree.from_pretrained(model, backend="triton")
+    named = padfree.from_pretrained(model, backend="triton", task="retrieval.passage")
+    assert set(named.kernels.names.values()) == {"triton", "composed(triton)"}, named.kernels.names
     enc = padfree.from_pretrained(model, task="retrieval.passage")
-    assert "triton" not in enc.kernels.names["qkv_varlen_attention"]
+    assert {enc.kernels.names[op] for op in PRIMITIVES if op in enc.kernels.names} == {"triton"}
     ids, mask, types, kw = batch(model, [5, 40, 1, 17], "left")
     ref = hf_run(model, ids, mask, kw, "retrieval.passage")
     assert max_diff(enc(ids, mask, types).last_hidden_state, ref, mask) <= FP32_TOL
+    assert max_diff(named(ids, mask, types).last_hidden_state, ref, mask) <= FP32_TOL
     other = enc.for_task("classification")  # built with the same backend choice
     assert other.backend == enc.backend and other.kernels.names == enc.kernels.names
