@@ -36,6 +36,7 @@ class Seq:
     skip: int = 0          # leading tokens (a prompt) that pooling leaves out (include_prompt=False models)
     tokens: bool = False   # EmbedTask: every token's hidden state [n, H] instead of the pooled vector [D]
     chunks: ChunkLayout | None = None  # EmbedTask: one pooled vector per chunk [n_chunks, D] (late chunking)
+    task: str | None = None  # the task adapter it runs (jina-embeddings-v3); None: the one chosen at load
 
 
 class Task:
@@ -53,19 +54,34 @@ class Task:
 
     @torch.inference_mode()
     def run(self, seqs: Sequence[Seq]) -> list[np.ndarray]:
-        """One packed forward over ``seqs``; one float32 result per sequence, in the given order. Inside the
-        batch sequences go by length, so that equal lengths sit side by side (attention runs once per length)."""
-        order = sorted(range(len(seqs)), key=lambda i: len(seqs[i].ids))
-        ordered = [seqs[i] for i in order]
-        types = None
-        if self.encoder.config.type_vocab_size > 1 and any(s.type_ids is not None for s in ordered):
-            types = [s.type_ids or [0] * len(s.ids) for s in ordered]
-        batch = PackedBatch.from_sequences([s.ids for s in ordered], types, device=self.encoder.device)
-        results = self.finish(self.encoder.forward_packed(batch), batch, ordered)
+        """One packed forward over ``seqs`` (one per task adapter among them); one float32 result per sequence,
+        in the given order. Inside a forward sequences go by length, so that equal lengths sit side by side
+        (attention runs once per length)."""
+        by_task: dict[str | None, list[int]] = {}
+        for i, s in enumerate(seqs):
+            by_task.setdefault(s.task, []).append(i)
         out: list = [None] * len(seqs)
-        for k, i in enumerate(order):
-            out[i] = results[k]
+        for task, idx in by_task.items():
+            encoder = self.encoder if task is None else self.encoder.for_task(task)
+            order = sorted(idx, key=lambda i: len(seqs[i].ids))
+            ordered = [seqs[i] for i in order]
+            types = None
+            if encoder.config.type_vocab_size > 1 and any(s.type_ids is not None for s in ordered):
+                types = [s.type_ids or [0] * len(s.ids) for s in ordered]
+            batch = PackedBatch.from_sequences([s.ids for s in ordered], types, device=encoder.device)
+            for i, r in zip(order, self.finish(encoder.forward_packed(batch), batch, ordered)):
+                out[i] = r
         return out
+
+    def check_task(self, task: str | None) -> None:
+        """``ValueError`` naming the known tasks for a task this model cannot run (cheap: nothing is merged)."""
+        if task is None:
+            return
+        adapters = self.encoder.adapters
+        if adapters is None:
+            raise ValueError(f"task {task!r} given, but this model has no task adapters")
+        if task not in adapters.tasks:
+            raise ValueError(f"unknown task {task!r}; this model's tasks are {list(adapters.tasks)}")
 
     def finish(self, hidden: torch.Tensor, batch: PackedBatch, seqs: list[Seq]) -> list[np.ndarray]:
         raise NotImplementedError
@@ -79,9 +95,11 @@ class Task:
             if not s:
                 raise ValueError(f"{what} {i} is empty (no tokens)")
 
-    def from_ids(self, ids: Sequence[Sequence[int]], truncate: bool, side: str = "right") -> list[Seq]:
+    def from_ids(self, ids: Sequence[Sequence[int]], truncate: bool, side: str = "right",
+                 task: str | None = None) -> list[Seq]:
         """Token ids given by the caller (taken as they are: no special tokens added), range-checked against
-        the vocabulary and cut to the limit on ``side`` if ``truncate``."""
+        the vocabulary and cut to the limit on ``side`` if ``truncate``; ``task`` as in :meth:`EmbedTask.tokenize`."""
+        self.check_task(task)
         vocab, limit = self.encoder.config.vocab_size, self.max_input_length
         out = []
         for i, s in enumerate(ids):
@@ -93,7 +111,7 @@ class Task:
                 s = s[:limit] if side == "right" else s[-limit:]
             out.append(s)
         self._check_lengths(out)
-        return [Seq(s) for s in out]
+        return [Seq(s, task=task) for s in out]
 
 
 class EmbedTask(Task):
@@ -118,16 +136,19 @@ class EmbedTask(Task):
         return self.st.normalize_embeddings
 
     def tokenize(self, texts: Sequence[str], truncate: bool, side: str | None = None, prompt: str | None = None,
-                 tokens: bool = False, chunks=None, chunk_tokens: int | None = None) -> list[Seq]:
+                 tokens: bool = False, chunks=None, chunk_tokens: int | None = None, task: str | None = None
+                 ) -> list[Seq]:
         """Texts with ``prompt`` prepended; ``ValueError`` naming a too-long text and the limit unless
         ``truncate``. With ``chunks`` or ``chunk_tokens`` each text is a document of late chunking
-        (:meth:`SentenceEncoder.encode_chunks`: its result is ``[n_chunks, D]``, its spans in ``Seq.chunks``)."""
+        (:meth:`SentenceEncoder.encode_chunks`: its result is ``[n_chunks, D]``, its spans in ``Seq.chunks``).
+        ``task``: the task adapter to run (jina-embeddings-v3), checked here."""
+        self.check_task(task)
         if chunks is not None or chunk_tokens is not None:
             ids, layouts = self.st.chunk_layouts(texts, chunks, chunk_tokens, truncate, prompt, side)
-            return [Seq(s, chunks=c) for s, c in zip(ids, layouts)]
+            return [Seq(s, chunks=c, task=task) for s, c in zip(ids, layouts)]
         ids = self.st.tokenize(texts, truncate=truncate, prompt=prompt, truncation_side=side)
         skip = self.st.prompt_skip(prompt)
-        return [Seq(s, skip=skip, tokens=tokens) for s in ids]
+        return [Seq(s, skip=skip, tokens=tokens, task=task) for s in ids]
 
     def finish(self, hidden, batch, seqs):
         skips = torch.tensor([s.skip for s in seqs], device=hidden.device)

@@ -390,3 +390,90 @@ def test_triton_allowed_here(triton_everywhere):
     assert max_diff(named(ids, mask, types).last_hidden_state, ref, mask) <= FP32_TOL
     other = enc.for_task("classification")  # built with the same backend choice
     assert other.backend == enc.backend and other.kernels.names == enc.kernels.names
+
+
+# ---------------------------------------------------------------------------------------------- server
+def test_server_task_per_request(tmp_path):
+    """``padfree serve`` on a jina-v3 sentence-transformers directory: the request's ``task`` (as Jina's API names
+    it) picks the adapter, on the OpenAI route through the openai client and on TEI's /embed; concurrent
+    requests of different tasks each get their own adapter's vectors (the oracle: transformers with the LoRA
+    applied per token, mean-pooled); an unknown task is a 422 naming the known ones."""
+    import concurrent.futures
+
+    import httpx
+    import openai
+    from sentence_transformers import SentenceTransformer
+    from serving import Server
+    from test_heads import tokenizer
+    model = make(1)
+    tokenizer().save_pretrained(tmp_path)
+    model.save_pretrained(tmp_path)
+    SentenceTransformer(str(tmp_path), device="cpu").save(str(tmp_path))
+    save(model, tmp_path)
+    texts = ["the cat on the mat", "a", "then the dog sat on the cat near the door of the house"]
+    enc = tokenizer()(texts, padding=True, return_tensors="pt")
+    ids, mask = enc["input_ids"], enc["attention_mask"]
+
+    def oracle(task):
+        h = hf_run(model, ids, mask, {}, task)
+        v = (h * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
+        return torch.nn.functional.normalize(v, dim=-1) if (tmp_path / "2_Normalize").exists() else v
+
+    server = Server(["--model", f"jina={tmp_path}"], tmp_path / "serve.log")
+    try:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+
+        def embed(task):
+            extra = {} if task is None else {"extra_body": {"task": task}}
+            got = client.embeddings.create(model="jina", input=texts, **extra)
+            return torch.tensor([d.embedding for d in got.data])
+        tasks = [None, "retrieval.query", "text-matching", "retrieval.query", None, "classification"]
+        with concurrent.futures.ThreadPoolExecutor(len(tasks)) as pool:
+            results = list(pool.map(embed, tasks))
+        for task, got in zip(tasks, results):
+            assert (got - oracle(task)).abs().max() <= FP32_TOL, task
+        assert (results[1] - results[0]).abs().max() > 1e-2  # the adapter is applied
+        r = httpx.post(server.url + "/embed", json={"inputs": texts, "task": "separation", "normalize": False})
+        assert r.status_code == 200
+        assert (torch.tensor(r.json()) - oracle("separation")).abs().max() <= FP32_TOL
+        bad = httpx.post(server.url + "/v1/embeddings", json={"input": texts, "task": "summarize"})
+        assert bad.status_code == 422 and "unknown task 'summarize'" in bad.text and "retrieval.query" in bad.text
+    finally:
+        assert server.stop() == 0
+
+
+def test_job_with_a_task_adapter(tmp_path):
+    """``padfree embed --task``: the job's embeddings are the adapter's (the transformers oracle, mean-pooled);
+    the task is part of the job's options (a rerun with another refuses); an unknown task is a one-line error."""
+    import subprocess
+    import sys
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from sentence_transformers import SentenceTransformer
+    from test_heads import tokenizer
+    model = make(1)
+    st = tmp_path / "st"
+    tokenizer().save_pretrained(st)
+    model.save_pretrained(st)
+    SentenceTransformer(str(st), device="cpu").save(str(st))
+    save(model, st)
+    texts = ["the cat on the mat", "a", "then the dog sat on the cat near the door of the house"]
+    pq.write_table(pa.table({"id": [10, 11, 12], "text": texts}), tmp_path / "in.parquet")
+
+    def job(*extra):
+        return subprocess.run([sys.executable, "-m", "padfree.cli", "embed", str(tmp_path / "in.parquet"),
+                               str(tmp_path / "out"), "--model", str(st), "--id-column", "id", "--no-progress",
+                               *extra], capture_output=True, text=True, timeout=300)
+    r = job("--task", "retrieval.passage")
+    assert r.returncode == 0, r.stderr
+    got = pq.read_table(tmp_path / "out").sort_by("id")
+    enc = tokenizer()(texts, padding=True, return_tensors="pt")
+    ids, mask = enc["input_ids"], enc["attention_mask"]
+    h = hf_run(model, ids, mask, {}, "retrieval.passage")
+    ref = (h * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
+    assert (torch.tensor(got.column("embedding").to_pylist()) - ref).abs().max() <= FP32_TOL
+    r = job("--task", "text-matching")
+    assert r.returncode != 0 and "--task: 'retrieval.passage' before, 'text-matching' now" in r.stderr
+    r = job("--task", "summarize", "--overwrite")
+    assert r.returncode != 0 and "unknown task 'summarize'" in r.stderr and len(r.stderr.strip().splitlines()) == 1

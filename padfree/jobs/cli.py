@@ -16,6 +16,10 @@ def parse_args(task: str, argv):
                                                                        " or *ForSequenceClassification / CrossEncoder "
                                                                        "directory"), required=task != "embed")
     p.add_argument("--column", default="text", help="the text column (default: text)")
+    if task == "embed":
+        p.add_argument("--task", dest="adapter", metavar="TASK",
+                       help="the task adapter of a model with task LoRA adapters (jina-embeddings-v3: "
+                            "retrieval.query, retrieval.passage, separation, classification, text-matching)")
     if task == "classify":
         p.add_argument("--pair-column", help="the second text of each pair (cross-encoders)")
     p.add_argument("--id-column", help="a column carried to the output first (e.g. a document id)")
@@ -54,7 +58,8 @@ def main(task: str, argv) -> None:
                    pair_column=getattr(args, "pair_column", None), id_column=args.id_column,
                    keep=[c.strip() for c in args.keep.split(",") if c.strip()], dtype=args.dtype,
                    max_batch_tokens=args.max_batch_tokens, format=args.format, shard_rows=args.shard_rows,
-                   skip_empty=args.skip_empty, overwrite=args.overwrite, progress=not args.no_progress)
+                   skip_empty=args.skip_empty, overwrite=args.overwrite, progress=not args.no_progress,
+                   adapter=getattr(args, "adapter", None))
     try:
         if args.ray is not None:
             try:

@@ -28,6 +28,7 @@ from . import io
 
 MANIFEST = "_manifest.json"
 # options that change the output: a rerun with another value refuses (max_batch_tokens only changes speed)
+_FLAGS = {"adapter": "task"}  # option -> its command-line flag where the names differ
 OUTPUT_OPTIONS = ("task", "model", "dtype", "column", "pair_column", "id_column", "keep", "skip_empty",
                   "shard_rows", "format")
 
@@ -49,11 +50,13 @@ class JobSpec:
     skip_empty: bool = False
     overwrite: bool = False
     progress: bool = True
+    adapter: str | None = None      # embed: the task adapter of a model with task LoRA adapters (jina-v3)
 
     def options(self, fmt: str) -> dict:
         d = asdict(self)
         d.update(model=str(Path(self.model).resolve()), format=fmt)
-        return {k: d[k] for k in OUTPUT_OPTIONS}
+        # the adapter only where given, so that the manifests of jobs without one stay as they were
+        return {k: d[k] for k in OUTPUT_OPTIONS + (("adapter",) if self.adapter else ())}
 
 
 def _say(msg: str) -> None:
@@ -83,8 +86,9 @@ def prepare_output(spec: JobSpec, manifest: dict) -> dict | None:
                 p.unlink()
     if old_file.is_file():
         old = json.loads(old_file.read_text())
-        diffs = [f"--{k.replace('_', '-')}: {old['options'].get(k)!r} before, {v!r} now"
-                 for k, v in manifest["options"].items() if old["options"].get(k) != v]
+        now, before = manifest["options"], old["options"]
+        diffs = [f"--{_FLAGS.get(k, k).replace('_', '-')}: {before.get(k)!r} before, {now.get(k)!r} now"
+                 for k in dict.fromkeys([*now, *before]) if before.get(k) != now.get(k)]
         if old["inputs"] != manifest["inputs"]:
             diffs.append("the input files changed (paths, sizes or modification times)")
         if diffs:
@@ -156,7 +160,7 @@ def compute_shard(spec: JobSpec, task: Task, table: pa.Table) -> tuple[pa.Table,
         texts = [texts[i] for i in keep]
         pairs = None if pairs is None else [pairs[i] for i in keep]
     if isinstance(task, EmbedTask):
-        seqs = task.tokenize(texts, truncate=True)
+        seqs = task.tokenize(texts, truncate=True, task=spec.adapter)
     else:
         seqs = task.tokenize(texts, pairs, truncate=True)
     lengths = [len(s.ids) for s in seqs]
@@ -194,6 +198,8 @@ def run_job(spec: JobSpec) -> dict:
             raise ValueError(f"--{name.replace('_', '-')} must be an int >= 1; got {v!r}")
     if spec.task == "embed" and spec.pair_column:
         raise ValueError("--pair-column is for classify (cross-encoders)")
+    if spec.task != "embed" and spec.adapter:
+        raise ValueError("--task (a task adapter) is for embed")
     produced = ("embedding",) if spec.task == "embed" else ("label", "score", "scores")
     clash = [c for c in ([spec.id_column] if spec.id_column else []) + spec.keep if c in produced]
     if clash:
@@ -220,6 +226,7 @@ def run_job(spec: JobSpec) -> dict:
     want = EmbedTask if spec.task == "embed" else ClassifyTask
     if not isinstance(task, want):
         raise ValueError(f"model {spec.model!r} serves {task.kind}, not {spec.task}")
+    task.check_task(spec.adapter)
 
     total_rows = io.parquet_rows(files, fmt)
     bar = None

@@ -39,7 +39,7 @@ class _TaskBatches:
 
     def __init__(self, model: str, column: str = "text", id_column: str | None = None, keep=(),
                  dtype: str = "fp32", max_batch_tokens: int = 16384, skip_empty: bool = False,
-                 pair_column: str | None = None):
+                 pair_column: str | None = None, adapter: str | None = None):
         import torch
 
         from ..memory import level_memory
@@ -48,16 +48,20 @@ class _TaskBatches:
         level_memory()  # before the model's tensors: keeps a long-running actor's RSS level
         if self.kind == "embed" and pair_column:
             raise ValueError("pair_column is for Classify (cross-encoders)")
+        if self.kind != "embed" and adapter:
+            raise ValueError("adapter (a task adapter) is for Embed")
         torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}.get(dtype)
         if torch_dtype is None:
             raise ValueError(f"dtype must be fp32 or bf16; got {dtype!r}")
         self.spec = JobSpec(task=self.kind, input="", output="", model=str(model), column=column,
                             pair_column=pair_column, id_column=id_column, keep=list(keep), dtype=dtype,
-                            max_batch_tokens=max_batch_tokens, skip_empty=skip_empty, progress=False)
+                            max_batch_tokens=max_batch_tokens, skip_empty=skip_empty, progress=False,
+                            adapter=adapter)
         self.task = load_task(model, torch_dtype)
         want = EmbedTask if self.kind == "embed" else ClassifyTask
         if not isinstance(self.task, want):
             raise ValueError(f"model {str(model)!r} serves {self.task.kind}, not {self.kind}")
+        self.task.check_task(adapter)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         """[rows] in -> [rows] out (fewer with ``skip_empty``): id/keep columns, then the result columns."""
@@ -138,7 +142,8 @@ def run_job(spec: JobSpec, address: str | None = "local", actors: int = 1, actor
         compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=actor_cpus,
         fn_constructor_kwargs=dict(model=spec.model, column=spec.column, id_column=spec.id_column,
                                    keep=spec.keep, dtype=spec.dtype, max_batch_tokens=spec.max_batch_tokens,
-                                   skip_empty=spec.skip_empty, pair_column=spec.pair_column))
+                                   skip_empty=spec.skip_empty, pair_column=spec.pair_column,
+                                   adapter=spec.adapter))
     mode = ray.data.SaveMode.OVERWRITE if spec.overwrite else ray.data.SaveMode.APPEND
     ds.write_parquet(str(out), ray_remote_args=IO_REMOTE_ARGS, mode=mode)
     seconds = time.perf_counter() - t0

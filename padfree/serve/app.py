@@ -417,9 +417,9 @@ def create_app(models: Sequence[Served], config: ServeConfig | None = None) -> F
             for i, ids in enumerate(inp):
                 if not ids:
                     raise ApiError(422, f"input {i} is an empty list of token ids", param="input")
-            seqs = await state.tokenize(request, m, task.from_ids, inp, truncate)
+            seqs = await state.tokenize(request, m, task.from_ids, inp, truncate, task=body.task)
         else:
-            seqs = await state.tokenize(request, m, task.tokenize, _texts(inp), truncate)
+            seqs = await state.tokenize(request, m, task.tokenize, _texts(inp), truncate, task=body.task)
         rows = await state.run(request, m, seqs)
         vectors = _truncate_dims(np.stack(rows), body.dimensions, task.dimension, renormalize=task.normalizes)
         if body.encoding_format == "base64":
@@ -466,7 +466,7 @@ def create_app(models: Sequence[Served], config: ServeConfig | None = None) -> F
         state.check_count(len(texts), "inputs")
         truncate = state.config.auto_truncate if body.truncate is None else body.truncate
         seqs = await state.tokenize(request, m, m.task.tokenize, texts, truncate, _side(body.truncation_direction),
-                                    _prompt(m.task, body.prompt_name), tokens=tokens, **chunking)
+                                    _prompt(m.task, body.prompt_name), tokens=tokens, task=body.task, **chunking)
         rows = await state.run(request, m, seqs)
         if any(q.chunks is not None for q in seqs):
             rows = [(r, [list(span) for span in q.chunks.spans]) for q, r in zip(seqs, rows)]

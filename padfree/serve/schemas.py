@@ -17,12 +17,18 @@ class _Body(BaseModel):
 
 
 # ---------------------------------------------------------------- OpenAI
+_TASK = ("the task adapter to run, for a model with task LoRA adapters (jina-embeddings-v3: retrieval.query, "
+         "retrieval.passage, separation, classification, text-matching; as Jina's own API names it); default: the "
+         "one the server loaded. It does not add the task's prompt: give prompt_name for that")
+
+
 class OpenAIEmbeddingRequest(_Body):
     input: str | list[str] | list[int] | list[list[int]] = Field(
         description="a text, a list of texts, or token ids of the model's vocabulary (one list, or a list of lists)")
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: int | None = Field(None, ge=1, description="keep the first N dimensions, then re-normalize")
     user: str | None = None
+    task: str | None = Field(None, description=_TASK)
 
 
 class OpenAIEmbedding(BaseModel):
@@ -76,6 +82,7 @@ class _Truncation(_Body):
 class EmbedAllRequest(_Truncation):
     inputs: str | list[str]
     prompt_name: str | None = None
+    task: str | None = Field(None, description=_TASK)
 
 
 class EmbedRequest(EmbedAllRequest):
