@@ -36,7 +36,7 @@ from . import machine, report
 from .timing import RunPolicy, time_interleaved
 from .w3 import W3_BATCHES, W3_LENGTHS, W3_MODELS, W3_POLICY, W3_SYSTEMS, run_w3, w3_grid
 from .workloads import (LONG_SHAPE, MODEL_SHAPES, Shape, attention_flops, build_hf_model, encoder_flops,
-                        make_w1_case, w1_grid, w1_long_grid)
+                        make_w1_case, position_limit, w1_grid, w1_long_grid)
 
 W1_SYSTEMS = ("padfree", "hf-eager", "hf-sdpa", "hf-sdpa-compile", "ort", "openvino", "torch-varlen")
 LONG_SYSTEMS = ("padfree", "hf-sdpa", "openvino")  # eager (S x S in Python ops) and ORT's BERT graph do not fit
@@ -56,7 +56,8 @@ def parse_args(argv):
     p.add_argument("--dtype", help="comma list of fp32,bf16,fp16 (default: fp32,bf16 on CPU; fp16,bf16 on GPU)")
     p.add_argument("--workload", default="w1,w2", help="comma list of w1,w1-long,w2,w3 (default w1,w2); coldstart, serve "
                    "and job run alone, each with its own options (padfree bench --workload job --help)")
-    p.add_argument("--model-shape", default="bert-base", help=f"W1 model shapes, comma list of {','.join(MODEL_SHAPES)}")
+    p.add_argument("--model-shape", help=f"W1 and W1-long model shapes, comma list of {','.join(MODEL_SHAPES)} "
+                   f"(default: bert-base for W1, {LONG_SHAPE} for W1-long)")
     p.add_argument("--systems", help="W1, W1-long and W3 systems to run (default all that can; W1-long: "
                    f"{','.join(LONG_SYSTEMS)})")
     p.add_argument("--no-mha", action="store_true", help="skip the MHA-only comparison")
@@ -78,7 +79,8 @@ def parse_args(argv):
     args.workloads = _list(args.workload, WORKLOADS, "--workload")
     args.w3_model_list = _list(args.w3_models, W3_MODELS, "--w3-models")
     args.dtypes = _list(args.dtype or ("fp32,bf16" if args.device == "cpu" else "fp16,bf16"), tuple(bl.DTYPES), "--dtype")
-    args.shapes = _list(args.model_shape, MODEL_SHAPES, "--model-shape")
+    args.shapes = _list(args.model_shape or "bert-base", MODEL_SHAPES, "--model-shape")
+    args.long_shapes = _list(args.model_shape, MODEL_SHAPES, "--model-shape") if args.model_shape else [LONG_SHAPE]
     args.long_systems = _list(args.systems, W1_SYSTEMS, "--systems") if args.systems else list(LONG_SYSTEMS)
     args.systems = _list(args.systems or ",".join(W1_SYSTEMS), W1_SYSTEMS, "--systems")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
@@ -129,8 +131,9 @@ def run_w1(args, peaks: dict, result: dict, long: bool = False) -> None:
         grid = [(b, s) for s in ss for b in bs]
     max_len = max(s for _, s in grid)
     workload, systems = ("w1-long", args.long_systems) if long else ("w1", args.systems)
-    for shape in ([LONG_SHAPE] if long else args.shapes):
+    for shape in (args.long_shapes if long else args.shapes):
         model = build_hf_model(shape, max_len, args.seed)
+        limit = position_limit(model.config)
         fl_shape = Shape.of(model.config)
         for dname in args.dtypes:
             dtype = bl.DTYPES[dname]
@@ -145,6 +148,9 @@ def run_w1(args, peaks: dict, result: dict, long: bool = False) -> None:
                     skipped[name] = str(e)
                     _log(f"  {name}: skipped: {e}")
             for batch, s in grid:
+                if s > limit:
+                    _log(f"{workload.upper()} {shape} b{batch} s{s}: beyond the model's {limit} positions, skipped")
+                    continue
                 case = make_w1_case(batch, s, model.config.vocab_size, args.seed, pad_to_longest=long)
                 flops = encoder_flops(case.lengths, fl_shape)
                 outputs = {}

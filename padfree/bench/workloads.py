@@ -17,7 +17,8 @@ FULL_MAX_LENS = (64, 128, 256, 384, 512, 768, 1024)
 QUICK_BATCHES = (16,)
 QUICK_MAX_LENS = (64, 128, 256, 512)
 
-MODEL_SHAPES = ("bert-base", "distilbert-base", "albert-base", "deberta-v3-base", "mpnet-base", "modernbert-base")
+MODEL_SHAPES = ("bert-base", "distilbert-base", "albert-base", "deberta-v3-base", "mpnet-base", "modernbert-base",
+                "eurobert-210m", "nomic-embed-text", "jina-v3")
 
 # W1-long: long documents on a model made for them (ModernBERT-base: 8192 positions, rotary, GeGLU, local layers)
 LONG_SHAPE = "modernbert-base"
@@ -102,6 +103,15 @@ def hf_config(shape: str, max_len: int = 512):
         return tf.MPNetConfig(max_position_embeddings=positions + 2)
     if shape == "modernbert-base":  # transformers' defaults are ModernBERT-base: 22 layers, hidden 768, GeGLU 1152,
         return tf.ModernBertConfig(max_position_embeddings=max(8192, max_len))  # every 3rd layer global, window 128
+    # transformers' defaults are these models' shapes too: EuroBERT-210m (12 x 768, SwiGLU 3072, 8192 positions),
+    # nomic-embed-text (12 x 768, SwiGLU 3072, rotary, its 2048-token context), jina-embeddings-v3 (24 x 1024,
+    # FFN 4096, rotary, 8192 positions after the RoBERTa offset)
+    if shape == "eurobert-210m":
+        return tf.EuroBertConfig(max_position_embeddings=max(8192, max_len))
+    if shape == "nomic-embed-text":
+        return tf.NomicBertConfig()
+    if shape == "jina-v3":
+        return tf.JinaEmbeddingsV3Config(max_position_embeddings=max(8194, max_len + 2))
     raise ValueError(f"unknown model shape {shape!r}; known: {list(MODEL_SHAPES)}")
 
 
@@ -112,7 +122,9 @@ def build_hf_model(shape: str, max_len: int, seed: int = 0, attn_implementation:
     cfg._attn_implementation = attn_implementation
     torch.manual_seed(seed)
     cls = {"bert-base": tf.BertModel, "distilbert-base": tf.DistilBertModel, "albert-base": tf.AlbertModel,
-           "deberta-v3-base": tf.DebertaV2Model, "mpnet-base": tf.MPNetModel, "modernbert-base": tf.ModernBertModel}[shape]
+           "deberta-v3-base": tf.DebertaV2Model, "mpnet-base": tf.MPNetModel, "modernbert-base": tf.ModernBertModel,
+           "eurobert-210m": tf.EuroBertModel, "nomic-embed-text": tf.NomicBertModel,
+           "jina-v3": tf.JinaEmbeddingsV3Model}[shape]
     kwargs = {"add_pooling_layer": False} if shape in ("bert-base", "albert-base", "mpnet-base") else {}
     return cls(cfg, **kwargs).eval()
 
@@ -131,6 +143,8 @@ class Shape:
     def of(cls, hf_cfg) -> "Shape":
         get = lambda *names: next(getattr(hf_cfg, n) for n in names if hasattr(hf_cfg, n))  # noqa: E731
         dims = get("num_hidden_layers", "n_layers"), get("hidden_size", "dim"), get("intermediate_size", "hidden_dim")
+        if hf_cfg.model_type in ("eurobert", "nomic_bert"):  # SwiGLU
+            return cls(*dims, gated=True)
         if hf_cfg.model_type != "modernbert":
             return cls(*dims)
         local = sum(t == "sliding_attention" for t in hf_cfg.layer_types)
@@ -156,6 +170,16 @@ def encoder_flops(lengths, shape: Shape) -> int:
     glob = (shape.layers - shape.local_layers) * sum(4 * L * L * H for L in lengths)
     local = shape.local_layers * sum(4 * band_pairs(L, shape.window) * H for L in lengths)
     return dense + glob + local
+
+
+def position_limit(hf_cfg) -> int:
+    """The longest sequence a model's config allows (its position table less RoBERTa-style offsets)."""
+    limit = getattr(hf_cfg, "max_position_embeddings", None) or 512
+    if hf_cfg.model_type in ("roberta", "xlm-roberta", "camembert", "jina_embeddings_v3"):
+        limit -= (hf_cfg.pad_token_id or 0) + 1
+    elif hf_cfg.model_type == "mpnet":
+        limit -= 2
+    return limit
 
 
 def band_pairs(length: int, window: int) -> int:
