@@ -117,7 +117,7 @@ def test_memory_levels_off_under_varying_shapes():
 
 
 _LONG_SEQUENCE = """
-    import resource, torch, transformers as t
+    import torch, transformers as t
     import torch.nn.functional as F
     import padfree
     from padfree.batch import PackedBatch
@@ -134,12 +134,15 @@ _LONG_SEQUENCE = """
                 s = s.masked_fill(~attn_mask, float("-inf"))
             return s.softmax(-1) @ v
         torch_backend.F.scaled_dot_product_attention = explicit
-    peak = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    def status(field):  # kB
+        return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith(field + ":"))
     enc.forward_packed(PackedBatch.from_sequences([list(range(3, 100)) * 5]))  # warm: 485 tokens
-    before = peak()
+    with open("/proc/self/clear_refs", "w") as f:  # reset the peak (VmHWM) to the current RSS
+        f.write("5")
+    before = status("VmRSS")
     out = enc.forward_packed(PackedBatch.from_sequences([[3 + i % 97 for i in range(8192)]]))
     assert out.shape == (8192, 64) and torch.isfinite(out).all()
-    print((peak() - before) / 2**20)
+    print((status("VmHWM") - before) / 1024)
 """
 
 
@@ -147,7 +150,9 @@ def test_an_8192_token_sequence_needs_memory_linear_in_its_length():
     """One 8192-token document on the CPU path (ModernBERT: a global layer and sliding-window layers): its peak
     memory stays far below one head's 8192 x 8192 fp32 scores (256 MiB; all four heads: 1 GiB). The control, the
     same model with an attention that holds its scores, grows by more than that, so the measurement can tell."""
+    if not os.access("/proc/self/clear_refs", os.W_OK):
+        pytest.skip("needs Linux's /proc/self/clear_refs to reset the peak RSS")
     linear = float(_run(_LONG_SEQUENCE.format(explicit=False), timeout=300).strip())
     assert linear < 160, f"peak RSS grew by {linear:.0f} MiB for one 8192-token sequence"
     quadratic = float(_run(_LONG_SEQUENCE.format(explicit=True), timeout=300).strip())
-    assert quadratic > 1024, f"the control grew by only {quadratic:.0f} MiB"
+    assert quadratic > 768, f"the control grew by only {quadratic:.0f} MiB"
