@@ -254,50 +254,33 @@ def _varlen_attention_kernel(qkv_ptr, bias_ptr, out_ptr, cu_seqlens_ptr, stride_
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-        if WINDOW:
-            # only the key blocks that meet [m_lo - window, m_hi + window]: O(window) work per query block
+        if WINDOW:  # only the key blocks that meet [m_lo - window, m_hi + window]: O(window) per query block
             lo_n = (tl.maximum(pid_m * BLOCK_M - window, 0) // BLOCK_N) * BLOCK_N
-            hi_n = tl.minimum(seqlen, pid_m * BLOCK_M + BLOCK_M + window)
-            if INTERPRET:
-                start_n = lo_n
-                while start_n < hi_n:
-                    acc, l_i, m_i = _attn_kv_block(acc, l_i, m_i, q, q2, k_base, v_base, start_n, offs_m, offs_n,
-                                                   offs_d, seqlen, stride_row, qk_scale, max_seqlen, row0, head,
-                                                   index_ptr, rel_bias_ptr, c2p_ptr, p2c_ptr, R, stride_rel_head,
-                                                   kbias_ptr, cos_ptr, sin_ptr, stride_rot, window, HEAD_DIM,
-                                                   BLOCK_D, BLOCK_H, True, HAS_REL_BIAS, HAS_C2P, HAS_P2C, HAS_BIAS,
-                                                   ROTARY, True, PRECISION, INTERPRET)
-                    start_n += BLOCK_N
-            else:
-                for start_n in range(lo_n, hi_n, BLOCK_N):
-                    acc, l_i, m_i = _attn_kv_block(acc, l_i, m_i, q, q2, k_base, v_base, start_n, offs_m, offs_n,
-                                                   offs_d, seqlen, stride_row, qk_scale, max_seqlen, row0, head,
-                                                   index_ptr, rel_bias_ptr, c2p_ptr, p2c_ptr, R, stride_rel_head,
-                                                   kbias_ptr, cos_ptr, sin_ptr, stride_rot, window, HEAD_DIM,
-                                                   BLOCK_D, BLOCK_H, True, HAS_REL_BIAS, HAS_C2P, HAS_P2C, HAS_BIAS,
-                                                   ROTARY, True, PRECISION, INTERPRET)
+            hi_n = tl.minimum(seqlen, pid_m * BLOCK_M + BLOCK_M + window)  # masked per key (band and bounds)
         else:
-            n_full = (seqlen // BLOCK_N) * BLOCK_N  # keys [0, n_full) need no bounds mask
-            if INTERPRET:  # Triton's CPU interpreter cannot take a tensor as range() bound under numpy >= 2.4
-                start_n = 0
-                while start_n < n_full:
-                    acc, l_i, m_i = _attn_kv_block(acc, l_i, m_i, q, q2, k_base, v_base, start_n, offs_m, offs_n,
-                                                   offs_d, seqlen, stride_row, qk_scale, max_seqlen, row0, head,
-                                                   index_ptr, rel_bias_ptr, c2p_ptr, p2c_ptr, R, stride_rel_head,
-                                                   kbias_ptr, cos_ptr, sin_ptr, stride_rot, window, HEAD_DIM,
-                                                   BLOCK_D, BLOCK_H, False, HAS_REL_BIAS, HAS_C2P, HAS_P2C, HAS_BIAS,
-                                                   ROTARY, False, PRECISION, INTERPRET)
-                    start_n += BLOCK_N
-            else:
-                for start_n in range(0, n_full, BLOCK_N):
-                    acc, l_i, m_i = _attn_kv_block(acc, l_i, m_i, q, q2, k_base, v_base, start_n, offs_m, offs_n,
-                                                   offs_d, seqlen, stride_row, qk_scale, max_seqlen, row0, head,
-                                                   index_ptr, rel_bias_ptr, c2p_ptr, p2c_ptr, R, stride_rel_head,
-                                                   kbias_ptr, cos_ptr, sin_ptr, stride_rot, window, HEAD_DIM,
-                                                   BLOCK_D, BLOCK_H, False, HAS_REL_BIAS, HAS_C2P, HAS_P2C, HAS_BIAS,
-                                                   ROTARY, False, PRECISION, INTERPRET)
-            if n_full < seqlen:
-                acc, l_i, m_i = _attn_kv_block(acc, l_i, m_i, q, q2, k_base, v_base, n_full, offs_m, offs_n, offs_d,
+            lo_n = 0
+            hi_n = (seqlen // BLOCK_N) * BLOCK_N  # keys [0, hi_n) need no bounds mask; the tail comes after
+        if INTERPRET:  # Triton's CPU interpreter cannot take a tensor as range() bound under numpy >= 2.4
+            start_n = lo_n
+            while start_n < hi_n:
+                acc, l_i, m_i = _attn_kv_block(acc, l_i, m_i, q, q2, k_base, v_base, start_n, offs_m, offs_n,
+                                               offs_d, seqlen, stride_row, qk_scale, max_seqlen, row0, head,
+                                               index_ptr, rel_bias_ptr, c2p_ptr, p2c_ptr, R, stride_rel_head,
+                                               kbias_ptr, cos_ptr, sin_ptr, stride_rot, window, HEAD_DIM,
+                                               BLOCK_D, BLOCK_H, WINDOW, HAS_REL_BIAS, HAS_C2P, HAS_P2C, HAS_BIAS,
+                                               ROTARY, WINDOW, PRECISION, INTERPRET)
+                start_n += BLOCK_N
+        else:
+            for start_n in range(lo_n, hi_n, BLOCK_N):
+                acc, l_i, m_i = _attn_kv_block(acc, l_i, m_i, q, q2, k_base, v_base, start_n, offs_m, offs_n,
+                                               offs_d, seqlen, stride_row, qk_scale, max_seqlen, row0, head,
+                                               index_ptr, rel_bias_ptr, c2p_ptr, p2c_ptr, R, stride_rel_head,
+                                               kbias_ptr, cos_ptr, sin_ptr, stride_rot, window, HEAD_DIM,
+                                               BLOCK_D, BLOCK_H, WINDOW, HAS_REL_BIAS, HAS_C2P, HAS_P2C, HAS_BIAS,
+                                               ROTARY, WINDOW, PRECISION, INTERPRET)
+        if not WINDOW:
+            if hi_n < seqlen:  # the last, partial block of keys, bounds-masked
+                acc, l_i, m_i = _attn_kv_block(acc, l_i, m_i, q, q2, k_base, v_base, hi_n, offs_m, offs_n, offs_d,
                                                seqlen, stride_row, qk_scale, max_seqlen, row0, head, index_ptr,
                                                rel_bias_ptr, c2p_ptr, p2c_ptr, R, stride_rel_head, kbias_ptr,
                                                cos_ptr, sin_ptr, stride_rot, window, HEAD_DIM, BLOCK_D, BLOCK_H, True,
