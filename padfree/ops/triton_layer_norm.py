@@ -80,14 +80,19 @@ def row_config(n_cols: int, elem_size: int) -> tuple[int, int, int]:
     return block, rows, num_warps
 
 
-def _check(x, bias, residual, weight, ln_bias):
+def _check_rows(x, what: str) -> int:
+    """``x`` is a ``[T, H]`` the row kernels take; returns H."""
     if x.dim() != 2:
         raise ValueError(f"x must be [T, H]; got {tuple(x.shape)}")
-    T, H = x.shape
     if x.dtype not in _DTYPES:
         raise ValueError(f"dtype {x.dtype} not supported; supported: {[str(d) for d in _DTYPES]}")
-    if H > MAX_HIDDEN:
-        raise ValueError(f"hidden size {H} > {MAX_HIDDEN} not supported by the Triton LayerNorm")
+    if x.shape[1] > MAX_HIDDEN:
+        raise ValueError(f"hidden size {x.shape[1]} > {MAX_HIDDEN} not supported by the Triton {what}")
+    return x.shape[1]
+
+
+def _check(x, bias, residual, weight, ln_bias):
+    H = _check_rows(x, "LayerNorm")
     if residual.shape != x.shape:
         raise ValueError(f"residual must be {tuple(x.shape)}; got {tuple(residual.shape)}")
     if weight is None:
@@ -119,13 +124,8 @@ def launch_add_bias_residual_layer_norm(x, bias, residual, weight, ln_bias, eps)
 
 
 def launch_rms_norm(x, weight, eps):
-    if x.dim() != 2:
-        raise ValueError(f"x must be [T, H]; got {tuple(x.shape)}")
-    T, H = x.shape
-    if x.dtype not in _DTYPES:
-        raise ValueError(f"dtype {x.dtype} not supported; supported: {[str(d) for d in _DTYPES]}")
-    if H > MAX_HIDDEN:
-        raise ValueError(f"hidden size {H} > {MAX_HIDDEN} not supported by the Triton RMSNorm")
+    H = _check_rows(x, "RMSNorm")
+    T = x.shape[0]
     if weight is None or weight.shape != (H,) or not weight.is_contiguous() or weight.device != x.device:
         raise ValueError(f"weight must be a contiguous [{H}] on {x.device}")
     if x.stride(1) != 1:
