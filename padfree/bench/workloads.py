@@ -173,13 +173,11 @@ def encoder_flops(lengths, shape: Shape) -> int:
 
 
 def position_limit(hf_cfg) -> int:
-    """The longest sequence a model's config allows (its position table less RoBERTa-style offsets)."""
-    limit = getattr(hf_cfg, "max_position_embeddings", None) or 512
-    if hf_cfg.model_type in ("roberta", "xlm-roberta", "camembert", "jina_embeddings_v3"):
-        limit -= (hf_cfg.pad_token_id or 0) + 1
-    elif hf_cfg.model_type == "mpnet":
-        limit -= 2
-    return limit
+    """The longest sequence a model's config allows, as padfree reads the config (its position table less
+    RoBERTa-style offsets)."""
+    from ..models.families import family_for_config
+    c = hf_cfg.to_dict()
+    return family_for_config(c).make_config(c).max_sequence_length
 
 
 def band_pairs(length: int, window: int) -> int:
