@@ -12,6 +12,7 @@ import logging
 import os
 import sys
 import threading
+import time
 
 log = logging.getLogger(__name__)
 
@@ -83,15 +84,16 @@ def heap_summary() -> str:
 
 
 def rss_bytes() -> int:
-    """This process's resident set size in bytes (VmRSS), 0 where /proc is unavailable."""
+    """This process's resident set size in bytes (VmRSS, read from ``/proc/self/statm``), 0 where /proc is
+    unavailable."""
     try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
+        with open("/proc/self/statm", "rb") as f:
+            return int(f.read().split()[1]) * _PAGE
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
 
 def settings() -> dict[str, object] | None:
@@ -99,12 +101,47 @@ def settings() -> dict[str, object] | None:
     return None if _applied is None else dict(_applied)
 
 
-MMAP_THRESHOLD = 1 << 20
-"""Bytes from which glibc serves an allocation by its own mmap (returned to the system when freed)."""
+MMAP_THRESHOLD = 32 << 20
+"""Bytes from which glibc serves an allocation by its own mmap: its ceiling on 64-bit systems, fixed there so that
+it no longer moves (smaller tensors are reused from the heap, without page faults)."""
+TRIM_THRESHOLD = 1 << 30
+"""glibc's own trim of the heap's top on free (``M_TRIM_THRESHOLD``), set out of reach: the trimmer thread
+releases free memory instead, far less often."""
 PRIMITIVE_CACHE_CAPACITY = 128
 """Entries kept by oneDNN's primitive cache (``ONEDNN_PRIMITIVE_CACHE_CAPACITY``, default 1024) and by
 ideep's operator cache inside PyTorch (``LRU_CACHE_CAPACITY``, default 1024)."""
 _CACHE_VARIABLES = (("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "DNNL_PRIMITIVE_CACHE_CAPACITY"), ("LRU_CACHE_CAPACITY",))
+TRIM_CHECK_S = 0.2
+"""How often the trimmer thread reads the resident set size."""
+TRIM_GROWTH, TRIM_SLACK = 0.15, 32 << 20
+"""The trimmer calls ``malloc_trim(0)`` once RSS exceeds ``floor * (1 + TRIM_GROWTH) + TRIM_SLACK``, where the
+floor is the RSS right after its last trim (lowered whenever RSS falls below it)."""
+TRIM_PERIOD_S = 30.0
+"""... and at least this often, so that memory freed after a burst goes back to the system once it is quiet."""
+_trims = 0  # how many times the trimmer released memory (read by tests)
+
+
+def _trimmer() -> None:
+    global _trims
+    floor, last = rss_bytes(), time.monotonic()
+    while True:
+        time.sleep(TRIM_CHECK_S)
+        rss = rss_bytes()
+        if rss > floor * (1 + TRIM_GROWTH) + TRIM_SLACK or time.monotonic() - last >= TRIM_PERIOD_S:
+            trim()
+            _trims += 1
+            floor, last = rss_bytes(), time.monotonic()
+        elif rss < floor:
+            floor = rss
+
+
+def _start_trimmer() -> None:
+    threading.Thread(target=_trimmer, name="padfree-trim", daemon=True).start()
+
+
+def trims() -> int:
+    """How many times the trimmer thread of :func:`level_memory` has released free memory."""
+    return _trims
 
 
 def level_memory() -> dict[str, object]:
@@ -115,16 +152,22 @@ def level_memory() -> dict[str, object]:
 
     Two causes, both from a new tensor shape at (almost) every batch:
 
-    - glibc's dynamic mmap threshold: freeing a large mmapped block raises the threshold to that block's size
-      (up to 32 MiB), so from then on every activation tensor below it comes from the heap, where tensors of
-      ever-different sizes interleave with long-lived small blocks and the freed space is never given back.
-      ``mallopt(M_MMAP_THRESHOLD, 1 MiB)`` fixes the threshold (and with it the trim threshold): each tensor of
-      1 MiB or more is its own mapping, returned to the system when freed.
+    - Heap fragmentation: activations of ever-different sizes come from malloc's heap (glibc's dynamic mmap
+      threshold rises to 32 MiB as large blocks are freed), interleave there with long-lived small blocks, and
+      the freed holes stay resident. ``mallopt`` fixes the mmap threshold at glibc's 32 MiB ceiling and turns
+      glibc's own top-of-heap trimming off, so activations below it are reused from the heap without page
+      faults; a daemon thread (``padfree-trim``) reads RSS every :data:`TRIM_CHECK_S` seconds and calls
+      ``malloc_trim(0)``, which hands every free page back to the system, once RSS has grown past
+      :data:`TRIM_GROWTH` + :data:`TRIM_SLACK` over its level after the last trim, and every
+      :data:`TRIM_PERIOD_S` seconds in any case. RSS thus stays within about 15% + 32 MiB of the most memory the
+      work has in use at once. (A 1 MiB threshold, which
+      releases every large block on free, also keeps memory level, but each activation then faults its pages
+      in anew: about 15% slower on W2; benchmarks/NOTES.md section 12.)
     - oneDNN's primitive cache and ideep's operator cache keep up to 1024 compiled primitives each, one set per
       distinct token count; they are capped at :data:`PRIMITIVE_CACHE_CAPACITY` through their environment
       variables, unless the user set those variables already (theirs are kept).
 
-    Where the C library is not glibc the mallopt part is skipped (logged at debug level).
+    Where the C library is not glibc the malloc part (and the thread) is skipped (logged at debug level).
     """
     global _applied
     with _lock:
@@ -140,8 +183,12 @@ def level_memory() -> dict[str, object]:
                 applied[names[0]] = str(PRIMITIVE_CACHE_CAPACITY)
         if _glibc() is None:
             log.debug("level_memory: the C library is not glibc; malloc settings left as they are")
-        elif mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD):
+        elif mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD) and mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD):
             applied["M_MMAP_THRESHOLD"] = MMAP_THRESHOLD
+            applied["M_TRIM_THRESHOLD"] = TRIM_THRESHOLD
+            applied["trimmer"] = {"check_s": TRIM_CHECK_S, "growth": TRIM_GROWTH, "slack": TRIM_SLACK}
+            _start_trimmer()
+            os.register_at_fork(after_in_child=_start_trimmer)  # a forked worker has no threads of its parent
         else:
             log.debug("level_memory: mallopt(M_MMAP_THRESHOLD, %d) failed", MMAP_THRESHOLD)
         _applied = applied

@@ -6,6 +6,8 @@ import argparse
 import os
 import sys
 
+from .runner import DEFAULT_BATCH_TOKENS
+
 
 def parse_args(task: str, argv):
     p = argparse.ArgumentParser(prog=f"padfree {task}", description=__doc__)
@@ -25,7 +27,8 @@ def parse_args(task: str, argv):
     p.add_argument("--id-column", help="a column carried to the output first (e.g. a document id)")
     p.add_argument("--keep", default="", help="comma list of other columns carried to the output")
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
-    p.add_argument("--max-batch-tokens", type=int, default=16384, help="real tokens per forward (default 16384)")
+    p.add_argument("--max-batch-tokens", type=int, default=DEFAULT_BATCH_TOKENS,
+                   help=f"real tokens per forward (default {DEFAULT_BATCH_TOKENS})")
     p.add_argument("--format", choices=["parquet", "jsonl", "csv"], help="override the format given by the suffix")
     p.add_argument("--shard-rows", type=int, default=10000, help="input rows per output shard (default 10000); "
                    "memory holds one shard")

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from ..jobs.runner import JobSpec, compute_shard
+from ..jobs.runner import DEFAULT_BATCH_TOKENS, JobSpec, compute_shard
 
 
 # Reads and writes take no CPU of Ray's: the actors hold a CPU each for the whole job, and with as many actors as
@@ -38,7 +38,7 @@ class _TaskBatches:
     kind = ""
 
     def __init__(self, model: str, column: str = "text", id_column: str | None = None, keep=(),
-                 dtype: str = "fp32", max_batch_tokens: int = 16384, skip_empty: bool = False,
+                 dtype: str = "fp32", max_batch_tokens: int = DEFAULT_BATCH_TOKENS, skip_empty: bool = False,
                  pair_column: str | None = None, adapter: str | None = None):
         import torch
 
