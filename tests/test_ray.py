@@ -81,6 +81,54 @@ def test_ray_job_refuses_a_non_empty_output(cluster, tmp_path):
                            model=str(minilm_path()), column="body", progress=False))
 
 
+def test_ray_job_resumes_by_id_after_the_driver_dies(cluster, tmp_path):
+    """The state a killed driver leaves: an unfinished manifest, some output files written, one cut short, some
+    never written. The rerun keeps the intact files, computes exactly the other rows and equals the local job;
+    then it is complete (a rerun does nothing), and other settings or a job without ids are refused."""
+    import json
+    import pyarrow.parquet as pq
+
+    from padfree.jobs.runner import JobSpec, run_job
+    from padfree.ray import run_job as run_on_ray
+
+    _input(tmp_path / "in.parquet")
+    common = dict(task="embed", input=str(tmp_path / "in.parquet"), model=str(minilm_path()), id_column="doc",
+                  keep=["year"], progress=False, shard_rows=32)
+    run_job(JobSpec(output=str(tmp_path / "local"), **common))
+    out = tmp_path / "ray"
+    first = run_on_ray(JobSpec(output=str(out), **common))
+    assert first["rows"] == 200 and first["rows_done_before"] == 0
+    files = sorted(out.glob("*.parquet"))
+    assert len(files) >= 3, files
+    manifest = json.loads((out / "_manifest.json").read_text())
+    assert manifest["complete"] and manifest["options"]["ray"] is True
+    (out / "_manifest.json").write_text(json.dumps({**manifest, "complete": False}))
+    files[0].unlink()  # never written
+    files[1].write_bytes(files[1].read_bytes()[:1000])  # cut short
+    kept = sum(pq.ParquetFile(f).metadata.num_rows for f in files[2:])
+    again = run_on_ray(JobSpec(output=str(out), **common))
+    assert again["rows_done_before"] == kept and again["rows"] == 200
+    local = pq.read_table(tmp_path / "local")
+    theirs = pa.concat_tables([pq.read_table(f) for f in out.glob("*.parquet")]).sort_by("doc")
+    assert theirs.column("doc").to_pylist() == local.column("doc").to_pylist()  # each id once
+    assert theirs.column("year").to_pylist() == local.column("year").to_pylist()
+    a = np.stack(theirs.column("embedding").to_numpy(zero_copy_only=False))
+    b = np.stack(local.column("embedding").to_numpy(zero_copy_only=False))
+    np.testing.assert_allclose(a, b, atol=1e-5)
+    assert run_on_ray(JobSpec(output=str(out), **common)).get("nothing_to_do")
+    with pytest.raises(ValueError, match="--dtype: 'fp32' before, 'bf16' now"):
+        run_on_ray(JobSpec(output=str(out), **{**common, "dtype": "bf16"}))
+    with pytest.raises(ValueError, match="--ray: True before, None now"):  # the local job does not take it over
+        run_job(JobSpec(output=str(out), **common))
+    no_ids = dict(common, id_column=None)
+    run_on_ray(JobSpec(output=str(tmp_path / "noid"), **no_ids))
+    manifest = json.loads((tmp_path / "noid" / "_manifest.json").read_text())
+    (tmp_path / "noid" / "_manifest.json").write_text(json.dumps({**manifest, "complete": False}))
+    with pytest.raises(ValueError, match="resumes by its ids"):
+        run_on_ray(JobSpec(output=str(tmp_path / "noid"), **no_ids))
+    assert run_on_ray(JobSpec(output=str(tmp_path / "noid"), **no_ids, overwrite=True))["rows"] == 200
+
+
 BAD = [("/v1/embeddings", {"input": [], "model": "minilm"}),
        ("/v1/embeddings", {"input": "a", "model": "nope"}),
        ("/v1/embeddings", {"input": ["a"] * 65, "model": "minilm"}),

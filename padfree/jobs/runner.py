@@ -67,7 +67,7 @@ def _say(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
+def write_atomic(path: Path, data: bytes) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_bytes(data)
     os.replace(tmp, path)
@@ -251,7 +251,7 @@ def run_job(spec: JobSpec) -> dict:
             result, counts = compute_shard(spec, task, table)
             if old is None and not (out / MANIFEST).is_file():  # the directory appears with its first shard
                 out.mkdir(parents=True, exist_ok=True)
-                _write_atomic(out / MANIFEST, json.dumps(manifest, indent=1).encode())
+                write_atomic(out / MANIFEST, json.dumps(manifest, indent=1).encode())
             tmp = path.with_name(f".{path.name}.tmp")
             pq.write_table(result, tmp)
             os.replace(tmp, path)
@@ -267,7 +267,7 @@ def run_job(spec: JobSpec) -> dict:
     summary["seconds"] = time.perf_counter() - t0
     out.mkdir(parents=True, exist_ok=True)
     manifest.update(complete=True, shards=summary["shards"], rows=summary["rows"], summary=summary)
-    _write_atomic(out / MANIFEST, json.dumps(manifest, indent=1).encode())
+    write_atomic(out / MANIFEST, json.dumps(manifest, indent=1).encode())
     _say(f"padfree {spec.task}: {summary['rows']} rows, {summary['tokens']} tokens computed in "
          f"{summary['seconds']:.1f} s ({summary['shards']} shards, {summary['shards_done_before']} already done); "
          f"{summary['empty']} null or empty texts ({'skipped' if spec.skip_empty else 'embedded as empty'}), "

@@ -11,18 +11,22 @@ No retry logic of ours; Ray's is used as is:
   actors with ``max_restarts=-1`` and ``max_task_retries=-1`` unless ``ray_remote_args`` say otherwise;
 - a read or write task that fails is retried by Ray (its ``max_retries``; I/O errors listed in
   ``DataContext.retried_io_errors``).
-A crashed *driver* (the ``padfree embed --ray`` process) loses the job: run the command again (``--overwrite``),
-it recomputes everything. The resumable, shard-by-shard job is the local one (without ``--ray``).
+A crashed *driver* (the ``padfree embed --ray`` process, or the head node) stops the job. :func:`run_job` resumes
+it by its id column: the output directory holds the local job's manifest (input identity and options, plus
+``ray: true``); run the same command again and the rows whose id is in a readable output file are dropped before
+the model (files cut short by the crash are deleted), the rest are computed and appended.
 """
 from __future__ import annotations
 
+import json
 import sys
 import time
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 
-from ..jobs.runner import DEFAULT_BATCH_TOKENS, JobSpec, compute_shard
+from ..jobs.runner import DEFAULT_BATCH_TOKENS, MANIFEST, JobSpec, compute_shard, prepare_output, write_atomic
 
 
 # Reads and writes take no CPU of Ray's: the actors hold a CPU each for the whole job, and with as many actors as
@@ -39,7 +43,7 @@ class _TaskBatches:
 
     def __init__(self, model: str, column: str = "text", id_column: str | None = None, keep=(),
                  dtype: str = "fp32", max_batch_tokens: int = DEFAULT_BATCH_TOKENS, skip_empty: bool = False,
-                 pair_column: str | None = None, adapter: str | None = None):
+                 pair_column: str | None = None, adapter: str | None = None, done_ids: pa.Array | None = None):
         import torch
 
         from ..memory import level_memory
@@ -62,16 +66,26 @@ class _TaskBatches:
         if not isinstance(self.task, want):
             raise ValueError(f"model {str(model)!r} serves {self.task.kind}, not {self.kind}")
         self.task.check_task(adapter)
+        if done_ids is not None and not id_column:
+            raise ValueError("done_ids needs the id_column they are ids of")
+        self.done = done_ids
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        """[rows] in -> [rows] out (fewer with ``skip_empty``): id/keep columns, then the result columns."""
+        """[rows] in -> [rows] out (fewer with ``skip_empty``, or with ``done_ids``: the rows whose id is one of
+        them are left out, as done by an earlier run): id/keep columns, then the result columns."""
+        if self.done is not None and len(self.done):
+            import pyarrow.compute as pc
+            ids = batch.column(self.spec.id_column)
+            batch = batch.filter(pc.invert(pc.is_in(ids, value_set=self.done.cast(ids.type))))
         table, _ = compute_shard(self.spec, self.task, batch)
         return table
 
 
 class Embed(_TaskBatches):
     """``ds.map_batches(Embed, fn_constructor_kwargs={"model": path}, batch_format="pyarrow",
-    compute=ray.data.ActorPoolStrategy(size=N))``: adds ``embedding`` (fixed_size_list<float32>[D])."""
+    compute=ray.data.ActorPoolStrategy(size=N))``: adds ``embedding`` (fixed_size_list<float32>[D]). Keyword
+    arguments: those of the local job (:class:`padfree.jobs.JobSpec`), and ``done_ids`` (ids of ``id_column``
+    to leave out)."""
     kind = "embed"
 
 
@@ -95,13 +109,45 @@ def _read(files: list[Path], fmt: str, text_columns: list[str], columns: list[st
     return ray.data.read_json(paths, lines=True, **args)
 
 
+def _resume(spec: JobSpec, manifest: dict, out: Path):
+    """Check or create the output directory as the local job does (its manifest, with ``ray: true``). Returns
+    None for a new job, "complete" for a finished one, else the ids already in the output (a resumed job);
+    ValueError where the directory holds something else or a job with other settings."""
+    if spec.overwrite and (out / MANIFEST).is_file():  # only a padfree job's files are ever deleted
+        for p in out.glob("*.parquet"):
+            p.unlink()
+    old = prepare_output(spec, manifest)
+    if old is None:
+        out.mkdir(parents=True, exist_ok=True)
+        write_atomic(out / MANIFEST, json.dumps(manifest, indent=1).encode())
+        return None
+    if old.get("complete"):
+        return "complete"
+    if not spec.id_column:
+        raise ValueError(f"{str(out)!r} holds an unfinished Ray job without --id-column: a Ray job resumes by its "
+                         "ids; pass --overwrite to start again")
+    done = []
+    for p in sorted(out.glob("*.parquet")):
+        try:
+            done.append(pq.read_table(p, columns=[spec.id_column]).column(0))
+        except (pa.ArrowException, OSError):  # cut short when the driver died: its rows are computed again
+            p.unlink()
+    return pa.chunked_array(done).combine_chunks() if done else pa.array([], pa.null())
+
+
+def _rows(out: Path) -> int:
+    return sum(pq.ParquetFile(p).metadata.num_rows for p in out.glob("*.parquet"))
+
+
 def run_job(spec: JobSpec, address: str | None = "local", actors: int = 1, actor_cpus: int = 1) -> dict:
     """``spec`` on a Ray cluster (``address``: an existing one, e.g. ``"auto"`` or ``"ray://head:10001"``;
     ``"local"``: start a new local one; None: Ray's default, ``RAY_ADDRESS`` or else a new local one). When Ray is
     already initialized in this process, that cluster is used. Writes Parquet files to ``spec.output``: with
     ``preserve_order`` each file's rows are in input order, but the files are not always (Ray names them by write
-    task, numbered in dispatch order, which is not always the input's): join on ``spec.id_column``. ``spec.shard_rows`` is the rows of one ``map_batches``
-    call. Returns a summary (rows, seconds)."""
+    task, numbered in dispatch order, which is not always the input's): join on ``spec.id_column``.
+    ``spec.shard_rows`` is the rows of one ``map_batches`` call. Run again after the driver died, it resumes by
+    ``spec.id_column`` (see the module's docstring); a finished job run again does nothing. Returns a summary
+    (rows, rows done before, seconds)."""
     import ray
     import ray.data
 
@@ -120,11 +166,14 @@ def run_job(spec: JobSpec, address: str | None = "local", actors: int = 1, actor
     columns = list(dict.fromkeys(text_cols + ([spec.id_column] if spec.id_column else []) + spec.keep))
     io.check_files(files, fmt, text_cols, columns[len(text_cols):])
     out = Path(spec.output)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"output {str(out)!r} exists and is not a directory")
-    if out.exists() and any(not p.name.startswith(".") for p in out.iterdir()) and not spec.overwrite:
-        raise ValueError(f"output directory {str(out)!r} is not empty; choose another, or pass --overwrite "
-                         "(a Ray job does not resume: it writes the whole output again)")
+    manifest = {"version": 1, "inputs": io.identity(files), "options": {**spec.options(fmt), "ray": True},
+                "complete": False}
+    done = _resume(spec, manifest, out)
+    if isinstance(done, str):
+        rows = _rows(out)
+        print(f"padfree {spec.task} --ray: {out} is complete ({rows} rows): nothing to do", file=sys.stderr,
+              flush=True)
+        return {"rows": rows, "rows_done_before": rows, "seconds": 0.0, "nothing_to_do": True}
 
     if not ray.is_initialized():
         ray.init(address=address, include_dashboard=False, log_to_driver=False)
@@ -143,12 +192,18 @@ def run_job(spec: JobSpec, address: str | None = "local", actors: int = 1, actor
         fn_constructor_kwargs=dict(model=spec.model, column=spec.column, id_column=spec.id_column,
                                    keep=spec.keep, dtype=spec.dtype, max_batch_tokens=spec.max_batch_tokens,
                                    skip_empty=spec.skip_empty, pair_column=spec.pair_column,
-                                   adapter=spec.adapter))
-    mode = ray.data.SaveMode.OVERWRITE if spec.overwrite else ray.data.SaveMode.APPEND
-    ds.write_parquet(str(out), ray_remote_args=IO_REMOTE_ARGS, mode=mode)
+                                   adapter=spec.adapter, done_ids=done))
+    before = 0 if done is None else _rows(out)
+    ds.write_parquet(str(out), ray_remote_args=IO_REMOTE_ARGS, mode=ray.data.SaveMode.APPEND)
     seconds = time.perf_counter() - t0
-    import pyarrow.parquet as pq
-    rows = sum(pq.ParquetFile(p).metadata.num_rows for p in out.glob("*.parquet"))
-    print(f"padfree {spec.task} --ray: {rows} rows in {seconds:.1f} s with {actors} actor(s) -> {out}",
-          file=sys.stderr, flush=True)
-    return {"rows": rows, "seconds": seconds}
+    rows = _rows(out)
+    total = io.parquet_rows(files, fmt)  # known without reading for Parquet input
+    if total is not None and (rows > total or (rows < total and not spec.skip_empty)):
+        raise ValueError(f"the output holds {rows} rows for {total} input rows: the ids of --id-column "
+                         f"{spec.id_column!r} are not unique, so a resumed job cannot tell rows apart; run it "
+                         "again with --overwrite")
+    manifest.update(complete=True, rows=rows)
+    write_atomic(out / MANIFEST, json.dumps(manifest, indent=1).encode())
+    print(f"padfree {spec.task} --ray: {rows} rows ({before} done before) in {seconds:.1f} s with {actors} "
+          f"actor(s) -> {out}", file=sys.stderr, flush=True)
+    return {"rows": rows, "rows_done_before": before, "seconds": seconds}
