@@ -109,10 +109,10 @@ def _read(files: list[Path], fmt: str, text_columns: list[str], columns: list[st
     return ray.data.read_json(paths, lines=True, **args)
 
 
-def _resume(spec: JobSpec, manifest: dict, out: Path):
+def _resume(spec: JobSpec, manifest: dict, out: Path) -> tuple[bool, pa.Array | None]:
     """Check or create the output directory as the local job does (its manifest, with ``ray: true``). Returns
-    None for a new job, "complete" for a finished one, else the ids already in the output (a resumed job);
-    ValueError where the directory holds something else or a job with other settings."""
+    (whether the job is complete, the ids already in the output: None for a new job); ValueError where the
+    directory holds something else or a job with other settings."""
     if spec.overwrite and (out / MANIFEST).is_file():  # only a padfree job's files are ever deleted
         for p in out.glob("*.parquet"):
             p.unlink()
@@ -120,9 +120,9 @@ def _resume(spec: JobSpec, manifest: dict, out: Path):
     if old is None:
         out.mkdir(parents=True, exist_ok=True)
         write_atomic(out / MANIFEST, json.dumps(manifest, indent=1).encode())
-        return None
+        return False, None
     if old.get("complete"):
-        return "complete"
+        return True, None
     if not spec.id_column:
         raise ValueError(f"{str(out)!r} holds an unfinished Ray job without --id-column: a Ray job resumes by its "
                          "ids; pass --overwrite to start again")
@@ -132,7 +132,7 @@ def _resume(spec: JobSpec, manifest: dict, out: Path):
             done.append(pq.read_table(p, columns=[spec.id_column]).column(0))
         except (pa.ArrowException, OSError):  # cut short when the driver died: its rows are computed again
             p.unlink()
-    return pa.chunked_array(done).combine_chunks() if done else pa.array([], pa.null())
+    return False, pa.chunked_array(done).combine_chunks() if done else pa.array([], pa.null())
 
 
 def _rows(out: Path) -> int:
@@ -168,8 +168,8 @@ def run_job(spec: JobSpec, address: str | None = "local", actors: int = 1, actor
     out = Path(spec.output)
     manifest = {"version": 1, "inputs": io.identity(files), "options": {**spec.options(fmt), "ray": True},
                 "complete": False}
-    done = _resume(spec, manifest, out)
-    if isinstance(done, str):
+    complete, done = _resume(spec, manifest, out)
+    if complete:
         rows = _rows(out)
         print(f"padfree {spec.task} --ray: {out} is complete ({rows} rows): nothing to do", file=sys.stderr,
               flush=True)
