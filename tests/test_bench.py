@@ -77,6 +77,20 @@ def test_time_interleaved_records_errors_and_cuts_runs_to_the_budget():
     assert len(cut["a"].times_s) == 3
 
 
+def test_time_interleaved_in_blocks_and_after_idle_pauses():
+    import time
+    calls = []
+    timings = time_interleaved({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")},
+                               RunPolicy(runs=5, min_runs=5, warmup=1, block=3))
+    # warm-up; then per round and system one untimed call and a block of timed ones (3, then the 2 left)
+    assert calls == ["a", "b"] + ["a"] * 4 + ["b"] * 4 + ["a"] * 3 + ["b"] * 3
+    assert len(timings["a"].times_s) == len(timings["b"].times_s) == 5
+    t0 = time.perf_counter()
+    idle = time_interleaved({"a": lambda: time.sleep(0.002)}, RunPolicy(runs=4, min_runs=4, warmup=1, idle_s=0.05))
+    assert time.perf_counter() - t0 >= 4 * 0.05  # slept before each timed call ...
+    assert len(idle["a"].times_s) == 4 and max(idle["a"].times_s) < 0.04  # ... outside the call's time
+
+
 # ------------------------------------------------------------------------------------------- reports
 def fake_result():
     meta = {"machine_line": "Test CPU, 2 cores", "versions": {"torch": "2.x", "padfree": "0.1.0"},
@@ -177,7 +191,9 @@ def test_w3_grid_is_the_protocol():
     grid = w3.w3_grid()
     assert len(grid) == 10 and grid[0] == (1, 8) and grid[-1] == (4, 128)
     assert {b for b, _ in grid} == {1, 4} and {n for _, n in grid} == {8, 16, 32, 64, 128}
-    assert w3.W3_POLICY.runs >= 30 and w3.W3_POLICY.warmup >= 1
+    assert set(w3.W3_REGIMES) == {"back-to-back", "idle"}
+    assert all(p.runs >= 30 and p.warmup >= 1 for p in w3.W3_REGIMES.values())
+    assert w3.W3_REGIMES["back-to-back"].block > 1 and w3.W3_REGIMES["idle"].idle_s > 0
 
 
 def _tiny_bert():
@@ -204,8 +220,12 @@ def test_run_w3_rows_ratio_to_the_fastest_peer(monkeypatch):
         raise Skip("not here")
     builders = {"padfree": sleeper(0.001), "hf-sdpa": sleeper(0.004), "ort": sleeper(0.002), "openvino": skip}
     rows = w3.run_w3(["bert-base"], ["fp32"], builders, ["padfree", "hf-sdpa", "ort", "openvino"],
-                     grid=[(1, 8)], policy=RunPolicy(runs=3, min_runs=3, warmup=1), log=lambda s: None)
-    by = {r["system"]: r for r in rows}
+                     grid=[(1, 8)], regimes={"back-to-back": RunPolicy(runs=3, min_runs=3, warmup=1, block=2),
+                                             "idle": RunPolicy(runs=3, min_runs=3, warmup=1, idle_s=0.001)},
+                     log=lambda s: None)
+    assert {r["regime"] for r in rows} == {"back-to-back", "idle"}
+    assert sum(r.get("build_s") is not None for r in rows) == 3  # cold start once per system, not per regime
+    by = {r["system"]: r for r in rows if r["regime"] == "back-to-back"}
     assert by["openvino"]["status"] == "skipped" and by["openvino"]["reason"] == "not here"
     assert by["padfree"]["fastest_peer"] == "ort"
     assert by["padfree"]["ratio_to_fastest_peer"] == pytest.approx(by["ort"]["median_ms"] / by["padfree"]["median_ms"])
@@ -213,8 +233,10 @@ def test_run_w3_rows_ratio_to_the_fastest_peer(monkeypatch):
     result = dict(fake_result(), w1=[], mha=[], w2=[], w3=rows)
     md = report.markdown(result)
     assert "W3 (latency" in md and "| 1 | 8 | 8 |" in md and "skipped: **openvino**: not here" in md
-    s = report.w3_summary(result)[0]
-    assert s["configs"] == 1 and s["configs_padfree_fastest"] == 1
+    assert "## bert-base, fp32, back-to-back" in md and "## bert-base, fp32, idle" in md
+    summary = report.w3_summary(result)
+    assert {s["regime"] for s in summary} == {"back-to-back", "idle"}
+    assert all(s["configs"] == 1 and s["configs_padfree_fastest"] == 1 for s in summary)
 
 
 def test_openvino_baseline_matches_transformers():

@@ -191,31 +191,41 @@ def w2_markdown(result: dict) -> str:
 
 
 def w3_summary(result: dict) -> list[dict]:
-    """Per (model, dtype): padfree's ratio to the fastest peer, its geometric mean and its minimum over the
+    """Per (model, dtype, regime): padfree's ratio to the fastest peer, its geometric mean and its minimum over the
     configurations, and how many configurations padfree was at least as fast as every peer."""
     groups = defaultdict(list)
     for r in result.get("w3", []):
         if r["system"] == "padfree" and r.get("ratio_to_fastest_peer"):
-            groups[(r["model"], r["dtype"])].append(r["ratio_to_fastest_peer"])
-    return [{"model": m, "dtype": d, "geomean_ratio_to_fastest_peer": geomean(v), "min_ratio_to_fastest_peer": min(v),
-             "configs": len(v), "configs_padfree_fastest": sum(x >= 1.0 for x in v)} for (m, d), v in groups.items()]
+            groups[(r["model"], r["dtype"], _regime(r))].append(r["ratio_to_fastest_peer"])
+    return [{"model": m, "dtype": d, "regime": g, "geomean_ratio_to_fastest_peer": geomean(v),
+             "min_ratio_to_fastest_peer": min(v), "configs": len(v), "configs_padfree_fastest": sum(x >= 1.0 for x in v)}
+            for (m, d, g), v in groups.items()]
+
+
+def _regime(row: dict) -> str:
+    """A W3 row's timing regime (rows of results from before the regimes: one call per system in turn)."""
+    return row.get("regime", "interleaved")
 
 
 def w3_markdown(result: dict) -> str:
     lines = _header(result, "padfree bench — W3 (latency of small requests)")
     lines += ["Median ms per call (padded ids and mask in, last hidden state out). Last column: padfree's ratio to "
-              "the fastest peer of the same precision, t(fastest peer) / t(padfree); above 1 padfree is faster.", ""]
+              "the fastest peer of the same precision, t(fastest peer) / t(padfree); above 1 padfree is faster. "
+              "Regimes: **back-to-back**, each system timed in blocks of consecutive calls (a busy server); "
+              "**idle**, each call after 20 ms of sleep (a request reaching an idle server, its worker threads "
+              "asleep).", ""]
     rows = result.get("w3", [])
-    keys = sorted({(r["model"], r["dtype"]) for r in rows if "dtype" in r}, key=lambda k: (k[0] != "minilm", k[0],
-                                                                                          k[1] != "fp32"))
-    summary = {(s["model"], s["dtype"]): s for s in w3_summary(result)}
-    for model, dtype in keys:
-        sub = [r for r in rows if r.get("model") == model and r.get("dtype") == dtype]
+    order = list(dict.fromkeys(_regime(r) for r in rows if "dtype" in r))
+    keys = sorted({(r["model"], r["dtype"], _regime(r)) for r in rows if "dtype" in r},
+                  key=lambda k: (k[0] != "minilm", k[0], k[1] != "fp32", k[1], order.index(k[2])))
+    summary = {(s["model"], s["dtype"], s["regime"]): s for s in w3_summary(result)}
+    for model, dtype, regime in keys:
+        sub = [r for r in rows if r.get("model") == model and r.get("dtype") == dtype and _regime(r) == regime]
         systems = list(dict.fromkeys(r["system"] for r in sub if r["status"] == "ok"))
         peers = [s for s in systems if s != "padfree"]
         prec = {r["system"]: r.get("precision") for r in sub if r["status"] == "ok"}
         label = lambda s: s if prec.get(s) in (None, dtype) else f"{s} ({prec[s]})"  # noqa: E731
-        lines += [f"## {model}, {dtype}", ""]
+        lines += [f"## {model}, {dtype}, {regime}", ""]
         head = ["batch", "length", "lengths", "padfree ms"] + [f"{label(p)} ms" for p in peers]
         head += ["fastest peer", "padfree × fastest"]
         lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -230,7 +240,7 @@ def w3_markdown(result: dict) -> str:
             cells += [p.get("fastest_peer", "–"), "–" if ratio is None else
                       (f"**{ratio:.2f}×**" if ratio >= 1 else f"{ratio:.2f}×")]
             lines.append("| " + " | ".join(cells) + " |")
-        s = summary.get((model, dtype))
+        s = summary.get((model, dtype, regime))
         if s:
             lines += ["", f"padfree × fastest peer: geometric mean **{s['geomean_ratio_to_fastest_peer']:.2f}×**, "
                           f"lowest {s['min_ratio_to_fastest_peer']:.2f}×; padfree at least as fast as every peer in "

@@ -34,7 +34,7 @@ import torch
 from . import baselines as bl
 from . import machine, report
 from .timing import RunPolicy, time_interleaved
-from .w3 import W3_BATCHES, W3_LENGTHS, W3_MODELS, W3_POLICY, W3_SYSTEMS, run_w3, w3_grid
+from .w3 import W3_BATCHES, W3_LENGTHS, W3_MODELS, W3_REGIMES, W3_SYSTEMS, run_w3, w3_grid
 from .workloads import (LONG_SHAPE, MODEL_SHAPES, Shape, attention_flops, build_hf_model, encoder_flops,
                         make_w1_case, position_limit, w1_grid, w1_long_grid)
 
@@ -69,7 +69,8 @@ def parse_args(argv):
     p.add_argument("--w3-models", default=",".join(W3_MODELS), help=f"W3 models, comma list of {','.join(W3_MODELS)}")
     p.add_argument("--w3-batch", help=f"override the W3 batch sizes (default {','.join(map(str, W3_BATCHES))})")
     p.add_argument("--w3-len", help=f"override the W3 lengths (default {','.join(map(str, W3_LENGTHS))})")
-    p.add_argument("--w3-calls", type=int, default=W3_POLICY.runs, help="W3 timed calls per system (median)")
+    p.add_argument("--w3-calls", type=int, default=W3_REGIMES["back-to-back"].runs,
+                   help="W3 timed calls per system and regime (median)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, help="intra-op threads of torch, ORT and OpenVINO (default: torch's)")
     p.add_argument("--json", help="write results as JSON ('{workload}' in the path: one file per workload)")
@@ -214,8 +215,9 @@ def run_w3_workload(args, result: dict) -> None:
                    [int(x) for x in args.w3_len.split(",")] if args.w3_len else W3_LENGTHS)
     builders = _builders(args, "bert-base")
     systems = [s for s in W3_SYSTEMS if s in args.systems]
-    policy = dataclasses.replace(W3_POLICY, runs=args.w3_calls, min_runs=args.w3_calls)
-    result["w3"] = run_w3(args.w3_model_list, args.dtypes, builders, systems, args.seed, grid, policy,
+    regimes = {name: dataclasses.replace(p, runs=args.w3_calls, min_runs=args.w3_calls)
+               for name, p in W3_REGIMES.items()}
+    result["w3"] = run_w3(args.w3_model_list, args.dtypes, builders, systems, args.seed, grid, regimes,
                           args.device, _log)
 
 
@@ -269,8 +271,10 @@ def main(argv: list[str] | None = None) -> dict:
             "device": args.device, "dtypes": args.dtypes, "seed": args.seed, "quick": args.quick,
             "timing": (f"median of {policy.runs} timed runs after 1 warm-up (cut to >= {policy.min_runs} where a "
                        f"configuration's rounds pass {policy.budget_s:.0f} s), systems interleaved round by round; "
-                       f"W2: {w2_policy.runs} timed runs; W3: median of {args.w3_calls} calls after "
-                       f"{W3_POLICY.warmup} warm-up calls; W1-long: median of {LONG_POLICY.runs} timed runs after "
+                       f"W2: {w2_policy.runs} timed runs; W3: median of {args.w3_calls} calls per regime after "
+                       f"{W3_REGIMES['back-to-back'].warmup} warm-up calls (back-to-back: blocks of "
+                       f"{W3_REGIMES['back-to-back'].block}; idle: {W3_REGIMES['idle'].idle_s * 1e3:.0f} ms of sleep "
+                       f"before each call); W1-long: median of {LONG_POLICY.runs} timed runs after "
                        f"{LONG_POLICY.warmup} warm-up")}
     _log(f"padfree bench on {meta['machine_line']}; git {meta['git_revision']}")
     result = {"meta": meta, "peaks": {}, "w1": [], "mha": [], "w2": [], "w2_corpus": {}, "w3": []}

@@ -4,6 +4,12 @@ A shared, noisy machine slows whatever runs while a colleague's job runs; interl
 then B, then C, ...) spreads that noise over all systems alike, so the ratios hold even when absolute times
 move. Each system first runs once untimed (warm-up: oneDNN primitive creation, ORT session set-up, compilation;
 its time is kept and reported as ``warmup_s``). GPU times use CUDA events after a synchronisation.
+
+At millisecond scale a call is also slowed by the system that ran just before it: its worker threads are still
+spinning (OpenMP, TBB) or the caller's own are asleep. Two policies measure each system in a defined state instead
+of after a foreign one: ``block`` (consecutive calls per system and round, after one untimed call: the
+back-to-back latency of a busy server) and ``idle_s`` (a pause before each timed call, long enough for every
+thread pool to fall asleep: the latency of a request that arrives at an idle server).
 """
 from __future__ import annotations
 
@@ -17,11 +23,15 @@ from typing import Callable
 class RunPolicy:
     """How many timed runs: ``runs`` per system, cut to no fewer than ``min_runs`` once the timed rounds of a
     configuration would pass ``budget_s`` (the expensive padded baselines at long lengths in ``--quick``).
-    ``warmup`` untimed calls per system come first (the first one's time is kept as ``warmup_s``)."""
+    ``warmup`` untimed calls per system come first (the first one's time is kept as ``warmup_s``).
+    ``block``: timed calls per system in a row within a round, preceded by one untimed call (1: one call, none
+    untimed); ``idle_s``: seconds of sleep before each timed call (module docstring)."""
     runs: int = 5
     min_runs: int = 3
     budget_s: float = float("inf")
     warmup: int = 1
+    block: int = 1
+    idle_s: float = 0.0
 
 
 @dataclass
@@ -73,13 +83,19 @@ def time_interleaved(systems: dict[str, Callable[[], object]], policy: RunPolicy
         except Exception as e:  # noqa: BLE001 - the reason is the result
             out[name].error = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
             log(f"  {name}: failed: {out[name].error}")
-    spent = 0.0
-    for r in range(policy.runs):
+    spent, done = 0.0, 0
+    while done < policy.runs:
         t_round = time.perf_counter()
+        n = min(policy.block, policy.runs - done)
         for name, fn in live.items():
-            out[name].times_s.append(timer(fn))
+            if policy.block > 1:
+                fn()  # follows another system: untimed
+            for _ in range(n):
+                if policy.idle_s:
+                    time.sleep(policy.idle_s)
+                out[name].times_s.append(timer(fn))
         spent += time.perf_counter() - t_round
-        done = r + 1
-        if done >= policy.min_runs and spent / done * (done + 1) > policy.budget_s:
+        done += n
+        if done >= policy.min_runs and spent / done * (done + n) > policy.budget_s:
             break
     return out

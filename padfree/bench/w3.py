@@ -7,9 +7,18 @@ Face-compatible call, so packing and unpacking are inside its time). A batch of 
 ``padding=True`` gives: padded to its longest sequence, which has exactly the configuration's length; the other
 three lengths are uniform in ``[ceil(0.2 * L), L]`` (fixed by seed, batch and length).
 
-Every system of a configuration is timed in interleaved rounds (``timing.time_interleaved``): 5 warm-up calls
-each, then the median of 30 calls (``W3_POLICY``). Reported: ms per call, and padfree's ratio to the fastest
-peer of the same precision (``t_fastest_peer / t_padfree``: above 1, padfree is faster).
+Every system of a configuration is timed in two regimes (``W3_REGIMES``), systems interleaved round by round
+(``timing.time_interleaved``), 5 warm-up calls each, median of 30 timed calls per regime:
+
+- ``back-to-back``: blocks of 5 consecutive calls per system, each block after one untimed call: the latency of a
+  server taking one request after another, with every thread pool awake;
+- ``idle``: 20 ms of sleep before each call: a request arriving at an idle server, whose worker threads (OpenMP,
+  TBB) have gone to sleep and must be woken.
+
+Timing one call of each system in turn, as this workload did first, measures neither: each call then runs while the
+previous system's workers still spin (measured on MiniLM fp32 at batch 1 / 8 tokens: padfree 8.3 ms and OpenVINO
+6.4 ms interleaved call by call, 6.7 and 2.9 ms back-to-back). Reported: ms per call, and padfree's ratio to the
+fastest peer of the same precision (``t_fastest_peer / t_padfree``: above 1, padfree is faster), per regime.
 
 Cold start, from the same run: the seconds each system takes to build from the loaded transformers model
 (padfree: ``from_pretrained`` of the in-memory model and weight prepacking; ORT: export and graph optimisation;
@@ -30,7 +39,8 @@ W3_BATCHES = (1, 4)
 W3_LENGTHS = (8, 16, 32, 64, 128)
 W3_MODELS = ("minilm", "bert-base")
 W3_SYSTEMS = ("padfree", "hf-sdpa", "ort", "openvino")
-W3_POLICY = RunPolicy(runs=30, min_runs=30, warmup=5)
+W3_REGIMES = {"back-to-back": RunPolicy(runs=30, min_runs=30, warmup=5, block=5),
+              "idle": RunPolicy(runs=30, min_runs=30, warmup=5, idle_s=0.02)}
 
 
 def w3_grid(batches=W3_BATCHES, lengths=W3_LENGTHS) -> list[tuple[int, int]]:
@@ -69,10 +79,11 @@ def load_model(name: str, seed: int = 0):
     return build_hf_model(name, 512, seed, attn_implementation="sdpa")
 
 
-def run_w3(models, dtypes, builders: dict, systems, seed: int = 0, grid=None, policy: RunPolicy = W3_POLICY,
-           device: str = "cpu", log=print) -> list[dict]:
-    """Rows: one per (model, dtype, batch, length, system). ``builders``: name -> ``(model, dtype) -> runner``
-    (``baselines.Skip`` for a system that cannot run)."""
+def run_w3(models, dtypes, builders: dict, systems, seed: int = 0, grid=None,
+           regimes: dict[str, RunPolicy] | None = None, device: str = "cpu", log=print) -> list[dict]:
+    """Rows: one per (model, dtype, batch, length, regime, system). ``builders``: name -> ``(model, dtype) ->
+    runner`` (``baselines.Skip`` for a system that cannot run); ``regimes``: name -> timing policy
+    (default :data:`W3_REGIMES`)."""
     from .baselines import DTYPES, Skip
     rows = []
     grid = grid or w3_grid()
@@ -98,28 +109,35 @@ def run_w3(models, dtypes, builders: dict, systems, seed: int = 0, grid=None, po
             for i, (batch, length) in enumerate(grid):
                 case = make_w3_case(batch, length, model.config.vocab_size, seed)
                 calls = {n: (lambda f=f: f(case)) for n, f in runners.items()}
-                timings = time_interleaved(calls, policy, device, log)
-                base = dict(workload="w3", model=mname, dtype=dname, batch=batch, length=length,
-                            lengths=list(case.lengths), tokens=case.tokens)
-                t_pf = timings["padfree"].median_s if "padfree" in timings else None
-                peers = {n: t.median_s for n, t in timings.items() if n != "padfree" and t.median_s}
-                fastest = min(peers, key=peers.get) if peers else None
-                for name, tm in timings.items():
-                    row = dict(base, system=name, precision=precision[name],
-                               status="ok" if tm.error is None else "skipped", reason=tm.error,
-                               times_ms=[t * 1e3 for t in tm.times_s])
-                    if tm.median_s:
-                        row["median_ms"] = tm.median_s * 1e3
-                        if name != "padfree" and t_pf:
-                            row["speedup"] = tm.median_s / t_pf
-                    if name == "padfree" and t_pf and fastest:
-                        row.update(fastest_peer=fastest, ratio_to_fastest_peer=peers[fastest] / t_pf)
-                    if i == 0:  # cold start: building the system, then its first call (the first configuration)
-                        row.update(build_s=build_s[name], first_call_ms=(tm.warmup_s or 0) * 1e3)
-                    rows.append(row)
-                for name, reason in skipped.items():
-                    rows.append(dict(base, system=name, status="skipped", reason=reason))
-                log(f"W3 {mname} {dname} b{batch} L{length}: " + ", ".join(
-                    f"{n} {t.median_s * 1e3:.2f}ms" for n, t in timings.items() if t.median_s))
+                for j, (regime, policy) in enumerate((regimes or W3_REGIMES).items()):
+                    timings = time_interleaved(calls, policy, device, log)
+                    base = dict(workload="w3", model=mname, dtype=dname, batch=batch, length=length,
+                                lengths=list(case.lengths), tokens=case.tokens, regime=regime)
+                    rows += _w3_rows(base, timings, precision, build_s if i == j == 0 else None)
+                    for name, reason in skipped.items():
+                        rows.append(dict(base, system=name, status="skipped", reason=reason))
+                    log(f"W3 {mname} {dname} b{batch} L{length} {regime}: " + ", ".join(
+                        f"{n} {t.median_s * 1e3:.2f}ms" for n, t in timings.items() if t.median_s))
             del runners
+    return rows
+
+
+def _w3_rows(base: dict, timings: dict, precision: dict, build_s: dict | None) -> list[dict]:
+    """The rows of one configuration and regime; ``build_s``: set on the run's first timing (cold start)."""
+    t_pf = timings["padfree"].median_s if "padfree" in timings else None
+    peers = {n: t.median_s for n, t in timings.items() if n != "padfree" and t.median_s}
+    fastest = min(peers, key=peers.get) if peers else None
+    rows = []
+    for name, tm in timings.items():
+        row = dict(base, system=name, precision=precision[name], status="ok" if tm.error is None else "skipped",
+                   reason=tm.error, times_ms=[t * 1e3 for t in tm.times_s])
+        if tm.median_s:
+            row["median_ms"] = tm.median_s * 1e3
+            if name != "padfree" and t_pf:
+                row["speedup"] = tm.median_s / t_pf
+        if name == "padfree" and t_pf and fastest:
+            row.update(fastest_peer=fastest, ratio_to_fastest_peer=peers[fastest] / t_pf)
+        if build_s is not None:  # cold start: building the system, then its first call (the first configuration)
+            row.update(build_s=build_s[name], first_call_ms=(tm.warmup_s or 0) * 1e3)
+        rows.append(row)
     return rows
