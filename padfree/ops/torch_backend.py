@@ -2,8 +2,8 @@
 
 Runs on any device and dtype. Attention makes one batched ``scaled_dot_product_attention`` call per *run*
 of consecutive sequences of equal length: a run is a contiguous slice of the packed tensor, viewed as
-``[g, L, 3, heads, d]`` with no gather and written back with no scatter, so no pad token is ever computed and
-short sequences do not each pay a call's overhead (``SentenceEncoder`` sorts inside each batch, so each
+``[g, L, 3, heads, d]`` with no gather and written back with no scatter (a single run's context is the kernel's
+output itself), so no pad token is ever computed and short sequences do not each pay a call's overhead (``SentenceEncoder`` sorts inside each batch, so each
 distinct length is one run). A sliding window (ModernBERT's local layers) splits each run's queries into blocks
 that score only the keys of their neighbouring blocks, in one batched call: ``O(L * window)`` per sequence, never
 ``L x L`` for a long one.
@@ -42,32 +42,38 @@ def varlen_attention(qkv: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: in
     if window is not None and rel is not None:
         raise ValueError("a sliding window with relative-position terms is not supported")
     x = qkv.view(T, 3, num_heads, d)
-    out = torch.empty(T, num_heads, d, dtype=qkv.dtype, device=qkv.device)
-    for start, count, n in equal_length_runs(cu_seqlens) if runs is None else runs:
+    runs = equal_length_runs(cu_seqlens) if runs is None else runs
+    # one run (batch 1, or equal lengths): its context is returned as the kernel wrote it; several: each is
+    # written into its slice of one output (no scatter)
+    whole = len(runs) == 1 and runs[0][0] == 0 and runs[0][1] * runs[0][2] == T  # (bucketed batches have spare slots)
+    out = None if whole else torch.empty(T, num_heads, d, dtype=qkv.dtype, device=qkv.device)
+    for start, count, n in runs:
         if n == 0:  # empty sequence slots (the CUDA-graph runner's static layout)
             continue
         end = start + count * n
-        g = x[start:end].view(count, n, 3, num_heads, d)  # a view of the run, no gather
-        q, k, v = (g[:, :, i].transpose(1, 2) for i in range(3))  # each [count, heads, L, d], strided views
+        # q, k, v [count, heads, L, d]: strided views of the run, no gather (made in one op: each small op costs
+        # microseconds at batch 1, where the caches are cold after a linear)
+        q, k, v = x[start:end].view(count, n, 3, num_heads, d).permute(2, 0, 3, 1, 4).unbind(0)
         if rotary is not None:  # Q and K of the run rotated into new tensors (V is read where it is)
             cos, sin = (t[start:end].view(count, 1, n, -1) for t in rotary)
             q, k = rotate(q, cos, sin), rotate(k, cos, sin)
-        dest = out[start:end].view(count, n, num_heads, d)
         if window is not None and n - 1 > window:
-            _windowed_attention(q, k, v, window, scale_, dest)
-            continue
-        mask = None if rel is None else relative_score_terms(q, k, rel, max_seqlen, scale_).to(q.dtype)
-        ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale_)  # [count, heads, L, d]
-        dest.copy_(ctx.transpose(1, 2))  # written in place, no scatter
-    return out.view(T, H)
+            ctx = _windowed_attention(q, k, v, window, scale_)  # [count, L, heads, d]
+        else:
+            mask = None if rel is None else relative_score_terms(q, k, rel, max_seqlen, scale_).to(q.dtype)
+            ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale_).transpose(1, 2)
+        if out is None:  # a view where the kernel wrote [count, L, heads, d] (the CPU flash kernel), else a copy
+            return ctx.reshape(T, H)
+        out[start:end].view(count, n, num_heads, d).copy_(ctx)
+    return qkv.new_empty(T, H) if out is None else out.view(T, H)  # (None: one run of empty sequences)
 
 
-def _windowed_attention(q, k, v, window: int, scale: float, dest: torch.Tensor) -> None:
+def _windowed_attention(q, k, v, window: int, scale: float) -> torch.Tensor:
     """Sliding-window attention of ``g`` sequences of length L: ``q, k, v [g, heads, L, d]``; query i sees keys
     ``|i - j| <= window``. One batched call: the queries go in blocks of ``b >= window`` rows, and block i scores
     the ``3b`` keys of blocks i-1, i, i+1 (overlapping windows of the zero-padded keys, ``unfold``), under one
     ``[blocks, b, 3b]`` band mask that also masks the padding: ``O(L * window)`` work and memory, no Python loop
-    over blocks. Writes ``dest [g, L, heads, d]``."""
+    over blocks. Returns the context ``[g, L, heads, d]``."""
     g, h, L, d = q.shape
     b = max(window, 32)
     nb = -(-L // b)  # query blocks
@@ -86,7 +92,7 @@ def _windowed_attention(q, k, v, window: int, scale: float, dest: torch.Tensor) 
     if g > 1:
         band = band.repeat(g, 1, 1, 1)
     ctx = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=band, scale=scale)  # [g nb, heads, b, d]
-    dest.copy_(ctx.transpose(1, 2).reshape(g, nb * b, h, d)[:, :L])
+    return ctx.transpose(1, 2).reshape(g, nb * b, h, d)[:, :L]
 
 
 def gated_act(x: torch.Tensor, bias: torch.Tensor | None, activation: str) -> torch.Tensor:
