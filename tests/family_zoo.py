@@ -86,6 +86,27 @@ def randomize(model: torch.nn.Module, seed: int = 0, std: float = 0.2) -> torch.
     return model.eval()
 
 
+def build(cls, cfg, seed: int = 0, attn: str = "sdpa", norm=lambda name: "norm.weight" in name.lower(),
+          std: float = 0.2):
+    """``cls`` (a transformers model class) from ``cfg`` with ``attn`` attention and every parameter redrawn from
+    ``seed``: a wider spread than HF's init, norm weights (``norm(name)``) around 1, so nothing hides. Returns the
+    model in eval mode and the generator, for parameters a test adds after."""
+    torch.manual_seed(seed)
+    model = cls._from_config(cfg, attn_implementation=attn)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=g) * std
+            p.copy_(1 + noise if norm(name) else noise)
+    return model.eval(), g
+
+
+def hf_hidden(model, ids, mask, kw):
+    """transformers' ``last_hidden_state`` for a padded batch (``kw``: position and type ids)."""
+    with torch.no_grad():
+        return model(input_ids=ids, attention_mask=mask, **kw).last_hidden_state
+
+
 def make(family: str, shape: int, kind: str = "base", seed: int = 0, **extra):
     """A random-weight HF model: ``kind`` = "base", "seq" or "token"."""
     cfg_cls, base, seq, tok, shapes = ZOO[family]
@@ -147,3 +168,55 @@ def bf16_errors(model, call, mask=None) -> tuple[float, float]:
         ref = call(model)
         theirs = call(copy.deepcopy(model).to(torch.bfloat16))
     return max_diff(call(None), ref, mask), max_diff(theirs, ref, mask)
+
+
+def check_hidden_bf16(model, lengths, side: str = "left") -> None:
+    """padfree's bf16 last hidden state against transformers in fp32, by the bf16 rule (pads on ``side``)."""
+    import padfree
+    enc = padfree.from_pretrained(model, dtype=torch.bfloat16)
+    ids, mask, types, kw = batch(model, lengths, side)
+    ours, theirs = bf16_errors(model, lambda m: enc(ids, mask, types).last_hidden_state if m is None
+                               else hf_hidden(m, ids, mask, kw), mask)
+    assert ours <= 2 * theirs + BF16_ATOL, f"bf16: {ours:.3f} vs transformers' own bf16 {theirs:.3f}"
+
+
+def check_sequence_classifier(model, lengths, pooling: str, tol: float) -> None:
+    """padfree's ``SequenceClassifier`` of an HF classification ``model`` against the model itself, under right
+    padding (HF's first-token pooling reads column 0): fp32 within ``tol``, bf16 by the bf16 rule; with mean
+    pooling, left padding must give the same logits."""
+    import padfree
+    clf = padfree.SequenceClassifier.from_pretrained(model)
+    ids, mask, _, kw = batch(model, lengths, "right")
+
+    def logits(m):
+        with torch.no_grad():
+            return m(input_ids=ids, attention_mask=mask, **kw).logits
+    ref = logits(model)
+    err = max_diff(clf(ids, mask).logits, ref)
+    assert err <= tol, f"{pooling}: {err:.2e}"
+    if pooling == "mean":  # mean pooling is side-independent
+        ids_l, mask_l, _, _ = batch(model, lengths, "left")
+        assert max_diff(clf(ids_l, mask_l).logits, ref) <= tol
+    clf16 = padfree.SequenceClassifier.from_pretrained(model, dtype=torch.bfloat16)
+    ours, theirs = bf16_errors(model, lambda m: clf16(ids, mask).logits if m is None else logits(m))
+    assert ours <= 2 * theirs + BF16_ATOL, f"bf16 {pooling}: {ours:.3f} vs {theirs:.3f}"
+
+
+def check_saved_directory(make_model, path, tol: float) -> None:
+    """A model saved with a BPE tokenizer (``make_model(vocab_size)``: the random-weight HF model): padfree loads the
+    directory exactly as the model in memory, and ``SentenceEncoder`` of it (mean pooling, as sentence-transformers
+    builds it) matches sentence-transformers within ``tol``."""
+    import padfree
+    from sentence_transformers import SentenceTransformer
+    from test_tokenizer import bpe_tokenizer
+    tok = bpe_tokenizer()
+    model = make_model(len(tok))
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    ids, mask, _, _ = batch(model, [3, 11, 1], "right")
+    enc_dir, enc_mem = padfree.from_pretrained(path), padfree.from_pretrained(model)
+    assert max_diff(enc_dir(ids, mask).last_hidden_state, enc_mem(ids, mask).last_hidden_state) == 0
+    texts = ["the cat on the mat", "a", "then the dog sat on the cat near the door of the house"]
+    ours = padfree.SentenceEncoder.from_pretrained(path).encode(texts)
+    theirs = SentenceTransformer(str(path), device="cpu").encode(texts)
+    assert abs(ours - theirs).max() <= tol

@@ -7,7 +7,6 @@ positions give the same result.
 """
 from __future__ import annotations
 
-import copy
 import json
 
 import pytest
@@ -20,7 +19,8 @@ from padfree.ops import torch_backend
 from padfree.ops.reference import rms_norm_ref
 from padfree.ops.registry import BACKENDS, PRIMITIVES, select
 
-from family_zoo import BF16_ATOL, LENGTHS, batch, max_diff
+from family_zoo import (LENGTHS, batch, build, check_hidden_bf16, check_saved_directory, check_sequence_classifier,
+                        hf_hidden, max_diff)
 
 VOCAB = 60
 FP32_TOL = 1e-4
@@ -41,19 +41,7 @@ def make(shape: int, kind: str = "base", seed: int = 0, attn: str = "sdpa", voca
     cfg = t.EuroBertConfig(vocab_size=vocab, **SPECIAL, **{**SHAPES[shape], **extra})
     cls = {"base": t.EuroBertModel, "seq": t.EuroBertForSequenceClassification,
            "tok": t.EuroBertForTokenClassification, "mlm": t.EuroBertForMaskedLM}[kind]
-    torch.manual_seed(seed)
-    model = cls._from_config(cfg, attn_implementation=attn)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():  # a wider spread than HF's init, norm weights around 1, so nothing hides
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=g) * 0.2
-            p.copy_(1 + noise if "norm" in name else noise)
-    return model.eval()
-
-
-def hf_hidden(model, ids, mask, kw):
-    with torch.no_grad():
-        return model(input_ids=ids, attention_mask=mask, **kw).last_hidden_state
+    return build(cls, cfg, seed, attn, norm=lambda name: "norm" in name)[0]
 
 
 # ---------------------------------------------------------------------------------------------- model parity
@@ -100,35 +88,14 @@ def test_right_padding_needs_no_position_ids():
 
 @pytest.mark.parametrize("shape", [0, 1])
 def test_hidden_state_parity_bf16(shape):
-    model = make(shape)
-    enc = padfree.from_pretrained(model, dtype=torch.bfloat16)
-    ids, mask, _, kw = batch(model, LONG, "left")
-    with torch.no_grad():
-        ref = hf_hidden(model, ids, mask, kw)
-        theirs = hf_hidden(copy.deepcopy(model).to(torch.bfloat16), ids, mask, kw)
-    ours = max_diff(enc(ids, mask).last_hidden_state, ref, mask)
-    theirs = max_diff(theirs, ref, mask)
-    assert ours <= 2 * theirs + BF16_ATOL, f"bf16: {ours:.3f} vs transformers' own bf16 {theirs:.3f}"
+    check_hidden_bf16(make(shape), LONG)
 
 
 @pytest.mark.parametrize("pooling", ["bos", "mean"])
 @pytest.mark.parametrize("shape", [0, 1])
 def test_sequence_classification(shape, pooling):
     model = make(shape, "seq", classifier_pooling=pooling, num_labels=3)
-    clf = padfree.SequenceClassifier.from_pretrained(model)
-    ids, mask, _, kw = batch(model, LONG, "right")  # HF's bos pooling reads column 0
-    with torch.no_grad():
-        ref = model(input_ids=ids, attention_mask=mask, **kw).logits
-    err = max_diff(clf(ids, mask).logits, ref)
-    assert err <= FP32_TOL, f"{pooling}: {err:.2e}"
-    if pooling == "mean":  # mean pooling is side-independent: left padding must give the same logits
-        ids_l, mask_l, _, _ = batch(model, LONG, "left")
-        assert max_diff(clf(ids_l, mask_l).logits, ref) <= FP32_TOL
-    clf16 = padfree.SequenceClassifier.from_pretrained(model, dtype=torch.bfloat16)
-    with torch.no_grad():
-        theirs = copy.deepcopy(model).to(torch.bfloat16)(input_ids=ids, attention_mask=mask, **kw).logits
-    ours, theirs = max_diff(clf16(ids, mask).logits, ref), max_diff(theirs, ref)
-    assert ours <= 2 * theirs + BF16_ATOL, f"bf16 {pooling}: {ours:.3f} vs {theirs:.3f}"
+    check_sequence_classifier(model, LONG, pooling, FP32_TOL)
 
 
 def test_token_classification():
@@ -155,19 +122,7 @@ def test_structure_as_data():
 def test_load_from_saved_directory_and_sentence_encoder(tmp_path):
     """A saved EuroBERT directory with its tokenizer: from_pretrained and SentenceEncoder (mean pooling, as
     sentence-transformers builds it) against sentence-transformers."""
-    from sentence_transformers import SentenceTransformer
-    from test_tokenizer import bpe_tokenizer
-    tok = bpe_tokenizer()
-    model = make(1, vocab=len(tok))
-    model.save_pretrained(tmp_path)
-    tok.save_pretrained(tmp_path)
-    ids, mask, _, _ = batch(model, [3, 11, 1], "right")
-    enc_dir, enc_mem = padfree.from_pretrained(tmp_path), padfree.from_pretrained(model)
-    assert max_diff(enc_dir(ids, mask).last_hidden_state, enc_mem(ids, mask).last_hidden_state) == 0
-    texts = ["the cat on the mat", "a", "then the dog sat on the cat near the door of the house"]
-    ours = padfree.SentenceEncoder.from_pretrained(tmp_path).encode(texts)
-    theirs = SentenceTransformer(str(tmp_path), device="cpu").encode(texts)
-    assert abs(ours - theirs).max() <= FP32_TOL
+    check_saved_directory(lambda vocab: make(1, vocab=vocab), tmp_path, FP32_TOL)
 
 
 @pytest.mark.parametrize("pooling", ["bos", "mean"])

@@ -19,7 +19,7 @@ import transformers as t
 
 import padfree
 
-from family_zoo import BF16_ATOL, batch, max_diff
+from family_zoo import BF16_ATOL, batch, build, max_diff
 
 VOCAB = 60
 FP32_TOL = 1e-4
@@ -67,13 +67,7 @@ def make(shape: int, kind: str = "base", seed: int = 0, attn: str = "sdpa", adap
                                    **({"lora_adaptations": TASKS} if adapters else {}))
     cls = {"base": t.JinaEmbeddingsV3Model, "seq": t.JinaEmbeddingsV3ForSequenceClassification,
            "token": t.JinaEmbeddingsV3ForTokenClassification}[kind]
-    torch.manual_seed(seed)
-    model = cls._from_config(cfg, attn_implementation=attn)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():  # a wider spread than HF's init, norms around 1, so nothing hides
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=g) * 0.2
-            p.copy_(1 + noise if "norm.weight" in name.lower() else noise)
+    model, g = build(cls, cfg, seed, attn)
     if adapters:
         _add_adapters(model if kind == "base" else model.roberta, model.config, g)
     return model.eval()

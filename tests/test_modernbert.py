@@ -21,7 +21,8 @@ from padfree.ops import onednn_backend, torch_backend
 from padfree.ops.reference import gated_act_ref, rotary_ref, varlen_attention_ref
 from padfree.ops.registry import BACKENDS, PRIMITIVES, Backend, select
 
-from family_zoo import BF16_ATOL, LENGTHS, batch, max_diff
+from family_zoo import (BF16_ATOL, LENGTHS, batch, build, check_hidden_bf16, check_saved_directory,
+                        check_sequence_classifier, hf_hidden, max_diff)
 
 VOCAB = 60
 FP32_TOL = 1e-4
@@ -42,19 +43,7 @@ def make(shape: int, kind: str = "base", seed: int = 0, attn: str = "sdpa", voca
     cfg = t.ModernBertConfig(vocab_size=vocab, **SPECIAL, **{**SHAPES[shape], **extra})
     cls = {"base": t.ModernBertModel, "seq": t.ModernBertForSequenceClassification,
            "tok": t.ModernBertForTokenClassification, "mlm": t.ModernBertForMaskedLM}[kind]
-    torch.manual_seed(seed)
-    model = cls._from_config(cfg, attn_implementation=attn)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():  # a wider spread than HF's init, norms around 1, so nothing hides
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=g) * 0.2
-            p.copy_(1 + noise if name.endswith("norm.weight") else noise)
-    return model.eval()
-
-
-def hf_hidden(model, ids, mask, kw):
-    with torch.no_grad():
-        return model(input_ids=ids, attention_mask=mask, **kw).last_hidden_state
+    return build(cls, cfg, seed, attn, norm=lambda name: name.endswith("norm.weight"))[0]
 
 
 # ---------------------------------------------------------------------------------------------- model parity
@@ -84,15 +73,7 @@ def test_long_sequences_many_window_blocks():
 
 @pytest.mark.parametrize("shape", [0, 1])
 def test_hidden_state_parity_bf16(shape):
-    model = make(shape)
-    enc = padfree.from_pretrained(model, dtype=torch.bfloat16)
-    ids, mask, _, kw = batch(model, LENGTHS, "left")
-    with torch.no_grad():
-        ref = hf_hidden(model, ids, mask, kw)
-        theirs = hf_hidden(copy.deepcopy(model).to(torch.bfloat16), ids, mask, kw)
-    ours = max_diff(enc(ids, mask).last_hidden_state, ref, mask)
-    theirs = max_diff(theirs, ref, mask)
-    assert ours <= 2 * theirs + BF16_ATOL, f"bf16: {ours:.3f} vs transformers' own bf16 {theirs:.3f}"
+    check_hidden_bf16(make(shape), LENGTHS)
 
 
 @pytest.mark.parametrize("pooling", ["cls", "mean"])
@@ -100,20 +81,7 @@ def test_hidden_state_parity_bf16(shape):
 def test_sequence_classification(shape, pooling):
     model = make(shape, "seq", classifier_pooling=pooling, num_labels=3,
                  classifier_activation="gelu" if shape == 0 else "silu", classifier_bias=shape == 1)
-    clf = padfree.SequenceClassifier.from_pretrained(model)
-    ids, mask, _, kw = batch(model, LENGTHS, "right")  # HF's cls pooling reads column 0
-    with torch.no_grad():
-        ref = model(input_ids=ids, attention_mask=mask, **kw).logits
-    err = max_diff(clf(ids, mask).logits, ref)
-    assert err <= FP32_TOL, f"{pooling}: {err:.2e}"
-    if pooling == "mean":  # mean pooling is side-independent: left padding must give the same logits
-        ids_l, mask_l, _, _ = batch(model, LENGTHS, "left")
-        assert max_diff(clf(ids_l, mask_l).logits, ref) <= FP32_TOL
-    clf16 = padfree.SequenceClassifier.from_pretrained(model, dtype=torch.bfloat16)
-    with torch.no_grad():
-        theirs = copy.deepcopy(model).to(torch.bfloat16)(input_ids=ids, attention_mask=mask, **kw).logits
-    ours, theirs = max_diff(clf16(ids, mask).logits, ref), max_diff(theirs, ref)
-    assert ours <= 2 * theirs + BF16_ATOL, f"bf16 {pooling}: {ours:.3f} vs {theirs:.3f}"
+    check_sequence_classifier(model, LENGTHS, pooling, FP32_TOL)
 
 
 @pytest.mark.parametrize("shape", [0, 1])
@@ -147,19 +115,7 @@ def test_layer0_has_no_attention_norm_and_norms_have_no_bias():
 def test_load_from_saved_directory_and_sentence_encoder(tmp_path):
     """A saved ModernBERT directory with its tokenizer: from_pretrained and SentenceEncoder (mean pooling by
     default, as sentence-transformers builds it) against sentence-transformers."""
-    from sentence_transformers import SentenceTransformer
-    from test_tokenizer import bpe_tokenizer
-    tok = bpe_tokenizer()
-    model = make(1, vocab=len(tok))
-    model.save_pretrained(tmp_path)
-    tok.save_pretrained(tmp_path)
-    ids, mask, _, _ = batch(model, [3, 11, 1], "right")
-    enc_dir, enc_mem = padfree.from_pretrained(tmp_path), padfree.from_pretrained(model)
-    assert max_diff(enc_dir(ids, mask).last_hidden_state, enc_mem(ids, mask).last_hidden_state) == 0
-    texts = ["the cat on the mat", "a", "then the dog sat on the cat near the door of the house"]
-    ours = padfree.SentenceEncoder.from_pretrained(tmp_path).encode(texts)
-    theirs = SentenceTransformer(str(tmp_path), device="cpu").encode(texts)
-    assert abs(ours - theirs).max() <= FP32_TOL
+    check_saved_directory(lambda vocab: make(1, vocab=vocab), tmp_path, FP32_TOL)
 
 
 # ---------------------------------------------------------------------------------------------- config / loading

@@ -7,7 +7,6 @@ scores depend only on distances, so its column numbering gives the same result t
 """
 from __future__ import annotations
 
-import copy
 import json
 
 import pytest
@@ -17,7 +16,7 @@ import transformers as t
 import padfree
 from padfree.ops.registry import PRIMITIVES
 
-from family_zoo import BF16_ATOL, batch, max_diff
+from family_zoo import batch, build, check_hidden_bf16, hf_hidden, max_diff
 
 VOCAB = 60
 FP32_TOL = 1e-4
@@ -34,19 +33,7 @@ def make(shape: int, kind: str = "base", seed: int = 0, vocab: int = VOCAB, attn
     cfg = t.NomicBertConfig(vocab_size=vocab, pad_token_id=1, **{**SHAPES[shape], **extra})
     cls = {"base": t.NomicBertModel, "seq": t.NomicBertForSequenceClassification,
            "token": t.NomicBertForTokenClassification}[kind]
-    torch.manual_seed(seed)
-    model = cls._from_config(cfg, attn_implementation=attn)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():  # a wider spread than HF's init, norms around 1, so nothing hides
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=g) * 0.2
-            p.copy_(1 + noise if "norm.weight" in name.lower() else noise)
-    return model.eval()
-
-
-def hf_hidden(model, ids, mask, kw):
-    with torch.no_grad():
-        return model(input_ids=ids, attention_mask=mask, **kw).last_hidden_state
+    return build(cls, cfg, seed, attn)[0]
 
 
 # ---------------------------------------------------------------------------------------------- model parity
@@ -73,13 +60,7 @@ def test_hidden_state_parity_fp32(shape, attn):
 
 @pytest.mark.parametrize("shape", [0, 1])
 def test_hidden_state_parity_bf16(shape):
-    model = make(shape)
-    enc = padfree.from_pretrained(model, dtype=torch.bfloat16)
-    ids, mask, types, kw = batch(model, LENGTHS, "left")
-    ref = hf_hidden(model, ids, mask, kw)
-    theirs = max_diff(hf_hidden(copy.deepcopy(model).to(torch.bfloat16), ids, mask, kw), ref, mask)
-    ours = max_diff(enc(ids, mask, types).last_hidden_state, ref, mask)
-    assert ours <= 2 * theirs + BF16_ATOL, f"bf16: {ours:.3f} vs transformers' own bf16 {theirs:.3f}"
+    check_hidden_bf16(make(shape), LENGTHS)
 
 
 @pytest.mark.parametrize("backend", ["torch", "onednn"])
