@@ -6,9 +6,12 @@ each system is a fresh process that reads it, embeds every text with all-MiniLM-
 embeddings to Parquet:
 
 - ``padfree-fp32`` / ``padfree-bf16``: ``padfree embed IN OUT --id-column id --dtype D --no-progress``;
-- ``padfree-ray-fp32``: the same command with ``--ray=auto --ray-actors 1 --ray-actor-cpus <cores>``, on a
-  one-node Ray cluster (``ray start --head``) started before the timer and stopped after it, as a job meets a
-  cluster that is already up;
+- ``padfree-ray-fp32``: the same command with ``--ray=auto --ray-actors <cores> --ray-actor-cpus 1 --shard-rows
+  RAY_SHARD_ROWS``, on a one-node Ray cluster (``ray start --head``) started before the timer and stopped after
+  it, as a job meets a cluster that is already up. One single-threaded actor per core: with one actor holding both
+  cores, each time Ray's own processes preempt one of torch's two threads the other waits at the next barrier
+  (measured ~10% slower, benchmarks/NOTES.md section 14); shards of RAY_SHARD_ROWS rows keep the actors evenly
+  busy to the end;
 - ``script``: the script a user would write (:data:`SCRIPT`): pyarrow read, sentence-transformers ``encode``
   (batch 32, fp32), pyarrow write.
 
@@ -33,6 +36,7 @@ SYSTEMS = ("padfree-fp32", "padfree-bf16", "padfree-ray-fp32", "script")
 TARGETS = {"padfree-fp32": 1.8, "padfree-bf16": 3.0}
 MIN_ROWS = 20000  # the protocol's corpus size: the W2 corpus repeated to at least this many rows
 RAY_WITHIN = 0.15  # the Ray Data job's rows/s within 15% of the local job's (fp32)
+RAY_SHARD_ROWS = 2000  # rows per actor call in the Ray job
 
 SCRIPT = """
 import sys
@@ -54,7 +58,8 @@ def _command(system: str, src: Path, out: Path, model: str) -> list[str]:
     cmd = [sys.executable, "-m", "padfree.cli", "embed", str(src), str(out), "--id-column", "id", "--model", model,
            "--dtype", dtype, "--no-progress"]
     if "-ray-" in system:
-        cmd += ["--ray=auto", "--ray-actors", "1", "--ray-actor-cpus", str(_cores())]
+        cmd += ["--ray=auto", "--ray-actors", str(_cores()), "--ray-actor-cpus", "1", "--shard-rows",
+                str(RAY_SHARD_ROWS)]
     return cmd
 
 
