@@ -40,7 +40,7 @@ def parse_args(task: str, argv):
                    help="run on a Ray cluster (pip install 'padfree[ray]'): ADDRESS of one (e.g. auto, "
                         "ray://head:10001), or bare --ray to start a local one. Rows of --shard-rows go to one "
                         "actor call; the output is Parquet files (join them on --id-column: the files are not "
-                        "always in input order), rewritten whole on a rerun (no resume: needs --overwrite)")
+                        "always in input order); run again after a crash, it resumes by --id-column")
     p.add_argument("--ray-actors", type=int, default=1, metavar="N",
                    help="with --ray: actors of the pool, each holding the model (default 1)")
     p.add_argument("--ray-actor-cpus", type=int, default=1, metavar="C",
