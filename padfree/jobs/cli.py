@@ -42,7 +42,8 @@ def parse_args(task: str, argv):
                         "actor call; the output is Parquet files (join them on --id-column: the files are not "
                         "always in input order); run again after a crash, it resumes by --id-column")
     p.add_argument("--ray-actors", type=int, default=1, metavar="N",
-                   help="with --ray: actors of the pool, each holding the model (default 1)")
+                   help="with --ray: actors of the pool, each holding the model (default 1; one per core with "
+                        "--ray-actor-cpus 1 did best on a 2-core node: docs/scaling.md)")
     p.add_argument("--ray-actor-cpus", type=int, default=1, metavar="C",
                    help="with --ray: CPUs each actor holds, and its torch threads (default 1); actors x C may be "
                         "all of the cluster's CPUs")
