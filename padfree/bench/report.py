@@ -198,7 +198,8 @@ def w3_summary(result: dict) -> list[dict]:
         if r["system"] == "padfree" and r.get("ratio_to_fastest_peer"):
             groups[(r["model"], r["dtype"], _regime(r))].append(r["ratio_to_fastest_peer"])
     return [{"model": m, "dtype": d, "regime": g, "geomean_ratio_to_fastest_peer": geomean(v),
-             "min_ratio_to_fastest_peer": min(v), "configs": len(v), "configs_padfree_fastest": sum(x >= 1.0 for x in v)}
+             "min_ratio_to_fastest_peer": min(v), "configs": len(v),
+             "configs_padfree_fastest": sum(x >= 1.0 for x in v)}
             for (m, d, g), v in groups.items()]
 
 

@@ -3,10 +3,10 @@
 Runs on any device and dtype. Attention makes one batched ``scaled_dot_product_attention`` call per *run*
 of consecutive sequences of equal length: a run is a contiguous slice of the packed tensor, viewed as
 ``[g, L, 3, heads, d]`` with no gather and written back with no scatter (a single run's context is the kernel's
-output itself), so no pad token is ever computed and short sequences do not each pay a call's overhead (``SentenceEncoder`` sorts inside each batch, so each
-distinct length is one run). A sliding window (ModernBERT's local layers) splits each run's queries into blocks
-that score only the keys of their neighbouring blocks, in one batched call: ``O(L * window)`` per sequence, never
-``L x L`` for a long one.
+output itself), so no pad token is ever computed and short sequences do not each pay a call's overhead
+(``SentenceEncoder`` sorts inside each batch, so each distinct length is one run). A sliding window (ModernBERT's
+local layers) splits each run's queries into blocks that score only the keys of their neighbouring blocks, in one
+batched call: ``O(L * window)`` per sequence, never ``L x L`` for a long one.
 """
 from __future__ import annotations
 
