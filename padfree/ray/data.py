@@ -193,7 +193,7 @@ def run_job(spec: JobSpec, address: str | None = "local", actors: int = 1, actor
                                    keep=spec.keep, dtype=spec.dtype, max_batch_tokens=spec.max_batch_tokens,
                                    skip_empty=spec.skip_empty, pair_column=spec.pair_column,
                                    adapter=spec.adapter, done_ids=done))
-    before = 0 if done is None else _rows(out)
+    before = 0 if done is None else len(done)  # the ids read from the kept files
     ds.write_parquet(str(out), ray_remote_args=IO_REMOTE_ARGS, mode=ray.data.SaveMode.APPEND)
     seconds = time.perf_counter() - t0
     rows = _rows(out)
