@@ -19,19 +19,25 @@ def _data(T=23, K=48, N=40, dtype=torch.float32, seed=0):
     return x.to(dtype), w.to(dtype), b.to(dtype)
 
 
+# token counts on each side of the small-batch limit: fp32 takes MKL's packed sgemm at or below it, oneDNN above
+ROWS = [23, onednn.SMALL_ROWS, onednn.SMALL_ROWS + 1, 200]
+
+
+@pytest.mark.parametrize("T", ROWS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("act", ["gelu", "gelu_tanh", "relu", "silu", "quick_gelu"])
-def test_linear_bias_act(dtype, act):
-    x, w, b = _data(dtype=dtype)
+def test_linear_bias_act(dtype, act, T):
+    x, w, b = _data(T=T, dtype=dtype)
     ref = ops.bias_act_ref(F.linear(x.float(), w.float()), b, act)
     torch.testing.assert_close(onednn.linear_bias_act(x, w, b, act).float(), ref, **TOL[dtype])
 
 
+@pytest.mark.parametrize("T", ROWS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_linear_residual_layer_norm(dtype):
-    x, w, b = _data(dtype=dtype)
+def test_linear_residual_layer_norm(dtype, T):
+    x, w, b = _data(T=T, dtype=dtype)
     g = torch.Generator().manual_seed(5)
-    r, lw, lb = torch.randn(23, 40, generator=g).to(dtype), torch.randn(40, generator=g), torch.randn(40, generator=g)
+    r, lw, lb = torch.randn(T, 40, generator=g).to(dtype), torch.randn(40, generator=g), torch.randn(40, generator=g)
     ref = ops.add_bias_residual_layer_norm_ref(F.linear(x.float(), w.float()), b, r, lw, lb, 1e-12)
     out = onednn.linear_residual_layer_norm(x, w, b, r, lw.to(dtype), lb.to(dtype), 1e-12)
     torch.testing.assert_close(out.float(), ref.float(), **TOL[dtype])
@@ -54,11 +60,27 @@ def test_runs_group_consecutive_equal_lengths():
     assert torch_backend.equal_length_runs(cu) == ((0, 2, 3), (6, 1, 1), (7, 2, 2), (11, 1, 3))
 
 
-def test_packed_weight_is_cached_and_repacked_after_an_in_place_update():
-    x, w, b = _data()
+@pytest.mark.skipif(not torch.backends.mkl.is_available(), reason="no MKL in this torch build")
+def test_the_mkl_packing_serves_every_small_row_count():
+    """The MKL copy of a weight is packed once (tuned for SMALL_ROWS rows) and then serves batches of any row count
+    up to the limit; this holds for the MKL in torch today, and must fail loudly if a future one ties the packed
+    layout to the row count it was packed for."""
+    g = torch.Generator().manual_seed(3)
+    w, b = torch.randn(72, 48, generator=g), torch.randn(72, generator=g)
+    for T in range(1, onednn.SMALL_ROWS + 1):
+        x = torch.randn(T, 48, generator=g)
+        torch.testing.assert_close(onednn._linear(x, w, b), x.double().matmul(w.double().T).add(b).float(),
+                                   atol=2e-5, rtol=2e-5, msg=f"{T} rows")
+    assert ("mkl" in {layout for _, layout in onednn._packed}) and onednn.packed_weight(w, "mkl").is_mkldnn
+
+
+@pytest.mark.parametrize("T", [8, 100])  # the small path's MKL copy and oneDNN's
+def test_packed_weight_is_cached_and_repacked_after_an_in_place_update(T):
+    x, w, b = _data(T=T)
     w = torch.nn.Parameter(w, requires_grad=False)
     first = onednn.linear_bias_act(x, w, b, "relu")
-    assert onednn.packed_weight(w) is onednn.packed_weight(w)
+    layout = "mkl" if onednn._small(x) else "onednn"
+    assert onednn.packed_weight(w, layout) is onednn.packed_weight(w, layout)
     with torch.no_grad():
         w.mul_(2)
     torch.testing.assert_close(onednn.linear_bias_act(x, w, None, "relu"), F.relu(F.linear(x, w)))

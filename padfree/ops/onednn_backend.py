@@ -11,8 +11,13 @@ epilogues save whole passes over ``[T, F]`` / ``[T, H]`` (see benchmarks/NOTES.m
   sequences straight on strided views of ``[T, 3H]`` (PyTorch's CPU flash
   kernel runs in bf16: converting to fp32 was speed-neutral on W1 and 20 % slower on W2, see NOTES.md).
 
-Packed weights are cached per parameter (weakly, and keyed by the parameter's version counter, so an in-place
-update of the weight repacks it). Shapes: T = packed tokens, K = input features, N = output features.
+Small fp32 batches (at most ``SMALL_ROWS`` packed tokens: one short request, the latency of a server) run their
+products on MKL's packed sgemm instead, with the epilogue as separate ops: at 8-64 rows a product is a pass over its
+weight, and MKL's packed kernel makes that pass 15-35 % faster than oneDNN's on 2 threads, more than the fused
+epilogues save there (benchmarks/NOTES.md, section 15). Its packed copy of a weight is made on the first small batch.
+
+Packed weights are cached per parameter and layout (weakly, and keyed by the parameter's version counter, so an
+in-place update of the weight repacks it). Shapes: T = packed tokens, K = input features, N = output features.
 """
 from __future__ import annotations
 
@@ -30,16 +35,23 @@ from .relative import RelativeScores
 _POST_OPS = {"gelu": ("gelu", "none"), "gelu_tanh": ("gelu", "tanh"), "relu": ("relu", ""), "silu": ("swish", "")}
 
 
-_packed: dict[int, tuple[weakref.ref, int, torch.Tensor]] = {}  # id(weight) -> (weight ref, version, packed)
+SMALL_ROWS = 64  # fp32 products of at most this many rows run on MKL's packed sgemm (see the module docstring)
+_MKL = torch.backends.mkl.is_available()
+
+# how each layout packs a weight [N, K] (MKL's packing takes a row count to tune for: the small path's largest)
+_PACKERS = {"onednn": lambda w: torch.ops.mkldnn._reorder_linear_weight(w),
+            "mkl": lambda w: torch.ops.mkl._mkl_reorder_linear_weight(w, SMALL_ROWS)}
+_packed: dict[tuple[int, str], tuple[weakref.ref, int, torch.Tensor]] = {}  # (id(weight), layout) -> (ref, version, packed)
 _packing = threading.Lock()  # serialises filling _packed (the hit path reads it without a lock)
 
 
-def packed_weight(weight: torch.Tensor) -> torch.Tensor:
-    """``weight [N, K]`` reordered once into oneDNN's blocked layout (cached while the parameter lives).
+def packed_weight(weight: torch.Tensor, layout: str = "onednn") -> torch.Tensor:
+    """``weight [N, K]`` reordered once into oneDNN's blocked layout, or MKL's packed one (``layout="mkl"``);
+    cached while the parameter lives.
 
     Safe from many threads: a hit is one dict read; a miss packs under a lock, re-checking first, so two
     threads never pack the same weight or interleave an entry with its finaliser."""
-    key, version = id(weight), torch_backend.tensor_version(weight)
+    key, version = (id(weight), layout), torch_backend.tensor_version(weight)
     hit = _packed.get(key)
     if hit is not None and hit[0]() is weight and hit[1] == version:
         return hit[2]
@@ -48,14 +60,14 @@ def packed_weight(weight: torch.Tensor) -> torch.Tensor:
         if hit is not None and hit[0]() is weight and hit[1] == version:
             return hit[2]
         with torch.no_grad():
-            packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach())
+            packed = _PACKERS[layout](weight.detach())
         if hit is None or hit[0]() is not weight:  # a new parameter: drop its entry when it dies
             weakref.finalize(weight, _forget, key, weakref.ref(weight))
         _packed[key] = (weakref.ref(weight), version, packed)
     return packed
 
 
-def _forget(key: int, ref: weakref.ref) -> None:
+def _forget(key: tuple[int, str], ref: weakref.ref) -> None:
     """Finaliser of a packed parameter: drop its entry, unless the id now belongs to a newer parameter."""
     with _packing:
         hit = _packed.get(key)
@@ -63,17 +75,24 @@ def _forget(key: int, ref: weakref.ref) -> None:
             del _packed[key]
 
 
-def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, post_op: str = "none",
-            algorithm: str = "") -> torch.Tensor:
-    """``post_op(x @ weight.T + bias)``: ``[T, K] -> [T, N]`` on the packed weight."""
-    return torch.ops.mkldnn._linear_pointwise(x, packed_weight(weight), bias, post_op, [], algorithm)
+def _small(x: torch.Tensor) -> bool:
+    """Whether ``x @ W^T`` takes the small-batch path (MKL's packed sgemm, epilogue unfused)."""
+    return _MKL and x.dtype == torch.float32 and x.shape[0] <= SMALL_ROWS
+
+
+def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``x @ weight.T + bias``: ``[T, K] -> [T, N]`` on the packed weight of the batch's path."""
+    if _small(x):
+        return torch.ops.mkl._mkl_linear(x, packed_weight(weight, "mkl"), weight, bias, x.shape[0])
+    return torch.ops.mkldnn._linear_pointwise(x, packed_weight(weight), bias, "none", [], "")
 
 
 def linear_bias_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                     activation: str) -> torch.Tensor:
     """``act(x @ weight.T + bias)``: ``[T, K] -> [T, N]``, the activation fused where oneDNN has it."""
-    if activation in _POST_OPS:
-        return _linear(x, weight, bias, *_POST_OPS[activation])
+    if activation in _POST_OPS and not _small(x):
+        post_op, algorithm = _POST_OPS[activation]
+        return torch.ops.mkldnn._linear_pointwise(x, packed_weight(weight), bias, post_op, [], algorithm)
     return apply_activation(_linear(x, weight, bias), activation)
 
 
@@ -88,7 +107,10 @@ def linear_residual_layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torc
                                residual: torch.Tensor, ln_weight: torch.Tensor, ln_bias: torch.Tensor,
                                eps: float) -> torch.Tensor:
     """``LayerNorm(x @ weight.T + bias + residual)``: ``[T, K] -> [T, N]`` (fp32 LayerNorm statistics)."""
-    y = torch.ops.mkldnn._linear_pointwise.binary(x, residual, packed_weight(weight), bias, "add")  # [T, N]
+    if _small(x):
+        y = _linear(x, weight, bias).add_(residual)
+    else:
+        y = torch.ops.mkldnn._linear_pointwise.binary(x, residual, packed_weight(weight), bias, "add")  # [T, N]
     return F.layer_norm(y, y.shape[-1:], ln_weight, ln_bias, eps)
 
 
