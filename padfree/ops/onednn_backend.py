@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from . import torch_backend
-from .activations import apply_activation
+from .activations import apply_activation_
 from .relative import RelativeScores
 
 # canonical activation -> oneDNN eltwise post-op (name, algorithm) of torch.ops.mkldnn._linear_pointwise
@@ -93,7 +93,7 @@ def linear_bias_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     if activation in _POST_OPS and not _small(x):
         post_op, algorithm = _POST_OPS[activation]
         return torch.ops.mkldnn._linear_pointwise(x, packed_weight(weight), bias, post_op, [], algorithm)
-    return apply_activation(_linear(x, weight, bias), activation)
+    return apply_activation_(_linear(x, weight, bias), activation)
 
 
 def linear_gated_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
