@@ -74,6 +74,21 @@ def test_the_mkl_packing_serves_every_small_row_count():
     assert ("mkl" in {layout for _, layout in onednn._packed}) and onednn.packed_weight(w, "mkl").is_mkldnn
 
 
+def test_the_small_batch_path_can_be_turned_off(monkeypatch):
+    """PADFREE_SMALL_ROWS=0: no MKL copy is made and small batches take oneDNN's fused path; a value that is not a
+    count is refused with its name."""
+    monkeypatch.setenv("PADFREE_SMALL_ROWS", "0")
+    monkeypatch.setattr(onednn, "SMALL_ROWS", onednn._small_rows())
+    x, w, b = _data(T=4)
+    w = torch.nn.Parameter(w, requires_grad=False)
+    torch.testing.assert_close(onednn.linear_bias_act(x, w, b, "gelu"), F.gelu(F.linear(x, w, b)), atol=2e-5, rtol=2e-5)
+    assert (id(w), "onednn") in onednn._packed and (id(w), "mkl") not in onednn._packed
+    for bad in ("-1", "64 rows", ""):
+        monkeypatch.setenv("PADFREE_SMALL_ROWS", bad)
+        with pytest.raises(ValueError, match="PADFREE_SMALL_ROWS must be an integer >= 0"):
+            onednn._small_rows()
+
+
 @pytest.mark.parametrize("T", [8, 100])  # the small path's MKL copy and oneDNN's
 def test_packed_weight_is_cached_and_repacked_after_an_in_place_update(T):
     x, w, b = _data(T=T)

@@ -13,14 +13,16 @@ epilogues save whole passes over ``[T, F]`` / ``[T, H]`` (see benchmarks/NOTES.m
 
 Small fp32 batches (at most ``SMALL_ROWS`` packed tokens: one short request, the latency of a server) run their
 products on MKL's packed sgemm instead, with the epilogue as separate ops: at 8-64 rows a product is a pass over its
-weight, and MKL's packed kernel makes that pass 15-35 % faster than oneDNN's on 2 threads, more than the fused
-epilogues save there (benchmarks/NOTES.md, section 15). Its packed copy of a weight is made on the first small batch.
+weight, and MKL's packed kernel makes that pass 15-38 % faster than oneDNN's on 2 threads, more than the fused
+epilogues save there (benchmarks/NOTES.md, section 15). Its packed copy of a weight is made on the first small batch
+and costs the weight's size again (MiniLM +42 MB, BERT-base +325 MB); ``PADFREE_SMALL_ROWS=0`` turns it off.
 
 Packed weights are cached per parameter and layout (weakly, and keyed by the parameter's version counter, so an
 in-place update of the weight repacks it). Shapes: T = packed tokens, K = input features, N = output features.
 """
 from __future__ import annotations
 
+import os
 import threading
 import weakref
 
@@ -35,7 +37,16 @@ from .relative import RelativeScores
 _POST_OPS = {"gelu": ("gelu", "none"), "gelu_tanh": ("gelu", "tanh"), "relu": ("relu", ""), "silu": ("swish", "")}
 
 
-SMALL_ROWS = 64  # fp32 products of at most this many rows run on MKL's packed sgemm (see the module docstring)
+def _small_rows() -> int:
+    """``PADFREE_SMALL_ROWS`` (default 64): the most rows an fp32 product may have to run on MKL's packed sgemm;
+    0 turns the small-batch path off (no MKL copies of the weights)."""
+    value = os.environ.get("PADFREE_SMALL_ROWS", "64")
+    if not value.strip().isdigit():
+        raise ValueError(f"PADFREE_SMALL_ROWS must be an integer >= 0 (0 turns the small-batch path off); got {value!r}")
+    return int(value)
+
+
+SMALL_ROWS = _small_rows()  # fp32 products of at most this many rows run on MKL's packed sgemm (module docstring)
 _MKL = torch.backends.mkl.is_available()
 
 # how each layout packs a weight [N, K] (MKL's packing takes a row count to tune for: the small path's largest)
