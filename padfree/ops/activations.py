@@ -28,32 +28,18 @@ def canonical_activation(name: str) -> str:
         raise ValueError(f"unsupported activation {name!r}; supported: {sorted(HF_ACTIVATIONS)}") from None
 
 
-def apply_activation(x: torch.Tensor, activation: str) -> torch.Tensor:
-    """Apply a canonical activation (out of place)."""
+def apply_activation(x: torch.Tensor, activation: str, inplace: bool = False) -> torch.Tensor:
+    """Apply a canonical activation. ``inplace``: overwrite ``x`` (a tensor the caller owns, e.g. a product just
+    computed) and return it: no output to allocate, which at a handful of tokens costs more than the activation."""
     if activation == "gelu":
-        return F.gelu(x)
+        return torch.ops.aten.gelu_(x) if inplace else F.gelu(x)
     if activation == "gelu_tanh":
-        return F.gelu(x, approximate="tanh")
+        return torch.ops.aten.gelu_(x, approximate="tanh") if inplace else F.gelu(x, approximate="tanh")
     if activation == "relu":
-        return F.relu(x)
+        return F.relu(x, inplace=inplace)
     if activation == "silu":
-        return F.silu(x)
+        return F.silu(x, inplace=inplace)
     if activation == "quick_gelu":
-        return x * torch.sigmoid(1.702 * x)
-    raise ValueError(f"unknown canonical activation {activation!r}; expected one of {sorted(ACTIVATIONS)}")
-
-
-def apply_activation_(x: torch.Tensor, activation: str) -> torch.Tensor:
-    """Apply a canonical activation in place on ``x`` (a tensor the caller owns, e.g. a product just computed)
-    and return it: no output to allocate, which at a handful of tokens costs more than the activation itself."""
-    if activation == "gelu":
-        return torch.ops.aten.gelu_(x)
-    if activation == "gelu_tanh":
-        return torch.ops.aten.gelu_(x, approximate="tanh")
-    if activation == "relu":
-        return x.relu_()
-    if activation == "silu":
-        return F.silu(x, inplace=True)
-    if activation == "quick_gelu":
-        return x.mul_(torch.sigmoid(1.702 * x))
+        gate = torch.sigmoid(1.702 * x)
+        return x.mul_(gate) if inplace else x * gate
     raise ValueError(f"unknown canonical activation {activation!r}; expected one of {sorted(ACTIVATIONS)}")

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from . import torch_backend
-from .activations import apply_activation_
+from .activations import apply_activation
 from .relative import RelativeScores
 
 # canonical activation -> oneDNN eltwise post-op (name, algorithm) of torch.ops.mkldnn._linear_pointwise
@@ -42,7 +42,8 @@ def _small_rows() -> int:
     0 turns the small-batch path off (no MKL copies of the weights)."""
     value = os.environ.get("PADFREE_SMALL_ROWS", "64")
     if not value.strip().isdigit():
-        raise ValueError(f"PADFREE_SMALL_ROWS must be an integer >= 0 (0 turns the small-batch path off); got {value!r}")
+        raise ValueError("PADFREE_SMALL_ROWS must be an integer >= 0 (0 turns the small-batch path off); "
+                         f"got {value!r}")
     return int(value)
 
 
@@ -52,7 +53,8 @@ _MKL = torch.backends.mkl.is_available()
 # how each layout packs a weight [N, K] (MKL's packing takes a row count to tune for: the small path's largest)
 _PACKERS = {"onednn": lambda w: torch.ops.mkldnn._reorder_linear_weight(w),
             "mkl": lambda w: torch.ops.mkl._mkl_reorder_linear_weight(w, SMALL_ROWS)}
-_packed: dict[tuple[int, str], tuple[weakref.ref, int, torch.Tensor]] = {}  # (id(weight), layout) -> (ref, version, packed)
+# (id(weight), layout) -> (weight ref, version, packed)
+_packed: dict[tuple[int, str], tuple[weakref.ref, int, torch.Tensor]] = {}
 _packing = threading.Lock()  # serialises filling _packed (the hit path reads it without a lock)
 
 
@@ -104,7 +106,7 @@ def linear_bias_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     if activation in _POST_OPS and not _small(x):
         post_op, algorithm = _POST_OPS[activation]
         return torch.ops.mkldnn._linear_pointwise(x, packed_weight(weight), bias, post_op, [], algorithm)
-    return apply_activation_(_linear(x, weight, bias), activation)
+    return apply_activation(_linear(x, weight, bias), activation, inplace=True)
 
 
 def linear_gated_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from ..batch import HostLayout
-from .activations import apply_activation, apply_activation_
+from .activations import apply_activation
 from .relative import RelativeScores, relative_score_terms
 from .rotary import rotate
 
@@ -117,7 +117,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 def bias_act(x: torch.Tensor, bias: torch.Tensor | None, activation: str) -> torch.Tensor:
     """``act(x + bias)``; ``[T, F]``."""
-    return apply_activation(x, activation) if bias is None else apply_activation_(x + bias, activation)
+    return apply_activation(x, activation) if bias is None else apply_activation(x + bias, activation, inplace=True)
 
 
 def embed_layer_norm(input_ids, position_ids, token_type_ids, word, position, token_type, weight, bias,
