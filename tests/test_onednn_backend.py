@@ -136,3 +136,27 @@ def test_named_onednn_backend_that_cannot_run_says_why():
         Kernels.resolve("cpu", torch.float16, 64, backend="onednn")
     with pytest.raises(ValueError, match=r"onednn: .*device cuda"):
         Kernels.resolve("cuda", torch.float32, 64, backend="onednn")
+
+
+@pytest.mark.parametrize("lengths", [[7], [5, 40, 1, 17, 2, 9, 40]], ids=["small-batch-path", "large-batch-path"])
+def test_a_parameter_replaced_on_a_live_encoder_is_used_at_once(lengths):
+    """The forward reads each layer's parameters afresh (``EncoderLayer.tensors``), and the packed copies follow
+    the parameter object: a weight or LayerNorm bias assigned after the first forward must be used by the next
+    one, on the MKL small-batch path and the oneDNN one, as transformers uses it."""
+    import padfree
+    from family_zoo import batch, make, max_diff
+    model = make("bert", 0)
+    enc = padfree.from_pretrained(model)
+    ids, mask, types, kw = batch(model, lengths, "right")
+    enc(ids, mask, types)  # packs the weights of the path
+    g = torch.Generator().manual_seed(3)
+    ffn_in = torch.randn(enc.layers[0].ffn_in.weight.shape, generator=g) * 0.2
+    ln_bias = torch.randn(enc.layers[1].attn_norm.bias.shape, generator=g)
+    enc.layers[0].ffn_in.weight = torch.nn.Parameter(ffn_in.clone(), requires_grad=False)
+    enc.layers[1].attn_norm.bias = torch.nn.Parameter(ln_bias.clone(), requires_grad=False)
+    hf = model.encoder.layer  # replaced too (padfree may share the old tensors' storage with it)
+    hf[0].intermediate.dense.weight = torch.nn.Parameter(ffn_in, requires_grad=False)
+    hf[1].attention.output.LayerNorm.bias = torch.nn.Parameter(ln_bias, requires_grad=False)
+    with torch.no_grad():
+        ref = model(input_ids=ids, attention_mask=mask, **kw).last_hidden_state
+    assert max_diff(enc(ids, mask, types).last_hidden_state, ref, mask) <= 1e-4

@@ -11,6 +11,7 @@ The ops it calls are resolved once per device/dtype by the backend registry.
 from __future__ import annotations
 
 import threading
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +31,25 @@ def _layer_norm(cfg: ModelConfig) -> nn.LayerNorm | nn.RMSNorm:
     return nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps, bias=cfg.norm_bias)
 
 
+class LayerTensors(NamedTuple):
+    """One layer's parameters as the forward reads them (None where the family has no such tensor)."""
+    qkv_weight: torch.Tensor
+    qkv_bias: torch.Tensor | None
+    attn_out_weight: torch.Tensor
+    attn_out_bias: torch.Tensor | None
+    attn_norm_weight: torch.Tensor | None
+    attn_norm_bias: torch.Tensor | None
+    ffn_in_weight: torch.Tensor
+    ffn_in_bias: torch.Tensor | None
+    ffn_out_weight: torch.Tensor
+    ffn_out_bias: torch.Tensor | None
+    ffn_norm_weight: torch.Tensor
+    ffn_norm_bias: torch.Tensor | None
+
+
+_LAYER_MODULES = ("qkv", "attn_out", "attn_norm", "ffn_in", "ffn_out", "ffn_norm")
+
+
 class EncoderLayer(nn.Module):
     """Parameter holder for one layer; the computation is in :meth:`Encoder._layer`."""
 
@@ -47,6 +67,16 @@ class EncoderLayer(nn.Module):
         # DeBERTa without share_att_key: per-layer projections of the relative embeddings
         self.pos_key = nn.Linear(H, H) if own_positions and "c2p" in cfg.pos_att_type else None
         self.pos_query = nn.Linear(H, H) if own_positions and "p2c" in cfg.pos_att_type else None
+
+    def tensors(self) -> LayerTensors:
+        """This layer's parameters, read from its modules' parameter dicts at each call (so a parameter replaced
+        on a live encoder is used at once). ``self.qkv.weight`` would go through ``nn.Module.__getattr__`` twice,
+        ~1 us a read here: 12 reads a layer were a few % of a batch-1 call (benchmarks/NOTES.md, section 16)."""
+        out = []
+        for name in _LAYER_MODULES:
+            params = None if (m := self._modules.get(name)) is None else m._parameters  # (a None module is not in _modules)
+            out += (None, None) if params is None else (params["weight"], params.get("bias"))
+        return LayerTensors(*out)
 
 
 class Embeddings(nn.Module):
@@ -177,12 +207,13 @@ class Encoder(nn.Module):
         # RoPE tables [T, d/2] from the per-sequence positions, once per base (global / local) per forward
         rotary = {t: rotary_tables(batch.position_ids, cfg.head_dim, t)
                   for t in {cfg.theta(i) for i in cfg.schedule} if t > 0}
+        layers = list(self.layers)  # (indexing the ModuleList costs microseconds a layer)
         if cfg.pre_norm:
             for i in cfg.schedule:
-                x = self._pre_norm_layer(i, x, batch, rotary)
-            return self._norm(x, self.final_norm)
+                x = self._pre_norm_layer(i, layers[i], x, batch, rotary)
+            return self._norm(x, self.final_norm.weight, getattr(self.final_norm, "bias", None))
         for i in cfg.schedule:  # ALBERT runs shared layers several times
-            x = self._layer(self.layers[i], x, batch, rel, rotary.get(cfg.theta(i)))
+            x = self._layer(layers[i], x, batch, rel, rotary.get(cfg.theta(i)))
         return x
 
     def _embed(self, batch: PackedBatch) -> torch.Tensor:
@@ -209,40 +240,41 @@ class Encoder(nn.Module):
     def _layer(self, layer: EncoderLayer, x: torch.Tensor, batch: PackedBatch,
                rel: RelativeTables | None = None, rotary: tuple | None = None) -> torch.Tensor:
         """Post-LN layer; ``rotary``: the layer's RoPE tables (NomicBERT), None = no rotation."""
-        k, cfg = self.kernels, self.config
-        scores = None if rel is None else rel.scores(layer.qkv.weight, layer.qkv.bias, layer.pos_key, layer.pos_query)
+        k, cfg, t = self.kernels, self.config, layer.tensors()
+        scores = None if rel is None else rel.scores(t.qkv_weight, t.qkv_bias, layer.pos_key, layer.pos_query)
         extra = {} if rotary is None else {"rotary": rotary}  # only where used: backends without it keep working
-        ctx = k.qkv_varlen_attention(x, layer.qkv.weight, layer.qkv.bias, batch.cu_seqlens, batch.max_seqlen,
+        ctx = k.qkv_varlen_attention(x, t.qkv_weight, t.qkv_bias, batch.cu_seqlens, batch.max_seqlen,
                                      cfg.num_heads, cfg.attention_scale, scores, runs=batch.runs, **extra)  # [T, H]
         # each remaining op is a linear fused with its consumer (a backend's epilogue, or F.linear + the primitive)
-        h = k.linear_residual_layer_norm(ctx, layer.attn_out.weight, layer.attn_out.bias, x,
-                                         layer.attn_norm.weight, layer.attn_norm.bias, cfg.layer_norm_eps)
+        h = k.linear_residual_layer_norm(ctx, t.attn_out_weight, t.attn_out_bias, x, t.attn_norm_weight,
+                                         t.attn_norm_bias, cfg.layer_norm_eps)
         act = k.linear_gated_act if cfg.gated_ffn else k.linear_bias_act  # NomicBERT: SwiGLU
-        f = act(h, layer.ffn_in.weight, layer.ffn_in.bias, cfg.activation)  # [T, F]
-        return k.linear_residual_layer_norm(f, layer.ffn_out.weight, layer.ffn_out.bias, h,
-                                            layer.ffn_norm.weight, layer.ffn_norm.bias, cfg.layer_norm_eps)
+        f = act(h, t.ffn_in_weight, t.ffn_in_bias, cfg.activation)  # [T, F]
+        return k.linear_residual_layer_norm(f, t.ffn_out_weight, t.ffn_out_bias, h, t.ffn_norm_weight,
+                                            t.ffn_norm_bias, cfg.layer_norm_eps)
 
-    def _pre_norm_layer(self, i: int, x: torch.Tensor, batch: PackedBatch, rotary: dict) -> torch.Tensor:
-        """Pre-LN layer ``i`` (ModernBERT, EuroBERT): ``x + attn(norm(x))`` then ``x + ffn(norm(x))``; the attention
+    def _pre_norm_layer(self, i: int, layer: EncoderLayer, x: torch.Tensor, batch: PackedBatch,
+                        rotary: dict) -> torch.Tensor:
+        """Pre-LN parameter layer ``i`` (ModernBERT, EuroBERT): ``x + attn(norm(x))`` then ``x + ffn(norm(x))``; the attention
         rotates Q and K by the layer's RoPE base and, in a local layer, sees only its window."""
-        k, cfg, layer = self.kernels, self.config, self.layers[i]
-        h = x if layer.attn_norm is None else self._norm(x, layer.attn_norm)
+        k, cfg, t = self.kernels, self.config, layer.tensors()
+        h = x if t.attn_norm_weight is None else self._norm(x, t.attn_norm_weight, t.attn_norm_bias)
         extra = {"rotary": rotary[cfg.theta(i)]} if cfg.theta(i) > 0 else {}
         if cfg.window(i) is not None:
             extra["window"] = cfg.window(i)
-        ctx = k.qkv_varlen_attention(h, layer.qkv.weight, layer.qkv.bias, batch.cu_seqlens, batch.max_seqlen,
+        ctx = k.qkv_varlen_attention(h, t.qkv_weight, t.qkv_bias, batch.cu_seqlens, batch.max_seqlen,
                                      cfg.num_heads, cfg.attention_scale, runs=batch.runs, **extra)  # [T, H]
-        x = x + F.linear(ctx, layer.attn_out.weight, layer.attn_out.bias)
-        h = self._norm(x, layer.ffn_norm)
+        x = x + F.linear(ctx, t.attn_out_weight, t.attn_out_bias)
+        h = self._norm(x, t.ffn_norm_weight, t.ffn_norm_bias)
         act = k.linear_gated_act if cfg.gated_ffn else k.linear_bias_act
-        f = act(h, layer.ffn_in.weight, layer.ffn_in.bias, cfg.activation)  # [T, F]
-        return x + F.linear(f, layer.ffn_out.weight, layer.ffn_out.bias)
+        f = act(h, t.ffn_in_weight, t.ffn_in_bias, cfg.activation)  # [T, F]
+        return x + F.linear(f, t.ffn_out_weight, t.ffn_out_bias)
 
-    def _norm(self, x: torch.Tensor, n: nn.Module) -> torch.Tensor:
+    def _norm(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """A pre-LN norm: RMSNorm (EuroBERT, the ``rms_norm`` op) or LayerNorm (ModernBERT)."""
         if self.config.rms_norm:
-            return self.kernels.rms_norm(x, n.weight, self.config.layer_norm_eps)
-        return F.layer_norm(x, x.shape[-1:], n.weight, n.bias, self.config.layer_norm_eps)
+            return self.kernels.rms_norm(x, weight, self.config.layer_norm_eps)
+        return F.layer_norm(x, x.shape[-1:], weight, bias, self.config.layer_norm_eps)
 
     def pool_cls(self, hidden: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
         """The BERT pooler: ``tanh(W · h_CLS + b)``, ``[B, H]``; ``ValueError`` if the checkpoint has none."""

@@ -27,7 +27,6 @@ import threading
 import weakref
 
 import torch
-import torch.nn.functional as F
 
 from . import torch_backend
 from .activations import apply_activation
@@ -90,23 +89,30 @@ def _forget(key: tuple[int, str], ref: weakref.ref) -> None:
 
 def _small(x: torch.Tensor) -> bool:
     """Whether ``x @ W^T`` takes the small-batch path (MKL's packed sgemm, epilogue unfused)."""
-    return _MKL and x.dtype == torch.float32 and x.shape[0] <= SMALL_ROWS
+    return _MKL and x.shape[0] <= SMALL_ROWS and x.dtype == torch.float32
+
+
+def _mkl_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``x @ weight.T + bias`` on MKL's packed sgemm (the small-batch path): ``[T, K] -> [T, N]``."""
+    return torch.ops.mkl._mkl_linear(x, packed_weight(weight, "mkl"), weight, bias, x.shape[0])
 
 
 def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """``x @ weight.T + bias``: ``[T, K] -> [T, N]`` on the packed weight of the batch's path."""
     if _small(x):
-        return torch.ops.mkl._mkl_linear(x, packed_weight(weight, "mkl"), weight, bias, x.shape[0])
+        return _mkl_linear(x, weight, bias)
     return torch.ops.mkldnn._linear_pointwise(x, packed_weight(weight), bias, "none", [], "")
 
 
 def linear_bias_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                     activation: str) -> torch.Tensor:
     """``act(x @ weight.T + bias)``: ``[T, K] -> [T, N]``, the activation fused where oneDNN has it."""
-    if activation in _POST_OPS and not _small(x):
-        post_op, algorithm = _POST_OPS[activation]
-        return torch.ops.mkldnn._linear_pointwise(x, packed_weight(weight), bias, post_op, [], algorithm)
-    return apply_activation(_linear(x, weight, bias), activation, inplace=True)
+    if _small(x):
+        return apply_activation(_mkl_linear(x, weight, bias), activation, inplace=True)
+    post_op = _POST_OPS.get(activation)
+    if post_op is None:
+        return apply_activation(_linear(x, weight, bias), activation, inplace=True)
+    return torch.ops.mkldnn._linear_pointwise(x, packed_weight(weight), bias, post_op[0], [], post_op[1])
 
 
 def linear_gated_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -121,10 +127,10 @@ def linear_residual_layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torc
                                eps: float) -> torch.Tensor:
     """``LayerNorm(x @ weight.T + bias + residual)``: ``[T, K] -> [T, N]`` (fp32 LayerNorm statistics)."""
     if _small(x):
-        y = _linear(x, weight, bias).add_(residual)
+        y = _mkl_linear(x, weight, bias).add_(residual)
     else:
         y = torch.ops.mkldnn._linear_pointwise.binary(x, residual, packed_weight(weight), bias, "add")  # [T, N]
-    return F.layer_norm(y, y.shape[-1:], ln_weight, ln_bias, eps)
+    return torch.layer_norm(y, y.shape[-1:], ln_weight, ln_bias, eps)
 
 
 def qkv_varlen_attention(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, cu_seqlens: torch.Tensor,
