@@ -89,6 +89,14 @@ def test_time_interleaved_in_blocks_and_after_idle_pauses():
     idle = time_interleaved({"a": lambda: time.sleep(0.002)}, RunPolicy(runs=4, min_runs=4, warmup=1, idle_s=0.05))
     assert time.perf_counter() - t0 >= 4 * 0.05  # slept before each timed call ...
     assert len(idle["a"].times_s) == 4 and max(idle["a"].times_s) < 0.04  # ... outside the call's time
+    calls.clear()
+    settled = time_interleaved({"a": lambda: (calls.append("a"), time.sleep(0.01)), "b": lambda: calls.append("b")},
+                               RunPolicy(runs=2, min_runs=2, warmup=1, block=2, settle_s=0.045))
+    # after the warm-up, each block follows untimed calls for >= 45 ms: 4-5 of a's 10 ms calls (4 if the sleeps
+    # overshoot), and b's instant calls loop until 45 ms have passed
+    untimed_a = calls[2:].index("b") - 2
+    assert calls[:3] == ["a", "b", "a"] and 4 <= untimed_a <= 5
+    assert calls.count("b") > 100 and len(settled["a"].times_s) == len(settled["b"].times_s) == 2
 
 
 # ------------------------------------------------------------------------------------------- reports

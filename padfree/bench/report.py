@@ -212,7 +212,8 @@ def w3_markdown(result: dict) -> str:
     lines = _header(result, "padfree bench — W3 (latency of small requests)")
     lines += ["Median ms per call (padded ids and mask in, last hidden state out). Last column: padfree's ratio to "
               "the fastest peer of the same precision, t(fastest peer) / t(padfree); above 1 padfree is faster. "
-              "Regimes: **back-to-back**, each system timed in blocks of consecutive calls (a busy server); "
+              "Regimes: **back-to-back**, each system timed in blocks of consecutive calls, each block after "
+              "100 ms of untimed calls (a busy server running that system alone); "
               "**idle**, each call after 20 ms of sleep (a request reaching an idle server, its worker threads "
               "asleep).", ""]
     rows = result.get("w3", [])

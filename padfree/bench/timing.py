@@ -6,10 +6,12 @@ move. Each system first runs once untimed (warm-up: oneDNN primitive creation, O
 its time is kept and reported as ``warmup_s``). GPU times use CUDA events after a synchronisation.
 
 At millisecond scale a call is also slowed by the system that ran just before it: its worker threads are still
-spinning (OpenMP, TBB) or the caller's own are asleep. Two policies measure each system in a defined state instead
-of after a foreign one: ``block`` (consecutive calls per system and round, after one untimed call: the
-back-to-back latency of a busy server) and ``idle_s`` (a pause before each timed call, long enough for every
-thread pool to fall asleep: the latency of a request that arrives at an idle server).
+spinning (OpenMP, TBB) or the caller's own are asleep, and it takes a system several calls to get back to its own
+pace (on the 2-core VM, OpenVINO after padfree at batch 1: 2.5x its steady time on the first call, still 10% over
+after 80 ms of calls; benchmarks/NOTES.md, section 16). Two policies measure each system in a defined state instead
+of after a foreign one: ``block`` (consecutive calls per system and round, after untimed calls for ``settle_s``: the
+back-to-back latency of a busy server running that system alone) and ``idle_s`` (a pause before each timed call,
+long enough for every thread pool to fall asleep: the latency of a request that arrives at an idle server).
 """
 from __future__ import annotations
 
@@ -24,13 +26,15 @@ class RunPolicy:
     """How many timed runs: ``runs`` per system, cut to no fewer than ``min_runs`` once the timed rounds of a
     configuration would pass ``budget_s`` (the expensive padded baselines at long lengths in ``--quick``).
     ``warmup`` untimed calls per system come first (the first one's time is kept as ``warmup_s``).
-    ``block``: timed calls per system in a row within a round, preceded by one untimed call (1: one call, none
-    untimed); ``idle_s``: seconds of sleep before each timed call (module docstring)."""
+    ``block``: timed calls per system in a row within a round, preceded by untimed calls for at least
+    ``settle_s`` seconds, and at least one (``block`` 1: one call, none untimed); ``idle_s``: seconds of sleep
+    before each timed call (module docstring)."""
     runs: int = 5
     min_runs: int = 3
     budget_s: float = float("inf")
     warmup: int = 1
     block: int = 1
+    settle_s: float = 0.0
     idle_s: float = 0.0
 
 
@@ -88,8 +92,11 @@ def time_interleaved(systems: dict[str, Callable[[], object]], policy: RunPolicy
         t_round = time.perf_counter()
         n = min(policy.block, policy.runs - done)
         for name, fn in live.items():
-            if policy.block > 1:
-                fn()  # follows another system: untimed
+            if policy.block > 1:  # follows another system: untimed calls until it runs at its own pace
+                settled = time.perf_counter() + policy.settle_s
+                fn()
+                while time.perf_counter() < settled:
+                    fn()
             for _ in range(n):
                 if policy.idle_s:
                     time.sleep(policy.idle_s)

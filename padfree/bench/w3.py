@@ -10,8 +10,9 @@ three lengths are uniform in ``[ceil(0.2 * L), L]`` (fixed by seed, batch and le
 Every system of a configuration is timed in two regimes (``W3_REGIMES``), systems interleaved round by round
 (``timing.time_interleaved``), 5 warm-up calls each, median of 30 timed calls per regime:
 
-- ``back-to-back``: blocks of 5 consecutive calls per system, each block after one untimed call: the latency of a
-  server taking one request after another, with every thread pool awake;
+- ``back-to-back``: blocks of 5 consecutive calls per system, each block after 100 ms of untimed calls: the
+  latency of a server taking one request after another, with every thread pool awake, running that system alone
+  (a system needs tens of milliseconds of its own calls to recover from the one before it: ``timing``);
 - ``idle``: 20 ms of sleep before each call: a request arriving at an idle server, whose worker threads (OpenMP,
   TBB) have gone to sleep and must be woken.
 
@@ -39,7 +40,7 @@ W3_BATCHES = (1, 4)
 W3_LENGTHS = (8, 16, 32, 64, 128)
 W3_MODELS = ("minilm", "bert-base")
 W3_SYSTEMS = ("padfree", "hf-sdpa", "ort", "openvino")
-W3_REGIMES = {"back-to-back": RunPolicy(runs=30, min_runs=30, warmup=5, block=5),
+W3_REGIMES = {"back-to-back": RunPolicy(runs=30, min_runs=30, warmup=5, block=5, settle_s=0.1),
               "idle": RunPolicy(runs=30, min_runs=30, warmup=5, idle_s=0.02)}
 
 
