@@ -212,6 +212,11 @@ class Encoder(nn.Module):
             for i in cfg.schedule:
                 x = self._pre_norm_layer(i, layers[i], x, batch, rotary)
             return self._norm(x, self.final_norm.weight, getattr(self.final_norm, "bias", None))
+        if rel is None and not rotary and not cfg.gated_ffn:  # plain layers: a backend may run the stack at once
+            stack = self.kernels.post_ln_layers(x, [layers[i] for i in cfg.schedule], batch.runs, cfg.num_heads,
+                                                cfg.attention_scale, cfg.layer_norm_eps, cfg.activation)
+            if stack is not None:
+                return stack
         for i in cfg.schedule:  # ALBERT runs shared layers several times
             x = self._layer(layers[i], x, batch, rel, rotary.get(cfg.theta(i)))
         return x

@@ -28,7 +28,7 @@ import weakref
 
 import torch
 
-from . import torch_backend
+from . import native, torch_backend
 from .activations import apply_activation
 from .relative import RelativeScores
 
@@ -131,6 +131,31 @@ def linear_residual_layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torc
     else:
         y = torch.ops.mkldnn._linear_pointwise.binary(x, residual, packed_weight(weight), bias, "add")  # [T, N]
     return torch.layer_norm(y, y.shape[-1:], ln_weight, ln_bias, eps)
+
+
+_NATIVE_ACTIVATIONS = frozenset({"gelu", "gelu_tanh", "relu", "silu"})  # those small_layers.cpp applies
+
+
+def post_ln_layers(x: torch.Tensor, layers, runs, num_heads: int, scale: float, eps: float,
+                   activation: str) -> torch.Tensor | None:
+    """The post-LN stack of a small fp32 batch (``layers``: ``EncoderLayer``s in the order they run) in one native
+    call, :mod:`padfree.ops.native`: the ops of :func:`qkv_varlen_attention`, :func:`linear_residual_layer_norm` and
+    :func:`linear_bias_act` on the small-batch path, same results, without Python between them. None where it does
+    not apply (a batch off the small path, another activation, a tensor the stack lacks, no native module): the
+    encoder then runs the layers one by one."""
+    if activation not in _NATIVE_ACTIVATIONS or not _small(x) or (mod := native.module()) is None:
+        return None
+    flat = []
+    for t in (layer.tensors() for layer in layers):
+        if any(v is None for v in t):
+            return None
+        flat += (t.qkv_weight, packed_weight(t.qkv_weight, "mkl"), t.qkv_bias,
+                 t.attn_out_weight, packed_weight(t.attn_out_weight, "mkl"), t.attn_out_bias,
+                 t.attn_norm_weight, t.attn_norm_bias,
+                 t.ffn_in_weight, packed_weight(t.ffn_in_weight, "mkl"), t.ffn_in_bias,
+                 t.ffn_out_weight, packed_weight(t.ffn_out_weight, "mkl"), t.ffn_out_bias,
+                 t.ffn_norm_weight, t.ffn_norm_bias)
+    return mod.post_ln_layers(x, flat, [v for run in runs for v in run], num_heads, scale, eps, activation)
 
 
 def qkv_varlen_attention(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, cu_seqlens: torch.Tensor,

@@ -41,13 +41,18 @@ def _compose_linear_residual_layer_norm(add_ln: Callable) -> Callable:
     return lambda x, w, b, residual, ln_w, ln_b, eps: add_ln(F.linear(x, w), b, residual, ln_w, ln_b, eps)
 
 
+def _compose_post_ln_layers(_: Callable) -> Callable:
+    return lambda x, layers, runs, heads, scale, eps, activation: None  # no fused stack: the encoder runs each layer
+
+
 @dataclass(frozen=True)
 class Op:
     """One op the encoder calls: everything the registry needs to know about it, in one place."""
     name: str
     signature: str                       # the call every backend implements (documentation)
     attention: bool = False              # checked against a backend's head sizes and relative capability
-    composed_from: str | None = None     # a fused op: the primitive it is F.linear + (where no backend fuses it)
+    composed_from: str | None = None     # a fused op: the primitive it is F.linear + (where no backend fuses it;
+                                         # post_ln_layers: none, its composition answers None)
     compose: Callable[[Callable], Callable] | None = None  # that composition, given the resolved primitive
     uses: frozenset[str] = frozenset()   # model features (ModelConfig.features) that change what this op must
                                          # do; a backend runs it for such a model only if it lists them
@@ -78,6 +83,10 @@ OPS: dict[str, Op] = {op.name: op for op in (
        composed_from="gated_act", compose=_compose_linear_gated_act, only_for="gated_ffn"),
     Op("linear_residual_layer_norm", "(x [T, K], weight [N, K], bias, residual [T, N], ln_weight, ln_bias, eps) "
        "-> [T, N]", composed_from="add_bias_residual_layer_norm", compose=_compose_linear_residual_layer_norm),
+    # the whole post-LN stack of a plain layer (no relative terms, rotary or gated FFN) in one call where a backend
+    # has it for this batch; None (the composition) means: run the layers one by one
+    Op("post_ln_layers", "(x [T, H], layers [EncoderLayer], runs, num_heads, scale, eps, activation) -> [T, H] or "
+       "None", composed_from="bias_act", compose=_compose_post_ln_layers),
 )}
 PRIMITIVES = tuple(name for name, op in OPS.items() if op.composed_from is None)
 FUSED_OPS = tuple(name for name, op in OPS.items() if op.composed_from is not None)

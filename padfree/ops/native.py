@@ -1,0 +1,91 @@
+"""padfree's native code: ``small_layers.cpp``, built for this machine on first use and cached.
+
+The CPU backend runs a small fp32 batch's post-LN layer stack through it in one call
+(:func:`padfree.ops.onednn_backend.post_ln_layers`): the same ATen calls as the Python forward, without Python
+between them. It is compiled with PyTorch's extension builder (a C++ compiler and ``ninja`` needed) the first time a
+process needs it, ~30 s, into ``$PADFREE_CACHE`` (default ``~/.cache/padfree``) under a name that hashes the source
+and the PyTorch version, so later processes load the built module in milliseconds and an upgrade rebuilds it.
+``make`` builds it at install (``python -m padfree.ops.native``). If it cannot be built, padfree logs why once and
+runs the Python forward (same results); ``PADFREE_NATIVE=0`` never builds or uses it.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import os
+import sys
+import threading
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+log = logging.getLogger("padfree")
+SOURCE = Path(__file__).with_name("small_layers.cpp")
+_lock = threading.Lock()
+_state: dict[str, object] = {}  # "module" once loaded, or "why_not" once it failed
+
+
+def enabled() -> bool:
+    """``PADFREE_NATIVE``: 1 (default) uses the native module, 0 never builds or uses it."""
+    value = os.environ.get("PADFREE_NATIVE", "1").strip()
+    if value not in ("0", "1"):
+        raise ValueError(f"PADFREE_NATIVE must be 0 or 1 (0: no native code, the Python forward); got {value!r}")
+    return value == "1"
+
+
+def build_dir() -> tuple[str, Path]:
+    """The module's name (source and PyTorch version hashed in) and the directory it is built and cached in."""
+    digest = hashlib.sha256(SOURCE.read_bytes() + torch.__version__.encode()).hexdigest()[:16]
+    name = f"padfree_small_layers_{digest}"
+    root = Path(os.environ.get("PADFREE_CACHE", Path.home() / ".cache" / "padfree"))
+    return name, root / "native" / name
+
+
+def module() -> ModuleType | None:
+    """The native module, built on the first call of a process that has none cached (under a lock: one build);
+    None when ``PADFREE_NATIVE=0`` or it cannot be built (:func:`why_not` says why; logged once)."""
+    if not enabled():
+        return None
+    state = _state
+    if "module" in state or "why_not" in state:
+        return state.get("module")
+    with _lock:
+        if "module" not in state and "why_not" not in state:
+            try:
+                state["module"] = _load()
+            except Exception as e:  # noqa: BLE001 - any build failure means: run the Python forward
+                state["why_not"] = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[-1][:300]}"
+                log.warning("padfree: native small-batch layers unavailable, using the Python forward (%s)",
+                            state["why_not"])
+    return state.get("module")
+
+
+def why_not() -> str | None:
+    """Why the native module is not in use (None: it is, or it was not asked for yet)."""
+    return "PADFREE_NATIVE=0" if not enabled() else _state.get("why_not")
+
+
+def _load() -> ModuleType:
+    name, directory = build_dir()
+    built = directory / f"{name}.so"
+    if built.exists():  # a module built by an earlier process: import it (no compiler, no build tools)
+        spec = importlib.util.spec_from_file_location(name, built)
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        return mod
+    from torch.utils.cpp_extension import load  # the build tools, only when building
+    directory.mkdir(parents=True, exist_ok=True)
+    bin_dir = os.path.dirname(sys.executable)  # the environment's own ninja (the ninja package), if any
+    if bin_dir not in os.environ.get("PATH", "").split(os.pathsep):
+        os.environ["PATH"] = bin_dir + os.pathsep + os.environ.get("PATH", "")
+    log.info("padfree: building the native small-batch layers into %s (once per machine, ~30 s)", directory)
+    return load(name, [str(SOURCE)], extra_cflags=["-O3"], build_directory=str(directory), verbose=False)
+
+
+if __name__ == "__main__":  # python -m padfree.ops.native: build (or find) the module, say where or why not
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    mod = module()
+    print(f"padfree native small-batch layers: {build_dir()[1] if mod else 'unavailable: ' + str(why_not())}")
+    sys.exit(0 if mod or not enabled() else 1)
