@@ -74,7 +74,8 @@ class EncoderLayer(nn.Module):
         ~1 us a read here: 12 reads a layer were a few % of a batch-1 call (benchmarks/NOTES.md, section 16)."""
         out = []
         for name in _LAYER_MODULES:
-            params = None if (m := self._modules.get(name)) is None else m._parameters  # (a None module is not in _modules)
+            m = self._modules.get(name)  # (a module set to None is not in _modules)
+            params = None if m is None else m._parameters
             out += (None, None) if params is None else (params["weight"], params.get("bias"))
         return LayerTensors(*out)
 
@@ -260,8 +261,8 @@ class Encoder(nn.Module):
 
     def _pre_norm_layer(self, i: int, layer: EncoderLayer, x: torch.Tensor, batch: PackedBatch,
                         rotary: dict) -> torch.Tensor:
-        """Pre-LN parameter layer ``i`` (ModernBERT, EuroBERT): ``x + attn(norm(x))`` then ``x + ffn(norm(x))``; the attention
-        rotates Q and K by the layer's RoPE base and, in a local layer, sees only its window."""
+        """Pre-LN parameter layer ``i`` (ModernBERT, EuroBERT): ``x + attn(norm(x))`` then ``x + ffn(norm(x))``; the
+        attention rotates Q and K by the layer's RoPE base and, in a local layer, sees only its window."""
         k, cfg, t = self.kernels, self.config, layer.tensors()
         h = x if t.attn_norm_weight is None else self._norm(x, t.attn_norm_weight, t.attn_norm_bias)
         extra = {"rotary": rotary[cfg.theta(i)]} if cfg.theta(i) > 0 else {}

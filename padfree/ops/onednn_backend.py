@@ -155,7 +155,8 @@ def post_ln_layers(x: torch.Tensor, layers, runs, num_heads: int, scale: float, 
                  t.ffn_in_weight, packed_weight(t.ffn_in_weight, "mkl"), t.ffn_in_bias,
                  t.ffn_out_weight, packed_weight(t.ffn_out_weight, "mkl"), t.ffn_out_bias,
                  t.ffn_norm_weight, t.ffn_norm_bias)
-    return mod.post_ln_layers(x, flat, [v for run in runs for v in run], num_heads, scale, eps, activation)
+    return mod.post_ln_layers(x.contiguous(), flat, [v for run in runs for v in run], num_heads, scale, eps,
+                              activation)
 
 
 def qkv_varlen_attention(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, cu_seqlens: torch.Tensor,
