@@ -274,7 +274,8 @@ def main(argv: list[str] | None = None) -> dict:
                        f"W2: {w2_policy.runs} timed runs; W3: median of {args.w3_calls} calls per regime after "
                        f"{W3_REGIMES['back-to-back'].warmup} warm-up calls (back-to-back: blocks of "
                        f"{W3_REGIMES['back-to-back'].block}, each after "
-                       f"{W3_REGIMES['back-to-back'].settle_s * 1e3:.0f} ms of untimed calls; idle: {W3_REGIMES['idle'].idle_s * 1e3:.0f} ms of sleep "
+                       f"{W3_REGIMES['back-to-back'].settle_s * 1e3:.0f} ms of untimed calls; idle: "
+                       f"{W3_REGIMES['idle'].idle_s * 1e3:.0f} ms of sleep "
                        f"before each call); W1-long: median of {LONG_POLICY.runs} timed runs after "
                        f"{LONG_POLICY.warmup} warm-up")}
     _log(f"padfree bench on {meta['machine_line']}; git {meta['git_revision']}")

@@ -3,8 +3,8 @@
 // The same ATen calls as the Python forward of the CPU backend's small-batch path (padfree/ops/onednn_backend.py),
 // in the same order, so the result is the same to the bit: per layer, the QKV product on MKL's packed sgemm (bias
 // inside), attention per run of equal lengths on strided views (PyTorch's CPU flash kernel), the output product,
-// residual add and LayerNorm, the FFN-in product and GELU in place, the FFN-out product, residual add and
-// LayerNorm. At a handful of tokens each op costs microseconds and Python between them cost as much again
+// residual add and LayerNorm, the FFN-in product and its activation in place, the FFN-out product, residual add
+// and LayerNorm. At a handful of tokens each op costs microseconds and Python between them cost as much again
 // (benchmarks/NOTES.md, section 17); here there is none, and the GIL is released for the whole stack.
 #include <torch/extension.h>
 #include <ATen/core/dispatch/Dispatcher.h>
