@@ -7,11 +7,13 @@ import os
 import subprocess
 import sys
 
+import copy
+
 import pytest
 import torch
 
 import padfree
-from family_zoo import batch, hf_hidden, make, max_diff
+from family_zoo import BF16_ATOL, batch, bf16_errors, hf_hidden, make, max_diff
 from padfree.ops import native
 
 # plain post-LN families and their activations: erf GELU, tanh GELU, ReLU; ALBERT shares layers (its schedule)
@@ -44,12 +46,58 @@ def test_native_stack_matches_the_python_forward_and_transformers(family, shape,
     assert torch.equal(out, enc(ids, mask, types).last_hidden_state)
 
 
+def _stack(enc, x, runs):
+    cfg = enc.config
+    with torch.inference_mode():
+        return enc.kernels.post_ln_layers(x, list(enc.layers), runs, cfg.num_heads, cfg.attention_scale,
+                                          cfg.layer_norm_eps, cfg.activation)
+
+
+@pytest.mark.parametrize("rows,cols,depth", [(1, 64, 32), (3, 50, 41), (8, 96, 384), (17, 101, 64), (64, 37, 7)])
+def test_bf16_weight_product_matches_float64(rows, cols, depth):
+    """The native bf16-weight product (fp32 x, bf16 weight, fp32 bias) against the same product in float64: row
+    counts off the 8-row kernel, column counts off the 32-column block, odd depths."""
+    mod = native.module()
+    if not mod.has_bf16_kernel():
+        pytest.skip("no AVX-512 on this CPU")
+    g = torch.Generator().manual_seed(rows * cols)
+    x = torch.randn(rows, depth, generator=g)
+    w = torch.randn(cols, depth, generator=g).bfloat16()
+    b = torch.randn(cols, generator=g)
+    y = mod.bf16_linear(x, mod.pack_bf16(w), cols, b)
+    expected = x.double() @ w.double().T + b.double()
+    assert y.shape == (rows, cols) and (y.double() - expected).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize("family,shape", FAMILIES, ids=[f"{f}-{s}" for f, s in FAMILIES])
+def test_bf16_stack_is_the_fp32_stack_on_the_bf16_weights(family, shape):
+    """A bf16 model's small batch runs the fp32 stack on its bf16 weights: fed the same input, it gives the fp32
+    (MKL) stack's result on the bf16-rounded weights to within the final bf16 rounding. The whole forward keeps the
+    bf16 rule against transformers."""
+    if not native.module().has_bf16_kernel():
+        pytest.skip("no AVX-512 on this CPU")
+    model = make(family, shape)
+    enc = padfree.from_pretrained(model, dtype=torch.bfloat16)
+    exact = padfree.from_pretrained(copy.deepcopy(model).to(torch.bfloat16).to(torch.float32))
+    ids, mask, types, kw = batch(model, LAYOUTS["mixed"], "right")
+    packed = enc.pack(ids, mask, types)
+    with torch.inference_mode():
+        x = enc._embed(packed)  # [T, H] bf16
+    ours, oracle = _stack(enc, x, packed.runs), _stack(exact, x.float(), packed.runs)
+    assert ours.dtype == torch.bfloat16
+    bound = (oracle.abs() * 2 ** -8 + 1e-4)  # half a bf16 ulp of the result, and fp32 noise
+    assert ((ours.float() - oracle).abs() <= bound).all(), (ours.float() - oracle).abs().max()
+    mine, theirs = bf16_errors(model, lambda m: enc(ids, mask, types).last_hidden_state if m is None
+                               else hf_hidden(m, ids, mask, kw), mask)
+    assert mine <= 2 * theirs + BF16_ATOL, f"{family} bf16: {mine:.3f} vs transformers' own bf16 {theirs:.3f}"
+
+
 def test_native_stack_is_not_taken_where_it_does_not_apply():
-    """Above the small-batch limit, in bf16 and for layers with relative terms, the encoder runs layer by layer."""
+    """Above the small-batch limit, in fp16 and for layers with relative terms, the encoder runs layer by layer."""
     model = make("bert", 0)
     enc = padfree.from_pretrained(model)
     cfg = enc.config
-    for x in (torch.randn(65, cfg.hidden_size), torch.randn(8, cfg.hidden_size, dtype=torch.bfloat16)):
+    for x in (torch.randn(65, cfg.hidden_size), torch.randn(8, cfg.hidden_size, dtype=torch.float16)):
         runs = ((0, 1, x.shape[0]),)
         assert enc.kernels.post_ln_layers(x, list(enc.layers), runs, cfg.num_heads, cfg.attention_scale,
                                           cfg.layer_norm_eps, cfg.activation) is None

@@ -4,7 +4,7 @@ The CPU backend runs a small fp32 batch's post-LN layer stack through it in one 
 (:func:`padfree.ops.onednn_backend.post_ln_layers`): the same ATen calls as the Python forward, without Python
 between them. It is compiled with PyTorch's extension builder (a C++ compiler and ``ninja`` needed) the first time a
 process needs it, ~30 s, into ``$PADFREE_CACHE`` (default ``~/.cache/padfree``) under a name that hashes the source
-and the PyTorch version, so later processes load the built module in milliseconds and an upgrade rebuilds it.
+the PyTorch version and the flags, so later processes load the built module in milliseconds and an upgrade rebuilds it.
 ``make`` builds it at install (``python -m padfree.ops.native``). If it cannot be built, padfree logs why once and
 runs the Python forward (same results); ``PADFREE_NATIVE=0`` never builds or uses it.
 """
@@ -23,6 +23,8 @@ import torch
 
 log = logging.getLogger("padfree")
 SOURCE = Path(__file__).with_name("small_layers.cpp")
+# OpenMP: at::parallel_for is a header template, threaded only where the module itself is built with it
+_FLAGS = ["-O3", "-fopenmp"]
 _lock = threading.Lock()
 _state: dict[str, object] = {}  # "module" once loaded, or "why_not" once it failed
 
@@ -37,7 +39,7 @@ def enabled() -> bool:
 
 def build_dir() -> tuple[str, Path]:
     """The module's name (source and PyTorch version hashed in) and the directory it is built and cached in."""
-    digest = hashlib.sha256(SOURCE.read_bytes() + torch.__version__.encode()).hexdigest()[:16]
+    digest = hashlib.sha256(SOURCE.read_bytes() + torch.__version__.encode() + " ".join(_FLAGS).encode()).hexdigest()[:16]
     name = f"padfree_small_layers_{digest}"
     root = Path(os.environ.get("PADFREE_CACHE", Path.home() / ".cache" / "padfree"))
     return name, root / "native" / name
@@ -81,7 +83,8 @@ def _load() -> ModuleType:
     if bin_dir not in os.environ.get("PATH", "").split(os.pathsep):
         os.environ["PATH"] = bin_dir + os.pathsep + os.environ.get("PATH", "")
     log.info("padfree: building the native small-batch layers into %s (once per machine, ~30 s)", directory)
-    return load(name, [str(SOURCE)], extra_cflags=["-O3"], build_directory=str(directory), verbose=False)
+    return load(name, [str(SOURCE)], extra_cflags=_FLAGS, extra_ldflags=["-fopenmp"],
+                build_directory=str(directory), verbose=False)
 
 
 if __name__ == "__main__":  # python -m padfree.ops.native: build (or find) the module, say where or why not
