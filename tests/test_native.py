@@ -58,7 +58,7 @@ def test_bf16_weight_product_matches_float64(rows, cols, depth):
     """The native bf16-weight product (fp32 x, bf16 weight, fp32 bias) against the same product in float64: row
     counts off the 8-row kernel, column counts off the 32-column block, odd depths."""
     mod = native.module()
-    if not mod.has_bf16_kernel():
+    if not mod.has_avx512():
         pytest.skip("no AVX-512 on this CPU")
     g = torch.Generator().manual_seed(rows * cols)
     x = torch.randn(rows, depth, generator=g)
@@ -74,7 +74,7 @@ def test_bf16_stack_is_the_fp32_stack_on_the_bf16_weights(family, shape):
     """A bf16 model's small batch runs the fp32 stack on its bf16 weights: fed the same input, it gives the fp32
     (MKL) stack's result on the bf16-rounded weights to within the final bf16 rounding. The whole forward keeps the
     bf16 rule against transformers."""
-    if not native.module().has_bf16_kernel():
+    if not native.module().has_avx512():
         pytest.skip("no AVX-512 on this CPU")
     model = make(family, shape)
     enc = padfree.from_pretrained(model, dtype=torch.bfloat16)

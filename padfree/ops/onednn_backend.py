@@ -153,7 +153,7 @@ def post_ln_layers(x: torch.Tensor, layers, runs, num_heads: int, scale: float, 
         return None
     if x.dtype == torch.float32 and _MKL:
         layout, vector = "mkl", _same
-    elif x.dtype == torch.bfloat16 and mod.has_bf16_kernel():
+    elif x.dtype == torch.bfloat16 and mod.has_avx512():
         layout, vector = "bf16", _fp32_copy
     else:
         return None

@@ -18,6 +18,7 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <string>
 #include <vector>
@@ -34,14 +35,18 @@ Tensor mkl_linear(const Tensor& x, const Tensor& packed, const Tensor& weight, c
   return op.call(x, packed, weight, bias, x.size(0));
 }
 
-// ---- the bf16-weight product: y [T, N] = x [T, K] @ W^T + bias, x, y and bias fp32, W bf16 packed by pack_bf16 ----
-constexpr int64_t kCols = 32;  // output columns per block: two 16-lane fp32 vectors
-constexpr int kRows = 8;       // rows per kernel call: 16 accumulators, 2 weight vectors, 1 broadcast in registers
+// The AVX-512 code below is compiled for AVX-512 F/BW whatever the build's flags, and runs only where the CPU has
+// them (has_avx512); elsewhere the stack keeps ATen's ops.
+#define PADFREE_AVX512 __attribute__((target("avx512f,avx512bw")))
 
-bool has_bf16_kernel() {  // AVX-512 F (fp32 vectors) and BW (16-bit unpacks), checked on the CPU that runs it
+bool has_avx512() {
   static const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw");
   return ok;
 }
+
+// ---- the bf16-weight product: y [T, N] = x [T, K] @ W^T + bias, x, y and bias fp32, W bf16 packed by pack_bf16 ----
+constexpr int64_t kCols = 32;  // output columns per block: two 16-lane fp32 vectors
+constexpr int kRows = 8;       // rows per kernel call: 16 accumulators, 2 weight vectors, 1 broadcast in registers
 
 // weight [N, K] bf16 -> [ceil(N / 32), K, 32] bf16, columns padded with zeros. Within a block of 32, the word order
 // is the one that unpacking each 128-bit lane against zeros (low words, then high words) turns into columns 0-15
@@ -61,8 +66,8 @@ Tensor pack_bf16(const Tensor& weight) {
 }
 
 template <int R>
-__attribute__((target("avx512f,avx512bw"))) void bf16_block(const float* x, int64_t K, const at::BFloat16* w,
-                                                               const float* bias, float* y, int64_t N, int64_t cols) {
+PADFREE_AVX512 void bf16_block(const float* x, int64_t K, const at::BFloat16* w, const float* bias, float* y, int64_t N,
+                               int64_t cols) {
   __m512 acc[R][2];
   for (int m = 0; m < R; ++m) acc[m][0] = acc[m][1] = _mm512_setzero_ps();
   const __m512i zero = _mm512_setzero_si512();
@@ -116,16 +121,156 @@ Tensor linear(const Tensor& x, const Tensor& packed, const Tensor& weight, const
                                                : mkl_linear(x, packed, weight, bias);
 }
 
-// Self-attention of each run (first token, sequences, length) of x's packed sequences: [T, 3H] -> [T, H].
+// ---- vector math: e^x, erf and the activations on 16 fp32 lanes ----
+// e^x = 2^n e^r with n = round(x / ln 2), |r| <= ln 2 / 2 (ln 2 split in two for an exact reduction), e^r by its
+// Taylor series to r^7 (truncation below 6e-9 relative); x clamped to fp32's range.
+PADFREE_AVX512 inline __m512 exp16(__m512 x) {
+  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.3f)), _mm512_set1_ps(88.7f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.f / 5040);
+  for (const float c : {1.f / 720, 1.f / 120, 1.f / 24, 1.f / 6, 0.5f, 1.f, 1.f}) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
+  return _mm512_scalef_ps(p, n);
+}
+
+// erf by Abramowitz & Stegun 7.1.26 (absolute error below 1.5e-7; ATen's vectorised erf uses the same formula)
+PADFREE_AVX512 inline __m512 erf16(__m512 x) {
+  const __m512 a = _mm512_abs_ps(x), one = _mm512_set1_ps(1.f);
+  const __m512 t = _mm512_div_ps(one, _mm512_fmadd_ps(_mm512_set1_ps(0.3275911f), a, one));
+  __m512 p = _mm512_set1_ps(1.061405429f);
+  for (const float c : {-1.453152027f, 1.421413741f, -0.284496736f, 0.254829592f}) p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(c));
+  const __m512 y = _mm512_fnmadd_ps(_mm512_mul_ps(p, t), exp16(_mm512_mul_ps(_mm512_sub_ps(_mm512_setzero_ps(), a), a)), one);
+  const __m512i sign = _mm512_and_si512(_mm512_castps_si512(x), _mm512_set1_epi32(int(0x80000000u)));
+  return _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(y), sign));
+}
+
+enum class Act { gelu, gelu_tanh, relu, silu };
+
+Act parse_activation(const std::string& activation) {
+  if (activation == "gelu") return Act::gelu;
+  if (activation == "gelu_tanh") return Act::gelu_tanh;
+  if (activation == "relu") return Act::relu;
+  TORCH_CHECK(activation == "silu", "post_ln_layers: unknown activation ", activation);
+  return Act::silu;
+}
+
+PADFREE_AVX512 inline __m512 act16(__m512 x, Act act) {
+  const __m512 half = _mm512_set1_ps(0.5f), one = _mm512_set1_ps(1.f);
+  switch (act) {
+    case Act::gelu:  // x/2 (1 + erf(x / sqrt 2))
+      return _mm512_mul_ps(_mm512_mul_ps(half, x), _mm512_add_ps(one, erf16(_mm512_mul_ps(x, _mm512_set1_ps(0.70710678118654752f)))));
+    case Act::gelu_tanh: {  // x/2 (1 + tanh(u)), u = sqrt(2/pi) (x + 0.044715 x^3), tanh(u) = 1 - 2 / (1 + e^2u)
+      const __m512 u = _mm512_mul_ps(_mm512_set1_ps(0.79788456080286536f),
+                                     _mm512_fmadd_ps(_mm512_mul_ps(_mm512_set1_ps(0.044715f), x), _mm512_mul_ps(x, x), x));
+      const __m512 tanh = _mm512_sub_ps(one, _mm512_div_ps(_mm512_set1_ps(2.f), _mm512_add_ps(one, exp16(_mm512_add_ps(u, u)))));
+      return _mm512_mul_ps(_mm512_mul_ps(half, x), _mm512_add_ps(one, tanh));
+    }
+    case Act::relu:
+      return _mm512_max_ps(x, _mm512_setzero_ps());
+    default:  // silu: x / (1 + e^-x)
+      return _mm512_div_ps(x, _mm512_add_ps(one, exp16(_mm512_sub_ps(_mm512_setzero_ps(), x))));
+  }
+}
+
+PADFREE_AVX512 void act_span(float* p, int64_t n, Act act) {
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) _mm512_storeu_ps(p + i, act16(_mm512_loadu_ps(p + i), act));
+  if (i < n) {
+    const __mmask16 m = (__mmask16)((1u << (n - i)) - 1);
+    _mm512_mask_storeu_ps(p + i, m, act16(_mm512_maskz_loadu_ps(m, p + i), act));
+  }
+}
+
+// The FFN activation in place on a contiguous fp32 tensor, split over the threads (ATen's own below AVX-512).
+void activate_(Tensor& f, const std::string& activation) {
+  const Act act = parse_activation(activation);
+  if (!has_avx512()) {
+    if (act == Act::gelu) at::gelu_(f);
+    else if (act == Act::gelu_tanh) at::gelu_(f, "tanh");
+    else if (act == Act::relu) at::relu_(f);
+    else at::silu_(f);
+    return;
+  }
+  float* p = f.data_ptr<float>();
+  at::parallel_for(0, f.numel(), 4096, [&](int64_t first, int64_t last) { act_span(p + first, last - first, act); });
+}
+
+// ---- attention of short sequences ----
+constexpr int64_t kMaxLen = 64;  // the longest sequence attend() takes: 4 vectors of scores
+
+// softmax(q k^T scale) v for one head of one sequence of n <= 64 tokens: q, k, v rows at a stride of ld floats
+// (rows of [T, 3H]), d features; out rows at a stride of ldo. kt: scratch of d * 64 floats (k transposed, so that
+// a query's scores are 16-lane vectors over the keys); p: scratch of 64 floats.
+PADFREE_AVX512 void attend(const float* q, const float* k, const float* v, int64_t ld, float* out, int64_t ldo,
+                           int64_t n, int64_t d, float scale, float* kt, float* p) {
+  const int64_t blocks = (n + 15) / 16;
+  for (int64_t j = 0; j < n; ++j)
+    for (int64_t c = 0; c < d; ++c) kt[c * kMaxLen + j] = k[j * ld + c];
+  __mmask16 valid[4];
+  for (int64_t b = 0; b < 4; ++b) {
+    const int64_t left = n - 16 * b;
+    valid[b] = left >= 16 ? 0xFFFF : left <= 0 ? 0 : (__mmask16)((1u << left) - 1);
+  }
+  const __m512 s = _mm512_set1_ps(scale);
+  for (int64_t i = 0; i < n; ++i) {
+    __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+    const float* qi = q + i * ld;
+    for (int64_t c = 0; c < d; ++c) {
+      const __m512 qc = _mm512_set1_ps(qi[c]);
+      for (int64_t b = 0; b < blocks; ++b) acc[b] = _mm512_fmadd_ps(qc, _mm512_loadu_ps(kt + c * kMaxLen + 16 * b), acc[b]);
+    }
+    float top = -INFINITY;
+    for (int64_t b = 0; b < blocks; ++b) {
+      acc[b] = _mm512_mul_ps(acc[b], s);
+      top = std::max(top, _mm512_mask_reduce_max_ps(valid[b], acc[b]));
+    }
+    float sum = 0.f;
+    for (int64_t b = 0; b < blocks; ++b) {
+      const __m512 e = _mm512_maskz_mov_ps(valid[b], exp16(_mm512_sub_ps(acc[b], _mm512_set1_ps(top))));
+      sum += _mm512_reduce_add_ps(e);
+      _mm512_storeu_ps(p + 16 * b, e);
+    }
+    const __m512 inv = _mm512_set1_ps(1.f / sum);
+    for (int64_t c0 = 0; c0 < d; c0 += 16) {
+      const __mmask16 m = d - c0 >= 16 ? 0xFFFF : (__mmask16)((1u << (d - c0)) - 1);
+      __m512 o = _mm512_setzero_ps();
+      for (int64_t j = 0; j < n; ++j) o = _mm512_fmadd_ps(_mm512_set1_ps(p[j]), _mm512_maskz_loadu_ps(m, v + j * ld + c0), o);
+      _mm512_mask_storeu_ps(out + i * ldo + c0, m, _mm512_mul_ps(o, inv));
+    }
+  }
+}
+
+// Self-attention of each run (first token, sequences, length) of x's packed sequences: [T, 3H] -> [T, H]. With
+// AVX-512 and sequences of at most 64 tokens, attend() per (sequence, head), split over the threads; otherwise
+// PyTorch's CPU flash kernel on strided views, per run.
 Tensor attention(const Tensor& qkv, const std::vector<int64_t>& runs, int64_t heads, double scale) {
   const int64_t T = qkv.size(0), H = qkv.size(1) / 3, d = H / heads;
-  const auto x = qkv.view({T, 3, heads, d});
-  if (runs.size() == 3 && runs[0] == 0 && runs[1] * runs[2] == T) {  // one run: the kernel's output, viewed
-    const auto qkv_ = x.view({runs[1], runs[2], 3, heads, d}).permute({2, 0, 3, 1, 4}).unbind(0);
-    return at::scaled_dot_product_attention(qkv_[0], qkv_[1], qkv_[2], {}, 0.0, false, scale)
-        .transpose(1, 2)
-        .reshape({T, H});
+  int64_t longest = 0;
+  std::vector<std::pair<int64_t, int64_t>> seqs;  // (first token, length)
+  for (size_t r = 0; r + 2 < runs.size(); r += 3) {
+    for (int64_t i = 0; i < runs[r + 1]; ++i) seqs.emplace_back(runs[r] + i * runs[r + 2], runs[r + 2]);
+    longest = std::max(longest, runs[r + 2]);
   }
+  if (has_avx512() && longest <= kMaxLen && qkv.is_contiguous()) {
+    auto out = at::empty({T, H}, qkv.options());
+    const float* src = qkv.data_ptr<float>();
+    float* dst = out.data_ptr<float>();
+    const int64_t units = static_cast<int64_t>(seqs.size()) * heads;
+    at::parallel_for(0, units, 1, [&](int64_t first, int64_t last) {
+      std::vector<float> kt(d * kMaxLen), p(kMaxLen);
+      for (int64_t u = first; u < last; ++u) {
+        const auto [t0, n] = seqs[u / heads];
+        const int64_t h = u % heads;
+        const float* q = src + t0 * 3 * H + h * d;
+        attend(q, q + H, q + 2 * H, 3 * H, dst + t0 * H + h * d, H, n, d, static_cast<float>(scale), kt.data(),
+               p.data());
+      }
+    });
+    return out;
+  }
+  const auto x = qkv.view({T, 3, heads, d});
   auto out = at::empty({T, heads, d}, qkv.options());
   for (size_t r = 0; r + 2 < runs.size(); r += 3) {
     const int64_t start = runs[r], count = runs[r + 1], n = runs[r + 2], end = start + count * n;
@@ -135,20 +280,6 @@ Tensor attention(const Tensor& qkv, const std::vector<int64_t>& runs, int64_t he
         .copy_(at::scaled_dot_product_attention(qkv_[0], qkv_[1], qkv_[2], {}, 0.0, false, scale).transpose(1, 2));
   }
   return out.view({T, H});
-}
-
-// The FFN activation in place: "gelu" (erf), "gelu_tanh", "relu" or "silu" (padfree's canonical names).
-void activate_(Tensor& f, const std::string& activation) {
-  if (activation == "gelu") {
-    at::gelu_(f);
-  } else if (activation == "gelu_tanh") {
-    at::gelu_(f, "tanh");
-  } else if (activation == "relu") {
-    at::relu_(f);
-  } else {
-    TORCH_CHECK(activation == "silu", "post_ln_layers: unknown activation ", activation);
-    at::silu_(f);
-  }
 }
 
 // x [T, H] (fp32) through the layers; per layer 16 tensors in this order: qkv weight, its packing, bias; attention
@@ -177,7 +308,9 @@ Tensor post_ln_layers(Tensor x, const std::vector<Tensor>& tensors, const std::v
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("post_ln_layers", &post_ln_layers, py::call_guard<py::gil_scoped_release>());
-  m.def("has_bf16_kernel", &has_bf16_kernel);
+  m.def("has_avx512", &has_avx512);
+  m.def("attention", &attention, py::call_guard<py::gil_scoped_release>());
+  m.def("activate_", &activate_, py::call_guard<py::gil_scoped_release>());
   m.def("pack_bf16", &pack_bf16);
   m.def("bf16_linear", &bf16_linear, py::call_guard<py::gil_scoped_release>());
 }
