@@ -42,8 +42,8 @@ def test_native_stack_matches_the_python_forward_and_transformers(family, shape,
                                           enc.config.activation) is not None
     out = enc(ids, mask, types).last_hidden_state
     assert max_diff(out, hf_hidden(model, ids, mask, kw), mask) <= 1e-4
-    monkeypatch.setenv("PADFREE_NATIVE", "0")  # the Python forward: the same ATen calls, the same bits
-    assert torch.equal(out, enc(ids, mask, types).last_hidden_state)
+    monkeypatch.setenv("PADFREE_NATIVE", "0")  # the Python forward: the same products, within fp32 rounding
+    assert max_diff(out, enc(ids, mask, types).last_hidden_state, mask) <= 1e-5
 
 
 def _stack(enc, x, runs):
@@ -67,6 +67,45 @@ def test_bf16_weight_product_matches_float64(rows, cols, depth):
     y = mod.bf16_linear(x, mod.pack_bf16(w), cols, b)
     expected = x.double() @ w.double().T + b.double()
     assert y.shape == (rows, cols) and (y.double() - expected).abs().max() <= 1e-4
+
+
+# (heads, head size, runs as (sequences, length)): one token, runs of equal lengths, sizes off 16 lanes, the
+# longest sequence the native kernel takes (64) and one past it (PyTorch's kernel)
+ATTENTION = [(12, 32, [(1, 8)]), (4, 8, [(1, 1), (3, 5), (2, 9)]), (12, 64, [(1, 40), (1, 24)]),
+             (3, 20, [(1, 64)]), (2, 80, [(2, 17), (1, 3)]), (2, 16, [(1, 65)])]
+
+
+@pytest.mark.parametrize("heads,size,runs", ATTENTION)
+def test_native_attention_matches_float64(heads, size, runs):
+    """Each packed sequence attends to itself only, per head: against softmax(q k^T scale) v in float64."""
+    hidden, flat, first = heads * size, [], 0
+    for count, n in runs:
+        flat += [first, count, n]
+        first += count * n
+    g = torch.Generator().manual_seed(heads * size)
+    qkv = torch.randn(first, 3 * hidden, generator=g) * 2
+    out = native.module().attention(qkv, flat, heads, 0.3)
+    expected, t = torch.empty(first, hidden, dtype=torch.float64), 0
+    for count, n in runs:
+        for _ in range(count):
+            q, k, v = qkv[t:t + n].double().view(n, 3, heads, size).permute(1, 2, 0, 3)
+            expected[t:t + n] = (torch.softmax(q @ k.transpose(1, 2) * 0.3, -1) @ v).transpose(0, 1).reshape(n, -1)
+            t += n
+    assert (out.double() - expected).abs().max() <= 5e-5
+
+
+@pytest.mark.parametrize("activation", ["gelu", "gelu_tanh", "relu", "silu"])
+def test_native_activation_matches_float64(activation):
+    """The stack's activation in place, on a tensor whose length is off 16 lanes, against its formula in
+    float64 (erf GELU, tanh GELU, ReLU, SiLU)."""
+    x = torch.linspace(-10, 10, 10007).view(1, -1)
+    d = x.double()
+    expected = {"gelu": d * 0.5 * (1 + torch.special.erf(d / 2 ** 0.5)),
+                "gelu_tanh": d * 0.5 * (1 + torch.tanh((2 / torch.pi) ** 0.5 * (d + 0.044715 * d ** 3))),
+                "relu": d.clamp(min=0), "silu": d * torch.sigmoid(d)}[activation]
+    y = x.clone()
+    native.module().activate_(y, activation)
+    assert ((y.double() - expected).abs() <= 2e-6 + 1e-6 * expected.abs()).all()
 
 
 @pytest.mark.parametrize("family,shape", FAMILIES, ids=[f"{f}-{s}" for f, s in FAMILIES])
