@@ -53,18 +53,19 @@ def _stack(enc, x, runs):
                                           cfg.layer_norm_eps, cfg.activation)
 
 
-@pytest.mark.parametrize("rows,cols,depth", [(1, 64, 32), (3, 50, 41), (8, 96, 384), (17, 101, 64), (64, 37, 7)])
-def test_bf16_weight_product_matches_float64(rows, cols, depth):
-    """The native bf16-weight product (fp32 x, bf16 weight, fp32 bias) against the same product in float64: row
-    counts off the 8-row kernel, column counts off the 32-column block, odd depths."""
+@pytest.mark.parametrize("rows,cols,depth", [(1, 64, 32), (3, 50, 41), (12, 96, 384), (25, 101, 64), (64, 37, 7)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_native_product_matches_float64(rows, cols, depth, dtype):
+    """The native product (fp32 x and bias, fp32 or bf16 weight) against the same product in float64: row counts
+    off the 12-row kernel, column counts off the 32-column block, odd depths."""
     mod = native.module()
     if not mod.has_avx512():
         pytest.skip("no AVX-512 on this CPU")
     g = torch.Generator().manual_seed(rows * cols)
     x = torch.randn(rows, depth, generator=g)
-    w = torch.randn(cols, depth, generator=g).bfloat16()
+    w = torch.randn(cols, depth, generator=g).to(dtype)
     b = torch.randn(cols, generator=g)
-    y = mod.bf16_linear(x, mod.pack_bf16(w), cols, b)
+    y = mod.blocks_linear(x, mod.pack_blocks(w), cols, b)
     expected = x.double() @ w.double().T + b.double()
     assert y.shape == (rows, cols) and (y.double() - expected).abs().max() <= 1e-4
 

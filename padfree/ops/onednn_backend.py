@@ -52,7 +52,7 @@ _MKL = torch.backends.mkl.is_available()
 # how each layout packs a weight [N, K] (MKL's packing takes a row count to tune for: the small path's largest)
 _PACKERS = {"onednn": lambda w: torch.ops.mkldnn._reorder_linear_weight(w),
             "mkl": lambda w: torch.ops.mkl._mkl_reorder_linear_weight(w, SMALL_ROWS),
-            "bf16": lambda w: native.module().pack_bf16(w),  # the native bf16-weight product's blocks
+            "blocks": lambda w: native.module().pack_blocks(w),  # the native product's blocks (fp32 or bf16)
             "fp32": lambda w: w.float()}  # a bf16 vector as fp32
 # (id(weight), layout) -> (weight ref, version, packed)
 _packed: dict[tuple[int, str], tuple[weakref.ref, int, torch.Tensor]] = {}
@@ -136,6 +136,9 @@ def linear_residual_layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torc
 
 
 _NATIVE_ACTIVATIONS = frozenset({"gelu", "gelu_tanh", "relu", "silu"})  # those small_layers.cpp applies
+# fp32 batches of at most this many rows take the native stack's own product (it prefetches the weight it streams:
+# 1.3-2x over MKL's at 8-48 rows); 49-64 rows keep MKL's, which computes faster there (NOTES.md, section 18)
+OWN_PRODUCT_ROWS = 48
 
 
 def post_ln_layers(x: torch.Tensor, layers, runs, num_heads: int, scale: float, eps: float,
@@ -145,16 +148,21 @@ def post_ln_layers(x: torch.Tensor, layers, runs, num_heads: int, scale: float, 
     a tensor the stack lacks, no native module): the encoder then runs the layers one by one.
 
     - fp32: the ops of :func:`qkv_varlen_attention`, :func:`linear_residual_layer_norm` and :func:`linear_bias_act`
-      on the small-batch path, the same results, without Python between them.
-    - bf16: the same stack in fp32 on the bf16 weights (the native module's bf16-weight product; its packed copy
-      costs the bf16 weights' size again), the result rounded to bf16: faster than oneDNN's bf16 products at
-      these sizes, and more exact than a bf16 forward. Needs AVX-512; elsewhere the layers run one by one."""
+      on the small-batch path, within fp32 rounding, without Python between them; with AVX-512 the products of up
+      to ``OWN_PRODUCT_ROWS`` rows, the attention and the activation are the module's own kernels (its packed
+      copy of a weight costs the weight's size again, like MKL's, which serves 49-64 rows).
+    - bf16: the same stack in fp32 on the bf16 weights (packed copies: the bf16 weights' size again), the result
+      rounded to bf16: faster than oneDNN's bf16 products at these sizes, and more exact than a bf16 forward.
+      Needs AVX-512; elsewhere the layers run one by one."""
     if activation not in _NATIVE_ACTIVATIONS or x.shape[0] > SMALL_ROWS or (mod := native.module()) is None:
         return None
-    if x.dtype == torch.float32 and _MKL:
+    avx512 = mod.has_avx512()
+    if x.dtype == torch.float32 and avx512 and x.shape[0] <= OWN_PRODUCT_ROWS:
+        layout, vector = "blocks", _same
+    elif x.dtype == torch.float32 and _MKL:
         layout, vector = "mkl", _same
-    elif x.dtype == torch.bfloat16 and mod.has_avx512():
-        layout, vector = "bf16", _fp32_copy
+    elif x.dtype == torch.bfloat16 and avx512:
+        layout, vector = "blocks", _fp32_copy
     else:
         return None
     flat = []

@@ -1,26 +1,24 @@
-// padfree's native small-batch path: the whole post-LN layer stack of a short fp32 batch in one call.
+// padfree's native small-batch path: the whole post-LN layer stack of a short batch in one call.
 //
-// The same ATen calls as the Python forward of the CPU backend's small-batch path (padfree/ops/onednn_backend.py),
-// in the same order, so the result is the same to the bit: per layer, the QKV product on MKL's packed sgemm (bias
-// inside), attention per run of equal lengths on strided views (PyTorch's CPU flash kernel), the output product,
-// residual add and LayerNorm, the FFN-in product and its activation in place, the FFN-out product, residual add
-// and LayerNorm. At a handful of tokens each op costs microseconds and Python between them cost as much again
-// (benchmarks/NOTES.md, section 17); here there is none, and the GIL is released for the whole stack.
-//
-// A bf16 model's small batch runs the same stack in fp32 on its bf16 weights: each product is the kernel below, which
-// streams the weight in bf16 (half the bytes of fp32: at a handful of rows a product is a pass over its weight) and
-// widens it to fp32 in registers, with the bias added as it stores. Attention, LayerNorm and the activation run in
-// fp32 on the same ATen calls; the caller rounds the result to bf16 once. At 8-64 rows this beats oneDNN's bf16
-// products by 1.3-2x on AVX-512 (benchmarks/NOTES.md, section 18), and it is more exact than a bf16 forward.
+// Per layer: the QKV product, attention per (sequence, head), the output product, residual add and LayerNorm, the
+// FFN-in product and its activation in place, the FFN-out product, residual add and LayerNorm. At a handful of tokens
+// each op costs microseconds, and Python between them cost as much again (benchmarks/NOTES.md, section 17); here
+// there is none, and the GIL is released for the whole stack. The products, the attention of sequences of at most
+// 64 tokens and the activation are this file's AVX-512 kernels, split over the threads; LayerNorm and the residual
+// add are ATen's (so is everything where the CPU lacks AVX-512, with MKL's products). The stack computes in fp32: a
+// bf16 model's batch runs on its bf16 weights, widened in registers, and the caller rounds the result to bf16 once,
+// faster than oneDNN's bf16 products at these sizes and more exact than a bf16 forward (NOTES.md, section 18).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <immintrin.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstring>
 #include <string>
+#include <utility>
 #include <vector>
 
 using at::Tensor;
@@ -44,20 +42,27 @@ bool has_avx512() {
   return ok;
 }
 
-// ---- the bf16-weight product: y [T, N] = x [T, K] @ W^T + bias, x, y and bias fp32, W bf16 packed by pack_bf16 ----
-constexpr int64_t kCols = 32;  // output columns per block: two 16-lane fp32 vectors
-constexpr int kRows = 8;       // rows per kernel call: 16 accumulators, 2 weight vectors, 1 broadcast in registers
+// ---- the product of a short batch: y [T, N] = x [T, K] @ W^T + bias; x, y, bias fp32; W fp32 or bf16 ----
+// At a few dozen rows a product is a pass over its weight, which comes from the last-level cache or memory (a model's
+// weights do not fit the 2 MiB L2): the kernel streams the weight once per 12 rows in blocks of 32 columns packed
+// contiguously, prefetching 4 KiB ahead of its loads, which the hardware prefetcher alone does not keep fed (1.3-2x
+// over MKL's packed sgemm at 8-48 rows, benchmarks/NOTES.md section 18). A bf16 weight is half the bytes and widened
+// to fp32 in registers. The caller keeps MKL's product for fp32 batches of 49-64 rows, where its kernel computes faster.
+constexpr int64_t kCols = 32;     // output columns per block: two 16-lane fp32 vectors
+constexpr int kRows = 12;         // rows per kernel call: 24 accumulators, 2 weight vectors, 1 broadcast in registers
+constexpr int64_t kAhead = 4096;  // prefetch distance in bytes
 
-// weight [N, K] bf16 -> [ceil(N / 32), K, 32] bf16, columns padded with zeros. Within a block of 32, the word order
-// is the one that unpacking each 128-bit lane against zeros (low words, then high words) turns into columns 0-15
-// and 16-31 as fp32: word 8L + i holds column 4L + i (i < 4) or 16 + 4L + i - 4 (i >= 4).
-Tensor pack_bf16(const Tensor& weight) {
-  TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == at::kBFloat16, "pack_bf16: a bf16 [N, K] weight");
+// weight [N, K] -> [ceil(N / 32), K, 32], columns padded with zeros. fp32 in column order; bf16 in the word order
+// that unpacking each 128-bit lane against zeros (low words, then high words) turns into columns 0-15 and 16-31 as
+// fp32: word 8L + i holds column 4L + i (i < 4) or 16 + 4L + i - 4 (i >= 4).
+Tensor pack_blocks(const Tensor& weight) {
+  TORCH_CHECK(weight.dim() == 2 && (weight.scalar_type() == at::kFloat || weight.scalar_type() == at::kBFloat16),
+              "pack_blocks: an fp32 or bf16 [N, K] weight");
   const int64_t N = weight.size(0), K = weight.size(1), blocks = (N + kCols - 1) / kCols;
   std::vector<int64_t> order(kCols);
   for (int64_t p = 0; p < kCols; ++p) {
     const int64_t lane = p / 8, i = p % 8;
-    order[p] = i < 4 ? 4 * lane + i : 16 + 4 * lane + i - 4;
+    order[p] = weight.scalar_type() == at::kFloat ? p : i < 4 ? 4 * lane + i : 16 + 4 * lane + i - 4;
   }
   auto padded = at::zeros({blocks * kCols, K}, weight.options());
   padded.slice(0, 0, N).copy_(weight);
@@ -65,16 +70,28 @@ Tensor pack_bf16(const Tensor& weight) {
   return padded.view({blocks, kCols, K}).index_select(1, index).transpose(1, 2).contiguous();
 }
 
-template <int R>
-PADFREE_AVX512 void bf16_block(const float* x, int64_t K, const at::BFloat16* w, const float* bias, float* y, int64_t N,
-                               int64_t cols) {
+// 32 weights of one k as two fp32 vectors (columns 0-15, 16-31)
+PADFREE_AVX512 inline void load32(const float* w, __m512& w0, __m512& w1) {
+  w0 = _mm512_loadu_ps(w);
+  w1 = _mm512_loadu_ps(w + 16);
+}
+PADFREE_AVX512 inline void load32(const at::BFloat16* w, __m512& w0, __m512& w1) {
+  const __m512i raw = _mm512_loadu_si512(w), zero = _mm512_setzero_si512();  // bf16 = the fp32 high halves
+  w0 = _mm512_castsi512_ps(_mm512_unpacklo_epi16(zero, raw));
+  w1 = _mm512_castsi512_ps(_mm512_unpackhi_epi16(zero, raw));
+}
+
+// R rows of x times one block of 32 columns (the first `cols` of them real), plus bias, into y
+template <typename W, int R>
+PADFREE_AVX512 void block(const float* x, int64_t K, const W* w, const float* bias, float* y, int64_t N, int64_t cols) {
   __m512 acc[R][2];
   for (int m = 0; m < R; ++m) acc[m][0] = acc[m][1] = _mm512_setzero_ps();
-  const __m512i zero = _mm512_setzero_si512();
+  const char* ahead = reinterpret_cast<const char*>(w) + kAhead;
   for (int64_t k = 0; k < K; ++k) {
-    const __m512i raw = _mm512_loadu_si512(w + k * kCols);  // 32 bf16 = the fp32 high halves
-    const __m512 w0 = _mm512_castsi512_ps(_mm512_unpacklo_epi16(zero, raw));
-    const __m512 w1 = _mm512_castsi512_ps(_mm512_unpackhi_epi16(zero, raw));
+    for (int64_t line = 0; line < kCols * int64_t(sizeof(W)); line += 64)
+      _mm_prefetch(ahead + k * kCols * sizeof(W) + line, _MM_HINT_T0);
+    __m512 w0, w1;
+    load32(w + k * kCols, w0, w1);
     for (int m = 0; m < R; ++m) {
       const __m512 xb = _mm512_set1_ps(x[m * K + k]);
       acc[m][0] = _mm512_fmadd_ps(xb, w0, acc[m][0]);
@@ -90,35 +107,48 @@ PADFREE_AVX512 void bf16_block(const float* x, int64_t K, const at::BFloat16* w,
   }
 }
 
-using BlockFn = void (*)(const float*, int64_t, const at::BFloat16*, const float*, float*, int64_t, int64_t);
-constexpr BlockFn kBlocks[kRows] = {bf16_block<1>, bf16_block<2>, bf16_block<3>, bf16_block<4>,
-                                    bf16_block<5>, bf16_block<6>, bf16_block<7>, bf16_block<8>};
+template <typename W, size_t... R>
+constexpr auto block_table(std::index_sequence<R...>) {  // block<W, 1> ... block<W, kRows>
+  using Fn = void (*)(const float*, int64_t, const W*, const float*, float*, int64_t, int64_t);
+  return std::array<Fn, sizeof...(R)>{block<W, int(R) + 1>...};
+}
 
-// Blocks of 32 columns split over the threads; each block's weight (K x 64 bytes) serves every row of x.
-Tensor bf16_linear(const Tensor& x, const Tensor& packed, int64_t N, const Tensor& bias) {
-  const int64_t T = x.size(0), K = x.size(1), blocks = packed.size(0);
-  TORCH_CHECK(packed.size(1) == K && bias.scalar_type() == at::kFloat && bias.numel() == N,
-              "bf16_linear: packing or bias does not match x [T, K]");
-  auto y = at::empty({T, N}, x.options());
-  const float *xp = x.data_ptr<float>(), *bp = bias.data_ptr<float>();
-  const auto* wp = packed.data_ptr<at::BFloat16>();
-  float* yp = y.data_ptr<float>();
+// Blocks of 32 columns split over the threads; each block's weight (K x 32 values) serves every row of x.
+template <typename W>
+void blocks_product(const float* x, int64_t T, int64_t K, const W* w, int64_t blocks, const float* bias, float* y,
+                    int64_t N) {
+  static constexpr auto table = block_table<W>(std::make_index_sequence<kRows>());
   at::parallel_for(0, blocks, 1, [&](int64_t first, int64_t last) {
     for (int64_t j = first; j < last; ++j) {
       const int64_t n0 = j * kCols, cols = std::min(kCols, N - n0);
       for (int64_t m0 = 0; m0 < T; m0 += kRows) {
         const int64_t rows = std::min<int64_t>(kRows, T - m0);
-        kBlocks[rows - 1](xp + m0 * K, K, wp + j * K * kCols, bp + n0, yp + m0 * N + n0, N, cols);
+        table[rows - 1](x + m0 * K, K, w + j * K * kCols, bias + n0, y + m0 * N + n0, N, cols);
       }
     }
   });
+}
+
+// x [T, K] fp32 @ W^T + bias on pack_blocks' packing [blocks, K, 32] of W [N, K]: [T, N] fp32
+Tensor blocks_linear(const Tensor& x, const Tensor& packed, int64_t N, const Tensor& bias) {
+  TORCH_CHECK(has_avx512(), "blocks_linear: needs AVX-512");
+  const int64_t T = x.size(0), K = x.size(1);
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.is_contiguous() && packed.dim() == 3 && packed.size(1) == K &&
+                  packed.size(0) * kCols >= N && bias.scalar_type() == at::kFloat && bias.numel() == N,
+              "blocks_linear: x, packing or bias do not match");
+  auto y = at::empty({T, N}, x.options());
+  if (packed.scalar_type() == at::kBFloat16)
+    blocks_product(x.data_ptr<float>(), T, K, packed.data_ptr<at::BFloat16>(), packed.size(0),
+                   bias.data_ptr<float>(), y.data_ptr<float>(), N);
+  else
+    blocks_product(x.data_ptr<float>(), T, K, packed.data_ptr<float>(), packed.size(0), bias.data_ptr<float>(),
+                   y.data_ptr<float>(), N);
   return y;
 }
 
-// x @ weight^T + bias on the layer's packing: MKL's (fp32 weight) or pack_bf16's (bf16 weight, fp32 bias)
+// x @ weight^T + bias on the layer's packing: pack_blocks' ([blocks, K, 32], fp32 bias) or MKL's
 Tensor linear(const Tensor& x, const Tensor& packed, const Tensor& weight, const Tensor& bias) {
-  return packed.scalar_type() == at::kBFloat16 ? bf16_linear(x, packed, weight.size(0), bias)
-                                               : mkl_linear(x, packed, weight, bias);
+  return packed.dim() == 3 ? blocks_linear(x, packed, weight.size(0), bias) : mkl_linear(x, packed, weight, bias);
 }
 
 // ---- vector math: e^x, erf and the activations on 16 fp32 lanes ----
@@ -284,7 +314,7 @@ Tensor attention(const Tensor& qkv, const std::vector<int64_t>& runs, int64_t he
 
 // x [T, H] (fp32) through the layers; per layer 16 tensors in this order: qkv weight, its packing, bias; attention
 // output weight, packing, bias; LayerNorm weight, bias; FFN-in weight, packing, bias; FFN-out weight, packing,
-// bias; LayerNorm weight, bias. A packing is MKL's (fp32 weight) or pack_bf16's (bf16 weight); the biases and
+// bias; LayerNorm weight, bias. A packing is pack_blocks' (fp32 or bf16 weight) or MKL's (fp32); the biases and
 // LayerNorm vectors are fp32 either way. runs: (first token, sequences, length) of each run, flattened.
 Tensor post_ln_layers(Tensor x, const std::vector<Tensor>& tensors, const std::vector<int64_t>& runs,
                       int64_t heads, double scale, double eps, const std::string& activation) {
@@ -311,6 +341,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("has_avx512", &has_avx512);
   m.def("attention", &attention, py::call_guard<py::gil_scoped_release>());
   m.def("activate_", &activate_, py::call_guard<py::gil_scoped_release>());
-  m.def("pack_bf16", &pack_bf16);
-  m.def("bf16_linear", &bf16_linear, py::call_guard<py::gil_scoped_release>());
+  m.def("pack_blocks", &pack_blocks);
+  m.def("blocks_linear", &blocks_linear, py::call_guard<py::gil_scoped_release>());
 }
