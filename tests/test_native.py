@@ -18,9 +18,10 @@ from padfree.ops import native
 
 # plain post-LN families and their activations: erf GELU, tanh GELU, ReLU; ALBERT shares layers (its schedule)
 FAMILIES = [("bert", 0), ("bert", 1), ("roberta", 1), ("distilbert", 1), ("albert", 1), ("electra", 0)]
-# batches of at most SMALL_ROWS = 64 tokens: one sequence, one token, runs of equal lengths, mixed runs, the limit
+# batches of at most NATIVE_ROWS = 128 tokens (sequences of at most 40): one sequence, one token, runs of equal
+# lengths, mixed runs, 64 tokens, the limit
 LAYOUTS = {"one": [7], "one-token": [1], "equal-runs": [5, 5, 5, 2], "mixed": [3, 9, 9, 1, 12, 4],
-           "limit": [40, 24]}
+           "64": [40, 24], "limit": [40, 40, 33, 15]}
 
 
 def test_the_native_module_builds_here():
@@ -137,7 +138,7 @@ def test_native_stack_is_not_taken_where_it_does_not_apply():
     model = make("bert", 0)
     enc = padfree.from_pretrained(model)
     cfg = enc.config
-    for x in (torch.randn(65, cfg.hidden_size), torch.randn(8, cfg.hidden_size, dtype=torch.float16)):
+    for x in (torch.randn(129, cfg.hidden_size), torch.randn(8, cfg.hidden_size, dtype=torch.float16)):
         runs = ((0, 1, x.shape[0]),)
         assert enc.kernels.post_ln_layers(x, list(enc.layers), runs, cfg.num_heads, cfg.attention_scale,
                                           cfg.layer_norm_eps, cfg.activation) is None

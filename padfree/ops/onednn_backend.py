@@ -136,33 +136,28 @@ def linear_residual_layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torc
 
 
 _NATIVE_ACTIVATIONS = frozenset({"gelu", "gelu_tanh", "relu", "silu"})  # those small_layers.cpp applies
-# fp32 batches of at most this many rows take the native stack's own product (it prefetches the weight it streams:
-# 1.3-2x over MKL's at 8-48 rows); 49-64 rows keep MKL's, which computes faster there (NOTES.md, section 18)
-OWN_PRODUCT_ROWS = 48
+NATIVE_ROWS = 128  # the most packed tokens a batch may have to run the native stack (with AVX-512)
 
 
 def post_ln_layers(x: torch.Tensor, layers, runs, num_heads: int, scale: float, eps: float,
                    activation: str) -> torch.Tensor | None:
     """The post-LN stack of a small batch (``layers``: ``EncoderLayer``s in the order they run) in one native call,
-    :mod:`padfree.ops.native`. None where it does not apply (more than ``SMALL_ROWS`` tokens, another activation,
-    a tensor the stack lacks, no native module): the encoder then runs the layers one by one.
+    :mod:`padfree.ops.native`. None where it does not apply (another activation, a tensor the stack lacks, no
+    native module, more tokens than it takes): the encoder then runs the layers one by one.
 
-    - fp32: the ops of :func:`qkv_varlen_attention`, :func:`linear_residual_layer_norm` and :func:`linear_bias_act`
-      on the small-batch path, within fp32 rounding, without Python between them; with AVX-512 the products of up
-      to ``OWN_PRODUCT_ROWS`` rows, the attention and the activation are the module's own kernels (its packed
-      copy of a weight costs the weight's size again, like MKL's, which serves 49-64 rows).
-    - bf16: the same stack in fp32 on the bf16 weights (packed copies: the bf16 weights' size again), the result
-      rounded to bf16: faster than oneDNN's bf16 products at these sizes, and more exact than a bf16 forward.
-      Needs AVX-512; elsewhere the layers run one by one."""
-    if activation not in _NATIVE_ACTIVATIONS or x.shape[0] > SMALL_ROWS or (mod := native.module()) is None:
+    - With AVX-512, batches of at most ``NATIVE_ROWS`` tokens: the products, the attention and the activation are
+      the module's own kernels, split over the threads (its packed copy of a weight costs the weight's size again,
+      as MKL's and oneDNN's do on the Python paths). fp32 gives the Python forward's result within fp32 rounding;
+      bf16 runs the same fp32 stack on the bf16 weights and rounds the result to bf16 once: faster than oneDNN's
+      bf16 products at these sizes, and more exact than a bf16 forward.
+    - Without AVX-512, fp32 batches of at most ``SMALL_ROWS`` tokens: the ATen ops of the small-batch path (MKL's
+      products) without Python between them."""
+    if activation not in _NATIVE_ACTIVATIONS or (mod := native.module()) is None:
         return None
-    avx512 = mod.has_avx512()
-    if x.dtype == torch.float32 and avx512 and x.shape[0] <= OWN_PRODUCT_ROWS:
-        layout, vector = "blocks", _same
-    elif x.dtype == torch.float32 and _MKL:
+    if mod.has_avx512() and x.shape[0] <= NATIVE_ROWS and x.dtype in (torch.float32, torch.bfloat16):
+        layout, vector = "blocks", (_same if x.dtype == torch.float32 else _fp32_copy)
+    elif _small(x):  # no AVX-512: the stack of ATen ops on MKL's products
         layout, vector = "mkl", _same
-    elif x.dtype == torch.bfloat16 and avx512:
-        layout, vector = "blocks", _fp32_copy
     else:
         return None
     flat = []

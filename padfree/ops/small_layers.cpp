@@ -46,8 +46,8 @@ bool has_avx512() {
 // At a few dozen rows a product is a pass over its weight, which comes from the last-level cache or memory (a model's
 // weights do not fit the 2 MiB L2): the kernel streams the weight once per 12 rows in blocks of 32 columns packed
 // contiguously, prefetching 4 KiB ahead of its loads, which the hardware prefetcher alone does not keep fed (1.3-2x
-// over MKL's packed sgemm at 8-48 rows, benchmarks/NOTES.md section 18). A bf16 weight is half the bytes and widened
-// to fp32 in registers. The caller keeps MKL's product for fp32 batches of 49-64 rows, where its kernel computes faster.
+// over MKL's packed sgemm at 8-48 rows, within 4 % either way at 49-128; benchmarks/NOTES.md section 18). A bf16
+// weight is half the bytes and widened to fp32 in registers.
 constexpr int64_t kCols = 32;     // output columns per block: two 16-lane fp32 vectors
 constexpr int kRows = 12;         // rows per kernel call: 24 accumulators, 2 weight vectors, 1 broadcast in registers
 constexpr int64_t kAhead = 4096;  // prefetch distance in bytes
@@ -118,11 +118,12 @@ template <typename W>
 void blocks_product(const float* x, int64_t T, int64_t K, const W* w, int64_t blocks, const float* bias, float* y,
                     int64_t N) {
   static constexpr auto table = block_table<W>(std::make_index_sequence<kRows>());
+  const int64_t calls = (T + kRows - 1) / kRows, step = (T + calls - 1) / calls;  // rows split evenly over the calls
   at::parallel_for(0, blocks, 1, [&](int64_t first, int64_t last) {
     for (int64_t j = first; j < last; ++j) {
       const int64_t n0 = j * kCols, cols = std::min(kCols, N - n0);
-      for (int64_t m0 = 0; m0 < T; m0 += kRows) {
-        const int64_t rows = std::min<int64_t>(kRows, T - m0);
+      for (int64_t m0 = 0; m0 < T; m0 += step) {
+        const int64_t rows = std::min<int64_t>(step, T - m0);
         table[rows - 1](x + m0 * K, K, w + j * K * kCols, bias + n0, y + m0 * N + n0, N, cols);
       }
     }
@@ -165,10 +166,16 @@ PADFREE_AVX512 inline __m512 exp16(__m512 x) {
   return _mm512_scalef_ps(p, n);
 }
 
+// 1 / x: the 14-bit estimate and one Newton step (about 1 ulp; a division's latency is the loop's bottleneck)
+PADFREE_AVX512 inline __m512 rcp16(__m512 x) {
+  const __m512 r = _mm512_rcp14_ps(x);
+  return _mm512_mul_ps(r, _mm512_fnmadd_ps(x, r, _mm512_set1_ps(2.f)));
+}
+
 // erf by Abramowitz & Stegun 7.1.26 (absolute error below 1.5e-7; ATen's vectorised erf uses the same formula)
 PADFREE_AVX512 inline __m512 erf16(__m512 x) {
   const __m512 a = _mm512_abs_ps(x), one = _mm512_set1_ps(1.f);
-  const __m512 t = _mm512_div_ps(one, _mm512_fmadd_ps(_mm512_set1_ps(0.3275911f), a, one));
+  const __m512 t = rcp16(_mm512_fmadd_ps(_mm512_set1_ps(0.3275911f), a, one));
   __m512 p = _mm512_set1_ps(1.061405429f);
   for (const float c : {-1.453152027f, 1.421413741f, -0.284496736f, 0.254829592f}) p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(c));
   const __m512 y = _mm512_fnmadd_ps(_mm512_mul_ps(p, t), exp16(_mm512_mul_ps(_mm512_sub_ps(_mm512_setzero_ps(), a), a)), one);
@@ -186,30 +193,32 @@ Act parse_activation(const std::string& activation) {
   return Act::silu;
 }
 
-PADFREE_AVX512 inline __m512 act16(__m512 x, Act act) {
+template <Act act>
+PADFREE_AVX512 inline __m512 act16(__m512 x) {
   const __m512 half = _mm512_set1_ps(0.5f), one = _mm512_set1_ps(1.f);
-  switch (act) {
-    case Act::gelu:  // x/2 (1 + erf(x / sqrt 2))
-      return _mm512_mul_ps(_mm512_mul_ps(half, x), _mm512_add_ps(one, erf16(_mm512_mul_ps(x, _mm512_set1_ps(0.70710678118654752f)))));
-    case Act::gelu_tanh: {  // x/2 (1 + tanh(u)), u = sqrt(2/pi) (x + 0.044715 x^3), tanh(u) = 1 - 2 / (1 + e^2u)
-      const __m512 u = _mm512_mul_ps(_mm512_set1_ps(0.79788456080286536f),
-                                     _mm512_fmadd_ps(_mm512_mul_ps(_mm512_set1_ps(0.044715f), x), _mm512_mul_ps(x, x), x));
-      const __m512 tanh = _mm512_sub_ps(one, _mm512_div_ps(_mm512_set1_ps(2.f), _mm512_add_ps(one, exp16(_mm512_add_ps(u, u)))));
-      return _mm512_mul_ps(_mm512_mul_ps(half, x), _mm512_add_ps(one, tanh));
-    }
-    case Act::relu:
-      return _mm512_max_ps(x, _mm512_setzero_ps());
-    default:  // silu: x / (1 + e^-x)
-      return _mm512_div_ps(x, _mm512_add_ps(one, exp16(_mm512_sub_ps(_mm512_setzero_ps(), x))));
+  if constexpr (act == Act::gelu) {  // x/2 (1 + erf(x / sqrt 2))
+    const __m512 erf = erf16(_mm512_mul_ps(x, _mm512_set1_ps(0.70710678118654752f)));
+    return _mm512_mul_ps(_mm512_mul_ps(half, x), _mm512_add_ps(one, erf));
+  } else if constexpr (act == Act::gelu_tanh) {  // x/2 (1 + tanh u), u = sqrt(2/pi) (x + 0.044715 x^3)
+    const __m512 u = _mm512_mul_ps(_mm512_set1_ps(0.79788456080286536f),
+                                   _mm512_fmadd_ps(_mm512_mul_ps(_mm512_set1_ps(0.044715f), x), _mm512_mul_ps(x, x), x));
+    const __m512 e = exp16(_mm512_add_ps(u, u));  // tanh u = 1 - 2 / (1 + e^2u)
+    const __m512 tanh = _mm512_fnmadd_ps(_mm512_set1_ps(2.f), rcp16(_mm512_add_ps(one, e)), one);
+    return _mm512_mul_ps(_mm512_mul_ps(half, x), _mm512_add_ps(one, tanh));
+  } else if constexpr (act == Act::relu) {
+    return _mm512_max_ps(x, _mm512_setzero_ps());
+  } else {  // silu: x / (1 + e^-x)
+    return _mm512_mul_ps(x, rcp16(_mm512_add_ps(one, exp16(_mm512_sub_ps(_mm512_setzero_ps(), x)))));
   }
 }
 
-PADFREE_AVX512 void act_span(float* p, int64_t n, Act act) {
+template <Act act>
+PADFREE_AVX512 void act_span(float* p, int64_t n) {
   int64_t i = 0;
-  for (; i + 16 <= n; i += 16) _mm512_storeu_ps(p + i, act16(_mm512_loadu_ps(p + i), act));
+  for (; i + 16 <= n; i += 16) _mm512_storeu_ps(p + i, act16<act>(_mm512_loadu_ps(p + i)));
   if (i < n) {
     const __mmask16 m = (__mmask16)((1u << (n - i)) - 1);
-    _mm512_mask_storeu_ps(p + i, m, act16(_mm512_maskz_loadu_ps(m, p + i), act));
+    _mm512_mask_storeu_ps(p + i, m, act16<act>(_mm512_maskz_loadu_ps(m, p + i)));
   }
 }
 
@@ -224,52 +233,73 @@ void activate_(Tensor& f, const std::string& activation) {
     return;
   }
   float* p = f.data_ptr<float>();
-  at::parallel_for(0, f.numel(), 4096, [&](int64_t first, int64_t last) { act_span(p + first, last - first, act); });
+  const auto span = act == Act::gelu        ? act_span<Act::gelu>
+                    : act == Act::gelu_tanh ? act_span<Act::gelu_tanh>
+                    : act == Act::relu      ? act_span<Act::relu>
+                                            : act_span<Act::silu>;
+  at::parallel_for(0, f.numel(), 4096, [&](int64_t first, int64_t last) { span(p + first, last - first); });
 }
 
 // ---- attention of short sequences ----
-constexpr int64_t kMaxLen = 64;  // the longest sequence attend() takes: 4 vectors of scores
+constexpr int64_t kMaxLen = 64;  // the longest sequence attend() takes (4 vectors of scores); PyTorch's is as fast above
+constexpr int64_t kGroup = 8;    // query rows attend_rows() takes at once: 8 independent accumulators per loop
+
+// R consecutive query rows of one head (R <= kGroup): scores against the n keys, softmax, context. Each loop runs R
+// independent accumulators and loads each key / value vector once for the R rows. kt: the keys transposed
+// ([d][64], so that a row's scores are 16-lane vectors over the keys); p: scratch of R x 64 floats.
+template <int R>
+PADFREE_AVX512 void attend_rows(const float* q, const float* v, int64_t ld, float* out, int64_t ldo, int64_t n,
+                                int64_t d, float scale, const float* kt, float* p) {
+  const int64_t blocks = (n + 15) / 16;
+  for (int64_t b = 0; b < blocks; ++b) {  // scores, 16 keys at a time
+    __m512 acc[R];
+    for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+    for (int64_t c = 0; c < d; ++c) {
+      const __m512 kc = _mm512_loadu_ps(kt + c * kMaxLen + 16 * b);
+      for (int r = 0; r < R; ++r) acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(q[r * ld + c]), kc, acc[r]);
+    }
+    for (int r = 0; r < R; ++r) _mm512_storeu_ps(p + r * kMaxLen + 16 * b, _mm512_mul_ps(acc[r], _mm512_set1_ps(scale)));
+  }
+  float inv[R];
+  for (int r = 0; r < R; ++r) {  // softmax of each row, over the n real keys
+    float* pr = p + r * kMaxLen;
+    float top = -INFINITY, sum = 0.f;
+    for (int64_t b = 0; b < blocks; ++b) {
+      const __mmask16 m = n - 16 * b >= 16 ? 0xFFFF : (__mmask16)((1u << (n - 16 * b)) - 1);
+      top = std::max(top, _mm512_mask_reduce_max_ps(m, _mm512_loadu_ps(pr + 16 * b)));
+    }
+    for (int64_t b = 0; b < blocks; ++b) {
+      const __mmask16 m = n - 16 * b >= 16 ? 0xFFFF : (__mmask16)((1u << (n - 16 * b)) - 1);
+      const __m512 e = _mm512_maskz_mov_ps(m, exp16(_mm512_sub_ps(_mm512_loadu_ps(pr + 16 * b), _mm512_set1_ps(top))));
+      sum += _mm512_reduce_add_ps(e);
+      _mm512_storeu_ps(pr + 16 * b, e);
+    }
+    inv[r] = 1.f / sum;
+  }
+  for (int64_t c0 = 0; c0 < d; c0 += 16) {  // context, 16 features at a time
+    const __mmask16 m = d - c0 >= 16 ? 0xFFFF : (__mmask16)((1u << (d - c0)) - 1);
+    __m512 acc[R];
+    for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+    for (int64_t j = 0; j < n; ++j) {
+      const __m512 vj = _mm512_maskz_loadu_ps(m, v + j * ld + c0);
+      for (int r = 0; r < R; ++r) acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(p[r * kMaxLen + j]), vj, acc[r]);
+    }
+    for (int r = 0; r < R; ++r) _mm512_mask_storeu_ps(out + r * ldo + c0, m, _mm512_mul_ps(acc[r], _mm512_set1_ps(inv[r])));
+  }
+}
 
 // softmax(q k^T scale) v for one head of one sequence of n <= 64 tokens: q, k, v rows at a stride of ld floats
-// (rows of [T, 3H]), d features; out rows at a stride of ldo. kt: scratch of d * 64 floats (k transposed, so that
-// a query's scores are 16-lane vectors over the keys); p: scratch of 64 floats.
+// (rows of [T, 3H]), d features; out rows at a stride of ldo. kt: scratch of d x 64 floats; p: of kGroup x 64.
 PADFREE_AVX512 void attend(const float* q, const float* k, const float* v, int64_t ld, float* out, int64_t ldo,
                            int64_t n, int64_t d, float scale, float* kt, float* p) {
-  const int64_t blocks = (n + 15) / 16;
   for (int64_t j = 0; j < n; ++j)
     for (int64_t c = 0; c < d; ++c) kt[c * kMaxLen + j] = k[j * ld + c];
-  __mmask16 valid[4];
-  for (int64_t b = 0; b < 4; ++b) {
-    const int64_t left = n - 16 * b;
-    valid[b] = left >= 16 ? 0xFFFF : left <= 0 ? 0 : (__mmask16)((1u << left) - 1);
-  }
-  const __m512 s = _mm512_set1_ps(scale);
-  for (int64_t i = 0; i < n; ++i) {
-    __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
-    const float* qi = q + i * ld;
-    for (int64_t c = 0; c < d; ++c) {
-      const __m512 qc = _mm512_set1_ps(qi[c]);
-      for (int64_t b = 0; b < blocks; ++b) acc[b] = _mm512_fmadd_ps(qc, _mm512_loadu_ps(kt + c * kMaxLen + 16 * b), acc[b]);
-    }
-    float top = -INFINITY;
-    for (int64_t b = 0; b < blocks; ++b) {
-      acc[b] = _mm512_mul_ps(acc[b], s);
-      top = std::max(top, _mm512_mask_reduce_max_ps(valid[b], acc[b]));
-    }
-    float sum = 0.f;
-    for (int64_t b = 0; b < blocks; ++b) {
-      const __m512 e = _mm512_maskz_mov_ps(valid[b], exp16(_mm512_sub_ps(acc[b], _mm512_set1_ps(top))));
-      sum += _mm512_reduce_add_ps(e);
-      _mm512_storeu_ps(p + 16 * b, e);
-    }
-    const __m512 inv = _mm512_set1_ps(1.f / sum);
-    for (int64_t c0 = 0; c0 < d; c0 += 16) {
-      const __mmask16 m = d - c0 >= 16 ? 0xFFFF : (__mmask16)((1u << (d - c0)) - 1);
-      __m512 o = _mm512_setzero_ps();
-      for (int64_t j = 0; j < n; ++j) o = _mm512_fmadd_ps(_mm512_set1_ps(p[j]), _mm512_maskz_loadu_ps(m, v + j * ld + c0), o);
-      _mm512_mask_storeu_ps(out + i * ldo + c0, m, _mm512_mul_ps(o, inv));
-    }
-  }
+  using Rows = void (*)(const float*, const float*, int64_t, float*, int64_t, int64_t, int64_t, float, const float*,
+                       float*);
+  static constexpr Rows rows[kGroup] = {attend_rows<1>, attend_rows<2>, attend_rows<3>, attend_rows<4>,
+                                        attend_rows<5>, attend_rows<6>, attend_rows<7>, attend_rows<8>};
+  for (int64_t i = 0; i < n; i += kGroup)
+    rows[std::min(kGroup, n - i) - 1](q + i * ld, v, ld, out + i * ldo, ldo, n, d, scale, kt, p);
 }
 
 // Self-attention of each run (first token, sequences, length) of x's packed sequences: [T, 3H] -> [T, H]. With
@@ -289,7 +319,7 @@ Tensor attention(const Tensor& qkv, const std::vector<int64_t>& runs, int64_t he
     float* dst = out.data_ptr<float>();
     const int64_t units = static_cast<int64_t>(seqs.size()) * heads;
     at::parallel_for(0, units, 1, [&](int64_t first, int64_t last) {
-      std::vector<float> kt(d * kMaxLen), p(kMaxLen);
+      std::vector<float> kt(d * kMaxLen), p(kGroup * kMaxLen);
       for (int64_t u = first; u < last; ++u) {
         const auto [t0, n] = seqs[u / heads];
         const int64_t h = u % heads;
