@@ -147,7 +147,9 @@ def test_cross_encoder_matches_sentence_transformers(family, tmp_path):
     ranked = ours.rank("query", TEXTS)
     assert [r["corpus_id"] for r in ranked] == list(np.argsort(-ref[:len(TEXTS)], kind="stable"))
     per_query = ours.rerank(["query", "python code"], [TEXTS, TEXTS[:2]], top_k=2)
-    assert per_query[0] == ranked[:2] and len(per_query[1]) == 2
+    # the same pairs in another batch: the same ranking, scores within fp32 rounding (a batch's size picks its kernels)
+    assert [r["corpus_id"] for r in per_query[0]] == [r["corpus_id"] for r in ranked[:2]] and len(per_query[1]) == 2
+    assert max(abs(a["score"] - b["score"]) for a, b in zip(per_query[0], ranked)) <= 1e-6
 
 
 def test_cross_encoder_sentence_transformers_directory(tmp_path):

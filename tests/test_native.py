@@ -18,10 +18,11 @@ from padfree.ops import native
 
 # plain post-LN families and their activations: erf GELU, tanh GELU, ReLU; ALBERT shares layers (its schedule)
 FAMILIES = [("bert", 0), ("bert", 1), ("roberta", 1), ("distilbert", 1), ("albert", 1), ("electra", 0)]
-# batches of at most NATIVE_ROWS = 128 tokens (sequences of at most 40): one sequence, one token, runs of equal
-# lengths, mixed runs, 64 tokens, the limit
+# fp32 batches the stack takes (sequences of at most 40 tokens): one sequence, one token, runs of equal lengths,
+# mixed runs, the most on the native product (OWN_PRODUCT_ROWS = 48), the most on MKL's (SMALL_ROWS = 64)
 LAYOUTS = {"one": [7], "one-token": [1], "equal-runs": [5, 5, 5, 2], "mixed": [3, 9, 9, 1, 12, 4],
-           "64": [40, 24], "limit": [40, 40, 33, 15]}
+           "48": [40, 8], "64": [40, 24]}
+BF16_LAYOUTS = {"mixed": [3, 9, 9, 1, 12, 4], "limit": [40, 40, 33, 15]}  # up to BF16_NATIVE_ROWS = 128
 
 
 def test_the_native_module_builds_here():
@@ -111,20 +112,25 @@ def test_native_activation_matches_float64(activation):
 
 
 @pytest.mark.parametrize("family,shape", FAMILIES, ids=[f"{f}-{s}" for f, s in FAMILIES])
-def test_bf16_stack_is_the_fp32_stack_on_the_bf16_weights(family, shape):
+@pytest.mark.parametrize("layout", list(BF16_LAYOUTS))
+def test_bf16_stack_is_the_fp32_stack_on_the_bf16_weights(family, shape, layout):
     """A bf16 model's small batch runs the fp32 stack on its bf16 weights: fed the same input, it gives the fp32
-    (MKL) stack's result on the bf16-rounded weights to within the final bf16 rounding. The whole forward keeps the
+    forward's result on the bf16-rounded weights to within the final bf16 rounding. The whole forward keeps the
     bf16 rule against transformers."""
     if not native.module().has_avx512():
         pytest.skip("no AVX-512 on this CPU")
     model = make(family, shape)
     enc = padfree.from_pretrained(model, dtype=torch.bfloat16)
     exact = padfree.from_pretrained(copy.deepcopy(model).to(torch.bfloat16).to(torch.float32))
-    ids, mask, types, kw = batch(model, LAYOUTS["mixed"], "right")
+    ids, mask, types, kw = batch(model, BF16_LAYOUTS[layout], "right")
     packed = enc.pack(ids, mask, types)
     with torch.inference_mode():
         x = enc._embed(packed)  # [T, H] bf16
-    ours, oracle = _stack(enc, x, packed.runs), _stack(exact, x.float(), packed.runs)
+    with torch.inference_mode():  # the oracle: the fp32 encoder's Python forward, layer by layer (no native stack)
+        oracle = x.float()
+        for layer in exact.layers:
+            oracle = exact._layer(layer, oracle, packed, None, None)
+    ours = _stack(enc, x, packed.runs)
     assert ours.dtype == torch.bfloat16
     bound = (oracle.abs() * 2 ** -8 + 1e-4)  # half a bf16 ulp of the result, and fp32 noise
     assert ((ours.float() - oracle).abs() <= bound).all(), (ours.float() - oracle).abs().max()
@@ -134,11 +140,13 @@ def test_bf16_stack_is_the_fp32_stack_on_the_bf16_weights(family, shape):
 
 
 def test_native_stack_is_not_taken_where_it_does_not_apply():
-    """Above the small-batch limit, in fp16 and for layers with relative terms, the encoder runs layer by layer."""
+    """Above the stack's limits (fp32 64 tokens, bf16 128), in fp16 and for layers with relative terms, the encoder
+    runs layer by layer."""
     model = make("bert", 0)
     enc = padfree.from_pretrained(model)
     cfg = enc.config
-    for x in (torch.randn(129, cfg.hidden_size), torch.randn(8, cfg.hidden_size, dtype=torch.float16)):
+    for x in (torch.randn(65, cfg.hidden_size), torch.randn(129, cfg.hidden_size, dtype=torch.bfloat16),
+              torch.randn(8, cfg.hidden_size, dtype=torch.float16)):
         runs = ((0, 1, x.shape[0]),)
         assert enc.kernels.post_ln_layers(x, list(enc.layers), runs, cfg.num_heads, cfg.attention_scale,
                                           cfg.layer_norm_eps, cfg.activation) is None

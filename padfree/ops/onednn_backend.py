@@ -136,7 +136,12 @@ def linear_residual_layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torc
 
 
 _NATIVE_ACTIVATIONS = frozenset({"gelu", "gelu_tanh", "relu", "silu"})  # those small_layers.cpp applies
-NATIVE_ROWS = 128  # the most packed tokens a batch may have to run the native stack (with AVX-512)
+# With AVX-512, fp32 batches of at most OWN_PRODUCT_ROWS tokens run the native stack on its own product, which
+# prefetches the weight it streams (1.1-2x MKL's packed sgemm there); 49-SMALL_ROWS tokens on MKL's, faster there
+# for BERT-base's shapes; bf16 batches of at most BF16_NATIVE_ROWS on its own product, where it beats oneDNN's bf16
+# products by 1.3-1.7x (benchmarks/NOTES.md, section 18).
+OWN_PRODUCT_ROWS = 48
+BF16_NATIVE_ROWS = 128
 
 
 def post_ln_layers(x: torch.Tensor, layers, runs, num_heads: int, scale: float, eps: float,
@@ -145,18 +150,22 @@ def post_ln_layers(x: torch.Tensor, layers, runs, num_heads: int, scale: float, 
     :mod:`padfree.ops.native`. None where it does not apply (another activation, a tensor the stack lacks, no
     native module, more tokens than it takes): the encoder then runs the layers one by one.
 
-    - With AVX-512, batches of at most ``NATIVE_ROWS`` tokens: the products, the attention and the activation are
-      the module's own kernels, split over the threads (its packed copy of a weight costs the weight's size again,
-      as MKL's and oneDNN's do on the Python paths). fp32 gives the Python forward's result within fp32 rounding;
-      bf16 runs the same fp32 stack on the bf16 weights and rounds the result to bf16 once: faster than oneDNN's
-      bf16 products at these sizes, and more exact than a bf16 forward.
+    - With AVX-512 the attention of sequences up to 64 tokens and the activation are the module's own kernels,
+      and so are the products of fp32 batches up to ``OWN_PRODUCT_ROWS`` tokens and bf16 batches up to
+      ``BF16_NATIVE_ROWS`` (its packed copy of a weight costs the weight's size again, as MKL's and oneDNN's do);
+      fp32 batches up to ``SMALL_ROWS`` tokens run on MKL's products. fp32 gives the Python forward's result within
+      fp32 rounding; bf16 runs the same fp32 stack on the bf16 weights and rounds the result to bf16 once: faster
+      than oneDNN's bf16 products at these sizes, and more exact than a bf16 forward.
     - Without AVX-512, fp32 batches of at most ``SMALL_ROWS`` tokens: the ATen ops of the small-batch path (MKL's
       products) without Python between them."""
     if activation not in _NATIVE_ACTIVATIONS or (mod := native.module()) is None:
         return None
-    if mod.has_avx512() and x.shape[0] <= NATIVE_ROWS and x.dtype in (torch.float32, torch.bfloat16):
-        layout, vector = "blocks", (_same if x.dtype == torch.float32 else _fp32_copy)
-    elif _small(x):  # no AVX-512: the stack of ATen ops on MKL's products
+    rows, avx512 = x.shape[0], mod.has_avx512()
+    if x.dtype == torch.bfloat16 and avx512 and rows <= BF16_NATIVE_ROWS:
+        layout, vector = "blocks", _fp32_copy
+    elif x.dtype == torch.float32 and avx512 and rows <= OWN_PRODUCT_ROWS:
+        layout, vector = "blocks", _same
+    elif _small(x):  # MKL's products (above OWN_PRODUCT_ROWS, or no AVX-512: then ATen's ops all through)
         layout, vector = "mkl", _same
     else:
         return None

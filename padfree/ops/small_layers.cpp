@@ -46,8 +46,8 @@ bool has_avx512() {
 // At a few dozen rows a product is a pass over its weight, which comes from the last-level cache or memory (a model's
 // weights do not fit the 2 MiB L2): the kernel streams the weight once per 12 rows in blocks of 32 columns packed
 // contiguously, prefetching 4 KiB ahead of its loads, which the hardware prefetcher alone does not keep fed (1.3-2x
-// over MKL's packed sgemm at 8-48 rows, within 4 % either way at 49-128; benchmarks/NOTES.md section 18). A bf16
-// weight is half the bytes and widened to fp32 in registers.
+// over MKL's packed sgemm at 8-48 rows; above, MKL's computes faster at BERT-base's shapes and the caller keeps it
+// for fp32; benchmarks/NOTES.md section 18). A bf16 weight is half the bytes and widened to fp32 in registers.
 constexpr int64_t kCols = 32;     // output columns per block: two 16-lane fp32 vectors
 constexpr int kRows = 12;         // rows per kernel call: 24 accumulators, 2 weight vectors, 1 broadcast in registers
 constexpr int64_t kAhead = 4096;  // prefetch distance in bytes
