@@ -1,12 +1,13 @@
 """padfree's native code: ``small_layers.cpp``, built for this machine on first use and cached.
 
-The CPU backend runs a small fp32 batch's post-LN layer stack through it in one call
-(:func:`padfree.ops.onednn_backend.post_ln_layers`): the same ATen calls as the Python forward, without Python
-between them. It is compiled with PyTorch's extension builder (a C++ compiler and ``ninja`` needed) the first time a
-process needs it, ~30 s, into ``$PADFREE_CACHE`` (default ``~/.cache/padfree``) under a name that hashes the source
-the PyTorch version and the flags, so later processes load the built module in milliseconds and an upgrade rebuilds it.
-``make`` builds it at install (``python -m padfree.ops.native``). If it cannot be built, padfree logs why once and
-runs the Python forward (same results); ``PADFREE_NATIVE=0`` never builds or uses it.
+The CPU backend runs a short batch's post-LN layer stack through it in one call
+(:func:`padfree.ops.onednn_backend.post_ln_layers`): its own AVX-512 products, attention and activation and ATen's
+LayerNorm, without Python between them. It is compiled with PyTorch's extension builder (a C++ compiler and
+``ninja`` needed) the first time a process needs it, ~45 s, into ``$PADFREE_CACHE`` (default ``~/.cache/padfree``)
+under a name that hashes the source, the PyTorch version and the flags, so later processes load the built module in
+milliseconds and an upgrade rebuilds it. ``make`` builds it at install (``python -m padfree.ops.native``). If it
+cannot be built, padfree logs why once and runs the Python forward (same results within fp32 rounding);
+``PADFREE_NATIVE=0`` never builds or uses it.
 """
 from __future__ import annotations
 

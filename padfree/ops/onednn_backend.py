@@ -16,6 +16,9 @@ products on MKL's packed sgemm instead, with the epilogue as separate ops: at 8-
 weight, and MKL's packed kernel makes that pass 15-38 % faster than oneDNN's on 2 threads, more than the fused
 epilogues save there (benchmarks/NOTES.md, section 15). Its packed copy of a weight is made on the first small batch
 and costs the weight's size again (MiniLM +42 MB, BERT-base +325 MB); ``PADFREE_SMALL_ROWS=0`` turns it off.
+Plain post-LN models run a short batch's whole layer stack in one native call instead (:func:`post_ln_layers`), on
+the native module's own products for fp32 up to ``OWN_PRODUCT_ROWS`` tokens and bf16 up to ``BF16_NATIVE_ROWS``
+(another packed copy of each weight, made on the first such batch).
 
 Packed weights are cached per parameter and layout (weakly, and keyed by the parameter's version counter, so an
 in-place update of the weight repacks it). Shapes: T = packed tokens, K = input features, N = output features.
