@@ -140,7 +140,7 @@ def linear_residual_layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torc
 
 _NATIVE_ACTIVATIONS = frozenset({"gelu", "gelu_tanh", "relu", "silu"})  # those small_layers.cpp applies
 # With AVX-512, fp32 batches of at most OWN_PRODUCT_ROWS tokens run the native stack on its own product, which
-# prefetches the weight it streams (1.1-2x MKL's packed sgemm there); 49-SMALL_ROWS tokens on MKL's, faster there
+# prefetches the weight it streams (1.2-2.3x MKL's packed sgemm there); 49-SMALL_ROWS tokens on MKL's, faster there
 # for BERT-base's shapes; bf16 batches of at most BF16_NATIVE_ROWS on its own product, where it beats oneDNN's bf16
 # products by 1.3-1.7x (benchmarks/NOTES.md, section 18).
 OWN_PRODUCT_ROWS = 48

@@ -45,7 +45,7 @@ bool has_avx512() {
 // ---- the product of a short batch: y [T, N] = x [T, K] @ W^T + bias; x, y, bias fp32; W fp32 or bf16 ----
 // At a few dozen rows a product is a pass over its weight, which comes from the last-level cache or memory (a model's
 // weights do not fit the 2 MiB L2): the kernel streams the weight once per 12 rows in blocks of 32 columns packed
-// contiguously, prefetching 4 KiB ahead of its loads, which the hardware prefetcher alone does not keep fed (1.3-2x
+// contiguously, prefetching 4 KiB ahead of its loads, which the hardware prefetcher alone does not keep fed (1.2-2.3x
 // over MKL's packed sgemm at 8-48 rows; above, MKL's computes faster at BERT-base's shapes and the caller keeps it
 // for fp32; benchmarks/NOTES.md section 18). A bf16 weight is half the bytes and widened to fp32 in registers.
 constexpr int64_t kCols = 32;     // output columns per block: two 16-lane fp32 vectors
@@ -118,6 +118,7 @@ template <typename W>
 void blocks_product(const float* x, int64_t T, int64_t K, const W* w, int64_t blocks, const float* bias, float* y,
                     int64_t N) {
   static constexpr auto table = block_table<W>(std::make_index_sequence<kRows>());
+  if (T == 0) return;
   const int64_t calls = (T + kRows - 1) / kRows, step = (T + calls - 1) / calls;  // rows split evenly over the calls
   at::parallel_for(0, blocks, 1, [&](int64_t first, int64_t last) {
     for (int64_t j = first; j < last; ++j) {
