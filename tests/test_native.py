@@ -1,6 +1,7 @@
-"""The native small-batch stack (``padfree.ops.native``, ``small_layers.cpp``): where it applies it gives the Python
-forward's result to the bit and transformers' within fp32 rounding; it is really taken there; a build that fails
-leaves the Python forward in charge; ``PADFREE_NATIVE`` is checked."""
+"""The native small-batch stack (``padfree.ops.native``, ``small_layers.cpp``): its product, attention and activation
+kernels against float64; where the stack applies it gives the Python forward's result (fp32) or the fp32 forward's
+on the bf16-rounded weights (bf16) within rounding, and transformers' within the family tolerances; it is really
+taken there; a build that fails leaves the Python forward in charge; ``PADFREE_NATIVE`` is checked."""
 from __future__ import annotations
 
 import os
