@@ -39,8 +39,9 @@ def enabled() -> bool:
 
 
 def build_dir() -> tuple[str, Path]:
-    """The module's name (source and PyTorch version hashed in) and the directory it is built and cached in."""
-    digest = hashlib.sha256(SOURCE.read_bytes() + torch.__version__.encode() + " ".join(_FLAGS).encode()).hexdigest()[:16]
+    """The module's name (source, PyTorch version and flags hashed in) and the directory it is built and cached in."""
+    key = SOURCE.read_bytes() + torch.__version__.encode() + " ".join(_FLAGS).encode()
+    digest = hashlib.sha256(key).hexdigest()[:16]
     name = f"padfree_small_layers_{digest}"
     root = Path(os.environ.get("PADFREE_CACHE", Path.home() / ".cache" / "padfree"))
     return name, root / "native" / name
@@ -83,7 +84,7 @@ def _load() -> ModuleType:
     bin_dir = os.path.dirname(sys.executable)  # the environment's own ninja (the ninja package), if any
     if bin_dir not in os.environ.get("PATH", "").split(os.pathsep):
         os.environ["PATH"] = bin_dir + os.pathsep + os.environ.get("PATH", "")
-    log.info("padfree: building the native small-batch layers into %s (once per machine, ~30 s)", directory)
+    log.info("padfree: building the native small-batch layers into %s (once per machine, ~45 s)", directory)
     return load(name, [str(SOURCE)], extra_cflags=_FLAGS, extra_ldflags=["-fopenmp"],
                 build_directory=str(directory), verbose=False)
 

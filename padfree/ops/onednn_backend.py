@@ -64,7 +64,7 @@ _packing = threading.Lock()  # serialises filling _packed (the hit path reads it
 
 def packed_weight(weight: torch.Tensor, layout: str = "onednn") -> torch.Tensor:
     """``weight [N, K]`` reordered once into oneDNN's blocked layout, or another of ``_PACKERS`` (MKL's packing,
-    the native bf16 product's, an fp32 copy); cached while the parameter lives.
+    the native product's blocks, an fp32 copy); cached while the parameter lives.
 
     Safe from many threads: a hit is one dict read; a miss packs under a lock, re-checking first, so two
     threads never pack the same weight or interleave an entry with its finaliser."""

@@ -16,7 +16,6 @@
 #include <algorithm>
 #include <array>
 #include <cmath>
-#include <cstring>
 #include <string>
 #include <utility>
 #include <vector>
@@ -40,6 +39,11 @@ Tensor mkl_linear(const Tensor& x, const Tensor& packed, const Tensor& weight, c
 bool has_avx512() {
   static const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw");
   return ok;
+}
+
+// The lanes of a 16-lane vector that hold one of the `left` values still to go (all 16 when 16 or more are left)
+inline __mmask16 lanes(int64_t left) {
+  return left >= 16 ? __mmask16(0xFFFF) : left <= 0 ? __mmask16(0) : __mmask16((1u << left) - 1);
 }
 
 // ---- the product of a short batch: y [T, N] = x [T, K] @ W^T + bias; x, y, bias fp32; W fp32 or bf16 ----
@@ -98,8 +102,7 @@ PADFREE_AVX512 void block(const float* x, int64_t K, const W* w, const float* bi
       acc[m][1] = _mm512_fmadd_ps(xb, w1, acc[m][1]);
     }
   }
-  const __mmask16 lo = cols >= 16 ? 0xFFFF : (__mmask16)((1u << cols) - 1);
-  const __mmask16 hi = cols >= 32 ? 0xFFFF : cols <= 16 ? 0 : (__mmask16)((1u << (cols - 16)) - 1);
+  const __mmask16 lo = lanes(cols), hi = lanes(cols - 16);
   const __m512 b0 = _mm512_maskz_loadu_ps(lo, bias), b1 = _mm512_maskz_loadu_ps(hi, bias + 16);
   for (int m = 0; m < R; ++m) {
     _mm512_mask_storeu_ps(y + m * N, lo, _mm512_add_ps(acc[m][0], b0));
@@ -163,7 +166,8 @@ PADFREE_AVX512 inline __m512 exp16(__m512 x) {
   __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
   r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
   __m512 p = _mm512_set1_ps(1.f / 5040);
-  for (const float c : {1.f / 720, 1.f / 120, 1.f / 24, 1.f / 6, 0.5f, 1.f, 1.f}) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
+  for (const float c : {1.f / 720, 1.f / 120, 1.f / 24, 1.f / 6, 0.5f, 1.f, 1.f})
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
   return _mm512_scalef_ps(p, n);
 }
 
@@ -178,8 +182,10 @@ PADFREE_AVX512 inline __m512 erf16(__m512 x) {
   const __m512 a = _mm512_abs_ps(x), one = _mm512_set1_ps(1.f);
   const __m512 t = rcp16(_mm512_fmadd_ps(_mm512_set1_ps(0.3275911f), a, one));
   __m512 p = _mm512_set1_ps(1.061405429f);
-  for (const float c : {-1.453152027f, 1.421413741f, -0.284496736f, 0.254829592f}) p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(c));
-  const __m512 y = _mm512_fnmadd_ps(_mm512_mul_ps(p, t), exp16(_mm512_mul_ps(_mm512_sub_ps(_mm512_setzero_ps(), a), a)), one);
+  for (const float c : {-1.453152027f, 1.421413741f, -0.284496736f, 0.254829592f})
+    p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(c));
+  const __m512 minus_a2 = _mm512_mul_ps(_mm512_sub_ps(_mm512_setzero_ps(), a), a);
+  const __m512 y = _mm512_fnmadd_ps(_mm512_mul_ps(p, t), exp16(minus_a2), one);
   const __m512i sign = _mm512_and_si512(_mm512_castps_si512(x), _mm512_set1_epi32(int(0x80000000u)));
   return _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(y), sign));
 }
@@ -201,8 +207,8 @@ PADFREE_AVX512 inline __m512 act16(__m512 x) {
     const __m512 erf = erf16(_mm512_mul_ps(x, _mm512_set1_ps(0.70710678118654752f)));
     return _mm512_mul_ps(_mm512_mul_ps(half, x), _mm512_add_ps(one, erf));
   } else if constexpr (act == Act::gelu_tanh) {  // x/2 (1 + tanh u), u = sqrt(2/pi) (x + 0.044715 x^3)
-    const __m512 u = _mm512_mul_ps(_mm512_set1_ps(0.79788456080286536f),
-                                   _mm512_fmadd_ps(_mm512_mul_ps(_mm512_set1_ps(0.044715f), x), _mm512_mul_ps(x, x), x));
+    const __m512 cubic = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_set1_ps(0.044715f), x), _mm512_mul_ps(x, x), x);
+    const __m512 u = _mm512_mul_ps(_mm512_set1_ps(0.79788456080286536f), cubic);
     const __m512 e = exp16(_mm512_add_ps(u, u));  // tanh u = 1 - 2 / (1 + e^2u)
     const __m512 tanh = _mm512_fnmadd_ps(_mm512_set1_ps(2.f), rcp16(_mm512_add_ps(one, e)), one);
     return _mm512_mul_ps(_mm512_mul_ps(half, x), _mm512_add_ps(one, tanh));
@@ -217,10 +223,7 @@ template <Act act>
 PADFREE_AVX512 void act_span(float* p, int64_t n) {
   int64_t i = 0;
   for (; i + 16 <= n; i += 16) _mm512_storeu_ps(p + i, act16<act>(_mm512_loadu_ps(p + i)));
-  if (i < n) {
-    const __mmask16 m = (__mmask16)((1u << (n - i)) - 1);
-    _mm512_mask_storeu_ps(p + i, m, act16<act>(_mm512_maskz_loadu_ps(m, p + i)));
-  }
+  if (i < n) _mm512_mask_storeu_ps(p + i, lanes(n - i), act16<act>(_mm512_maskz_loadu_ps(lanes(n - i), p + i)));
 }
 
 // The FFN activation in place on a contiguous fp32 tensor, split over the threads (ATen's own below AVX-512).
@@ -242,7 +245,7 @@ void activate_(Tensor& f, const std::string& activation) {
 }
 
 // ---- attention of short sequences ----
-constexpr int64_t kMaxLen = 64;  // the longest sequence attend() takes (4 vectors of scores); PyTorch's is as fast above
+constexpr int64_t kMaxLen = 64;  // the longest sequence attend() takes (4 score vectors); PyTorch's is as fast above
 constexpr int64_t kGroup = 8;    // query rows attend_rows() takes at once: 8 independent accumulators per loop
 
 // R consecutive query rows of one head (R <= kGroup): scores against the n keys, softmax, context. Each loop runs R
@@ -259,33 +262,33 @@ PADFREE_AVX512 void attend_rows(const float* q, const float* v, int64_t ld, floa
       const __m512 kc = _mm512_loadu_ps(kt + c * kMaxLen + 16 * b);
       for (int r = 0; r < R; ++r) acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(q[r * ld + c]), kc, acc[r]);
     }
-    for (int r = 0; r < R; ++r) _mm512_storeu_ps(p + r * kMaxLen + 16 * b, _mm512_mul_ps(acc[r], _mm512_set1_ps(scale)));
+    for (int r = 0; r < R; ++r)
+      _mm512_storeu_ps(p + r * kMaxLen + 16 * b, _mm512_mul_ps(acc[r], _mm512_set1_ps(scale)));
   }
   float inv[R];
   for (int r = 0; r < R; ++r) {  // softmax of each row, over the n real keys
     float* pr = p + r * kMaxLen;
     float top = -INFINITY, sum = 0.f;
+    for (int64_t b = 0; b < blocks; ++b)
+      top = std::max(top, _mm512_mask_reduce_max_ps(lanes(n - 16 * b), _mm512_loadu_ps(pr + 16 * b)));
     for (int64_t b = 0; b < blocks; ++b) {
-      const __mmask16 m = n - 16 * b >= 16 ? 0xFFFF : (__mmask16)((1u << (n - 16 * b)) - 1);
-      top = std::max(top, _mm512_mask_reduce_max_ps(m, _mm512_loadu_ps(pr + 16 * b)));
-    }
-    for (int64_t b = 0; b < blocks; ++b) {
-      const __mmask16 m = n - 16 * b >= 16 ? 0xFFFF : (__mmask16)((1u << (n - 16 * b)) - 1);
-      const __m512 e = _mm512_maskz_mov_ps(m, exp16(_mm512_sub_ps(_mm512_loadu_ps(pr + 16 * b), _mm512_set1_ps(top))));
+      const __m512 shifted = _mm512_sub_ps(_mm512_loadu_ps(pr + 16 * b), _mm512_set1_ps(top));
+      const __m512 e = _mm512_maskz_mov_ps(lanes(n - 16 * b), exp16(shifted));
       sum += _mm512_reduce_add_ps(e);
       _mm512_storeu_ps(pr + 16 * b, e);
     }
     inv[r] = 1.f / sum;
   }
   for (int64_t c0 = 0; c0 < d; c0 += 16) {  // context, 16 features at a time
-    const __mmask16 m = d - c0 >= 16 ? 0xFFFF : (__mmask16)((1u << (d - c0)) - 1);
+    const __mmask16 m = lanes(d - c0);
     __m512 acc[R];
     for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
     for (int64_t j = 0; j < n; ++j) {
       const __m512 vj = _mm512_maskz_loadu_ps(m, v + j * ld + c0);
       for (int r = 0; r < R; ++r) acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(p[r * kMaxLen + j]), vj, acc[r]);
     }
-    for (int r = 0; r < R; ++r) _mm512_mask_storeu_ps(out + r * ldo + c0, m, _mm512_mul_ps(acc[r], _mm512_set1_ps(inv[r])));
+    for (int r = 0; r < R; ++r)
+      _mm512_mask_storeu_ps(out + r * ldo + c0, m, _mm512_mul_ps(acc[r], _mm512_set1_ps(inv[r])));
   }
 }
 
