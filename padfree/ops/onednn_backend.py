@@ -11,11 +11,12 @@ epilogues save whole passes over ``[T, F]`` / ``[T, H]`` (see benchmarks/NOTES.m
   sequences straight on strided views of ``[T, 3H]`` (PyTorch's CPU flash
   kernel runs in bf16: converting to fp32 was speed-neutral on W1 and 20 % slower on W2, see NOTES.md).
 
-Small fp32 batches (at most ``SMALL_ROWS`` packed tokens: one short request, the latency of a server) run their
-products on MKL's packed sgemm instead, with the epilogue as separate ops: at 8-64 rows a product is a pass over its
-weight, and MKL's packed kernel makes that pass 15-38 % faster than oneDNN's on 2 threads, more than the fused
-epilogues save there (benchmarks/NOTES.md, section 15). Its packed copy of a weight is made on the first small batch
-and costs the weight's size again (MiniLM +42 MB, BERT-base +325 MB); ``PADFREE_SMALL_ROWS=0`` turns it off.
+On Intel CPUs small fp32 batches (at most ``SMALL_ROWS`` packed tokens: one short request, the latency of a server)
+run their products on MKL's packed sgemm instead, with the epilogue as separate ops: at 8-64 rows a product is a
+pass over its weight, and MKL's packed kernel makes that pass 15-38 % faster than oneDNN's on 2 threads (the Xeon
+VM), more than the fused epilogues save there (benchmarks/NOTES.md, section 15). On AMD's, MKL's sgemm takes 2-3x
+oneDNN's time (section 19) and the path is off by default. Its packed copy of a weight is made on the first small
+batch and costs the weight's size again (MiniLM +42 MB, BERT-base +325 MB); ``PADFREE_SMALL_ROWS=0`` turns it off.
 Plain post-LN models run a short batch's whole layer stack in one native call instead (:func:`post_ln_layers`), on
 the native module's own products for fp32 up to ``OWN_PRODUCT_ROWS`` tokens and bf16 up to ``BF16_NATIVE_ROWS``
 (another packed copy of each weight, made on the first such batch).
@@ -39,10 +40,28 @@ from .relative import RelativeScores
 _POST_OPS = {"gelu": ("gelu", "none"), "gelu_tanh": ("gelu", "tanh"), "relu": ("relu", ""), "silu": ("swish", "")}
 
 
+def _cpu_vendor() -> str:
+    """The CPU's ``vendor_id`` (``GenuineIntel``, ``AuthenticAMD``; "" where /proc/cpuinfo does not say)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("vendor_id"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
+
+
+# AMD's Zen 4 (measured on the EPYC machine kind, benchmarks/NOTES.md section 19): MKL's sgemm takes a generic path
+# there (2-3x oneDNN's time at 8-128 rows), and vdpbf16ps runs at the fp32 FMA rate, so that bf16 dot products do
+# twice the work of fp32 FMAs; on the Intel Xeon VM it ran at about half that rate (section 18).
+_AMD = _cpu_vendor() == "AuthenticAMD"
+
+
 def _small_rows() -> int:
-    """``PADFREE_SMALL_ROWS`` (default 64): the most rows an fp32 product may have to run on MKL's packed sgemm;
-    0 turns the small-batch path off (no MKL copies of the weights)."""
-    value = os.environ.get("PADFREE_SMALL_ROWS", "64")
+    """``PADFREE_SMALL_ROWS`` (default 64, 0 on AMD CPUs): the most rows an fp32 product may have to run on MKL's
+    packed sgemm; 0 turns the small-batch path off (no MKL copies of the weights)."""
+    value = os.environ.get("PADFREE_SMALL_ROWS", "0" if _AMD else "64")
     if not value.strip().isdigit():
         raise ValueError("PADFREE_SMALL_ROWS must be an integer >= 0 (0 turns the small-batch path off); "
                          f"got {value!r}")
@@ -56,6 +75,7 @@ _MKL = torch.backends.mkl.is_available()
 _PACKERS = {"onednn": lambda w: torch.ops.mkldnn._reorder_linear_weight(w),
             "mkl": lambda w: torch.ops.mkl._mkl_reorder_linear_weight(w, SMALL_ROWS),
             "blocks": lambda w: native.module().pack_blocks(w),  # the native product's blocks (fp32 or bf16)
+            "pairs": lambda w: native.module().pack_pairs(w),  # the native bf16 dot product's blocks
             "fp32": lambda w: w.float()}  # a bf16 vector as fp32
 # (id(weight), layout) -> (weight ref, version, packed)
 _packed: dict[tuple[int, str], tuple[weakref.ref, int, torch.Tensor]] = {}
@@ -140,11 +160,14 @@ def linear_residual_layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torc
 
 _NATIVE_ACTIVATIONS = frozenset({"gelu", "gelu_tanh", "relu", "silu"})  # those small_layers.cpp applies
 # With AVX-512, fp32 batches of at most OWN_PRODUCT_ROWS tokens run the native stack on its own product, which
-# prefetches the weight it streams (1.2-2.3x MKL's packed sgemm there); 49-SMALL_ROWS tokens on MKL's, faster there
-# for BERT-base's shapes; bf16 batches of at most BF16_NATIVE_ROWS on its own product, where it beats oneDNN's bf16
-# products by 1.3-1.7x (benchmarks/NOTES.md, section 18).
-OWN_PRODUCT_ROWS = 48
+# prefetches the weight it streams (Xeon: 1.2-2.3x MKL's packed sgemm at 8-48 rows, and MKL's is faster at 49-64
+# for BERT-base's shapes, so those keep it; EPYC: as fast as oneDNN's at 128 rows and faster below); bf16 batches of
+# at most BF16_NATIVE_ROWS on its own product, where it beats oneDNN's bf16 products by 1.3-1.7x on the Xeon; on
+# the EPYC the product on bf16 dot products does, up to 64 tokens, and the stack still wins whole up to 96
+# (benchmarks/NOTES.md, sections 18 and 19).
+OWN_PRODUCT_ROWS = 128 if _AMD else 48
 BF16_NATIVE_ROWS = 128
+BF16_DOT = _AMD  # bf16 batches on bf16 dot products (x rounded to bf16), not on fp32 FMAs of the widened weight
 
 
 def post_ln_layers(x: torch.Tensor, layers, runs, num_heads: int, scale: float, eps: float,
@@ -153,19 +176,21 @@ def post_ln_layers(x: torch.Tensor, layers, runs, num_heads: int, scale: float, 
     :mod:`padfree.ops.native`. None where it does not apply (another activation, a tensor the stack lacks, no
     native module, more tokens than it takes): the encoder then runs the layers one by one.
 
-    - With AVX-512 the attention of sequences up to 64 tokens and the activation are the module's own kernels,
+    - With AVX-512 the attention of sequences up to 128 tokens and the activation are the module's own kernels,
       and so are the products of fp32 batches up to ``OWN_PRODUCT_ROWS`` tokens and bf16 batches up to
       ``BF16_NATIVE_ROWS`` (its packed copy of a weight costs the weight's size again, as MKL's and oneDNN's do);
-      fp32 batches up to ``SMALL_ROWS`` tokens run on MKL's products. fp32 gives the Python forward's result within
-      fp32 rounding; bf16 runs the same fp32 stack on the bf16 weights and rounds the result to bf16 once: faster
-      than oneDNN's bf16 products at these sizes, and more exact than a bf16 forward.
+      above ``OWN_PRODUCT_ROWS``, fp32 batches up to ``SMALL_ROWS`` tokens run on MKL's products. fp32 gives the
+      Python forward's result within fp32 rounding; bf16 runs the same fp32 stack on the bf16 weights and rounds
+      the result to bf16 once, its products on the widened weights or, with ``BF16_DOT`` (AMD), bf16 dot products
+      on x rounded to bf16: faster than oneDNN's bf16 products at these sizes, and more exact than a bf16
+      forward.
     - Without AVX-512, fp32 batches of at most ``SMALL_ROWS`` tokens: the ATen ops of the small-batch path (MKL's
       products) without Python between them."""
     if activation not in _NATIVE_ACTIVATIONS or (mod := native.module()) is None:
         return None
     rows, avx512 = x.shape[0], mod.has_avx512()
     if x.dtype == torch.bfloat16 and avx512 and rows <= BF16_NATIVE_ROWS:
-        layout, vector = "blocks", _fp32_copy
+        layout, vector = "pairs" if BF16_DOT and mod.has_avx512_bf16() else "blocks", _fp32_copy
     elif x.dtype == torch.float32 and avx512 and rows <= OWN_PRODUCT_ROWS:
         layout, vector = "blocks", _same
     elif _small(x):  # MKL's products (above OWN_PRODUCT_ROWS, or no AVX-512: then ATen's ops all through)

@@ -4,10 +4,11 @@
 // FFN-in product and its activation in place, the FFN-out product, residual add and LayerNorm. At a handful of tokens
 // each op costs microseconds, and Python between them cost as much again (benchmarks/NOTES.md, section 17); here
 // there is none, and the GIL is released for the whole stack. The products, the attention of sequences of at most
-// 64 tokens and the activation are this file's AVX-512 kernels, split over the threads; LayerNorm and the residual
+// 128 tokens and the activation are this file's AVX-512 kernels, split over the threads; LayerNorm and the residual
 // add are ATen's (so is everything where the CPU lacks AVX-512, with MKL's products). The stack computes in fp32: a
-// bf16 model's batch runs on its bf16 weights, widened in registers, and the caller rounds the result to bf16 once,
-// faster than oneDNN's bf16 products at these sizes and more exact than a bf16 forward (NOTES.md, section 18).
+// bf16 model's batch runs on its bf16 weights, widened in registers or in bf16 dot products (x rounded to bf16 for
+// each product), and the caller rounds the result to bf16 once: faster than oneDNN's bf16 products at these sizes
+// and more exact than a bf16 forward (NOTES.md, sections 18 and 19).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -35,9 +36,15 @@ Tensor mkl_linear(const Tensor& x, const Tensor& packed, const Tensor& weight, c
 // The AVX-512 code below is compiled for AVX-512 F/BW whatever the build's flags, and runs only where the CPU has
 // them (has_avx512); elsewhere the stack keeps ATen's ops.
 #define PADFREE_AVX512 __attribute__((target("avx512f,avx512bw")))
+#define PADFREE_AVX512_BF16 __attribute__((target("avx512f,avx512bw,avx512bf16")))
 
 bool has_avx512() {
   static const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw");
+  return ok;
+}
+
+bool has_avx512_bf16() {
+  static const bool ok = has_avx512() && __builtin_cpu_supports("avx512bf16");
   return ok;
 }
 
@@ -74,6 +81,16 @@ Tensor pack_blocks(const Tensor& weight) {
   return padded.view({blocks, kCols, K}).index_select(1, index).transpose(1, 2).contiguous();
 }
 
+// bf16 weight [N, K] -> [ceil(N / 32), ceil(K / 2), 32, 2] for block_pairs: each column's k in pairs, one 32-bit
+// word per (pair, column); columns and an odd K's last pair padded with zeros.
+Tensor pack_pairs(const Tensor& weight) {
+  TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == at::kBFloat16, "pack_pairs: a bf16 [N, K] weight");
+  const int64_t N = weight.size(0), K = weight.size(1), blocks = (N + kCols - 1) / kCols, pairs = (K + 1) / 2;
+  auto padded = at::zeros({blocks * kCols, 2 * pairs}, weight.options());
+  padded.slice(0, 0, N).slice(1, 0, K).copy_(weight);
+  return padded.view({blocks, kCols, pairs, 2}).permute({0, 2, 1, 3}).contiguous();
+}
+
 // 32 weights of one k as two fp32 vectors (columns 0-15, 16-31)
 PADFREE_AVX512 inline void load32(const float* w, __m512& w0, __m512& w1) {
   w0 = _mm512_loadu_ps(w);
@@ -85,7 +102,19 @@ PADFREE_AVX512 inline void load32(const at::BFloat16* w, __m512& w0, __m512& w1)
   w1 = _mm512_castsi512_ps(_mm512_unpackhi_epi16(zero, raw));
 }
 
-// R rows of x times one block of 32 columns (the first `cols` of them real), plus bias, into y
+// Each row's 32 accumulators plus bias into y (the first `cols` columns real)
+template <int R>
+PADFREE_AVX512 inline void store_rows(const __m512 (&acc)[R][2], const float* bias, float* y, int64_t N,
+                                      int64_t cols) {
+  const __mmask16 lo = lanes(cols), hi = lanes(cols - 16);
+  const __m512 b0 = _mm512_maskz_loadu_ps(lo, bias), b1 = _mm512_maskz_loadu_ps(hi, bias + 16);
+  for (int m = 0; m < R; ++m) {
+    _mm512_mask_storeu_ps(y + m * N, lo, _mm512_add_ps(acc[m][0], b0));
+    _mm512_mask_storeu_ps(y + m * N + 16, hi, _mm512_add_ps(acc[m][1], b1));
+  }
+}
+
+// R rows of x times one block of 32 columns, plus bias, into y
 template <typename W, int R>
 PADFREE_AVX512 void block(const float* x, int64_t K, const W* w, const float* bias, float* y, int64_t N, int64_t cols) {
   __m512 acc[R][2];
@@ -102,25 +131,48 @@ PADFREE_AVX512 void block(const float* x, int64_t K, const W* w, const float* bi
       acc[m][1] = _mm512_fmadd_ps(xb, w1, acc[m][1]);
     }
   }
-  const __mmask16 lo = lanes(cols), hi = lanes(cols - 16);
-  const __m512 b0 = _mm512_maskz_loadu_ps(lo, bias), b1 = _mm512_maskz_loadu_ps(hi, bias + 16);
-  for (int m = 0; m < R; ++m) {
-    _mm512_mask_storeu_ps(y + m * N, lo, _mm512_add_ps(acc[m][0], b0));
-    _mm512_mask_storeu_ps(y + m * N + 16, hi, _mm512_add_ps(acc[m][1], b1));
+  store_rows<R>(acc, bias, y, N, cols);
+}
+
+// The same on bf16 dot products (vdpbf16ps): x as bf16 pairs (2 k each, [T, P] words), the weight as pack_pairs'
+// block ([P, 32] words: a word holds one column's two k); fp32 accumulators. Where the CPU runs vdpbf16ps at the
+// fp32 FMA rate (AMD's Zen 4) this is twice the flops of widening the weight (benchmarks/NOTES.md, section 19).
+template <int R>
+PADFREE_AVX512_BF16 void block_pairs(const uint32_t* x, int64_t P, const uint32_t* w, const float* bias, float* y,
+                                     int64_t N, int64_t cols) {
+  __m512 acc[R][2];
+  for (int m = 0; m < R; ++m) acc[m][0] = acc[m][1] = _mm512_setzero_ps();
+  const char* ahead = reinterpret_cast<const char*>(w) + kAhead;
+  for (int64_t p = 0; p < P; ++p) {
+    _mm_prefetch(ahead + p * kCols * 4, _MM_HINT_T0);
+    _mm_prefetch(ahead + p * kCols * 4 + 64, _MM_HINT_T0);
+    const __m512bh w0 = (__m512bh)_mm512_loadu_si512(w + p * kCols);
+    const __m512bh w1 = (__m512bh)_mm512_loadu_si512(w + p * kCols + 16);
+    for (int m = 0; m < R; ++m) {
+      const __m512bh xb = (__m512bh)_mm512_set1_epi32(int(x[m * P + p]));
+      acc[m][0] = _mm512_dpbf16_ps(acc[m][0], xb, w0);
+      acc[m][1] = _mm512_dpbf16_ps(acc[m][1], xb, w1);
+    }
   }
+  store_rows<R>(acc, bias, y, N, cols);
 }
 
+template <typename X, typename W>
+using BlockFn = void (*)(const X*, int64_t, const W*, const float*, float*, int64_t, int64_t);
 template <typename W, size_t... R>
-constexpr auto block_table(std::index_sequence<R...>) {  // block<W, 1> ... block<W, kRows>
-  using Fn = void (*)(const float*, int64_t, const W*, const float*, float*, int64_t, int64_t);
-  return std::array<Fn, sizeof...(R)>{block<W, int(R) + 1>...};
+constexpr std::array<BlockFn<float, W>, kRows> block_table(std::index_sequence<R...>) {  // block<W, 1 ... kRows>
+  return {block<W, int(R) + 1>...};
+}
+template <size_t... R>
+constexpr std::array<BlockFn<uint32_t, uint32_t>, kRows> pairs_table(std::index_sequence<R...>) {
+  return {block_pairs<int(R) + 1>...};
 }
 
-// Blocks of 32 columns split over the threads; each block's weight (K x 32 values) serves every row of x.
-template <typename W>
-void blocks_product(const float* x, int64_t T, int64_t K, const W* w, int64_t blocks, const float* bias, float* y,
-                    int64_t N) {
-  static constexpr auto table = block_table<W>(std::make_index_sequence<kRows>());
+// Blocks of 32 columns split over the threads; each block's weight (K steps x 32 columns) serves every row of x
+// (K: the depth in x's and the weight's units, k or pairs of k).
+template <typename X, typename W>
+void blocks_product(const std::array<BlockFn<X, W>, kRows>& table, const X* x, int64_t T, int64_t K, const W* w,
+                    int64_t blocks, const float* bias, float* y, int64_t N) {
   if (T == 0) return;
   const int64_t calls = (T + kRows - 1) / kRows, step = (T + calls - 1) / calls;  // rows split evenly over the calls
   at::parallel_for(0, blocks, 1, [&](int64_t first, int64_t last) {
@@ -134,26 +186,40 @@ void blocks_product(const float* x, int64_t T, int64_t K, const W* w, int64_t bl
   });
 }
 
-// x [T, K] fp32 @ W^T + bias on pack_blocks' packing [blocks, K, 32] of W [N, K]: [T, N] fp32
+// x [T, K] fp32 @ W^T + bias, W [N, K] packed by pack_blocks ([blocks, K, 32]: fp32 products) or pack_pairs
+// ([blocks, K / 2, 32, 2]: x rounded to bf16, bf16 dot products); fp32 bias and result [T, N]
 Tensor blocks_linear(const Tensor& x, const Tensor& packed, int64_t N, const Tensor& bias) {
   TORCH_CHECK(has_avx512(), "blocks_linear: needs AVX-512");
-  const int64_t T = x.size(0), K = x.size(1);
-  TORCH_CHECK(x.scalar_type() == at::kFloat && x.is_contiguous() && packed.dim() == 3 && packed.size(1) == K &&
-                  packed.size(0) * kCols >= N && bias.scalar_type() == at::kFloat && bias.numel() == N,
+  const int64_t T = x.size(0), K = x.size(1), pairs = packed.dim() == 4;
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.is_contiguous() && packed.size(0) * kCols >= N &&
+                  (pairs ? packed.size(1) == (K + 1) / 2 : packed.dim() == 3 && packed.size(1) == K) &&
+                  bias.scalar_type() == at::kFloat && bias.numel() == N,
               "blocks_linear: x, packing or bias do not match");
   auto y = at::empty({T, N}, x.options());
-  if (packed.scalar_type() == at::kBFloat16)
-    blocks_product(x.data_ptr<float>(), T, K, packed.data_ptr<at::BFloat16>(), packed.size(0),
-                   bias.data_ptr<float>(), y.data_ptr<float>(), N);
-  else
-    blocks_product(x.data_ptr<float>(), T, K, packed.data_ptr<float>(), packed.size(0), bias.data_ptr<float>(),
-                   y.data_ptr<float>(), N);
+  float* out = y.data_ptr<float>();
+  if (pairs) {
+    TORCH_CHECK(has_avx512_bf16(), "blocks_linear: a pack_pairs packing needs AVX-512 BF16");
+    static constexpr auto table = pairs_table(std::make_index_sequence<kRows>());
+    auto xb = x.to(at::kBFloat16);
+    if (K % 2) xb = at::constant_pad_nd(xb, {0, 1});  // the last pair's second k is zero in both
+    blocks_product(table, reinterpret_cast<const uint32_t*>(xb.data_ptr<at::BFloat16>()), T, (K + 1) / 2,
+                   reinterpret_cast<const uint32_t*>(packed.data_ptr<at::BFloat16>()), packed.size(0),
+                   bias.data_ptr<float>(), out, N);
+  } else if (packed.scalar_type() == at::kBFloat16) {
+    static constexpr auto table = block_table<at::BFloat16>(std::make_index_sequence<kRows>());
+    blocks_product(table, x.data_ptr<float>(), T, K, packed.data_ptr<at::BFloat16>(), packed.size(0),
+                   bias.data_ptr<float>(), out, N);
+  } else {
+    static constexpr auto table = block_table<float>(std::make_index_sequence<kRows>());
+    blocks_product(table, x.data_ptr<float>(), T, K, packed.data_ptr<float>(), packed.size(0),
+                   bias.data_ptr<float>(), out, N);
+  }
   return y;
 }
 
-// x @ weight^T + bias on the layer's packing: pack_blocks' ([blocks, K, 32], fp32 bias) or MKL's
+// x @ weight^T + bias on the layer's packing: pack_blocks' or pack_pairs' (with an fp32 bias), or MKL's
 Tensor linear(const Tensor& x, const Tensor& packed, const Tensor& weight, const Tensor& bias) {
-  return packed.dim() == 3 ? blocks_linear(x, packed, weight.size(0), bias) : mkl_linear(x, packed, weight, bias);
+  return packed.dim() >= 3 ? blocks_linear(x, packed, weight.size(0), bias) : mkl_linear(x, packed, weight, bias);
 }
 
 // ---- vector math: e^x, erf and the activations on 16 fp32 lanes ----
@@ -245,12 +311,12 @@ void activate_(Tensor& f, const std::string& activation) {
 }
 
 // ---- attention of short sequences ----
-constexpr int64_t kMaxLen = 64;  // the longest sequence attend() takes (4 score vectors); PyTorch's is as fast above
+constexpr int64_t kMaxLen = 128;  // the longest sequence attend() takes (8 score vectors); PyTorch's kernel above
 constexpr int64_t kGroup = 8;    // query rows attend_rows() takes at once: 8 independent accumulators per loop
 
 // R consecutive query rows of one head (R <= kGroup): scores against the n keys, softmax, context. Each loop runs R
 // independent accumulators and loads each key / value vector once for the R rows. kt: the keys transposed
-// ([d][64], so that a row's scores are 16-lane vectors over the keys); p: scratch of R x 64 floats.
+// ([d][kMaxLen], so that a row's scores are 16-lane vectors over the keys); p: scratch of R x kMaxLen floats.
 template <int R>
 PADFREE_AVX512 void attend_rows(const float* q, const float* v, int64_t ld, float* out, int64_t ldo, int64_t n,
                                 int64_t d, float scale, const float* kt, float* p) {
@@ -292,8 +358,9 @@ PADFREE_AVX512 void attend_rows(const float* q, const float* v, int64_t ld, floa
   }
 }
 
-// softmax(q k^T scale) v for one head of one sequence of n <= 64 tokens: q, k, v rows at a stride of ld floats
-// (rows of [T, 3H]), d features; out rows at a stride of ldo. kt: scratch of d x 64 floats; p: of kGroup x 64.
+// softmax(q k^T scale) v for one head of one sequence of n <= kMaxLen tokens: q, k, v rows at a stride of ld
+// floats (rows of [T, 3H]), d features; out rows at a stride of ldo. kt: scratch of d x kMaxLen floats; p: of
+// kGroup x kMaxLen.
 PADFREE_AVX512 void attend(const float* q, const float* k, const float* v, int64_t ld, float* out, int64_t ldo,
                            int64_t n, int64_t d, float scale, float* kt, float* p) {
   for (int64_t j = 0; j < n; ++j)
@@ -307,7 +374,7 @@ PADFREE_AVX512 void attend(const float* q, const float* k, const float* v, int64
 }
 
 // Self-attention of each run (first token, sequences, length) of x's packed sequences: [T, 3H] -> [T, H]. With
-// AVX-512 and sequences of at most 64 tokens, attend() per (sequence, head), split over the threads; otherwise
+// AVX-512 and sequences of at most kMaxLen tokens, attend() per (sequence, head), split over the threads; otherwise
 // PyTorch's CPU flash kernel on strided views, per run.
 Tensor attention(const Tensor& qkv, const std::vector<int64_t>& runs, int64_t heads, double scale) {
   const int64_t T = qkv.size(0), H = qkv.size(1) / 3, d = H / heads;
@@ -348,8 +415,8 @@ Tensor attention(const Tensor& qkv, const std::vector<int64_t>& runs, int64_t he
 
 // x [T, H] (fp32) through the layers; per layer 16 tensors in this order: qkv weight, its packing, bias; attention
 // output weight, packing, bias; LayerNorm weight, bias; FFN-in weight, packing, bias; FFN-out weight, packing,
-// bias; LayerNorm weight, bias. A packing is pack_blocks' (fp32 or bf16 weight) or MKL's (fp32); the biases and
-// LayerNorm vectors are fp32 either way. runs: (first token, sequences, length) of each run, flattened.
+// bias; LayerNorm weight, bias. A packing is pack_blocks' (fp32 or bf16 weight), pack_pairs' (bf16) or MKL's (fp32);
+// the biases and LayerNorm vectors are fp32 either way. runs: (first token, sequences, length) of each run, flattened.
 Tensor post_ln_layers(Tensor x, const std::vector<Tensor>& tensors, const std::vector<int64_t>& runs,
                       int64_t heads, double scale, double eps, const std::string& activation) {
   TORCH_CHECK(tensors.size() % 16 == 0, "post_ln_layers: 16 tensors per layer, got ", tensors.size());
@@ -375,6 +442,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("has_avx512", &has_avx512);
   m.def("attention", &attention, py::call_guard<py::gil_scoped_release>());
   m.def("activate_", &activate_, py::call_guard<py::gil_scoped_release>());
+  m.def("has_avx512_bf16", &has_avx512_bf16);
   m.def("pack_blocks", &pack_blocks);
+  m.def("pack_pairs", &pack_pairs);
   m.def("blocks_linear", &blocks_linear, py::call_guard<py::gil_scoped_release>());
 }
