@@ -20,9 +20,9 @@ from padfree.ops import native, onednn_backend
 FAMILIES = [("bert", 0), ("bert", 1), ("roberta", 1), ("distilbert", 1), ("albert", 1), ("electra", 0)]
 # fp32 batches the stack takes: one sequence, one token, runs of equal lengths, mixed runs, the most on the native
 # product on Intel CPUs (OWN_PRODUCT_ROWS = 48), the most on MKL's there (SMALL_ROWS = 64), the most on the native
-# product on AMD's (128, where MKL's is not used)
+# product on AMD's (96) and on oneDNN's there (ONEDNN_STACK_ROWS = 128)
 LAYOUTS = {"one": [7], "one-token": [1], "equal-runs": [5, 5, 5, 2], "mixed": [3, 9, 9, 1, 12, 4],
-           "48": [40, 8], "64": [40, 24], "128": [40, 40, 40, 8]}
+           "48": [40, 8], "64": [40, 24], "96": [40, 40, 16], "128": [40, 40, 40, 8]}
 BF16_LAYOUTS = {"mixed": [3, 9, 9, 1, 12, 4], "limit": [40, 40, 33, 15]}  # up to BF16_NATIVE_ROWS = 128
 
 
@@ -172,12 +172,12 @@ def test_bf16_stack_is_the_fp32_stack_on_the_bf16_weights(family, shape, layout,
 
 
 def test_native_stack_is_not_taken_where_it_does_not_apply():
-    """Above the stack's limits (fp32: the larger of OWN_PRODUCT_ROWS and SMALL_ROWS, bf16: BF16_NATIVE_ROWS), in
-    fp16 and for layers with relative terms, the encoder runs layer by layer."""
+    """Above the stack's limits (fp32: the largest of OWN_PRODUCT_ROWS, SMALL_ROWS and ONEDNN_STACK_ROWS, bf16:
+    BF16_NATIVE_ROWS), in fp16 and for layers with relative terms, the encoder runs layer by layer."""
     model = make("bert", 0)
     enc = padfree.from_pretrained(model)
     cfg = enc.config
-    fp32_rows = max(onednn_backend.OWN_PRODUCT_ROWS, onednn_backend.SMALL_ROWS) + 1
+    fp32_rows = max(onednn_backend.OWN_PRODUCT_ROWS, onednn_backend.SMALL_ROWS, onednn_backend.ONEDNN_STACK_ROWS) + 1
     bf16_rows = onednn_backend.BF16_NATIVE_ROWS + 1
     for x in (torch.randn(fp32_rows, cfg.hidden_size), torch.randn(bf16_rows, cfg.hidden_size, dtype=torch.bfloat16),
               torch.randn(8, cfg.hidden_size, dtype=torch.float16)):

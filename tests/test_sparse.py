@@ -84,10 +84,16 @@ def dense(x: torch.Tensor) -> torch.Tensor:
 
 
 def assert_same(ours: torch.Tensor, theirs: torch.Tensor) -> None:
-    """Same non-zero entries, values within VALUE_TOL."""
+    """Same non-zero entries, values within VALUE_TOL. An entry may be zero in one and not the other only where its
+    value is within VALUE_TOL of zero: a logit at the ReLU's edge, which fp32 rounding may put on either side
+    (seen: 4.8e-7 against 0 on the EPYC, where the products take other kernels than the Xeon's)."""
     assert ours.shape == theirs.shape
     a, b = dense(ours), dense(theirs)
-    assert torch.equal(a != 0, b != 0), f"{int(((a != 0) != (b != 0)).sum())} entries differ in being non-zero"
+    edge = (a != 0) != (b != 0)
+    at_edge = torch.maximum(a[edge].abs(), b[edge].abs())
+    assert at_edge.numel() == 0 or float(at_edge.max()) <= VALUE_TOL, \
+        f"{int(edge.sum())} entries differ in being non-zero, some by more than {VALUE_TOL}"
+    assert int(edge.sum()) <= max(1, int((b != 0).sum()) // 1000), f"{int(edge.sum())} entries differ in being non-zero"
     assert float((a - b).abs().max()) <= VALUE_TOL
 
 

@@ -161,11 +161,12 @@ def linear_residual_layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torc
 _NATIVE_ACTIVATIONS = frozenset({"gelu", "gelu_tanh", "relu", "silu"})  # those small_layers.cpp applies
 # With AVX-512, fp32 batches of at most OWN_PRODUCT_ROWS tokens run the native stack on its own product, which
 # prefetches the weight it streams (Xeon: 1.2-2.3x MKL's packed sgemm at 8-48 rows, and MKL's is faster at 49-64
-# for BERT-base's shapes, so those keep it; EPYC: as fast as oneDNN's at 128 rows and faster below); bf16 batches of
-# at most BF16_NATIVE_ROWS on its own product, where it beats oneDNN's bf16 products by 1.3-1.7x on the Xeon; on
-# the EPYC the product on bf16 dot products does, up to 64 tokens, and the stack still wins whole up to 96
-# (benchmarks/NOTES.md, sections 18 and 19).
-OWN_PRODUCT_ROWS = 128 if _AMD else 48
+# for BERT-base's shapes, so those keep it; EPYC: faster than oneDNN's to 64 rows, as fast at 96, and from there to
+# 128 the stack runs oneDNN's, 4 % faster whole on BERT-base); bf16 batches of at most BF16_NATIVE_ROWS on its own
+# product, where it beats oneDNN's bf16 products by 1.3-1.7x on the Xeon, and on the EPYC (bf16 dot products) to
+# 32 rows and matches them above (benchmarks/NOTES.md, sections 18 and 19).
+OWN_PRODUCT_ROWS = 96 if _AMD else 48
+ONEDNN_STACK_ROWS = 128 if _AMD else 0  # fp32 batches above OWN_PRODUCT_ROWS, up to this, on oneDNN's products
 BF16_NATIVE_ROWS = 128
 BF16_DOT = _AMD  # bf16 batches on bf16 dot products (x rounded to bf16), not on fp32 FMAs of the widened weight
 
@@ -179,11 +180,11 @@ def post_ln_layers(x: torch.Tensor, layers, runs, num_heads: int, scale: float, 
     - With AVX-512 the attention of sequences up to 128 tokens and the activation are the module's own kernels,
       and so are the products of fp32 batches up to ``OWN_PRODUCT_ROWS`` tokens and bf16 batches up to
       ``BF16_NATIVE_ROWS`` (its packed copy of a weight costs the weight's size again, as MKL's and oneDNN's do);
-      above ``OWN_PRODUCT_ROWS``, fp32 batches up to ``SMALL_ROWS`` tokens run on MKL's products. fp32 gives the
-      Python forward's result within fp32 rounding; bf16 runs the same fp32 stack on the bf16 weights and rounds
-      the result to bf16 once, its products on the widened weights or, with ``BF16_DOT`` (AMD), bf16 dot products
-      on x rounded to bf16: faster than oneDNN's bf16 products at these sizes, and more exact than a bf16
-      forward.
+      above ``OWN_PRODUCT_ROWS``, fp32 batches up to ``SMALL_ROWS`` tokens run on MKL's products (Intel) or up to
+      ``ONEDNN_STACK_ROWS`` on oneDNN's (AMD; the packing the Python forward uses too). fp32 gives the Python
+      forward's result within fp32 rounding; bf16 runs the same fp32 stack on the bf16 weights and rounds the
+      result to bf16 once, its products on the widened weights or, with ``BF16_DOT`` (AMD), bf16 dot products on
+      x rounded to bf16: faster than oneDNN's bf16 products at these sizes, and more exact than a bf16 forward.
     - Without AVX-512, fp32 batches of at most ``SMALL_ROWS`` tokens: the ATen ops of the small-batch path (MKL's
       products) without Python between them."""
     if activation not in _NATIVE_ACTIVATIONS or (mod := native.module()) is None:
@@ -195,6 +196,8 @@ def post_ln_layers(x: torch.Tensor, layers, runs, num_heads: int, scale: float, 
         layout, vector = "blocks", _same
     elif _small(x):  # MKL's products (above OWN_PRODUCT_ROWS, or no AVX-512: then ATen's ops all through)
         layout, vector = "mkl", _same
+    elif x.dtype == torch.float32 and avx512 and rows <= ONEDNN_STACK_ROWS:
+        layout, vector = "onednn", _same
     else:
         return None
     flat = []

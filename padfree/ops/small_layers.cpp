@@ -33,6 +33,15 @@ Tensor mkl_linear(const Tensor& x, const Tensor& packed, const Tensor& weight, c
   return op.call(x, packed, weight, bias, x.size(0));
 }
 
+// oneDNN's fp32 product on its packing of the weight (torch.ops.mkldnn._reorder_linear_weight)
+Tensor onednn_linear(const Tensor& x, const Tensor& packed, const Tensor& bias) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("mkldnn::_linear_pointwise", "")
+                       .typed<Tensor(const Tensor&, const Tensor&, const std::optional<Tensor>&, c10::string_view,
+                                     c10::List<std::optional<c10::Scalar>>, std::optional<c10::string_view>)>();
+  return op.call(x, packed, bias, "none", c10::List<std::optional<c10::Scalar>>(), "none");
+}
+
 // The AVX-512 code below is compiled for AVX-512 F/BW whatever the build's flags, and runs only where the CPU has
 // them (has_avx512); elsewhere the stack keeps ATen's ops.
 #define PADFREE_AVX512 __attribute__((target("avx512f,avx512bw")))
@@ -217,8 +226,9 @@ Tensor blocks_linear(const Tensor& x, const Tensor& packed, int64_t N, const Ten
   return y;
 }
 
-// x @ weight^T + bias on the layer's packing: pack_blocks' or pack_pairs' (with an fp32 bias), or MKL's
+// x @ weight^T + bias on the layer's packing: pack_blocks' or pack_pairs' (with an fp32 bias), oneDNN's or MKL's
 Tensor linear(const Tensor& x, const Tensor& packed, const Tensor& weight, const Tensor& bias) {
+  if (packed.is_mkldnn()) return onednn_linear(x, packed, bias);
   return packed.dim() >= 3 ? blocks_linear(x, packed, weight.size(0), bias) : mkl_linear(x, packed, weight, bias);
 }
 
@@ -415,8 +425,9 @@ Tensor attention(const Tensor& qkv, const std::vector<int64_t>& runs, int64_t he
 
 // x [T, H] (fp32) through the layers; per layer 16 tensors in this order: qkv weight, its packing, bias; attention
 // output weight, packing, bias; LayerNorm weight, bias; FFN-in weight, packing, bias; FFN-out weight, packing,
-// bias; LayerNorm weight, bias. A packing is pack_blocks' (fp32 or bf16 weight), pack_pairs' (bf16) or MKL's (fp32);
-// the biases and LayerNorm vectors are fp32 either way. runs: (first token, sequences, length) of each run, flattened.
+// bias; LayerNorm weight, bias. A packing is pack_blocks' (fp32 or bf16 weight), pack_pairs' (bf16), oneDNN's or
+// MKL's (fp32); the biases and LayerNorm vectors are fp32 either way. runs: (first token, sequences, length) of each
+// run, flattened.
 Tensor post_ln_layers(Tensor x, const std::vector<Tensor>& tensors, const std::vector<int64_t>& runs,
                       int64_t heads, double scale, double eps, const std::string& activation) {
   TORCH_CHECK(tensors.size() % 16 == 0, "post_ln_layers: 16 tensors per layer, got ", tensors.size());
