@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 
 import pytest
 import torch
@@ -75,15 +76,16 @@ def test_native_product_matches_float64(rows, cols, depth, kernel):
     assert y.shape == (rows, cols) and (y.double() - expected).abs().max() <= 1e-4
 
 
-# (heads, head size, runs as (sequences, length)): one token, runs of equal lengths, sizes off 16 lanes, lengths
-# off 16 keys, the longest sequence the native kernel takes (128) and one past it (PyTorch's kernel)
-ATTENTION = [(12, 32, [(1, 8)]), (4, 8, [(1, 1), (3, 5), (2, 9)]), (12, 64, [(1, 40), (1, 24)]),
-             (3, 20, [(1, 64)]), (2, 80, [(2, 17), (1, 3)]), (2, 48, [(1, 100)]), (2, 16, [(1, 128)]),
-             (2, 16, [(1, 129)])]
+# (heads, head size, runs as (sequences, length), the longest sequence the native kernel may take): one token, runs
+# of equal lengths, sizes off 16 lanes, lengths off 16 keys, the longest sequence the native kernel takes (128), one
+# past it and one past the caller's limit (both PyTorch's kernel)
+ATTENTION = [(12, 32, [(1, 8)], 128), (4, 8, [(1, 1), (3, 5), (2, 9)], 128), (12, 64, [(1, 40), (1, 24)], 64),
+             (3, 20, [(1, 64)], 64), (2, 80, [(2, 17), (1, 3)], 128), (2, 48, [(1, 100)], 128),
+             (2, 16, [(1, 128)], 128), (2, 16, [(1, 129)], 128), (2, 48, [(1, 100)], 64)]
 
 
-@pytest.mark.parametrize("heads,size,runs", ATTENTION)
-def test_native_attention_matches_float64(heads, size, runs):
+@pytest.mark.parametrize("heads,size,runs,max_len", ATTENTION)
+def test_native_attention_matches_float64(heads, size, runs, max_len):
     """Each packed sequence attends to itself only, per head: against softmax(q k^T scale) v in float64."""
     hidden, flat, first = heads * size, [], 0
     for count, n in runs:
@@ -91,7 +93,7 @@ def test_native_attention_matches_float64(heads, size, runs):
         first += count * n
     g = torch.Generator().manual_seed(heads * size)
     qkv = torch.randn(first, 3 * hidden, generator=g) * 2
-    out = native.module().attention(qkv, flat, heads, 0.3)
+    out = native.module().attention(qkv, flat, heads, 0.3, max_len)
     expected, t = torch.empty(first, hidden, dtype=torch.float64), 0
     for count, n in runs:
         for _ in range(count):
@@ -216,3 +218,40 @@ def test_padfree_native_must_be_0_or_1(monkeypatch):
         native.enabled()
     monkeypatch.setenv("PADFREE_NATIVE", "0")
     assert native.module() is None and native.why_not() == "PADFREE_NATIVE=0"
+
+
+def _forward_in_a_new_thread(enc, ids, mask) -> tuple[int, dict[int, set[int]]]:
+    """A forward from a new thread (libgomp gives each calling thread its own team of workers): the caller's thread
+    id and the CPU affinity of every thread that appeared meanwhile."""
+    before, out = set(os.listdir("/proc/self/task")), {}
+
+    def work():
+        out["caller"] = threading.get_native_id()
+        enc(ids, mask)
+        out["new"] = {int(t): os.sched_getaffinity(int(t)) for t in set(os.listdir("/proc/self/task")) - before}
+    thread = threading.Thread(target=work)
+    thread.start()
+    thread.join()
+    return out["caller"], out["new"]
+
+
+def test_a_cpu_forward_pins_torchs_workers_one_per_cpu(monkeypatch):
+    """Where the process may run on exactly as many CPUs as torch has threads, a CPU forward pins the OpenMP workers
+    of its calling thread each to its own CPU and leaves the caller free; PADFREE_PIN_THREADS=0 leaves them all
+    free, and another value is refused."""
+    allowed, threads = os.sched_getaffinity(0), torch.get_num_threads()
+    if threads < 2 or len(allowed) != threads:
+        pytest.skip(f"{len(allowed)} CPUs allowed for {threads} torch threads: pinning does not apply")
+    model = make("bert", 0)
+    enc = padfree.from_pretrained(model)
+    ids, mask, _, _ = batch(model, [40, 24], "right")
+    caller, new = _forward_in_a_new_thread(enc, ids, mask)
+    pinned = [cpus for tid, cpus in new.items() if tid != caller and len(cpus) == 1]
+    assert new[caller] == allowed and len(pinned) == threads - 1, new
+    assert len(set.union(*pinned)) == threads - 1 and set.union(*pinned) <= allowed  # each on its own CPU
+    monkeypatch.setattr(native, "PIN_THREADS", False)
+    caller, new = _forward_in_a_new_thread(enc, ids, mask)
+    assert all(cpus == allowed for cpus in new.values()), new
+    monkeypatch.setenv("PADFREE_PIN_THREADS", "yes")
+    with pytest.raises(ValueError, match="PADFREE_PIN_THREADS must be 0 or 1"):
+        native._pin_threads()

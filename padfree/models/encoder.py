@@ -20,6 +20,7 @@ from torch import nn
 from ..batch import PackedBatch
 from ..config import ModelConfig
 from ..outputs import EncoderOutput
+from ..ops import native
 from ..ops.registry import Kernels
 from ..ops.relative import RelativeTables, deberta_span, device_rows
 from ..ops.rotary import rotary_tables
@@ -202,6 +203,8 @@ class Encoder(nn.Module):
             self.prepare()
         if check:
             self.check_batch(batch)
+        if self.device.type == "cpu":
+            native.pin_workers()  # torch's OpenMP workers one per CPU, once per calling thread (ops/native.py)
         x = self._embed(batch)  # [T, H]
         cfg = self.config
         rel = None if self.relative is None else self.relative.for_batch(cfg, batch.max_seqlen)

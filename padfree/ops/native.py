@@ -66,6 +66,28 @@ def module() -> ModuleType | None:
     return state.get("module")
 
 
+def _pin_threads() -> bool:
+    """``PADFREE_PIN_THREADS``: 1 (default) pins torch's OpenMP workers to a CPU each (:func:`pin_workers`), 0 leaves
+    them to the scheduler."""
+    value = os.environ.get("PADFREE_PIN_THREADS", "1").strip()
+    if value not in ("0", "1"):
+        raise ValueError(f"PADFREE_PIN_THREADS must be 0 or 1 (0: leave torch's threads unpinned); got {value!r}")
+    return value == "1"
+
+
+PIN_THREADS = _pin_threads()
+
+
+def pin_workers() -> None:
+    """Pin the OpenMP worker threads serving the calling thread's torch ops each to its own CPU, once per calling
+    thread, where the process may run on exactly as many CPUs as torch has threads (``small_layers.cpp``,
+    ``pin_workers``, says why: a worker the scheduler put on its caller's CPU stalled batch-1 calls by 10-15 ms).
+    The CPU encoder calls it before each forward; without the native module or with ``PADFREE_PIN_THREADS=0`` it
+    does nothing."""
+    if PIN_THREADS and (mod := module()) is not None:
+        mod.pin_workers()
+
+
 def why_not() -> str | None:
     """Why the native module is not in use (None: it is, or it was not asked for yet)."""
     return "PADFREE_NATIVE=0" if not enabled() else _state.get("why_not")

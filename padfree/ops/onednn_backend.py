@@ -169,6 +169,9 @@ OWN_PRODUCT_ROWS = 96 if _AMD else 48
 ONEDNN_STACK_ROWS = 128 if _AMD else 0  # fp32 batches above OWN_PRODUCT_ROWS, up to this, on oneDNN's products
 BF16_NATIVE_ROWS = 128
 BF16_DOT = _AMD  # bf16 batches on bf16 dot products (x rounded to bf16), not on fp32 FMAs of the widened weight
+# the longest sequence the stack's own attention takes (PyTorch's flash kernel above): it was as fast as PyTorch's
+# at 64 tokens on the Xeon, and 1.3-1.4x faster at 128 on the EPYC
+ATTENTION_LEN = 128 if _AMD else 64
 
 
 def post_ln_layers(x: torch.Tensor, layers, runs, num_heads: int, scale: float, eps: float,
@@ -177,9 +180,9 @@ def post_ln_layers(x: torch.Tensor, layers, runs, num_heads: int, scale: float, 
     :mod:`padfree.ops.native`. None where it does not apply (another activation, a tensor the stack lacks, no
     native module, more tokens than it takes): the encoder then runs the layers one by one.
 
-    - With AVX-512 the attention of sequences up to 128 tokens and the activation are the module's own kernels,
-      and so are the products of fp32 batches up to ``OWN_PRODUCT_ROWS`` tokens and bf16 batches up to
-      ``BF16_NATIVE_ROWS`` (its packed copy of a weight costs the weight's size again, as MKL's and oneDNN's do);
+    - With AVX-512 the attention of sequences up to ``ATTENTION_LEN`` tokens and the activation are the module's
+      own kernels, and so are the products of fp32 batches up to ``OWN_PRODUCT_ROWS`` tokens and bf16 batches up
+      to ``BF16_NATIVE_ROWS`` (its packed copy of a weight costs the weight's size again, as MKL's and oneDNN's do);
       above ``OWN_PRODUCT_ROWS``, fp32 batches up to ``SMALL_ROWS`` tokens run on MKL's products (Intel) or up to
       ``ONEDNN_STACK_ROWS`` on oneDNN's (AMD; the packing the Python forward uses too). fp32 gives the Python
       forward's result within fp32 rounding; bf16 runs the same fp32 stack on the bf16 weights and rounds the
@@ -211,7 +214,7 @@ def post_ln_layers(x: torch.Tensor, layers, runs, num_heads: int, scale: float, 
                  t.ffn_out_weight, packed_weight(t.ffn_out_weight, layout), vector(t.ffn_out_bias),
                  vector(t.ffn_norm_weight), vector(t.ffn_norm_bias))
     y = mod.post_ln_layers(x.float().contiguous(), flat, [v for run in runs for v in run], num_heads, scale, eps,
-                           activation)
+                           activation, ATTENTION_LEN)
     return y.to(x.dtype)
 
 

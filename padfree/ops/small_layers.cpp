@@ -13,6 +13,8 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <immintrin.h>
+#include <omp.h>
+#include <sched.h>
 
 #include <algorithm>
 #include <array>
@@ -40,6 +42,38 @@ Tensor onednn_linear(const Tensor& x, const Tensor& packed, const Tensor& bias) 
                        .typed<Tensor(const Tensor&, const Tensor&, const std::optional<Tensor>&, c10::string_view,
                                      c10::List<std::optional<c10::Scalar>>, std::optional<c10::string_view>)>();
   return op.call(x, packed, bias, "none", c10::List<std::optional<c10::Scalar>>(), "none");
+}
+
+// ---- torch's OpenMP workers, one per CPU ----
+// Pins the OpenMP worker threads that serve the calling thread's parallel regions (torch's intra-op threads: libgomp
+// keeps a team per calling thread) each to its own CPU, the caller itself left free; only where the process may run
+// on exactly as many CPUs as torch has threads (a machine or container of its own: with more CPUs than threads,
+// several processes would pin their workers to the same ones). Unpinned, the scheduler sometimes put a spinning
+// worker on the CPU its caller needed: on the 2-core EPYC VM, after 20 ms of idle, 10-20 % of MiniLM's batch-1 calls
+// took 12-16 ms instead of ~2 (benchmarks/NOTES.md, section 19). Once per calling thread and team size; returns
+// whether it pinned now.
+bool pin_workers() {
+  thread_local int64_t pinned_for = 0;  // the team size this thread's workers were pinned for
+  const int64_t threads = at::get_num_threads();
+  if (threads < 2 || pinned_for == threads || omp_in_parallel()) return false;
+  pinned_for = threads;
+  cpu_set_t allowed;
+  if (sched_getaffinity(0, sizeof(allowed), &allowed) != 0) return false;
+  std::vector<int> cpus;
+  for (int c = 0; c < CPU_SETSIZE; ++c)
+    if (CPU_ISSET(c, &allowed)) cpus.push_back(c);
+  if (static_cast<int64_t>(cpus.size()) != threads) return false;
+#pragma omp parallel num_threads(static_cast<int>(threads))
+  {
+    const int i = omp_get_thread_num();
+    if (i > 0) {
+      cpu_set_t one;
+      CPU_ZERO(&one);
+      CPU_SET(cpus[i], &one);
+      sched_setaffinity(0, sizeof(one), &one);
+    }
+  }
+  return true;
 }
 
 // The AVX-512 code below is compiled for AVX-512 F/BW whatever the build's flags, and runs only where the CPU has
@@ -384,9 +418,10 @@ PADFREE_AVX512 void attend(const float* q, const float* k, const float* v, int64
 }
 
 // Self-attention of each run (first token, sequences, length) of x's packed sequences: [T, 3H] -> [T, H]. With
-// AVX-512 and sequences of at most kMaxLen tokens, attend() per (sequence, head), split over the threads; otherwise
-// PyTorch's CPU flash kernel on strided views, per run.
-Tensor attention(const Tensor& qkv, const std::vector<int64_t>& runs, int64_t heads, double scale) {
+// AVX-512 and sequences of at most max_len tokens (at most kMaxLen; the caller's choice per CPU: PyTorch's kernel
+// was as fast from 64 tokens on the Xeon, slower to 128 on the EPYC), attend() per (sequence, head), split over
+// the threads; otherwise PyTorch's CPU flash kernel on strided views, per run.
+Tensor attention(const Tensor& qkv, const std::vector<int64_t>& runs, int64_t heads, double scale, int64_t max_len) {
   const int64_t T = qkv.size(0), H = qkv.size(1) / 3, d = H / heads;
   int64_t longest = 0;
   std::vector<std::pair<int64_t, int64_t>> seqs;  // (first token, length)
@@ -394,7 +429,7 @@ Tensor attention(const Tensor& qkv, const std::vector<int64_t>& runs, int64_t he
     for (int64_t i = 0; i < runs[r + 1]; ++i) seqs.emplace_back(runs[r] + i * runs[r + 2], runs[r + 2]);
     longest = std::max(longest, runs[r + 2]);
   }
-  if (has_avx512() && longest <= kMaxLen && qkv.is_contiguous()) {
+  if (has_avx512() && longest <= std::min(max_len, kMaxLen) && qkv.is_contiguous()) {
     auto out = at::empty({T, H}, qkv.options());
     const float* src = qkv.data_ptr<float>();
     float* dst = out.data_ptr<float>();
@@ -427,9 +462,9 @@ Tensor attention(const Tensor& qkv, const std::vector<int64_t>& runs, int64_t he
 // output weight, packing, bias; LayerNorm weight, bias; FFN-in weight, packing, bias; FFN-out weight, packing,
 // bias; LayerNorm weight, bias. A packing is pack_blocks' (fp32 or bf16 weight), pack_pairs' (bf16), oneDNN's or
 // MKL's (fp32); the biases and LayerNorm vectors are fp32 either way. runs: (first token, sequences, length) of each
-// run, flattened.
+// run, flattened. attention_len: the longest sequence the native attention takes (attention()).
 Tensor post_ln_layers(Tensor x, const std::vector<Tensor>& tensors, const std::vector<int64_t>& runs,
-                      int64_t heads, double scale, double eps, const std::string& activation) {
+                      int64_t heads, double scale, double eps, const std::string& activation, int64_t attention_len) {
   TORCH_CHECK(tensors.size() % 16 == 0, "post_ln_layers: 16 tensors per layer, got ", tensors.size());
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(),
               "post_ln_layers: x must be a contiguous fp32 [T, H] tensor");
@@ -437,7 +472,7 @@ Tensor post_ln_layers(Tensor x, const std::vector<Tensor>& tensors, const std::v
   const int64_t H = x.size(1);
   for (size_t i = 0; i < tensors.size(); i += 16) {
     const Tensor* p = &tensors[i];
-    const Tensor ctx = attention(linear(x, p[1], p[0], p[2]), runs, heads, scale);
+    const Tensor ctx = attention(linear(x, p[1], p[0], p[2]), runs, heads, scale, attention_len);
     const Tensor h = at::layer_norm(linear(ctx, p[4], p[3], p[5]).add_(x), {H}, p[6], p[7], eps);
     Tensor f = linear(h, p[9], p[8], p[10]);
     activate_(f, activation);
@@ -451,6 +486,7 @@ Tensor post_ln_layers(Tensor x, const std::vector<Tensor>& tensors, const std::v
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("post_ln_layers", &post_ln_layers, py::call_guard<py::gil_scoped_release>());
   m.def("has_avx512", &has_avx512);
+  m.def("pin_workers", &pin_workers);
   m.def("attention", &attention, py::call_guard<py::gil_scoped_release>());
   m.def("activate_", &activate_, py::call_guard<py::gil_scoped_release>());
   m.def("has_avx512_bf16", &has_avx512_bf16);
