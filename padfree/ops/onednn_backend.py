@@ -214,7 +214,7 @@ def post_ln_layers(x: torch.Tensor, layers, runs, num_heads: int, scale: float, 
                  t.ffn_out_weight, packed_weight(t.ffn_out_weight, layout), vector(t.ffn_out_bias),
                  vector(t.ffn_norm_weight), vector(t.ffn_norm_bias))
     y = mod.post_ln_layers(x.float().contiguous(), flat, [v for run in runs for v in run], num_heads, scale, eps,
-                           activation, ATTENTION_LEN)
+                           activation, ATTENTION_LEN, layout == "onednn")
     return y.to(x.dtype)
 
 

@@ -260,10 +260,11 @@ Tensor blocks_linear(const Tensor& x, const Tensor& packed, int64_t N, const Ten
   return y;
 }
 
-// x @ weight^T + bias on the layer's packing: pack_blocks' or pack_pairs' (with an fp32 bias), oneDNN's or MKL's
-Tensor linear(const Tensor& x, const Tensor& packed, const Tensor& weight, const Tensor& bias) {
-  if (packed.is_mkldnn()) return onednn_linear(x, packed, bias);
-  return packed.dim() >= 3 ? blocks_linear(x, packed, weight.size(0), bias) : mkl_linear(x, packed, weight, bias);
+// x @ weight^T + bias on the layer's packing: pack_blocks' or pack_pairs' (with an fp32 bias), or else oneDNN's
+// (onednn) or MKL's (both opaque tensors of oneDNN's layout, told apart by the caller)
+Tensor linear(const Tensor& x, const Tensor& packed, const Tensor& weight, const Tensor& bias, bool onednn) {
+  if (packed.dim() >= 3) return blocks_linear(x, packed, weight.size(0), bias);
+  return onednn ? onednn_linear(x, packed, bias) : mkl_linear(x, packed, weight, bias);
 }
 
 // ---- vector math: e^x, erf and the activations on 16 fp32 lanes ----
@@ -462,9 +463,11 @@ Tensor attention(const Tensor& qkv, const std::vector<int64_t>& runs, int64_t he
 // output weight, packing, bias; LayerNorm weight, bias; FFN-in weight, packing, bias; FFN-out weight, packing,
 // bias; LayerNorm weight, bias. A packing is pack_blocks' (fp32 or bf16 weight), pack_pairs' (bf16), oneDNN's or
 // MKL's (fp32); the biases and LayerNorm vectors are fp32 either way. runs: (first token, sequences, length) of each
-// run, flattened. attention_len: the longest sequence the native attention takes (attention()).
+// run, flattened. attention_len: the longest sequence the native attention takes (attention()); onednn: the 2-D
+// packings are oneDNN's, not MKL's.
 Tensor post_ln_layers(Tensor x, const std::vector<Tensor>& tensors, const std::vector<int64_t>& runs,
-                      int64_t heads, double scale, double eps, const std::string& activation, int64_t attention_len) {
+                      int64_t heads, double scale, double eps, const std::string& activation, int64_t attention_len,
+                      bool onednn) {
   TORCH_CHECK(tensors.size() % 16 == 0, "post_ln_layers: 16 tensors per layer, got ", tensors.size());
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(),
               "post_ln_layers: x must be a contiguous fp32 [T, H] tensor");
@@ -472,11 +475,11 @@ Tensor post_ln_layers(Tensor x, const std::vector<Tensor>& tensors, const std::v
   const int64_t H = x.size(1);
   for (size_t i = 0; i < tensors.size(); i += 16) {
     const Tensor* p = &tensors[i];
-    const Tensor ctx = attention(linear(x, p[1], p[0], p[2]), runs, heads, scale, attention_len);
-    const Tensor h = at::layer_norm(linear(ctx, p[4], p[3], p[5]).add_(x), {H}, p[6], p[7], eps);
-    Tensor f = linear(h, p[9], p[8], p[10]);
+    const Tensor ctx = attention(linear(x, p[1], p[0], p[2], onednn), runs, heads, scale, attention_len);
+    const Tensor h = at::layer_norm(linear(ctx, p[4], p[3], p[5], onednn).add_(x), {H}, p[6], p[7], eps);
+    Tensor f = linear(h, p[9], p[8], p[10], onednn);
     activate_(f, activation);
-    x = at::layer_norm(linear(f, p[12], p[11], p[13]).add_(h), {H}, p[14], p[15], eps);
+    x = at::layer_norm(linear(f, p[12], p[11], p[13], onednn).add_(h), {H}, p[14], p[15], eps);
   }
   return x;
 }
