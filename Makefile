@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -c constraints.txt torch==2.13.0
 	$(PY) -m pip install -q -c constraints.txt -e ".[dev,bench]"
-	-$(PY) -m padfree.ops.native  # build the native small-batch layers now (~30 s), not in the first request
+	-$(PY) -m padfree.ops.native  # build the native small-batch layers now (~45 s), not in the first request
 	touch $(STAMP)
 
 demo: $(STAMP)

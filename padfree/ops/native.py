@@ -7,7 +7,8 @@ LayerNorm, without Python between them. It is compiled with PyTorch's extension 
 under a name that hashes the source, the PyTorch version and the flags, so later processes load the built module in
 milliseconds and an upgrade rebuilds it. ``make`` builds it at install (``python -m padfree.ops.native``). If it
 cannot be built, padfree logs why once and runs the Python forward (same results within fp32 rounding);
-``PADFREE_NATIVE=0`` never builds or uses it.
+``PADFREE_NATIVE=0`` never builds or uses it. The CPU encoder also calls its :func:`pin_workers` before each
+forward (torch's OpenMP workers one per CPU; ``PADFREE_PIN_THREADS=0`` leaves them).
 """
 from __future__ import annotations
 

@@ -19,7 +19,8 @@ oneDNN's time (section 19) and the path is off by default. Its packed copy of a 
 batch and costs the weight's size again (MiniLM +42 MB, BERT-base +325 MB); ``PADFREE_SMALL_ROWS=0`` turns it off.
 Plain post-LN models run a short batch's whole layer stack in one native call instead (:func:`post_ln_layers`), on
 the native module's own products for fp32 up to ``OWN_PRODUCT_ROWS`` tokens and bf16 up to ``BF16_NATIVE_ROWS``
-(another packed copy of each weight, made on the first such batch).
+(another packed copy of each weight, made on the first such batch), and on AMD CPUs on oneDNN's products (the copy
+above) for fp32 up to ``ONEDNN_STACK_ROWS``.
 
 Packed weights are cached per parameter and layout (weakly, and keyed by the parameter's version counter, so an
 in-place update of the weight repacks it). Shapes: T = packed tokens, K = input features, N = output features.

@@ -5,7 +5,8 @@
 // each op costs microseconds, and Python between them cost as much again (benchmarks/NOTES.md, section 17); here
 // there is none, and the GIL is released for the whole stack. The products, the attention of sequences of at most
 // 128 tokens and the activation are this file's AVX-512 kernels, split over the threads; LayerNorm and the residual
-// add are ATen's (so is everything where the CPU lacks AVX-512, with MKL's products). The stack computes in fp32: a
+// add are ATen's, and so are the products the caller hands over as oneDNN's or MKL's packings (fp32 batches above
+// the native product's range, and everything where the CPU lacks AVX-512). The stack computes in fp32: a
 // bf16 model's batch runs on its bf16 weights, widened in registers or in bf16 dot products (x rounded to bf16 for
 // each product), and the caller rounds the result to bf16 once: faster than oneDNN's bf16 products at these sizes
 // and more exact than a bf16 forward (NOTES.md, sections 18 and 19).
@@ -99,9 +100,10 @@ inline __mmask16 lanes(int64_t left) {
 // ---- the product of a short batch: y [T, N] = x [T, K] @ W^T + bias; x, y, bias fp32; W fp32 or bf16 ----
 // At a few dozen rows a product is a pass over its weight, which comes from the last-level cache or memory (a model's
 // weights do not fit the 2 MiB L2): the kernel streams the weight once per 12 rows in blocks of 32 columns packed
-// contiguously, prefetching 4 KiB ahead of its loads, which the hardware prefetcher alone does not keep fed (1.2-2.3x
-// over MKL's packed sgemm at 8-48 rows; above, MKL's computes faster at BERT-base's shapes and the caller keeps it
-// for fp32; benchmarks/NOTES.md section 18). A bf16 weight is half the bytes and widened to fp32 in registers.
+// contiguously, prefetching 4 KiB ahead of its loads, which the hardware prefetcher alone does not keep fed (Xeon:
+// 1.2-2.3x MKL's packed sgemm at 8-48 rows; EPYC: faster than oneDNN's to 64 rows, as fast at 96; above those the
+// caller hands fp32 batches MKL's or oneDNN's packings; benchmarks/NOTES.md sections 18 and 19). A bf16 weight is
+// half the bytes, widened to fp32 in registers (block) or used in bf16 dot products (block_pairs).
 constexpr int64_t kCols = 32;     // output columns per block: two 16-lane fp32 vectors
 constexpr int kRows = 12;         // rows per kernel call: 24 accumulators, 2 weight vectors, 1 broadcast in registers
 constexpr int64_t kAhead = 4096;  // prefetch distance in bytes
