@@ -102,11 +102,23 @@ inline __mmask16 lanes(int64_t left) {
 // weights do not fit the 2 MiB L2): the kernel streams the weight once per 12 rows in blocks of 32 columns packed
 // contiguously, prefetching 4 KiB ahead of its loads, which the hardware prefetcher alone does not keep fed (Xeon:
 // 1.2-2.3x MKL's packed sgemm at 8-48 rows; EPYC: faster than oneDNN's to 64 rows, as fast at 96; above those the
-// caller hands fp32 batches MKL's or oneDNN's packings; benchmarks/NOTES.md sections 18 and 19). A bf16 weight is
-// half the bytes, widened to fp32 in registers (block) or used in bf16 dot products (block_pairs).
+// caller hands fp32 batches MKL's or oneDNN's packings; benchmarks/NOTES.md sections 18 and 19). At 13-16 rows a
+// block takes two calls of at most 8 rows: the first streams it from memory, the second finds it in L2 and, so that
+// memory does not idle while it computes, prefetches the thread's next block into L2 (BERT-base at 16 tokens 3-9 %
+// faster; with more rows a call, its compute alone covers the next block's memory time, and the prefetches cost as
+// much as they gained: section 20). A bf16 weight is half the bytes, widened to fp32 in registers (block) or used in
+// bf16 dot products (block_pairs).
 constexpr int64_t kCols = 32;     // output columns per block: two 16-lane fp32 vectors
 constexpr int kRows = 12;         // rows per kernel call: 24 accumulators, 2 weight vectors, 1 broadcast in registers
 constexpr int64_t kAhead = 4096;  // prefetch distance in bytes
+
+// Prefetches the lines of one k step (`bytes` at `offset` in a block) of the own block, kAhead further on, into L1
+// and, where the call is given one, of the next block into L2
+PADFREE_AVX512 inline void prefetch_step(const char* own, const char* next, int64_t offset, int64_t bytes) {
+  for (int64_t line = 0; line < bytes; line += 64) _mm_prefetch(own + kAhead + offset + line, _MM_HINT_T0);
+  if (next)
+    for (int64_t line = 0; line < bytes; line += 64) _mm_prefetch(next + offset + line, _MM_HINT_T1);
+}
 
 // weight [N, K] -> [ceil(N / 32), K, 32], columns padded with zeros. fp32 in column order; bf16 in the word order
 // that unpacking each 128-bit lane against zeros (low words, then high words) turns into columns 0-15 and 16-31 as
@@ -161,13 +173,13 @@ PADFREE_AVX512 inline void store_rows(const __m512 (&acc)[R][2], const float* bi
 
 // R rows of x times one block of 32 columns, plus bias, into y
 template <typename W, int R>
-PADFREE_AVX512 void block(const float* x, int64_t K, const W* w, const float* bias, float* y, int64_t N, int64_t cols) {
+PADFREE_AVX512 void block(const float* x, int64_t K, const W* w, const float* bias, float* y, int64_t N, int64_t cols,
+                          const char* next) {
   __m512 acc[R][2];
   for (int m = 0; m < R; ++m) acc[m][0] = acc[m][1] = _mm512_setzero_ps();
-  const char* ahead = reinterpret_cast<const char*>(w) + kAhead;
+  constexpr int64_t bytes = kCols * sizeof(W);  // one k step of the block
   for (int64_t k = 0; k < K; ++k) {
-    for (int64_t line = 0; line < kCols * int64_t(sizeof(W)); line += 64)
-      _mm_prefetch(ahead + k * kCols * sizeof(W) + line, _MM_HINT_T0);
+    prefetch_step(reinterpret_cast<const char*>(w), next, k * bytes, bytes);
     __m512 w0, w1;
     load32(w + k * kCols, w0, w1);
     for (int m = 0; m < R; ++m) {
@@ -184,13 +196,12 @@ PADFREE_AVX512 void block(const float* x, int64_t K, const W* w, const float* bi
 // fp32 FMA rate (AMD's Zen 4) this is twice the flops of widening the weight (benchmarks/NOTES.md, section 19).
 template <int R>
 PADFREE_AVX512_BF16 void block_pairs(const uint32_t* x, int64_t P, const uint32_t* w, const float* bias, float* y,
-                                     int64_t N, int64_t cols) {
+                                     int64_t N, int64_t cols, const char* next) {
   __m512 acc[R][2];
   for (int m = 0; m < R; ++m) acc[m][0] = acc[m][1] = _mm512_setzero_ps();
-  const char* ahead = reinterpret_cast<const char*>(w) + kAhead;
+  constexpr int64_t bytes = kCols * 4;  // one pair of k of the block
   for (int64_t p = 0; p < P; ++p) {
-    _mm_prefetch(ahead + p * kCols * 4, _MM_HINT_T0);
-    _mm_prefetch(ahead + p * kCols * 4 + 64, _MM_HINT_T0);
+    prefetch_step(reinterpret_cast<const char*>(w), next, p * bytes, bytes);
     const __m512bh w0 = (__m512bh)_mm512_loadu_si512(w + p * kCols);
     const __m512bh w1 = (__m512bh)_mm512_loadu_si512(w + p * kCols + 16);
     for (int m = 0; m < R; ++m) {
@@ -203,7 +214,7 @@ PADFREE_AVX512_BF16 void block_pairs(const uint32_t* x, int64_t P, const uint32_
 }
 
 template <typename X, typename W>
-using BlockFn = void (*)(const X*, int64_t, const W*, const float*, float*, int64_t, int64_t);
+using BlockFn = void (*)(const X*, int64_t, const W*, const float*, float*, int64_t, int64_t, const char*);
 template <typename W, size_t... R>
 constexpr std::array<BlockFn<float, W>, kRows> block_table(std::index_sequence<R...>) {  // block<W, 1 ... kRows>
   return {block<W, int(R) + 1>...};
@@ -214,7 +225,8 @@ constexpr std::array<BlockFn<uint32_t, uint32_t>, kRows> pairs_table(std::index_
 }
 
 // Blocks of 32 columns split over the threads; each block's weight (K steps x 32 columns) serves every row of x
-// (K: the depth in x's and the weight's units, k or pairs of k).
+// (K: the depth in x's and the weight's units, k or pairs of k); where a block takes two calls of at most 8 rows,
+// the second prefetches the thread's next block.
 template <typename X, typename W>
 void blocks_product(const std::array<BlockFn<X, W>, kRows>& table, const X* x, int64_t T, int64_t K, const W* w,
                     int64_t blocks, const float* bias, float* y, int64_t N) {
@@ -223,9 +235,11 @@ void blocks_product(const std::array<BlockFn<X, W>, kRows>& table, const X* x, i
   at::parallel_for(0, blocks, 1, [&](int64_t first, int64_t last) {
     for (int64_t j = first; j < last; ++j) {
       const int64_t n0 = j * kCols, cols = std::min(kCols, N - n0);
+      const bool share = calls == 2 && step <= 8 && j + 1 < last;
+      const char* next = share ? reinterpret_cast<const char*>(w + (j + 1) * K * kCols) : nullptr;
       for (int64_t m0 = 0; m0 < T; m0 += step) {
         const int64_t rows = std::min<int64_t>(step, T - m0);
-        table[rows - 1](x + m0 * K, K, w + j * K * kCols, bias + n0, y + m0 * N + n0, N, cols);
+        table[rows - 1](x + m0 * K, K, w + j * K * kCols, bias + n0, y + m0 * N + n0, N, cols, m0 ? next : nullptr);
       }
     }
   });
