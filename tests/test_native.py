@@ -1,5 +1,5 @@
-"""The native small-batch stack (``padfree.ops.native``, ``small_layers.cpp``): its product, attention and activation
-kernels against float64; where the stack applies it gives the Python forward's result (fp32) or the fp32 forward's
+"""The native small-batch stack (``padfree.ops.native``, ``small_layers.cpp``): its product, attention, activation and
+residual-add-and-LayerNorm kernels against float64; where the stack applies it gives the Python forward's result (fp32) or the fp32 forward's
 on the bf16-rounded weights (bf16) within rounding, and transformers' within the family tolerances; it is really
 taken there; a build that fails leaves the Python forward in charge; ``PADFREE_NATIVE`` is checked."""
 from __future__ import annotations
@@ -122,6 +122,23 @@ def test_native_activation_matches_float64(activation):
     y = x.clone()
     native.module().activate_(y, activation)
     assert ((y.double() - expected).abs() <= 2e-6 + 1e-6 * expected.abs()).all()
+
+
+@pytest.mark.parametrize("rows,size", [(3, 100), (1, 384), (200, 768)])
+def test_native_add_layer_norm_matches_float64(rows, size):
+    """The stack's residual add fused with LayerNorm, in place: on a row size off 16 lanes, one row, and enough rows
+    to split over the threads, against LayerNorm of the fp32 sum in float64, within twice ATen's own fp32 error on
+    the same rows. The rows' mean is large (50 against a spread of 1.4), where a one-pass variance would lose
+    most of its digits."""
+    torch.manual_seed(0)
+    y, x = torch.randn(rows, size) + 50, torch.randn(rows, size)
+    gamma, beta = torch.randn(size), torch.randn(size)
+    total = y + x  # the residual add in fp32, as the stack does it
+    expected = F.layer_norm(total.double(), (size,), gamma.double(), beta.double(), 1e-12)
+    aten = (F.layer_norm(total, (size,), gamma, beta, 1e-12).double() - expected).abs().max()
+    out = y.clone()
+    native.module().add_layer_norm_(out, x, gamma, beta, 1e-12)
+    assert (out.double() - expected).abs().max() <= 2 * aten + 1e-6
 
 
 def reference_stack(x, layers, cu_seqlens, cfg, round_inputs: bool) -> torch.Tensor:

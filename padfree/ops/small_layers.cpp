@@ -4,12 +4,12 @@
 // FFN-in product and its activation in place, the FFN-out product, residual add and LayerNorm. At a handful of tokens
 // each op costs microseconds, and Python between them cost as much again (benchmarks/NOTES.md, section 17); here
 // there is none, and the GIL is released for the whole stack. The products, the attention of sequences of at most
-// 128 tokens and the activation are this file's AVX-512 kernels, split over the threads; LayerNorm and the residual
-// add are ATen's, and so are the products the caller hands over as oneDNN's or MKL's packings (fp32 batches above
-// the native product's range, and everything where the CPU lacks AVX-512). The stack computes in fp32: a
-// bf16 model's batch runs on its bf16 weights, widened in registers or in bf16 dot products (x rounded to bf16 for
-// each product), and the caller rounds the result to bf16 once: faster than oneDNN's bf16 products at these sizes
-// and more exact than a bf16 forward (NOTES.md, sections 18 and 19).
+// 128 tokens, the activation and the residual add fused with LayerNorm are this file's AVX-512 kernels, split over
+// the threads; the products the caller hands over as oneDNN's or MKL's packings are those libraries' (fp32 batches
+// above the native product's range), and where the CPU lacks AVX-512 everything is ATen's. The stack computes in
+// fp32: a bf16 model's batch runs on its bf16 weights, widened in registers or in bf16 dot products (x rounded to
+// bf16 for each product), and the caller rounds the result to bf16 once: faster than oneDNN's bf16 products at these
+// sizes and more exact than a bf16 forward (NOTES.md, sections 18 and 19).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -371,6 +371,58 @@ void activate_(Tensor& f, const std::string& activation) {
   at::parallel_for(0, f.numel(), 4096, [&](int64_t first, int64_t last) { span(p + first, last - first); });
 }
 
+// ---- residual add and LayerNorm, fused: y = LayerNorm(y + x) in place ----
+// One row at a time: the sum (stored) and its mean, the variance about the mean (two passes, as exact as ATen's), the
+// normalised row; three passes over a row that stays in L1. Rows split over the threads only where there are enough
+// of them (an ATen add and layer_norm each cost ~5 us of dispatch at a handful of rows; section 20).
+PADFREE_AVX512 void add_norm_rows(float* y, const float* x, const float* gamma, const float* beta, int64_t H,
+                                  float eps, int64_t first, int64_t last) {
+  for (int64_t t = first; t < last; ++t) {
+    float* row = y + t * H;
+    const float* res = x + t * H;
+    __m512 sum = _mm512_setzero_ps();
+    for (int64_t i = 0; i < H; i += 16) {
+      const __mmask16 m = lanes(H - i);
+      const __m512 v = _mm512_add_ps(_mm512_maskz_loadu_ps(m, row + i), _mm512_maskz_loadu_ps(m, res + i));
+      _mm512_mask_storeu_ps(row + i, m, v);
+      sum = _mm512_add_ps(sum, v);
+    }
+    const __m512 mean = _mm512_set1_ps(_mm512_reduce_add_ps(sum) / float(H));
+    __m512 squares = _mm512_setzero_ps();
+    for (int64_t i = 0; i < H; i += 16) {
+      const __mmask16 m = lanes(H - i);
+      const __m512 d = _mm512_maskz_sub_ps(m, _mm512_maskz_loadu_ps(m, row + i), mean);
+      squares = _mm512_fmadd_ps(d, d, squares);
+    }
+    const __m512 rstd = _mm512_set1_ps(1.f / std::sqrt(_mm512_reduce_add_ps(squares) / float(H) + eps));
+    for (int64_t i = 0; i < H; i += 16) {
+      const __mmask16 m = lanes(H - i);
+      const __m512 normed = _mm512_mul_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, row + i), mean), rstd);
+      const __m512 g = _mm512_maskz_loadu_ps(m, gamma + i), b = _mm512_maskz_loadu_ps(m, beta + i);
+      _mm512_mask_storeu_ps(row + i, m, _mm512_fmadd_ps(normed, g, b));
+    }
+  }
+}
+
+// y = LayerNorm(y + x) over the last dimension, in place (y, x: contiguous fp32 [T, H]; gamma, beta: fp32 [H])
+void add_layer_norm_(Tensor& y, const Tensor& x, const Tensor& gamma, const Tensor& beta, double eps) {
+  const int64_t H = y.size(-1), T = y.numel() / std::max<int64_t>(H, 1);
+  TORCH_CHECK(y.scalar_type() == at::kFloat && x.scalar_type() == at::kFloat && y.is_contiguous() &&
+                  x.is_contiguous() && x.sizes() == y.sizes() && gamma.scalar_type() == at::kFloat &&
+                  beta.scalar_type() == at::kFloat && gamma.numel() == H && beta.numel() == H,
+              "add_layer_norm_: fp32 contiguous y and x of one shape, fp32 gamma and beta of its last size");
+  if (!has_avx512()) {
+    y.copy_(at::layer_norm(y.add_(x), {H}, gamma, beta, eps));
+    return;
+  }
+  float* out = y.data_ptr<float>();
+  const float *res = x.data_ptr<float>(), *g = gamma.data_ptr<float>(), *b = beta.data_ptr<float>();
+  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(H, 1));  // rows per thread at least
+  at::parallel_for(0, T, grain, [&](int64_t first, int64_t last) {
+    add_norm_rows(out, res, g, b, H, float(eps), first, last);
+  });
+}
+
 // ---- attention of short sequences ----
 constexpr int64_t kMaxLen = 128;  // the longest sequence attend() takes (8 score vectors); PyTorch's kernel above
 constexpr int64_t kGroup = 8;    // query rows attend_rows() takes at once: 8 independent accumulators per loop
@@ -488,14 +540,15 @@ Tensor post_ln_layers(Tensor x, const std::vector<Tensor>& tensors, const std::v
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(),
               "post_ln_layers: x must be a contiguous fp32 [T, H] tensor");
   TORCH_CHECK(runs.size() % 3 == 0, "post_ln_layers: runs must be (first, count, length) triples");
-  const int64_t H = x.size(1);
   for (size_t i = 0; i < tensors.size(); i += 16) {
     const Tensor* p = &tensors[i];
     const Tensor ctx = attention(linear(x, p[1], p[0], p[2], onednn), runs, heads, scale, attention_len);
-    const Tensor h = at::layer_norm(linear(ctx, p[4], p[3], p[5], onednn).add_(x), {H}, p[6], p[7], eps);
+    Tensor h = linear(ctx, p[4], p[3], p[5], onednn);
+    add_layer_norm_(h, x, p[6], p[7], eps);
     Tensor f = linear(h, p[9], p[8], p[10], onednn);
     activate_(f, activation);
-    x = at::layer_norm(linear(f, p[12], p[11], p[13], onednn).add_(h), {H}, p[14], p[15], eps);
+    x = linear(f, p[12], p[11], p[13], onednn);
+    add_layer_norm_(x, h, p[14], p[15], eps);
   }
   return x;
 }
@@ -508,6 +561,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("pin_workers", &pin_workers);
   m.def("attention", &attention, py::call_guard<py::gil_scoped_release>());
   m.def("activate_", &activate_, py::call_guard<py::gil_scoped_release>());
+  m.def("add_layer_norm_", &add_layer_norm_, py::call_guard<py::gil_scoped_release>());
   m.def("has_avx512_bf16", &has_avx512_bf16);
   m.def("pack_blocks", &pack_blocks);
   m.def("pack_pairs", &pack_pairs);
