@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 
 from padfree import ops
-from padfree.ops import torch_backend
+from padfree.ops import native, torch_backend
 from padfree.ops.registry import Kernels
 
 onednn = pytest.importorskip("padfree.ops.onednn_backend")
@@ -49,6 +49,19 @@ def test_linear_residual_layer_norm(dtype, T):
     ref = ops.add_bias_residual_layer_norm_ref(F.linear(x.float(), w.float()), b, r, lw, lb, 1e-12)
     out = onednn.linear_residual_layer_norm(x, w, b, r, lw.to(dtype), lb.to(dtype), 1e-12)
     torch.testing.assert_close(out.float(), ref.float(), **TOL[dtype])
+
+
+@pytest.mark.parametrize("T", [1, 23, 200])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_linear_tanh(dtype, T):
+    """BERT's pooler: a few rows on the native product (where the CPU has AVX-512), more on oneDNN's; against
+    tanh(x W^T + b) in fp32."""
+    x, w, b = _data(T=T, dtype=dtype)
+    native_rows = onednn.BF16_NATIVE_ROWS if dtype == torch.bfloat16 else onednn.OWN_PRODUCT_ROWS
+    if native.module() is not None and native.module().has_avx512():
+        assert (onednn._native_linear(x, w, b) is not None) == (T <= native_rows)
+    ref = torch.tanh(F.linear(x.float(), w.float(), b.float()))
+    torch.testing.assert_close(onednn.linear_tanh(x, w, b).float(), ref, **TOL[dtype])
 
 
 @pytest.mark.parametrize("lengths", [[1], [5, 5, 5, 1, 17, 17, 2], [33] * 3 + [2], [4, 9, 4, 9]])

@@ -290,7 +290,7 @@ class Encoder(nn.Module):
         if self.pooler is None:
             raise ValueError("this checkpoint has no pooler weights")
         cls = hidden[batch.cu_seqlens[:-1].long()]  # [B, H], first token of each sequence
-        return torch.tanh(F.linear(cls, self.pooler.weight, self.pooler.bias))
+        return self.kernels.linear_tanh(cls, self.pooler.weight, self.pooler.bias)
 
     # ------------------------------------------------------------------ Hugging Face-compatible path
     @torch.inference_mode()

@@ -7,6 +7,7 @@ epilogues save whole passes over ``[T, F]`` / ``[T, H]`` (see benchmarks/NOTES.m
 
 - ``linear_bias_act``: bias and GELU/ReLU/SiLU run inside the matrix product (oneDNN eltwise post-op);
 - ``linear_residual_layer_norm``: bias and residual add inside the product (oneDNN binary post-op), then LayerNorm;
+- ``linear_tanh``: BERT's pooler, a few rows on the native product (below);
 - ``qkv_varlen_attention``: the QKV product with its bias inside, then attention per group of equal-length
   sequences straight on strided views of ``[T, 3H]`` (PyTorch's CPU flash
   kernel runs in bf16: converting to fp32 was speed-neutral on W1 and 20 % slower on W2, see NOTES.md).
@@ -157,6 +158,32 @@ def linear_residual_layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torc
     else:
         y = torch.ops.mkldnn._linear_pointwise.binary(x, residual, packed_weight(weight), bias, "add")  # [T, N]
     return torch.layer_norm(y, y.shape[-1:], ln_weight, ln_bias, eps)
+
+
+def linear_tanh(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``tanh(x @ weight.T + bias)``: ``[B, K] -> [B, N]``, BERT's pooler over the first token of each sequence.
+    A few rows' product is one pass over the weight: with AVX-512 the native product streams it (MiniLM's pooler
+    at batch 1: 62-77 us against 145-194 for ``F.linear``, the weight cold after the layers; NOTES.md section 20)."""
+    y = _native_linear(x, weight, bias)
+    return torch.tanh(_linear(x, weight, bias) if y is None else y)
+
+
+def _native_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
+    """``x @ weight.T + bias`` on the native product where it takes the batch (as in :func:`post_ln_layers`: fp32
+    up to ``OWN_PRODUCT_ROWS`` rows, bf16 up to ``BF16_NATIVE_ROWS``, computed in fp32 and rounded once), else
+    None."""
+    mod = native.module()
+    if mod is None or bias is None or not mod.has_avx512():
+        return None
+    rows = x.shape[0]
+    if x.dtype == torch.bfloat16 and rows <= BF16_NATIVE_ROWS:
+        layout, b = ("pairs" if BF16_DOT and mod.has_avx512_bf16() else "blocks"), _fp32_copy(bias)
+    elif x.dtype == torch.float32 and rows <= OWN_PRODUCT_ROWS:
+        layout, b = "blocks", bias
+    else:
+        return None
+    y = mod.blocks_linear(x.float().contiguous(), packed_weight(weight, layout), weight.shape[0], b)
+    return y.to(x.dtype)
 
 
 _NATIVE_ACTIVATIONS = frozenset({"gelu", "gelu_tanh", "relu", "silu"})  # those small_layers.cpp applies

@@ -41,6 +41,10 @@ def _compose_linear_residual_layer_norm(add_ln: Callable) -> Callable:
     return lambda x, w, b, residual, ln_w, ln_b, eps: add_ln(F.linear(x, w), b, residual, ln_w, ln_b, eps)
 
 
+def _compose_linear_tanh(_: Callable) -> Callable:
+    return lambda x, w, b: torch.tanh(F.linear(x, w, b))
+
+
 def _compose_post_ln_layers(_: Callable) -> Callable:
     return lambda x, layers, runs, heads, scale, eps, activation: None  # no fused stack: the encoder runs each layer
 
@@ -83,6 +87,10 @@ OPS: dict[str, Op] = {op.name: op for op in (
        composed_from="gated_act", compose=_compose_linear_gated_act, only_for="gated_ffn"),
     Op("linear_residual_layer_norm", "(x [T, K], weight [N, K], bias, residual [T, N], ln_weight, ln_bias, eps) "
        "-> [T, N]", composed_from="add_bias_residual_layer_norm", compose=_compose_linear_residual_layer_norm),
+    # BERT's pooler over the first token of each sequence (a few rows: a pass over the weight); the composition
+    # ignores its primitive, as post_ln_layers' does
+    Op("linear_tanh", "(x [B, K], weight [N, K], bias) -> tanh(x W^T + b) [B, N]", composed_from="bias_act",
+       compose=_compose_linear_tanh),
     # the whole post-LN stack of a plain layer (no relative terms, rotary or gated FFN) in one call where a backend
     # has it for this batch; None (the composition) means: run the layers one by one
     Op("post_ln_layers", "(x [T, H], layers [EncoderLayer], runs, num_heads, scale, eps, activation) -> [T, H] or "
