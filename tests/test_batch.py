@@ -75,10 +75,20 @@ def test_bad_input_is_a_value_error(make, message):
         make()
 
 
-def test_float_mask_of_zeros_and_ones_is_accepted():
-    ids = torch.arange(6).view(2, 3)
-    b = PackedBatch.from_padded(ids, torch.tensor([[1.0, 1.0, 0.0], [0.0, 1.0, 1.0]]))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.bool, torch.int32])
+def test_mask_of_zeros_and_ones_in_any_dtype_is_accepted(dtype):
+    ids = torch.arange(6, dtype=torch.int32).view(2, 3)  # int32 ids: packed as int64 like the rest
+    b = PackedBatch.from_padded(ids, torch.tensor([[1, 1, 0], [0, 1, 1]]).to(dtype), ids % 2)
     assert b.input_ids.tolist() == [0, 1, 4, 5] and b.cu_seqlens.tolist() == [0, 2, 4]
+    assert b.token_type_ids.tolist() == [0, 1, 0, 1] and b.position_ids.tolist() == [0, 1, 0, 1]
+    assert b.pad_index.tolist() == [0, 1, 4, 5] and b.host.lengths == (2, 2)
+    assert [t.dtype for t in (b.input_ids, b.token_type_ids, b.position_ids, b.pad_index, b.cu_seqlens)] == \
+        [torch.int64] * 4 + [torch.int32]
+
+
+def test_a_bf16_mask_with_a_half_is_a_value_error():
+    with pytest.raises(ValueError, match=r"only 0 and 1.*0\.5"):
+        PackedBatch.from_padded(torch.ones(1, 3, dtype=torch.long), torch.tensor([[1.0, 0.5, 0.0]]).bfloat16())
 
 
 def _by_hand(lengths, max_seqlen=None, T=None, cu=None, **kw):

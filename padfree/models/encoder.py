@@ -312,19 +312,21 @@ class Encoder(nn.Module):
 
     def pack(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None) -> PackedBatch:
         """The :class:`PackedBatch` of a padded ``[B, S]`` call (see :meth:`forward` for the arguments), on this
-        encoder's device; the heads' Hugging Face-style calls pack through it too."""
-        input_ids = torch.as_tensor(input_ids, device=self.device)
+        encoder's device (packed where the inputs are, then moved); the heads' Hugging Face-style calls pack through
+        it too."""
+        input_ids = torch.as_tensor(input_ids)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         if position_ids is not None:
             position_ids = self._table_rows_to_positions(position_ids)
-        return PackedBatch.from_padded(input_ids, attention_mask, token_type_ids, position_ids)
+        batch = PackedBatch.from_padded(input_ids, attention_mask, token_type_ids, position_ids)
+        return batch if batch.input_ids.device == self.device else batch.to(self.device)
 
     def _table_rows_to_positions(self, position_ids) -> torch.Tensor:
         """transformers' ``position_ids`` (rows of the position table, ``[B, S]``) as padfree positions: the row
         minus the family's offset. Shape and range are checked where the batch is packed and encoded."""
         cfg = self.config
-        position_ids = torch.as_tensor(position_ids, device=self.device)
+        position_ids = torch.as_tensor(position_ids)
         if position_ids.dtype.is_floating_point or position_ids.dtype == torch.bool:
             raise ValueError(f"position_ids must be an integer tensor; got {position_ids.dtype}")
         return position_ids - cfg.position_offset  # the range is checked on the packed batch (check_batch)
