@@ -197,6 +197,26 @@ def test_bf16_stack_is_the_fp32_stack_on_the_bf16_weights(family, shape, layout,
     assert mine <= 2 * theirs + BF16_ATOL, f"{family} bf16: {mine:.3f} vs transformers' own bf16 {theirs:.3f}"
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_stack_follows_parameters_updated_in_place(dtype):
+    """The stack's arguments are kept per layer between calls: a weight and a LayerNorm vector updated in place after
+    a forward must be used by the next one (fp32: the same tensors; bf16: their packed and fp32 copies rebuilt), as
+    the same update gives in a fresh encoder."""
+    model = make("bert", 0)
+    enc = padfree.from_pretrained(model, dtype=dtype)
+    ids, mask, types, _ = batch(model, [7, 3], "right")
+    before = enc(ids, mask, types).last_hidden_state
+    with torch.no_grad():  # by -2: exact in bf16 as in fp32
+        enc.layers[0].ffn_in.weight.mul_(-2)
+        enc.layers[1].ffn_norm.bias.mul_(-2)
+        model.encoder.layer[0].intermediate.dense.weight.mul_(-2)
+        model.encoder.layer[1].output.LayerNorm.bias.mul_(-2)
+    after = enc(ids, mask, types).last_hidden_state
+    fresh = padfree.from_pretrained(model, dtype=dtype)(ids, mask, types).last_hidden_state
+    assert max_diff(after, before, mask) > 0.1
+    assert max_diff(after, fresh, mask) == 0
+
+
 def test_native_stack_is_not_taken_where_it_does_not_apply():
     """Above the stack's limits (fp32: the largest of OWN_PRODUCT_ROWS, SMALL_ROWS and ONEDNN_STACK_ROWS, bf16:
     BF16_NATIVE_ROWS), in fp16 and for layers with relative terms, the encoder runs layer by layer."""
