@@ -185,7 +185,8 @@ def test_triton_backend_has_what_modernbert_needs():
     try:
         assert select("varlen_attention", "cpu", torch.float32, 16, features=feats)[0] == "torch"
         assert select("varlen_attention", "cpu", torch.float32, 16)[0] == "plain"  # BERT keeps it
-        assert select("embed_layer_norm", "cpu", torch.float32, features=feats)[0] == "torch"
+        assert select("embed_layer_norm", "cpu", torch.float32, features=feats)[0] == \
+            ("onednn" if torch.backends.mkldnn.is_available() else "torch")  # the next with the feature
     finally:
         BACKENDS.remove(plain)
 

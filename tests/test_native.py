@@ -1,5 +1,5 @@
-"""The native small-batch stack (``padfree.ops.native``, ``small_layers.cpp``): its product, attention, activation and
-residual-add-and-LayerNorm kernels against float64; where the stack applies it gives the Python forward's result (fp32) or the fp32 forward's
+"""The native small-batch stack (``padfree.ops.native``, ``small_layers.cpp``): its product, attention, activation,
+residual-add-and-LayerNorm and embedding kernels against float64; where the stack applies it gives the Python forward's result (fp32) or the fp32 forward's
 on the bf16-rounded weights (bf16) within rounding, and transformers' within the family tolerances; it is really
 taken there; a build that fails leaves the Python forward in charge; ``PADFREE_NATIVE`` is checked."""
 from __future__ import annotations
@@ -139,6 +139,29 @@ def test_native_add_layer_norm_matches_float64(rows, size):
     out = y.clone()
     native.module().add_layer_norm_(out, x, gamma, beta, 1e-12)
     assert (out.double() - expected).abs().max() <= 2 * aten + 1e-6
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("size,tables,bias", [(100, 3, True), (384, 1, True), (64, 2, False)])
+def test_native_embedding_matches_float64(dtype, size, tables, bias):
+    """The embedding in one native pass: word, position and token-type rows (fp32 or bf16 tables; the latter two
+    optional) summed and LayerNormed (with or without bias) against float64; fp32 within 2e-6, bf16 within its one
+    final rounding. An index past a table is an error naming it, not a read past the table."""
+    g = torch.Generator().manual_seed(size)
+    T = 37
+    word, pos, typ = (torch.randn(n, size, generator=g).to(dtype) for n in (50, 20, 2))
+    pos, typ = (pos if tables > 1 else None), (typ if tables > 2 else None)
+    gamma, beta = torch.randn(size, generator=g), (torch.randn(size, generator=g) if bias else None)
+    ids, p, t = torch.randint(0, 50, (T,), generator=g), torch.randint(0, 20, (T,), generator=g), \
+        torch.randint(0, 2, (T,), generator=g)
+    rows = word.double()[ids] + (0 if pos is None else pos.double()[p]) + (0 if typ is None else typ.double()[t])
+    expected = F.layer_norm(rows, (size,), gamma.double(), None if beta is None else beta.double(), 1e-12)
+    out = native.module().embed_layer_norm(ids, p, t, word, pos, typ, gamma, beta, 1e-12)
+    assert out.dtype == dtype and out.shape == (T, size)
+    bound = 2e-6 if dtype == torch.float32 else 2e-6 + 2 ** -8 * expected.abs()
+    assert ((out.double() - expected).abs() <= bound).all()
+    with pytest.raises(RuntimeError, match=r"token id 50 is outside \[0, 50\)"):
+        native.module().embed_layer_norm(torch.full((T,), 50), p, t, word, pos, typ, gamma, beta, 1e-12)
 
 
 def reference_stack(x, layers, cu_seqlens, cfg, round_inputs: bool) -> torch.Tensor:

@@ -135,15 +135,15 @@ def test_registry_picks_onednn_on_cpu_and_composes_elsewhere():
 
 
 def test_named_onednn_backend_runs_with_the_torch_primitives():
-    """backend="onednn" runs on the CPU: its fused ops, the torch backend's primitives; same result as auto
-    (which picks the same) and as transformers."""
+    """backend="onednn" runs on the CPU: its fused ops and embedding, the torch backend's other primitives; same
+    result as auto (which picks the same) and as transformers."""
     import padfree
     from family_zoo import LENGTHS, batch, make, max_diff
     model = make("bert", 0)
     enc = padfree.from_pretrained(model, backend="onednn")
     assert {enc.kernels.names[op] for op in ("qkv_varlen_attention", "linear_bias_act",
-                                             "linear_residual_layer_norm")} == {"onednn"}
-    assert {enc.kernels.names[op] for op in ("varlen_attention", "bias_act", "embed_layer_norm")} == {"torch"}
+                                             "linear_residual_layer_norm", "embed_layer_norm")} == {"onednn"}
+    assert {enc.kernels.names[op] for op in ("varlen_attention", "bias_act")} == {"torch"}
     ids, mask, types, kw = batch(model, LENGTHS, "right")
     out = enc(ids, mask, types).last_hidden_state
     with torch.no_grad():

@@ -1,13 +1,15 @@
 """The CPU backend for the matrix products: oneDNN linears with prepacked weights and fused epilogues.
 
-It implements only the *fused* ops (a linear followed by what consumes it); the elementwise primitives stay with
-the portable torch backend. On this machine kind (2-core AVX-512-bf16 EPYC) a oneDNN linear on a weight reordered
+It implements the *fused* ops (a linear followed by what consumes it) and the embedding; the other elementwise
+primitives stay with the portable torch backend. On this machine kind (2-core AVX-512-bf16 EPYC) a oneDNN linear on a weight reordered
 once into oneDNN's blocked layout is 10-20 % faster than ``F.linear`` (MKL) in fp32 and a few % in bf16, and the
 epilogues save whole passes over ``[T, F]`` / ``[T, H]`` (see benchmarks/NOTES.md for each measurement):
 
 - ``linear_bias_act``: bias and GELU/ReLU/SiLU run inside the matrix product (oneDNN eltwise post-op);
 - ``linear_residual_layer_norm``: bias and residual add inside the product (oneDNN binary post-op), then LayerNorm;
 - ``linear_tanh``: BERT's pooler, a few rows on the native product (below);
+- ``embed_layer_norm`` (a primitive, the only one here): with AVX-512 the lookups, sum and LayerNorm in one native
+  pass;
 - ``qkv_varlen_attention``: the QKV product with its bias inside, then attention per group of equal-length
   sequences straight on strided views of ``[T, 3H]`` (PyTorch's CPU flash
   kernel runs in bf16: converting to fp32 was speed-neutral on W1 and 20 % slower on W2, see NOTES.md).
@@ -160,6 +162,22 @@ def linear_residual_layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torc
     return torch.layer_norm(y, y.shape[-1:], ln_weight, ln_bias, eps)
 
 
+def embed_layer_norm(input_ids, position_ids, token_type_ids, word, position, token_type, weight, bias,
+                     eps: float) -> torch.Tensor:
+    """``LayerNorm(word[ids] + position[pos] + token_type[types])``: ``[T, E]``. With AVX-512 one native pass
+    (the rows summed in fp32 and normalised, rounded once to the tables' dtype): at a handful of tokens ATen's three
+    lookups, two adds and LayerNorm cost ~5 us of dispatch each (NOTES.md section 20); otherwise the torch
+    backend's."""
+    mod = native.module()
+    tables = [t for t in (word, position, token_type) if t is not None]
+    if mod is None or not mod.has_avx512() or word.dtype not in (torch.float32, torch.bfloat16) \
+            or any(t.dtype != word.dtype for t in tables):
+        return torch_backend.embed_layer_norm(input_ids, position_ids, token_type_ids, word, position, token_type,
+                                              weight, bias, eps)
+    return mod.embed_layer_norm(input_ids, position_ids, token_type_ids, word, position, token_type,
+                                _fp32(weight), None if bias is None else _fp32(bias), eps)
+
+
 def linear_tanh(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """``tanh(x @ weight.T + bias)``: ``[B, K] -> [B, N]``, BERT's pooler over the first token of each sequence.
     A few rows' product is one pass over the weight: with AVX-512 the native product streams it (MiniLM's pooler
@@ -270,6 +288,11 @@ _stack_cache: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # layer -
 
 def _same(v: torch.Tensor) -> torch.Tensor:
     return v
+
+
+def _fp32(v: torch.Tensor) -> torch.Tensor:
+    """A vector as fp32: itself, or its cached fp32 copy."""
+    return v if v.dtype == torch.float32 else _fp32_copy(v)
 
 
 def _fp32_copy(v: torch.Tensor) -> torch.Tensor:

@@ -375,34 +375,38 @@ void activate_(Tensor& f, const std::string& activation) {
 // One row at a time: the sum (stored) and its mean, the variance about the mean (two passes, as exact as ATen's), the
 // normalised row; three passes over a row that stays in L1. Rows split over the threads only where there are enough
 // of them (an ATen add and layer_norm each cost ~5 us of dispatch at a handful of rows; section 20).
-PADFREE_AVX512 void add_norm_rows(float* y, const float* x, const float* gamma, const float* beta, int64_t H,
-                                  float eps, int64_t first, int64_t last) {
-  for (int64_t t = first; t < last; ++t) {
-    float* row = y + t * H;
-    const float* res = x + t * H;
-    __m512 sum = _mm512_setzero_ps();
-    for (int64_t i = 0; i < H; i += 16) {
-      const __mmask16 m = lanes(H - i);
-      const __m512 v = _mm512_add_ps(_mm512_maskz_loadu_ps(m, row + i), _mm512_maskz_loadu_ps(m, res + i));
+// One row: row = LayerNorm(row + res) (res: none, or the residual row; beta: none, or the bias)
+PADFREE_AVX512 inline void norm_row(float* row, const float* res, const float* gamma, const float* beta, int64_t H,
+                                    float eps) {
+  __m512 sum = _mm512_setzero_ps();
+  for (int64_t i = 0; i < H; i += 16) {
+    const __mmask16 m = lanes(H - i);
+    __m512 v = _mm512_maskz_loadu_ps(m, row + i);
+    if (res) {
+      v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(m, res + i));
       _mm512_mask_storeu_ps(row + i, m, v);
-      sum = _mm512_add_ps(sum, v);
     }
-    const __m512 mean = _mm512_set1_ps(_mm512_reduce_add_ps(sum) / float(H));
-    __m512 squares = _mm512_setzero_ps();
-    for (int64_t i = 0; i < H; i += 16) {
-      const __mmask16 m = lanes(H - i);
-      const __m512 d = _mm512_maskz_sub_ps(m, _mm512_maskz_loadu_ps(m, row + i), mean);
-      squares = _mm512_fmadd_ps(d, d, squares);
-    }
-    const __m512 rstd = _mm512_set1_ps(1.f / std::sqrt(_mm512_reduce_add_ps(squares) / float(H) + eps));
-    for (int64_t i = 0; i < H; i += 16) {
-      const __mmask16 m = lanes(H - i);
-      const __m512 normed = _mm512_mul_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, row + i), mean), rstd);
-      const __m512 g = _mm512_maskz_loadu_ps(m, gamma + i), b = _mm512_maskz_loadu_ps(m, beta + i);
-      _mm512_mask_storeu_ps(row + i, m, _mm512_fmadd_ps(normed, g, b));
-    }
+    sum = _mm512_add_ps(sum, v);
+  }
+  const __m512 mean = _mm512_set1_ps(_mm512_reduce_add_ps(sum) / float(H));
+  __m512 squares = _mm512_setzero_ps();
+  for (int64_t i = 0; i < H; i += 16) {
+    const __mmask16 m = lanes(H - i);
+    const __m512 d = _mm512_maskz_sub_ps(m, _mm512_maskz_loadu_ps(m, row + i), mean);
+    squares = _mm512_fmadd_ps(d, d, squares);
+  }
+  const __m512 rstd = _mm512_set1_ps(1.f / std::sqrt(_mm512_reduce_add_ps(squares) / float(H) + eps));
+  for (int64_t i = 0; i < H; i += 16) {
+    const __mmask16 m = lanes(H - i);
+    const __m512 normed = _mm512_mul_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, row + i), mean), rstd);
+    const __m512 g = _mm512_maskz_loadu_ps(m, gamma + i);
+    const __m512 b = beta ? _mm512_maskz_loadu_ps(m, beta + i) : _mm512_setzero_ps();
+    _mm512_mask_storeu_ps(row + i, m, _mm512_fmadd_ps(normed, g, b));
   }
 }
+
+// Rows of at most this many floats per thread: fewer run on the calling thread alone
+constexpr int64_t kNormGrain = 32768;
 
 // y = LayerNorm(y + x) over the last dimension, in place (y, x: contiguous fp32 [T, H]; gamma, beta: fp32 [H])
 void add_layer_norm_(Tensor& y, const Tensor& x, const Tensor& gamma, const Tensor& beta, double eps) {
@@ -417,10 +421,94 @@ void add_layer_norm_(Tensor& y, const Tensor& x, const Tensor& gamma, const Tens
   }
   float* out = y.data_ptr<float>();
   const float *res = x.data_ptr<float>(), *g = gamma.data_ptr<float>(), *b = beta.data_ptr<float>();
-  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(H, 1));  // rows per thread at least
-  at::parallel_for(0, T, grain, [&](int64_t first, int64_t last) {
-    add_norm_rows(out, res, g, b, H, float(eps), first, last);
+  at::parallel_for(0, T, std::max<int64_t>(1, kNormGrain / std::max<int64_t>(H, 1)), [&](int64_t first, int64_t last) {
+    for (int64_t t = first; t < last; ++t) norm_row(out + t * H, res + t * H, g, b, H, float(eps));
   });
+}
+
+// ---- embeddings: LayerNorm(word[id] + position[pos] + token_type[type]), a token at a time ----
+// The rows of the tables (fp32 or bf16) summed in fp32 and normalised in place: one pass where ATen's path took
+// three lookups, two adds and a LayerNorm (~5 us of dispatch each at a handful of tokens; section 20).
+PADFREE_AVX512 inline __m512 widen16(const float* p) { return _mm512_loadu_ps(p); }
+PADFREE_AVX512 inline __m512 widen16(const at::BFloat16* p) {  // bf16 = the fp32 high halves
+  const __m512i words = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(words, 16));
+}
+
+template <typename E>
+PADFREE_AVX512 void embed_rows(const std::array<const E*, 3>& rows, float* out, int64_t D) {
+  int64_t i = 0;
+  for (; i + 16 <= D; i += 16) {
+    __m512 sum = widen16(rows[0] + i);
+    for (int r = 1; r < 3; ++r)
+      if (rows[r]) sum = _mm512_add_ps(sum, widen16(rows[r] + i));
+    _mm512_storeu_ps(out + i, sum);
+  }
+  for (; i < D; ++i) {  // a row size off 16 lanes: the rest one by one (no load past a table's last row)
+    float sum = float(rows[0][i]);
+    for (int r = 1; r < 3; ++r)
+      if (rows[r]) sum += float(rows[r][i]);
+    out[i] = sum;
+  }
+}
+
+// A table's row index of each token, checked: an index out of range is an error, never a read past the table
+const int64_t* table_index(const Tensor& index, const Tensor& table, int64_t T, const char* name) {
+  TORCH_CHECK(index.scalar_type() == at::kLong && index.is_contiguous() && index.numel() == T,
+              "embed_layer_norm: ", name, " must be a contiguous int64 tensor of one index a token");
+  const int64_t *p = index.data_ptr<int64_t>(), rows = table.size(0);
+  for (int64_t t = 0; t < T; ++t)
+    TORCH_CHECK(p[t] >= 0 && p[t] < rows, "embed_layer_norm: ", name, " ", p[t], " is outside [0, ", rows, ")");
+  return p;
+}
+
+template <typename E>
+void embed_tokens(const int64_t* ids, const int64_t* pos, const int64_t* types, const Tensor& word,
+                  const std::optional<Tensor>& position, const std::optional<Tensor>& token_type, const float* gamma,
+                  const float* beta, float eps, float* out, int64_t T, int64_t D) {
+  const E* w = word.data_ptr<E>();
+  const E* p = position ? position->data_ptr<E>() : nullptr;
+  const E* y = token_type ? token_type->data_ptr<E>() : nullptr;
+  at::parallel_for(0, T, std::max<int64_t>(1, kNormGrain / std::max<int64_t>(D, 1)), [&](int64_t first, int64_t last) {
+    for (int64_t t = first; t < last; ++t) {
+      embed_rows<E>({w + ids[t] * D, p ? p + pos[t] * D : nullptr, y ? y + types[t] * D : nullptr}, out + t * D, D);
+      norm_row(out + t * D, nullptr, gamma, beta, D, eps);
+    }
+  });
+}
+
+// LayerNorm(word[ids] + position[positions] + token_type[types]) -> [T, D] in the tables' dtype (fp32 or bf16,
+// computed in fp32); the position and token-type tables optional (their indices needed where they are given), gamma
+// and beta fp32 (beta optional)
+Tensor embed_layer_norm(const Tensor& ids, const std::optional<Tensor>& positions, const std::optional<Tensor>& types,
+                        const Tensor& word,
+                        const std::optional<Tensor>& position, const std::optional<Tensor>& token_type,
+                        const Tensor& gamma, const std::optional<Tensor>& beta, double eps) {
+  TORCH_CHECK(has_avx512(), "embed_layer_norm: needs AVX-512");
+  const int64_t T = ids.numel(), D = word.size(1);
+  const auto dtype = word.scalar_type();
+  TORCH_CHECK((dtype == at::kFloat || dtype == at::kBFloat16) && word.dim() == 2 && word.is_contiguous(),
+              "embed_layer_norm: the word table must be a contiguous fp32 or bf16 [V, D] tensor");
+  for (const auto* table : {&position, &token_type})
+    TORCH_CHECK(!*table || ((*table)->scalar_type() == dtype && (*table)->dim() == 2 && (*table)->size(1) == D &&
+                            (*table)->is_contiguous()),
+                "embed_layer_norm: the position and token-type tables must be contiguous [n, D] like the word table");
+  TORCH_CHECK(gamma.scalar_type() == at::kFloat && gamma.numel() == D &&
+                  (!beta || (beta->scalar_type() == at::kFloat && beta->numel() == D)),
+              "embed_layer_norm: fp32 gamma and beta of the tables' row size");
+  const int64_t* id = table_index(ids, word, T, "token id");
+  TORCH_CHECK((!position || positions) && (!token_type || types), "embed_layer_norm: a table without its indices");
+  const int64_t* pos = position ? table_index(*positions, *position, T, "position") : nullptr;
+  const int64_t* type = token_type ? table_index(*types, *token_type, T, "token type") : nullptr;
+  auto out = at::empty({T, D}, word.options().dtype(at::kFloat));
+  const float* b = beta ? beta->data_ptr<float>() : nullptr;
+  if (dtype == at::kFloat)
+    embed_tokens<float>(id, pos, type, word, position, token_type, gamma.data_ptr<float>(), b, float(eps),
+                        out.data_ptr<float>(), T, D);
+  else
+    embed_tokens<at::BFloat16>(id, pos, type, word, position, token_type, gamma.data_ptr<float>(), b, float(eps),
+                               out.data_ptr<float>(), T, D);
+  return out.to(dtype);
 }
 
 // ---- attention of short sequences ----
@@ -562,6 +650,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("attention", &attention, py::call_guard<py::gil_scoped_release>());
   m.def("activate_", &activate_, py::call_guard<py::gil_scoped_release>());
   m.def("add_layer_norm_", &add_layer_norm_, py::call_guard<py::gil_scoped_release>());
+  m.def("embed_layer_norm", &embed_layer_norm, py::call_guard<py::gil_scoped_release>());
   m.def("has_avx512_bf16", &has_avx512_bf16);
   m.def("pack_blocks", &pack_blocks);
   m.def("pack_pairs", &pack_pairs);
