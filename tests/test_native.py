@@ -1,7 +1,8 @@
 """The native small-batch stack (``padfree.ops.native``, ``small_layers.cpp``): its product, attention, activation,
-residual-add-and-LayerNorm and embedding kernels against float64; where the stack applies it gives the Python forward's result (fp32) or the fp32 forward's
-on the bf16-rounded weights (bf16) within rounding, and transformers' within the family tolerances; it is really
-taken there; a build that fails leaves the Python forward in charge; ``PADFREE_NATIVE`` is checked."""
+residual-add-and-LayerNorm and embedding kernels against float64; where the stack applies it gives the Python
+forward's result (fp32) or the fp32 forward's on the bf16-rounded weights (bf16) within rounding, and transformers'
+within the family tolerances; it is really taken there; it follows parameters replaced or updated in place; a build
+that fails leaves the Python forward in charge; ``PADFREE_NATIVE`` is checked."""
 from __future__ import annotations
 
 import os

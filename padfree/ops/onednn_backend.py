@@ -1,9 +1,10 @@
 """The CPU backend for the matrix products: oneDNN linears with prepacked weights and fused epilogues.
 
 It implements the *fused* ops (a linear followed by what consumes it) and the embedding; the other elementwise
-primitives stay with the portable torch backend. On this machine kind (2-core AVX-512-bf16 EPYC) a oneDNN linear on a weight reordered
-once into oneDNN's blocked layout is 10-20 % faster than ``F.linear`` (MKL) in fp32 and a few % in bf16, and the
-epilogues save whole passes over ``[T, F]`` / ``[T, H]`` (see benchmarks/NOTES.md for each measurement):
+primitives stay with the portable torch backend. On this machine kind (2-core AVX-512-bf16 EPYC) a oneDNN linear on
+a weight reordered once into oneDNN's blocked layout is 10-20 % faster than ``F.linear`` (MKL) in fp32 and a few %
+in bf16, and the epilogues save whole passes over ``[T, F]`` / ``[T, H]`` (see benchmarks/NOTES.md for each
+measurement):
 
 - ``linear_bias_act``: bias and GELU/ReLU/SiLU run inside the matrix product (oneDNN eltwise post-op);
 - ``linear_residual_layer_norm``: bias and residual add inside the product (oneDNN binary post-op), then LayerNorm;
@@ -33,6 +34,7 @@ from __future__ import annotations
 import os
 import threading
 import weakref
+from typing import Callable
 
 import torch
 
@@ -187,21 +189,27 @@ def linear_tanh(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
 
 
 def _native_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
-    """``x @ weight.T + bias`` on the native product where it takes the batch (as in :func:`post_ln_layers`: fp32
-    up to ``OWN_PRODUCT_ROWS`` rows, bf16 up to ``BF16_NATIVE_ROWS``, computed in fp32 and rounded once), else
-    None."""
+    """``x @ weight.T + bias`` on the native product where it takes the batch (:func:`_native_packing`; computed in
+    fp32 and rounded once), else None."""
     mod = native.module()
-    if mod is None or bias is None or not mod.has_avx512():
+    if mod is None or bias is None or (native_product := _native_packing(x, mod)) is None:
         return None
-    rows = x.shape[0]
-    if x.dtype == torch.bfloat16 and rows <= BF16_NATIVE_ROWS:
-        layout, b = ("pairs" if BF16_DOT and mod.has_avx512_bf16() else "blocks"), _fp32_copy(bias)
-    elif x.dtype == torch.float32 and rows <= OWN_PRODUCT_ROWS:
-        layout, b = "blocks", bias
-    else:
-        return None
-    y = mod.blocks_linear(x.float().contiguous(), packed_weight(weight, layout), weight.shape[0], b)
+    layout, vector = native_product
+    y = mod.blocks_linear(x.float().contiguous(), packed_weight(weight, layout), weight.shape[0], vector(bias))
     return y.to(x.dtype)
+
+
+def _native_packing(x: torch.Tensor, mod) -> tuple[str, Callable] | None:
+    """The packing of the native product for a batch ``x`` and how its vectors are passed (fp32), or None where the
+    product does not take the batch: with AVX-512, fp32 up to ``OWN_PRODUCT_ROWS`` rows and bf16 up to
+    ``BF16_NATIVE_ROWS`` (dot products with ``BF16_DOT`` and AVX-512 BF16, the widened weight otherwise)."""
+    if not mod.has_avx512():
+        return None
+    if x.dtype == torch.bfloat16 and x.shape[0] <= BF16_NATIVE_ROWS:
+        return ("pairs" if BF16_DOT and mod.has_avx512_bf16() else "blocks"), _fp32_copy
+    if x.dtype == torch.float32 and x.shape[0] <= OWN_PRODUCT_ROWS:
+        return "blocks", _same
+    return None
 
 
 _NATIVE_ACTIVATIONS = frozenset({"gelu", "gelu_tanh", "relu", "silu"})  # those small_layers.cpp applies
@@ -238,14 +246,11 @@ def post_ln_layers(x: torch.Tensor, layers, runs, num_heads: int, scale: float, 
       products) without Python between them."""
     if activation not in _NATIVE_ACTIVATIONS or (mod := native.module()) is None:
         return None
-    rows, avx512 = x.shape[0], mod.has_avx512()
-    if x.dtype == torch.bfloat16 and avx512 and rows <= BF16_NATIVE_ROWS:
-        layout, vector = "pairs" if BF16_DOT and mod.has_avx512_bf16() else "blocks", _fp32_copy
-    elif x.dtype == torch.float32 and avx512 and rows <= OWN_PRODUCT_ROWS:
-        layout, vector = "blocks", _same
+    if (native_product := _native_packing(x, mod)) is not None:
+        layout, vector = native_product
     elif _small(x):  # MKL's products (above OWN_PRODUCT_ROWS, or no AVX-512: then ATen's ops all through)
         layout, vector = "mkl", _same
-    elif x.dtype == torch.float32 and avx512 and rows <= ONEDNN_STACK_ROWS:
+    elif x.dtype == torch.float32 and mod.has_avx512() and x.shape[0] <= ONEDNN_STACK_ROWS:
         layout, vector = "onednn", _same
     else:
         return None

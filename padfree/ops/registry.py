@@ -162,9 +162,10 @@ BACKENDS: list[Backend] = [
     Backend("triton", frozenset({"cuda"}), _FLOATS, "padfree.ops.triton_backend", frozenset(PRIMITIVES),
             head_dims=frozenset({16, 32, 64, 80, 96, 128}), requires="triton", relative_scores=True,
             features=_ATTENTION_FEATURES | {"norm_without_bias"}),
-    # fused linear ops and the embedding; fp16 on CPU has no fast oneDNN path here, so it is left to the composition
+    # fused linear ops and the embedding; fp16 on CPU has no fast oneDNN path here, so it is left to the
+    # composition; its attention is the torch backend's (so it takes rel=)
     Backend("onednn", frozenset({"cpu"}), frozenset({torch.float32, torch.bfloat16}), "padfree.ops.onednn_backend",
-            frozenset(FUSED_OPS) | {"embed_layer_norm"}, needs_mkldnn=True, relative_scores=True,  # its attention is the torch backend's
+            frozenset(FUSED_OPS) | {"embed_layer_norm"}, needs_mkldnn=True, relative_scores=True,
             primitives_from="torch", features=_ATTENTION_FEATURES | {"norm_without_bias"}),
     Backend("torch", frozenset({"cpu", "cuda"}), _FLOATS, "padfree.ops.torch_backend", frozenset(PRIMITIVES),
             relative_scores=True, features=_ATTENTION_FEATURES | {"norm_without_bias"}),
