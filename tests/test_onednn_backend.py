@@ -64,6 +64,19 @@ def test_linear_tanh(dtype, T):
     torch.testing.assert_close(onednn.linear_tanh(x, w, b).float(), ref, **TOL[dtype])
 
 
+@pytest.mark.parametrize("contiguous", [True, False])
+def test_embed_layer_norm(contiguous):
+    """The embedding (native where the CPU has AVX-512; a table that is not contiguous, e.g. a transposed view, takes
+    the torch ops) against the reference."""
+    g = torch.Generator().manual_seed(4)
+    word = torch.randn(50, 48, generator=g) if contiguous else torch.randn(48, 50, generator=g).t()
+    pos, typ = torch.randn(20, 48, generator=g), torch.randn(2, 48, generator=g)
+    w, b = torch.randn(48, generator=g), torch.randn(48, generator=g)
+    ids, p, t = (torch.randint(0, n, (23,), generator=g) for n in (50, 20, 2))
+    torch.testing.assert_close(onednn.embed_layer_norm(ids, p, t, word, pos, typ, w, b, 1e-12),
+                               ops.embed_layer_norm_ref(ids, p, t, word, pos, typ, w, b, 1e-12), **TOL[torch.float32])
+
+
 @pytest.mark.parametrize("lengths", [[1], [5, 5, 5, 1, 17, 17, 2], [33] * 3 + [2], [4, 9, 4, 9]])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_qkv_varlen_attention_matches_reference(lengths, dtype):

@@ -173,7 +173,7 @@ def embed_layer_norm(input_ids, position_ids, token_type_ids, word, position, to
     mod = native.module()
     tables = [t for t in (word, position, token_type) if t is not None]
     if mod is None or not mod.has_avx512() or word.dtype not in (torch.float32, torch.bfloat16) \
-            or any(t.dtype != word.dtype for t in tables):
+            or any(t.dtype != word.dtype or not t.is_contiguous() for t in tables):
         return torch_backend.embed_layer_norm(input_ids, position_ids, token_type_ids, word, position, token_type,
                                               weight, bias, eps)
     return mod.embed_layer_norm(input_ids, position_ids, token_type_ids, word, position, token_type,
