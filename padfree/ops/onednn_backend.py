@@ -177,7 +177,7 @@ def embed_layer_norm(input_ids, position_ids, token_type_ids, word, position, to
         return torch_backend.embed_layer_norm(input_ids, position_ids, token_type_ids, word, position, token_type,
                                               weight, bias, eps)
     return mod.embed_layer_norm(input_ids, position_ids, token_type_ids, word, position, token_type,
-                                _fp32(weight), None if bias is None else _fp32(bias), eps)
+                                _fp32(weight).contiguous(), None if bias is None else _fp32(bias).contiguous(), eps)
 
 
 def linear_tanh(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -195,7 +195,8 @@ def _native_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     if mod is None or bias is None or (native_product := _native_packing(x, mod)) is None:
         return None
     layout, vector = native_product
-    y = mod.blocks_linear(x.float().contiguous(), packed_weight(weight, layout), weight.shape[0], vector(bias))
+    y = mod.blocks_linear(x.float().contiguous(), packed_weight(weight, layout), weight.shape[0],
+                          vector(bias).contiguous())
     return y.to(x.dtype)
 
 

@@ -252,7 +252,7 @@ Tensor blocks_linear(const Tensor& x, const Tensor& packed, int64_t N, const Ten
   const int64_t T = x.size(0), K = x.size(1), pairs = packed.dim() == 4;
   TORCH_CHECK(x.scalar_type() == at::kFloat && x.is_contiguous() && packed.size(0) * kCols >= N &&
                   (pairs ? packed.size(1) == (K + 1) / 2 : packed.dim() == 3 && packed.size(1) == K) &&
-                  bias.scalar_type() == at::kFloat && bias.numel() == N,
+                  bias.scalar_type() == at::kFloat && bias.numel() == N && bias.is_contiguous(),
               "blocks_linear: x, packing or bias do not match");
   auto y = at::empty({T, N}, x.options());
   float* out = y.data_ptr<float>();
@@ -413,8 +413,9 @@ void add_layer_norm_(Tensor& y, const Tensor& x, const Tensor& gamma, const Tens
   const int64_t H = y.size(-1), T = y.numel() / std::max<int64_t>(H, 1);
   TORCH_CHECK(y.scalar_type() == at::kFloat && x.scalar_type() == at::kFloat && y.is_contiguous() &&
                   x.is_contiguous() && x.sizes() == y.sizes() && gamma.scalar_type() == at::kFloat &&
-                  beta.scalar_type() == at::kFloat && gamma.numel() == H && beta.numel() == H,
-              "add_layer_norm_: fp32 contiguous y and x of one shape, fp32 gamma and beta of its last size");
+                  beta.scalar_type() == at::kFloat && gamma.numel() == H && beta.numel() == H &&
+                  gamma.is_contiguous() && beta.is_contiguous(),
+              "add_layer_norm_: fp32 contiguous y and x of one shape, fp32 contiguous gamma and beta of its last size");
   if (!has_avx512()) {
     y.copy_(at::layer_norm(y.add_(x), {H}, gamma, beta, eps));
     return;
@@ -493,9 +494,9 @@ Tensor embed_layer_norm(const Tensor& ids, const std::optional<Tensor>& position
     TORCH_CHECK(!*table || ((*table)->scalar_type() == dtype && (*table)->dim() == 2 && (*table)->size(1) == D &&
                             (*table)->is_contiguous()),
                 "embed_layer_norm: the position and token-type tables must be contiguous [n, D] like the word table");
-  TORCH_CHECK(gamma.scalar_type() == at::kFloat && gamma.numel() == D &&
-                  (!beta || (beta->scalar_type() == at::kFloat && beta->numel() == D)),
-              "embed_layer_norm: fp32 gamma and beta of the tables' row size");
+  TORCH_CHECK(gamma.scalar_type() == at::kFloat && gamma.numel() == D && gamma.is_contiguous() &&
+                  (!beta || (beta->scalar_type() == at::kFloat && beta->numel() == D && beta->is_contiguous())),
+              "embed_layer_norm: fp32 contiguous gamma and beta of the tables' row size");
   const int64_t* id = table_index(ids, word, T, "token id");
   TORCH_CHECK((!position || positions) && (!token_type || types), "embed_layer_norm: a table without its indices");
   const int64_t* pos = position ? table_index(*positions, *position, T, "position") : nullptr;
