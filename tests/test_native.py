@@ -6,6 +6,7 @@ that fails leaves the Python forward in charge; ``PADFREE_NATIVE`` is checked.""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -31,6 +32,17 @@ BF16_LAYOUTS = {"mixed": [3, 9, 9, 1, 12, 4], "limit": [40, 40, 33, 15]}  # up t
 def test_the_native_module_builds_here():
     """CI has a compiler: the module must build (a broken source must fail CI, not fall back unnoticed)."""
     assert native.module() is not None, native.why_not()
+
+
+@pytest.mark.skipif(shutil.which("objdump") is None, reason="no objdump to read the built module")
+def test_the_built_products_prefetch():
+    """The products' software prefetches are in the built module: GCC once dropped every call of an inlined helper
+    holding only prefetches (it judged it free of side effects), and nothing else would have shown it but speed."""
+    name, directory = native.build_dir()
+    assert native.module() is not None, native.why_not()
+    code = subprocess.run(["objdump", "-d", str(directory / f"{name}.so")], capture_output=True, text=True,
+                          check=True).stdout
+    assert code.count("prefetcht0") >= 12 and code.count("prefetcht1") >= 12  # own blocks ahead; the next block
 
 
 @pytest.mark.parametrize("family,shape", FAMILIES, ids=[f"{f}-{s}" for f, s in FAMILIES])

@@ -100,8 +100,9 @@ inline __mmask16 lanes(int64_t left) {
 // ---- the product of a short batch: y [T, N] = x [T, K] @ W^T + bias; x, y, bias fp32; W fp32 or bf16 ----
 // At a few dozen rows a product is a pass over its weight, which comes from the last-level cache or memory (a model's
 // weights do not fit the 2 MiB L2): the kernel streams the weight once per 12 rows in blocks of 32 columns packed
-// contiguously, prefetching 4 KiB ahead of its loads, which the hardware prefetcher alone does not keep fed (Xeon:
-// 1.2-2.3x MKL's packed sgemm at 8-48 rows; EPYC: faster than oneDNN's to 64 rows, as fast at 96; above those the
+// contiguously, on Intel CPUs prefetching 4 KiB ahead of its loads, which the Xeon's hardware prefetcher alone does
+// not keep fed (own_prefetch; Xeon: 1.2-2.3x MKL's packed sgemm at 8-48 rows; EPYC, where the hardware prefetcher
+// suffices: faster than oneDNN's to 64 rows, as fast at 96; above those the
 // caller hands fp32 batches MKL's or oneDNN's packings; benchmarks/NOTES.md sections 18 and 19). At 13-16 rows a
 // block takes two calls of at most 8 rows: the first streams it from memory, the second finds it in L2 and, so that
 // memory does not idle while it computes, prefetches the thread's next block into L2 (BERT-base at 16 tokens 3-9 %
@@ -112,10 +113,22 @@ constexpr int64_t kCols = 32;     // output columns per block: two 16-lane fp32 
 constexpr int kRows = 12;         // rows per kernel call: 24 accumulators, 2 weight vectors, 1 broadcast in registers
 constexpr int64_t kAhead = 4096;  // prefetch distance in bytes
 
-// Prefetches the lines of one k step (`bytes` at `offset` in a block) of the own block, kAhead further on, into L1
-// and, where the call is given one, of the next block into L2
-PADFREE_AVX512 inline void prefetch_step(const char* own, const char* next, int64_t offset, int64_t bytes) {
-  for (int64_t line = 0; line < bytes; line += 64) _mm_prefetch(own + kAhead + offset + line, _MM_HINT_T0);
+// Whether a call prefetches its own block kAhead ahead of its loads: on Intel's Xeon the hardware prefetcher alone
+// did not keep the stream fed (BERT-base's weights at 8 rows: 26.4 ms without, 18.0 with; section 18); on AMD's Zen 4
+// it does, and the software prefetch cost 3-5 % at 8 rows and 1-3 % at 32-64 (section 20)
+bool own_prefetch() {
+  static const bool on = !__builtin_cpu_is("amd");
+  return on;
+}
+
+// Prefetches the lines of one k step (`bytes` at `offset` in a block): of the own block (`own`, where given), kAhead
+// further on, into L1, and of the next block (`next`, where given) into L2. Always inlined: as a function of its own
+// GCC judged it free of side effects and dropped every call (a prefetch is not one), which is how 10fca5e ran with
+// no software prefetch at all.
+__attribute__((always_inline)) PADFREE_AVX512 inline void prefetch_step(const char* own, const char* next,
+                                                                         int64_t offset, int64_t bytes) {
+  if (own)
+    for (int64_t line = 0; line < bytes; line += 64) _mm_prefetch(own + kAhead + offset + line, _MM_HINT_T0);
   if (next)
     for (int64_t line = 0; line < bytes; line += 64) _mm_prefetch(next + offset + line, _MM_HINT_T1);
 }
@@ -178,8 +191,9 @@ PADFREE_AVX512 void block(const float* x, int64_t K, const W* w, const float* bi
   __m512 acc[R][2];
   for (int m = 0; m < R; ++m) acc[m][0] = acc[m][1] = _mm512_setzero_ps();
   constexpr int64_t bytes = kCols * sizeof(W);  // one k step of the block
+  const char* own = own_prefetch() ? reinterpret_cast<const char*>(w) : nullptr;
   for (int64_t k = 0; k < K; ++k) {
-    prefetch_step(reinterpret_cast<const char*>(w), next, k * bytes, bytes);
+    prefetch_step(own, next, k * bytes, bytes);
     __m512 w0, w1;
     load32(w + k * kCols, w0, w1);
     for (int m = 0; m < R; ++m) {
@@ -200,8 +214,9 @@ PADFREE_AVX512_BF16 void block_pairs(const uint32_t* x, int64_t P, const uint32_
   __m512 acc[R][2];
   for (int m = 0; m < R; ++m) acc[m][0] = acc[m][1] = _mm512_setzero_ps();
   constexpr int64_t bytes = kCols * 4;  // one pair of k of the block
+  const char* own = own_prefetch() ? reinterpret_cast<const char*>(w) : nullptr;
   for (int64_t p = 0; p < P; ++p) {
-    prefetch_step(reinterpret_cast<const char*>(w), next, p * bytes, bytes);
+    prefetch_step(own, next, p * bytes, bytes);
     const __m512bh w0 = (__m512bh)_mm512_loadu_si512(w + p * kCols);
     const __m512bh w1 = (__m512bh)_mm512_loadu_si512(w + p * kCols + 16);
     for (int m = 0; m < R; ++m) {
