@@ -102,13 +102,12 @@ inline __mmask16 lanes(int64_t left) {
 // weights do not fit the 2 MiB L2): the kernel streams the weight once per 12 rows in blocks of 32 columns packed
 // contiguously, on Intel CPUs prefetching 4 KiB ahead of its loads, which the Xeon's hardware prefetcher alone does
 // not keep fed (own_prefetch; Xeon: 1.2-2.3x MKL's packed sgemm at 8-48 rows; EPYC, where the hardware prefetcher
-// suffices: faster than oneDNN's to 64 rows, as fast at 96; above those the
-// caller hands fp32 batches MKL's or oneDNN's packings; benchmarks/NOTES.md sections 18 and 19). At 13-16 rows a
-// block takes two calls of at most 8 rows: the first streams it from memory, the second finds it in L2 and, so that
-// memory does not idle while it computes, prefetches the thread's next block into L2 (BERT-base at 16 tokens 3-9 %
-// faster; with more rows a call, its compute alone covers the next block's memory time, and the prefetches cost as
-// much as they gained: section 20). A bf16 weight is half the bytes, widened to fp32 in registers (block) or used in
-// bf16 dot products (block_pairs).
+// suffices: faster than oneDNN's to 64 rows, as fast at 96; above those the caller hands fp32 batches MKL's or
+// oneDNN's packings; benchmarks/NOTES.md sections 18 and 19). At 13-16 rows a block takes two calls of at most 8
+// rows: the first streams it from memory, the second finds it in L2 and, so that memory does not idle while it
+// computes, prefetches the thread's next block into L2 (BERT-base at 16 tokens 3-4 % faster on the EPYC; with more
+// rows a call, its compute alone covers the next block's memory time: section 20). A bf16 weight is half the bytes,
+// widened to fp32 in registers (block) or used in bf16 dot products (block_pairs).
 constexpr int64_t kCols = 32;     // output columns per block: two 16-lane fp32 vectors
 constexpr int kRows = 12;         // rows per kernel call: 24 accumulators, 2 weight vectors, 1 broadcast in registers
 constexpr int64_t kAhead = 4096;  // prefetch distance in bytes
@@ -122,9 +121,9 @@ bool own_prefetch() {
 }
 
 // Prefetches the lines of one k step (`bytes` at `offset` in a block): of the own block (`own`, where given), kAhead
-// further on, into L1, and of the next block (`next`, where given) into L2. Always inlined: as a function of its own
-// GCC judged it free of side effects and dropped every call (a prefetch is not one), which is how 10fca5e ran with
-// no software prefetch at all.
+// further on, into L1, and of the next block (`next`, where given) into L2. Always inlined: left to itself GCC
+// judged a function of prefetches alone free of side effects and dropped its calls (tests/test_native.py counts the
+// built module's prefetches).
 __attribute__((always_inline)) PADFREE_AVX512 inline void prefetch_step(const char* own, const char* next,
                                                                          int64_t offset, int64_t bytes) {
   if (own)
@@ -497,9 +496,8 @@ void embed_tokens(const int64_t* ids, const int64_t* pos, const int64_t* types, 
 // computed in fp32); the position and token-type tables optional (their indices needed where they are given), gamma
 // and beta fp32 (beta optional)
 Tensor embed_layer_norm(const Tensor& ids, const std::optional<Tensor>& positions, const std::optional<Tensor>& types,
-                        const Tensor& word,
-                        const std::optional<Tensor>& position, const std::optional<Tensor>& token_type,
-                        const Tensor& gamma, const std::optional<Tensor>& beta, double eps) {
+                        const Tensor& word, const std::optional<Tensor>& position,
+                        const std::optional<Tensor>& token_type, const Tensor& gamma, const std::optional<Tensor>& beta, double eps) {
   TORCH_CHECK(has_avx512(), "embed_layer_norm: needs AVX-512");
   const int64_t T = ids.numel(), D = word.size(1);
   const auto dtype = word.scalar_type();
