@@ -497,7 +497,8 @@ void embed_tokens(const int64_t* ids, const int64_t* pos, const int64_t* types, 
 // and beta fp32 (beta optional)
 Tensor embed_layer_norm(const Tensor& ids, const std::optional<Tensor>& positions, const std::optional<Tensor>& types,
                         const Tensor& word, const std::optional<Tensor>& position,
-                        const std::optional<Tensor>& token_type, const Tensor& gamma, const std::optional<Tensor>& beta, double eps) {
+                        const std::optional<Tensor>& token_type, const Tensor& gamma,
+                        const std::optional<Tensor>& beta, double eps) {
   TORCH_CHECK(has_avx512(), "embed_layer_norm: needs AVX-512");
   const int64_t T = ids.numel(), D = word.size(1);
   const auto dtype = word.scalar_type();
