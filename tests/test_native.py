@@ -77,12 +77,14 @@ def _stack(enc, x, runs):
                                           cfg.layer_norm_eps, cfg.activation)
 
 
-@pytest.mark.parametrize("rows,cols,depth", [(1, 64, 32), (3, 50, 41), (12, 96, 384), (25, 101, 64), (64, 37, 7)])
+@pytest.mark.parametrize("rows,cols,depth", [(1, 64, 32), (3, 50, 41), (12, 96, 384), (16, 160, 48), (23, 40, 30),
+                                             (25, 101, 64), (64, 37, 7), (128, 70, 24)])
 @pytest.mark.parametrize("kernel", ["fp32", "widened", "dot"])
 def test_native_product_matches_float64(rows, cols, depth, kernel):
     """The native product (fp32 x and bias; an fp32 weight, a bf16 one widened, or a bf16 one in bf16 dot products
-    with x rounded to bf16) against the same product in float64: row counts off the 12-row kernel, column counts
-    off the 32-column block, odd depths (the dot kernel's last pair half empty)."""
+    with x rounded to bf16) against the same product in float64: row counts in one call (up to 12), in two calls
+    with the next block prefetched (16 rows, 5 blocks), in calls of at most 11 rows (23, 25, 64, 128) and off an even
+    split, column counts off the 32-column block, odd depths (the dot kernel's last pair half empty)."""
     mod = native.module()
     if not (mod.has_avx512_bf16() if kernel == "dot" else mod.has_avx512()):
         pytest.skip(f"this CPU lacks the {kernel} kernel's AVX-512 instructions")

@@ -110,6 +110,8 @@ inline __mmask16 lanes(int64_t left) {
 // widened to fp32 in registers (block) or used in bf16 dot products (block_pairs).
 constexpr int64_t kCols = 32;     // output columns per block: two 16-lane fp32 vectors
 constexpr int kRows = 12;         // rows per kernel call: 24 accumulators, 2 weight vectors, 1 broadcast in registers
+constexpr int kSplit = 11;        // rows per call where a block takes several: the 12-row kernel keeps 12 row
+                                  // pointers and spills one per step, 4-8 % slower than 11 rows (section 21)
 constexpr int64_t kAhead = 4096;  // prefetch distance in bytes
 
 // Whether a call prefetches its own block kAhead ahead of its loads: on Intel's Xeon the hardware prefetcher alone
@@ -184,15 +186,15 @@ PADFREE_AVX512 inline void store_rows(const __m512 (&acc)[R][2], const float* bi
 }
 
 // R rows of x times one block of 32 columns, plus bias, into y
-template <typename W, int R>
+template <typename W, int R, bool Fetch>
 PADFREE_AVX512 void block(const float* x, int64_t K, const W* w, const float* bias, float* y, int64_t N, int64_t cols,
                           const char* next) {
   __m512 acc[R][2];
   for (int m = 0; m < R; ++m) acc[m][0] = acc[m][1] = _mm512_setzero_ps();
   constexpr int64_t bytes = kCols * sizeof(W);  // one k step of the block
-  const char* own = own_prefetch() ? reinterpret_cast<const char*>(w) : nullptr;
+  const char* own = Fetch && own_prefetch() ? reinterpret_cast<const char*>(w) : nullptr;
   for (int64_t k = 0; k < K; ++k) {
-    prefetch_step(own, next, k * bytes, bytes);
+    if (Fetch) prefetch_step(own, next, k * bytes, bytes);
     __m512 w0, w1;
     load32(w + k * kCols, w0, w1);
     for (int m = 0; m < R; ++m) {
@@ -207,15 +209,15 @@ PADFREE_AVX512 void block(const float* x, int64_t K, const W* w, const float* bi
 // The same on bf16 dot products (vdpbf16ps): x as bf16 pairs (2 k each, [T, P] words), the weight as pack_pairs'
 // block ([P, 32] words: a word holds one column's two k); fp32 accumulators. Where the CPU runs vdpbf16ps at the
 // fp32 FMA rate (AMD's Zen 4) this is twice the flops of widening the weight (benchmarks/NOTES.md, section 19).
-template <int R>
+template <int R, bool Fetch>
 PADFREE_AVX512_BF16 void block_pairs(const uint32_t* x, int64_t P, const uint32_t* w, const float* bias, float* y,
                                      int64_t N, int64_t cols, const char* next) {
   __m512 acc[R][2];
   for (int m = 0; m < R; ++m) acc[m][0] = acc[m][1] = _mm512_setzero_ps();
   constexpr int64_t bytes = kCols * 4;  // one pair of k of the block
-  const char* own = own_prefetch() ? reinterpret_cast<const char*>(w) : nullptr;
+  const char* own = Fetch && own_prefetch() ? reinterpret_cast<const char*>(w) : nullptr;
   for (int64_t p = 0; p < P; ++p) {
-    prefetch_step(own, next, p * bytes, bytes);
+    if (Fetch) prefetch_step(own, next, p * bytes, bytes);
     const __m512bh w0 = (__m512bh)_mm512_loadu_si512(w + p * kCols);
     const __m512bh w1 = (__m512bh)_mm512_loadu_si512(w + p * kCols + 16);
     for (int m = 0; m < R; ++m) {
@@ -229,23 +231,30 @@ PADFREE_AVX512_BF16 void block_pairs(const uint32_t* x, int64_t P, const uint32_
 
 template <typename X, typename W>
 using BlockFn = void (*)(const X*, int64_t, const W*, const float*, float*, int64_t, int64_t, const char*);
+// A product's kernels: [rows - 1] without prefetches, [kRows + rows - 1] with them. The loop of a kernel that
+// checked for prefetches at each step (on AMD none but the next-block one) ran 5-7 % slower at 32-128 rows than one
+// without the checks (NOTES.md, section 21).
+template <typename X, typename W>
+using Kernels = std::array<BlockFn<X, W>, 2 * kRows>;
 template <typename W, size_t... R>
-constexpr std::array<BlockFn<float, W>, kRows> block_table(std::index_sequence<R...>) {  // block<W, 1 ... kRows>
-  return {block<W, int(R) + 1>...};
+constexpr Kernels<float, W> block_table(std::index_sequence<R...>) {
+  return {block<W, int(R) + 1, false>..., block<W, int(R) + 1, true>...};
 }
 template <size_t... R>
-constexpr std::array<BlockFn<uint32_t, uint32_t>, kRows> pairs_table(std::index_sequence<R...>) {
-  return {block_pairs<int(R) + 1>...};
+constexpr Kernels<uint32_t, uint32_t> pairs_table(std::index_sequence<R...>) {
+  return {block_pairs<int(R) + 1, false>..., block_pairs<int(R) + 1, true>...};
 }
 
 // Blocks of 32 columns split over the threads; each block's weight (K steps x 32 columns) serves every row of x
 // (K: the depth in x's and the weight's units, k or pairs of k); where a block takes two calls of at most 8 rows,
 // the second prefetches the thread's next block.
 template <typename X, typename W>
-void blocks_product(const std::array<BlockFn<X, W>, kRows>& table, const X* x, int64_t T, int64_t K, const W* w,
-                    int64_t blocks, const float* bias, float* y, int64_t N) {
+void blocks_product(const Kernels<X, W>& table, const X* x, int64_t T, int64_t K, const W* w, int64_t blocks,
+                    const float* bias, float* y, int64_t N) {
   if (T == 0) return;
-  const int64_t calls = (T + kRows - 1) / kRows, step = (T + calls - 1) / calls;  // rows split evenly over the calls
+  // one call of at most kRows rows (one pass over the weight), or rows split evenly over calls of at most kSplit
+  const int64_t calls = T <= kRows ? 1 : (T + kSplit - 1) / kSplit, step = (T + calls - 1) / calls;
+  const int64_t own = own_prefetch() ? kRows : 0;
   at::parallel_for(0, blocks, 1, [&](int64_t first, int64_t last) {
     for (int64_t j = first; j < last; ++j) {
       const int64_t n0 = j * kCols, cols = std::min(kCols, N - n0);
@@ -253,7 +262,9 @@ void blocks_product(const std::array<BlockFn<X, W>, kRows>& table, const X* x, i
       const char* next = share ? reinterpret_cast<const char*>(w + (j + 1) * K * kCols) : nullptr;
       for (int64_t m0 = 0; m0 < T; m0 += step) {
         const int64_t rows = std::min<int64_t>(step, T - m0);
-        table[rows - 1](x + m0 * K, K, w + j * K * kCols, bias + n0, y + m0 * N + n0, N, cols, m0 ? next : nullptr);
+        const char* fetch = m0 ? next : nullptr;
+        table[(fetch ? kRows : own) + rows - 1](x + m0 * K, K, w + j * K * kCols, bias + n0, y + m0 * N + n0, N, cols,
+                                                fetch);
       }
     }
   });
