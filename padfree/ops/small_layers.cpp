@@ -21,6 +21,7 @@
 #include <array>
 #include <cmath>
 #include <string>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -538,73 +539,233 @@ Tensor embed_layer_norm(const Tensor& ids, const std::optional<Tensor>& position
 }
 
 // ---- attention of short sequences ----
+// Per (sequence, head): the keys transposed so that a query's scores are 16-lane vectors over the keys, then groups
+// of kGroup query rows: their scores, softmax and context, the products in tiles of R rows x up to kTile vectors
+// (keys, or features), so that each loaded vector serves R rows and each broadcast kTile vectors (one vector by 8
+// rows ran ~25 % slower at 32-64 tokens: NOTES.md, section 21). In fp32 (fp32 FMAs), or for a bf16 model on AMD
+// (BF16_DOT) on bf16 dot products: q, k, v and the softmax's weights rounded to bf16, features (scores) or keys
+// (context) in pairs, half the instructions where vdpbf16ps runs at the FMA rate: 1.4-1.5x faster at 64-128 tokens,
+// with the roundings of a bf16 attention (PyTorch's bf16 kernel takes q, k, v and the weights in bf16 too).
+// Accumulation, softmax and scaling are fp32 in both.
 constexpr int64_t kMaxLen = 128;  // the longest sequence attend() takes (8 score vectors); PyTorch's kernel above
-constexpr int64_t kGroup = 8;    // query rows attend_rows() takes at once: 8 independent accumulators per loop
+constexpr int64_t kGroup = 6;     // query rows attend_rows() takes at once
+constexpr int kTile = 4;          // vectors a tile takes at once: R x kTile accumulators
+constexpr int64_t kKeyStride = kMaxLen + 16;  // elements per row of the transposed keys (not a power of two)
+// The tiles' loops over rows and vectors fully unrolled: left to itself GCC kept the context's accumulators in
+// memory, storing them at every step (1.6x slower)
+#define PADFREE_UNROLL _Pragma("GCC unroll 24")
 
-// R consecutive query rows of one head (R <= kGroup): scores against the n keys, softmax, context. Each loop runs R
-// independent accumulators and loads each key / value vector once for the R rows. kt: the keys transposed
-// ([d][kMaxLen], so that a row's scores are 16-lane vectors over the keys); p: scratch of R x kMaxLen floats.
-template <int R>
-PADFREE_AVX512 void attend_rows(const float* q, const float* v, int64_t ld, float* out, int64_t ldo, int64_t n,
-                                int64_t d, float scale, const float* kt, float* p) {
-  const int64_t blocks = (n + 15) / 16;
-  for (int64_t b = 0; b < blocks; ++b) {  // scores, 16 keys at a time
-    __m512 acc[R];
-    for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
-    for (int64_t c = 0; c < d; ++c) {
-      const __m512 kc = _mm512_loadu_ps(kt + c * kMaxLen + 16 * b);
-      for (int r = 0; r < R; ++r) acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(q[r * ld + c]), kc, acc[r]);
-    }
-    for (int r = 0; r < R; ++r)
-      _mm512_storeu_ps(p + r * kMaxLen + 16 * b, _mm512_mul_ps(acc[r], _mm512_set1_ps(scale)));
+// Calls f with std::integral_constant<int, v> (v = 1 ... kTile): a tile's width as a template argument
+template <typename F>
+inline void with_width(int64_t v, F&& f) {
+  switch (v) {
+    case 1: f(std::integral_constant<int, 1>()); break;
+    case 2: f(std::integral_constant<int, 2>()); break;
+    case 3: f(std::integral_constant<int, 3>()); break;
+    default: f(std::integral_constant<int, 4>());
   }
-  float inv[R];
-  for (int r = 0; r < R; ++r) {  // softmax of each row, over the n real keys
+}
+
+// fp32 and bf16-pair operands of the tiles: X one element of a broadcast row (a float, or a word of two bf16)
+template <int R, int V>
+__attribute__((noinline)) PADFREE_AVX512 void score_tile(const float* q, int64_t ldq, const float* kt, int64_t b0,
+                                                         int64_t depth, float scale, float* p) {
+  __m512 acc[R][V];
+  PADFREE_UNROLL for (int r = 0; r < R; ++r) PADFREE_UNROLL for (int v = 0; v < V; ++v) acc[r][v] = _mm512_setzero_ps();
+  for (int64_t c = 0; c < depth; ++c) {
+    __m512 kc[V];
+    PADFREE_UNROLL for (int v = 0; v < V; ++v) kc[v] = _mm512_loadu_ps(kt + c * kKeyStride + 16 * (b0 + v));
+    PADFREE_UNROLL for (int r = 0; r < R; ++r) {
+      const __m512 qb = _mm512_set1_ps(q[r * ldq + c]);
+      PADFREE_UNROLL for (int v = 0; v < V; ++v) acc[r][v] = _mm512_fmadd_ps(qb, kc[v], acc[r][v]);
+    }
+  }
+  PADFREE_UNROLL for (int r = 0; r < R; ++r) PADFREE_UNROLL for (int v = 0; v < V; ++v)
+    _mm512_storeu_ps(p + r * kMaxLen + 16 * (b0 + v), _mm512_mul_ps(acc[r][v], _mm512_set1_ps(scale)));
+}
+
+template <int R, int V>
+__attribute__((noinline)) PADFREE_AVX512_BF16 void score_tile(const uint32_t* q, int64_t ldq, const uint32_t* kt,
+                                                              int64_t b0, int64_t depth, float scale, float* p) {
+  __m512 acc[R][V];
+  PADFREE_UNROLL for (int r = 0; r < R; ++r) PADFREE_UNROLL for (int v = 0; v < V; ++v) acc[r][v] = _mm512_setzero_ps();
+  for (int64_t c = 0; c < depth; ++c) {
+    __m512bh kc[V];
+    PADFREE_UNROLL for (int v = 0; v < V; ++v)
+      kc[v] = (__m512bh)_mm512_loadu_si512(kt + c * kKeyStride + 16 * (b0 + v));
+    PADFREE_UNROLL for (int r = 0; r < R; ++r) {
+      const __m512bh qb = (__m512bh)_mm512_set1_epi32(int(q[r * ldq + c]));
+      PADFREE_UNROLL for (int v = 0; v < V; ++v) acc[r][v] = _mm512_dpbf16_ps(acc[r][v], qb, kc[v]);
+    }
+  }
+  PADFREE_UNROLL for (int r = 0; r < R; ++r) PADFREE_UNROLL for (int v = 0; v < V; ++v)
+    _mm512_storeu_ps(p + r * kMaxLen + 16 * (b0 + v), _mm512_mul_ps(acc[r][v], _mm512_set1_ps(scale)));
+}
+
+// The context of R query rows in V vectors of features from c0: their weights w (rows of kMaxLen elements) times the
+// values (rows of ldv elements, `depth` of them), each row scaled by inv, into out (the last vector `last` lanes wide)
+template <int R, int V>
+__attribute__((noinline)) PADFREE_AVX512 void context_tile(const float* w, const float* v, int64_t ldv, int64_t depth,
+                                                           int64_t c0, __mmask16 last, const float* inv, float* out,
+                                                           int64_t ldo) {
+  __m512 acc[R][V];
+  __mmask16 mk[V];
+  PADFREE_UNROLL for (int u = 0; u < V; ++u) mk[u] = u + 1 < V ? __mmask16(0xFFFF) : last;
+  PADFREE_UNROLL for (int r = 0; r < R; ++r) PADFREE_UNROLL for (int u = 0; u < V; ++u) acc[r][u] = _mm512_setzero_ps();
+  for (int64_t j = 0; j < depth; ++j) {
+    __m512 vj[V];
+    PADFREE_UNROLL for (int u = 0; u < V; ++u) vj[u] = _mm512_maskz_loadu_ps(mk[u], v + j * ldv + c0 + 16 * u);
+    PADFREE_UNROLL for (int r = 0; r < R; ++r) {
+      const __m512 wb = _mm512_set1_ps(w[r * kMaxLen + j]);
+      PADFREE_UNROLL for (int u = 0; u < V; ++u) acc[r][u] = _mm512_fmadd_ps(wb, vj[u], acc[r][u]);
+    }
+  }
+  PADFREE_UNROLL for (int r = 0; r < R; ++r) PADFREE_UNROLL for (int u = 0; u < V; ++u)
+    _mm512_mask_storeu_ps(out + r * ldo + c0 + 16 * u, mk[u], _mm512_mul_ps(acc[r][u], _mm512_set1_ps(inv[r])));
+}
+
+template <int R, int V>
+__attribute__((noinline)) PADFREE_AVX512_BF16 void context_tile(const uint32_t* w, const uint32_t* v, int64_t ldv,
+                                                                int64_t depth, int64_t c0, __mmask16 last,
+                                                                const float* inv, float* out, int64_t ldo) {
+  __m512 acc[R][V];  // w: rows of kMaxLen bf16 (kMaxLen / 2 words); v: rows of ldv words, zero-padded features
+  PADFREE_UNROLL for (int r = 0; r < R; ++r) PADFREE_UNROLL for (int u = 0; u < V; ++u) acc[r][u] = _mm512_setzero_ps();
+  for (int64_t j = 0; j < depth; ++j) {
+    __m512bh vj[V];
+    PADFREE_UNROLL for (int u = 0; u < V; ++u) vj[u] = (__m512bh)_mm512_loadu_si512(v + j * ldv + c0 + 16 * u);
+    PADFREE_UNROLL for (int r = 0; r < R; ++r) {
+      const __m512bh wb = (__m512bh)_mm512_set1_epi32(int(w[r * (kMaxLen / 2) + j]));
+      PADFREE_UNROLL for (int u = 0; u < V; ++u) acc[r][u] = _mm512_dpbf16_ps(acc[r][u], wb, vj[u]);
+    }
+  }
+  PADFREE_UNROLL for (int r = 0; r < R; ++r) PADFREE_UNROLL for (int u = 0; u < V; ++u)
+    _mm512_mask_storeu_ps(out + r * ldo + c0 + 16 * u, u + 1 < V ? __mmask16(0xFFFF) : last,
+                          _mm512_mul_ps(acc[r][u], _mm512_set1_ps(inv[r])));
+}
+
+// The softmax of R rows of scores p (rows of kMaxLen) over the n real keys, left unnormalised: e^(s - max) in place
+// (zeros from key n to the end of its 16-key block), 1 / sum into inv
+template <int R>
+PADFREE_AVX512 void softmax_rows(float* p, int64_t n, float* inv) {
+  const int64_t blocks = (n + 15) / 16;
+  for (int r = 0; r < R; ++r) {
     float* pr = p + r * kMaxLen;
-    float top = -INFINITY, sum = 0.f;
+    __m512 most = _mm512_set1_ps(-INFINITY), sums = _mm512_setzero_ps();  // one horizontal step each, per row
     for (int64_t b = 0; b < blocks; ++b)
-      top = std::max(top, _mm512_mask_reduce_max_ps(lanes(n - 16 * b), _mm512_loadu_ps(pr + 16 * b)));
+      most = _mm512_mask_max_ps(most, lanes(n - 16 * b), most, _mm512_loadu_ps(pr + 16 * b));
+    const __m512 top = _mm512_set1_ps(_mm512_reduce_max_ps(most));
     for (int64_t b = 0; b < blocks; ++b) {
-      const __m512 shifted = _mm512_sub_ps(_mm512_loadu_ps(pr + 16 * b), _mm512_set1_ps(top));
-      const __m512 e = _mm512_maskz_mov_ps(lanes(n - 16 * b), exp16(shifted));
-      sum += _mm512_reduce_add_ps(e);
+      const __m512 e = _mm512_maskz_mov_ps(lanes(n - 16 * b), exp16(_mm512_sub_ps(_mm512_loadu_ps(pr + 16 * b), top)));
+      sums = _mm512_add_ps(sums, e);
       _mm512_storeu_ps(pr + 16 * b, e);
     }
-    inv[r] = 1.f / sum;
+    inv[r] = 1.f / _mm512_reduce_add_ps(sums);
   }
-  for (int64_t c0 = 0; c0 < d; c0 += 16) {  // context, 16 features at a time
-    const __mmask16 m = lanes(d - c0);
-    __m512 acc[R];
-    for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
-    for (int64_t j = 0; j < n; ++j) {
-      const __m512 vj = _mm512_maskz_loadu_ps(m, v + j * ld + c0);
-      for (int r = 0; r < R; ++r) acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(p[r * kMaxLen + j]), vj, acc[r]);
-    }
+}
+
+// 16 fp32 values (the first `m` lanes, zeros after) rounded to bf16, stored as 16 bf16 (32 bytes)
+PADFREE_AVX512_BF16 inline void store_bf16(uint16_t* dst, const float* src, __mmask16 m) {
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), (__m256i)_mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(m, src)));
+}
+
+// One thread's scratch for a head of at most kMaxLen tokens and d features (dpad: d rounded up to 16): the keys
+// transposed, the scores and weights, and for dot products q in bf16 rows (words: feature pairs), v in key pairs
+// ([kMaxLen / 2][dpad] words) and the weights in bf16 (words: key pairs). Keys: [d][kKeyStride] floats, or
+// [dpad / 2][kKeyStride] words (more than d rows where d < 8).
+struct Scratch {
+  std::vector<float> kt, p;
+  std::vector<uint16_t> q, row, w;
+  std::vector<uint32_t> v;
+  Scratch(int64_t d, bool dot)
+      : kt(std::max(d, pad16(d) / 2) * kKeyStride), p(kGroup * kMaxLen), q(dot ? kMaxLen * pad16(d) : 0), row(dot ? pad16(d) : 0),
+        w(dot ? kGroup * kMaxLen : 0), v(dot ? kMaxLen / 2 * pad16(d) : 0) {}
+  static int64_t pad16(int64_t d) { return (d + 15) / 16 * 16; }
+};
+
+// R consecutive query rows of one head (R <= kGroup): q rows at a stride of ldq (floats, or words of feature
+// pairs); the keys transposed and v (fp32 rows at a stride of ldv, or key pairs) as attend() prepared them
+template <int R, typename X>
+PADFREE_AVX512 void attend_rows(const X* q, int64_t ldq, const X* kt, const X* v, int64_t ldv, Scratch& s, float* out,
+                                int64_t ldo, int64_t n, int64_t d, float scale) {
+  constexpr bool dot = std::is_same_v<X, uint32_t>;
+  const int64_t blocks = (n + 15) / 16, features = (d + 15) / 16;
+  const int64_t depth = dot ? features * 8 : d;  // of the scores: features, or pairs of them (zero-padded)
+  float* p = s.p.data();
+  for (int64_t b = 0; b < blocks; b += kTile)
+    with_width(std::min<int64_t>(kTile, blocks - b),
+               [&](auto V) { score_tile<R, decltype(V)::value>(q, ldq, kt, b, depth, scale, p); });
+  float inv[R];
+  softmax_rows<R>(p, n, inv);
+  const X* w = reinterpret_cast<const X*>(p);
+  if constexpr (dot) {  // the weights as bf16, zeros past key n to its block's end (and so in an odd n's last pair)
     for (int r = 0; r < R; ++r)
-      _mm512_mask_storeu_ps(out + r * ldo + c0, m, _mm512_mul_ps(acc[r], _mm512_set1_ps(inv[r])));
+      for (int64_t b = 0; b < blocks; ++b)
+        store_bf16(s.w.data() + r * kMaxLen + 16 * b, p + r * kMaxLen + 16 * b, 0xFFFF);
+    w = reinterpret_cast<const X*>(s.w.data());
+  }
+  for (int64_t f = 0; f < features; f += kTile) {
+    const int64_t width = std::min<int64_t>(kTile, features - f);
+    const __mmask16 last = lanes(d - 16 * (f + width - 1));
+    with_width(width, [&](auto V) {
+      context_tile<R, decltype(V)::value>(w, v, ldv, dot ? (n + 1) / 2 : n, 16 * f, last, inv, out, ldo);
+    });
   }
 }
 
 // softmax(q k^T scale) v for one head of one sequence of n <= kMaxLen tokens: q, k, v rows at a stride of ld
-// floats (rows of [T, 3H]), d features; out rows at a stride of ldo. kt: scratch of d x kMaxLen floats; p: of
-// kGroup x kMaxLen.
+// floats (rows of [T, 3H]), d features; out rows at a stride of ldo
 PADFREE_AVX512 void attend(const float* q, const float* k, const float* v, int64_t ld, float* out, int64_t ldo,
-                           int64_t n, int64_t d, float scale, float* kt, float* p) {
+                           int64_t n, int64_t d, float scale, Scratch& s) {
   for (int64_t j = 0; j < n; ++j)
-    for (int64_t c = 0; c < d; ++c) kt[c * kMaxLen + j] = k[j * ld + c];
-  using Rows = void (*)(const float*, const float*, int64_t, float*, int64_t, int64_t, int64_t, float, const float*,
-                       float*);
-  static constexpr Rows rows[kGroup] = {attend_rows<1>, attend_rows<2>, attend_rows<3>, attend_rows<4>,
-                                        attend_rows<5>, attend_rows<6>, attend_rows<7>, attend_rows<8>};
+    for (int64_t c = 0; c < d; ++c) s.kt[c * kKeyStride + j] = k[j * ld + c];
+  using Rows = void (*)(const float*, int64_t, const float*, const float*, int64_t, Scratch&, float*, int64_t,
+                        int64_t, int64_t, float);
+  static constexpr Rows rows[kGroup] = {attend_rows<1, float>, attend_rows<2, float>, attend_rows<3, float>,
+                                        attend_rows<4, float>, attend_rows<5, float>, attend_rows<6, float>};
   for (int64_t i = 0; i < n; i += kGroup)
-    rows[std::min(kGroup, n - i) - 1](q + i * ld, v, ld, out + i * ldo, ldo, n, d, scale, kt, p);
+    rows[std::min(kGroup, n - i) - 1](q + i * ld, ld, s.kt.data(), v, ld, s, out + i * ldo, ldo, n, d, scale);
+}
+
+// attend() on bf16 dot products: q, k and v rounded to bf16 into the scratch's layouts (an odd d or n padded with
+// zeros), then the same groups of query rows
+PADFREE_AVX512_BF16 void attend_dot(const float* q, const float* k, const float* v, int64_t ld, float* out,
+                                    int64_t ldo, int64_t n, int64_t d, float scale, Scratch& s) {
+  const int64_t features = (d + 15) / 16, dpad = 16 * features, pairs = dpad / 2;
+  auto* kt = reinterpret_cast<uint32_t*>(s.kt.data());
+  for (int64_t j = 0; j < n; ++j) {
+    for (int64_t f = 0; f < features; ++f) {
+      const __mmask16 m = lanes(d - 16 * f);
+      store_bf16(s.q.data() + j * dpad + 16 * f, q + j * ld + 16 * f, m);
+      store_bf16(s.row.data() + 16 * f, k + j * ld + 16 * f, m);
+    }
+    const auto* kw = reinterpret_cast<const uint32_t*>(s.row.data());
+    for (int64_t c = 0; c < pairs; ++c) kt[c * kKeyStride + j] = kw[c];
+  }
+  for (int64_t j = 0; j < n; j += 2) {  // words (v[j][f], v[j + 1][f]), zeros past n
+    for (int64_t f = 0; f < features; ++f) {
+      const __mmask16 m = lanes(d - 16 * f);
+      const __m512i lo = _mm512_cvtepu16_epi32(
+          (__m256i)_mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(m, v + j * ld + 16 * f)));
+      const __m512i hi = _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(
+          _mm512_maskz_loadu_ps(j + 1 < n ? m : __mmask16(0), v + (j + 1) * ld + 16 * f)));
+      _mm512_storeu_si512(s.v.data() + j / 2 * dpad + 16 * f, _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16)));
+    }
+  }
+  using Rows = void (*)(const uint32_t*, int64_t, const uint32_t*, const uint32_t*, int64_t, Scratch&, float*,
+                        int64_t, int64_t, int64_t, float);
+  static constexpr Rows rows[kGroup] = {attend_rows<1, uint32_t>, attend_rows<2, uint32_t>, attend_rows<3, uint32_t>,
+                                        attend_rows<4, uint32_t>, attend_rows<5, uint32_t>, attend_rows<6, uint32_t>};
+  const auto* qw = reinterpret_cast<const uint32_t*>(s.q.data());
+  for (int64_t i = 0; i < n; i += kGroup)
+    rows[std::min(kGroup, n - i) - 1](qw + i * pairs, pairs, kt, s.v.data(), dpad, s, out + i * ldo, ldo, n, d, scale);
 }
 
 // Self-attention of each run (first token, sequences, length) of x's packed sequences: [T, 3H] -> [T, H]. With
 // AVX-512 and sequences of at most max_len tokens (at most kMaxLen; the caller's choice per CPU: PyTorch's kernel
 // was as fast from 64 tokens on the Xeon, slower to 128 on the EPYC), attend() per (sequence, head), split over
 // the threads; otherwise PyTorch's CPU flash kernel on strided views, per run.
-Tensor attention(const Tensor& qkv, const std::vector<int64_t>& runs, int64_t heads, double scale, int64_t max_len) {
+Tensor attention(const Tensor& qkv, const std::vector<int64_t>& runs, int64_t heads, double scale, int64_t max_len,
+                 bool dot) {
   const int64_t T = qkv.size(0), H = qkv.size(1) / 3, d = H / heads;
   int64_t longest = 0;
   std::vector<std::pair<int64_t, int64_t>> seqs;  // (first token, length)
@@ -612,19 +773,20 @@ Tensor attention(const Tensor& qkv, const std::vector<int64_t>& runs, int64_t he
     for (int64_t i = 0; i < runs[r + 1]; ++i) seqs.emplace_back(runs[r] + i * runs[r + 2], runs[r + 2]);
     longest = std::max(longest, runs[r + 2]);
   }
+  TORCH_CHECK(!dot || has_avx512_bf16(), "attention: dot products need AVX-512 BF16");
   if (has_avx512() && longest <= std::min(max_len, kMaxLen) && qkv.is_contiguous()) {
     auto out = at::empty({T, H}, qkv.options());
     const float* src = qkv.data_ptr<float>();
     float* dst = out.data_ptr<float>();
     const int64_t units = static_cast<int64_t>(seqs.size()) * heads;
     at::parallel_for(0, units, 1, [&](int64_t first, int64_t last) {
-      std::vector<float> kt(d * kMaxLen), p(kGroup * kMaxLen);
+      Scratch scratch(d, dot);
       for (int64_t u = first; u < last; ++u) {
         const auto [t0, n] = seqs[u / heads];
         const int64_t h = u % heads;
         const float* q = src + t0 * 3 * H + h * d;
-        attend(q, q + H, q + 2 * H, 3 * H, dst + t0 * H + h * d, H, n, d, static_cast<float>(scale), kt.data(),
-               p.data());
+        (dot ? attend_dot : attend)(q, q + H, q + 2 * H, 3 * H, dst + t0 * H + h * d, H, n, d,
+                                    static_cast<float>(scale), scratch);
       }
     });
     return out;
@@ -656,7 +818,8 @@ Tensor post_ln_layers(Tensor x, const std::vector<Tensor>& tensors, const std::v
   TORCH_CHECK(runs.size() % 3 == 0, "post_ln_layers: runs must be (first, count, length) triples");
   for (size_t i = 0; i < tensors.size(); i += 16) {
     const Tensor* p = &tensors[i];
-    const Tensor ctx = attention(linear(x, p[1], p[0], p[2], onednn), runs, heads, scale, attention_len);
+    const bool dot = p[1].dim() == 4;  // a bf16 model on dot products (pack_pairs): its attention on them too
+    const Tensor ctx = attention(linear(x, p[1], p[0], p[2], onednn), runs, heads, scale, attention_len, dot);
     Tensor h = linear(ctx, p[4], p[3], p[5], onednn);
     add_layer_norm_(h, x, p[6], p[7], eps);
     Tensor f = linear(h, p[9], p[8], p[10], onednn);
