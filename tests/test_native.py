@@ -96,6 +96,8 @@ def test_native_product_matches_float64(rows, cols, depth, kernel):
     x64 = x.to(torch.bfloat16).double() if kernel == "dot" else x.double()
     expected = x64 @ w.double().T + b.double()
     assert y.shape == (rows, cols) and (y.double() - expected).abs().max() <= 1e-4
+    if kernel == "dot":  # x handed over already in bf16 (the stack's activation output): the same product
+        assert torch.equal(mod.blocks_linear(x.to(torch.bfloat16), mod.pack_pairs(w), cols, b), y)
 
 
 # (heads, head size, runs as (sequences, length), the longest sequence the native kernel may take): one token, runs
