@@ -242,7 +242,8 @@ def post_ln_layers(x: torch.Tensor, layers, runs, num_heads: int, scale: float, 
       ``ONEDNN_STACK_ROWS`` on oneDNN's (AMD; the packing the Python forward uses too). fp32 gives the Python
       forward's result within fp32 rounding; bf16 runs the same fp32 stack on the bf16 weights and rounds the
       result to bf16 once, its products on the widened weights or, with ``BF16_DOT`` (AMD), bf16 dot products on
-      x rounded to bf16: faster than oneDNN's bf16 products at these sizes, and more exact than a bf16 forward.
+      x rounded to bf16 (and the attention on q, k, v and its weights rounded to bf16, as a bf16 attention takes
+      them): faster than oneDNN's bf16 products at these sizes, and more exact than a bf16 forward.
     - Without AVX-512, fp32 batches of at most ``SMALL_ROWS`` tokens: the ATen ops of the small-batch path (MKL's
       products) without Python between them."""
     if activation not in _NATIVE_ACTIVATIONS or (mod := native.module()) is None:

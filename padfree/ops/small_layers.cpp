@@ -8,8 +8,9 @@
 // the threads; the products the caller hands over as oneDNN's or MKL's packings are those libraries' (fp32 batches
 // above the native product's range), and where the CPU lacks AVX-512 everything is ATen's. The stack computes in
 // fp32: a bf16 model's batch runs on its bf16 weights, widened in registers or in bf16 dot products (x rounded to
-// bf16 for each product), and the caller rounds the result to bf16 once: faster than oneDNN's bf16 products at these
-// sizes and more exact than a bf16 forward (NOTES.md, sections 18 and 19).
+// bf16 for each product, and q, k, v and the attention's weights for the attention's), and the caller rounds the
+// result to bf16 once: faster than oneDNN's bf16 products at these sizes and more exact than a bf16 forward (NOTES.md,
+// sections 18, 19 and 21).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -581,12 +582,12 @@ Tensor embed_layer_norm(const Tensor& ids, const std::optional<Tensor>& position
 // ---- attention of short sequences ----
 // Per (sequence, head): the keys transposed so that a query's scores are 16-lane vectors over the keys, then groups
 // of kGroup query rows: their scores, softmax and context, the products in tiles of R rows x up to kTile vectors
-// (keys, or features), so that each loaded vector serves R rows and each broadcast kTile vectors (one vector by 8
-// rows ran ~25 % slower at 32-64 tokens: NOTES.md, section 21). In fp32 (fp32 FMAs), or for a bf16 model on AMD
-// (BF16_DOT) on bf16 dot products: q, k, v and the softmax's weights rounded to bf16, features (scores) or keys
-// (context) in pairs, half the instructions where vdpbf16ps runs at the FMA rate: 1.4-1.5x faster at 64-128 tokens,
-// with the roundings of a bf16 attention (PyTorch's bf16 kernel takes q, k, v and the weights in bf16 too).
-// Accumulation, softmax and scaling are fp32 in both.
+// (keys, or features), so that each loaded vector serves R rows and each broadcast kTile vectors (with the softmax's
+// one horizontal step per row: 1.1-1.2x the speed of one vector by 8 rows at head size 64; NOTES.md, section 21).
+// In fp32 (fp32 FMAs), or for a bf16 model on AMD (BF16_DOT) on bf16 dot products: q, k, v and the softmax's
+// weights rounded to bf16, features (scores) or keys (context) in pairs, half the instructions where vdpbf16ps runs
+// at the FMA rate: 1.4-1.5x faster at 64-128 tokens, with the roundings of a bf16 attention (PyTorch's bf16 kernel
+// takes q, k, v and the weights in bf16 too). Accumulation, softmax and scaling are fp32 in both.
 constexpr int64_t kMaxLen = 128;  // the longest sequence attend() takes (8 score vectors); PyTorch's kernel above
 constexpr int64_t kGroup = 6;     // query rows attend_rows() takes at once
 constexpr int kTile = 4;          // vectors a tile takes at once: R x kTile accumulators
@@ -717,8 +718,8 @@ struct Scratch {
   std::vector<uint16_t> q, row, w;
   std::vector<uint32_t> v;
   Scratch(int64_t d, bool dot)
-      : kt(std::max(d, pad16(d) / 2) * kKeyStride), p(kGroup * kMaxLen), q(dot ? kMaxLen * pad16(d) : 0), row(dot ? pad16(d) : 0),
-        w(dot ? kGroup * kMaxLen : 0), v(dot ? kMaxLen / 2 * pad16(d) : 0) {}
+      : kt(std::max(d, pad16(d) / 2) * kKeyStride), p(kGroup * kMaxLen), q(dot ? kMaxLen * pad16(d) : 0),
+        row(dot ? pad16(d) : 0), w(dot ? kGroup * kMaxLen : 0), v(dot ? kMaxLen / 2 * pad16(d) : 0) {}
   static int64_t pad16(int64_t d) { return (d + 15) / 16 * 16; }
 };
 
