@@ -194,9 +194,9 @@ def _native_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     mod = native.module()
     if mod is None or bias is None or (native_product := _native_packing(x, mod)) is None:
         return None
-    layout, vector = native_product
-    y = mod.blocks_linear(x.float().contiguous(), packed_weight(weight, layout), weight.shape[0],
-                          vector(bias).contiguous())
+    layout, vector = native_product  # the dot product takes a bf16 x as it is (it would round an fp32 one back)
+    y = mod.blocks_linear((x if layout == "pairs" else x.float()).contiguous(), packed_weight(weight, layout),
+                          weight.shape[0], vector(bias).contiguous())
     return y.to(x.dtype)
 
 
