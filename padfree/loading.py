@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from .config import ModelConfig
+from .cpu import choose_dtype
 from .lora import TaskAdapters, check_task, read_lora_config, split_adapters
 from .models.encoder import Encoder
 from .models.families import Family, WeightTable, family_for_config
@@ -115,7 +116,9 @@ def from_pretrained(source, dtype: torch.dtype = torch.float32, device: torch.de
                     backend: str = "auto", task: str | None = None) -> Encoder:
     """A padfree :class:`Encoder` from a Hugging Face directory or in-memory ``transformers`` model.
 
-    ``backend``: "auto" (the registry's priority order) or a backend name ("torch", "triton", "onednn": the CPU's
+    ``dtype``: a torch.dtype, a name (fp32, bf16, fp16) or "auto": the fastest on this machine
+    (:func:`padfree.cpu.choose_dtype`: bf16 where the CPU's bf16 products beat fp32, else fp32; a bf16 asked where
+    it is slower is kept, with a warning). ``backend``: "auto" (the registry's priority order) or a backend name ("torch", "triton", "onednn": the CPU's
     fused linears with the torch primitives); a named backend that cannot run raises a ``ValueError`` saying why.
     ``task``: for a checkpoint with task LoRA adapters (jina-embeddings-v3: "retrieval.query",
     "retrieval.passage", "separation", "classification", "text-matching"), the adapter merged into the weights
@@ -154,7 +157,9 @@ def check_dtype(dtype: torch.dtype) -> None:
 def load(source, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
          backend: str = "auto", task: str | None = None) -> Loaded:
     """Read a checkpoint once and build its encoder; the raw config and state stay available for heads.
-    ``task``: the LoRA adapter merged into the weights (see :func:`from_pretrained`)."""
+    ``task``: the LoRA adapter merged into the weights (see :func:`from_pretrained`); ``dtype``: a torch.dtype, a
+    name (fp32, bf16, fp16) or "auto" (:func:`padfree.cpu.choose_dtype`: the fastest for this CPU)."""
+    dtype = choose_dtype(dtype, device)
     check_dtype(dtype)
     hf_config = read_config(source)
     family = family_for_config(hf_config)

@@ -2,7 +2,8 @@
 residual-add-and-LayerNorm and embedding kernels against float64; where the stack applies it gives the Python
 forward's result (fp32) or the fp32 forward's on the bf16-rounded weights (bf16) within rounding, and transformers'
 within the family tolerances; it is really taken there; it follows parameters replaced or updated in place; a build
-that fails leaves the Python forward in charge; ``PADFREE_NATIVE`` is checked."""
+that fails leaves the Python forward in charge. Paths are reached through CPU plans (padfree.cpu), never by
+patching module state."""
 from __future__ import annotations
 
 import os
@@ -16,7 +17,10 @@ import torch.nn.functional as F
 
 import padfree
 from family_zoo import BF16_ATOL, batch, bf16_errors, hf_hidden, make, max_diff
-from padfree.ops import native, onednn_backend
+from padfree import cpu
+from padfree.ops import native
+
+PLAN = cpu.current()  # this CPU's plan; tests of other paths replace what they change
 
 # plain post-LN families and their activations: erf GELU, tanh GELU, ReLU; ALBERT shares layers (its schedule)
 FAMILIES = [("bert", 0), ("bert", 1), ("roberta", 1), ("distilbert", 1), ("albert", 1), ("electra", 0)]
@@ -35,11 +39,27 @@ def test_the_native_module_builds_here():
 
 @pytest.mark.parametrize("family,shape", FAMILIES, ids=[f"{f}-{s}" for f, s in FAMILIES])
 @pytest.mark.parametrize("layout", list(LAYOUTS))
-def test_native_stack_matches_the_python_forward_and_transformers(family, shape, layout, monkeypatch):
-    if sum(LAYOUTS[layout]) > _fp32_stack_rows():
-        pytest.skip(f"the fp32 stack takes at most {_fp32_stack_rows()} tokens on this CPU")
+def test_native_stack_matches_the_python_forward_and_transformers(family, shape, layout):
+    """This CPU's plan: each batch the stack takes (on its own product, MKL's or oneDNN's) gives transformers'
+    result and the Python forward's (the plan without native code) within fp32 rounding."""
+    _check_stack(family, shape, layout, PLAN)
+
+
+@pytest.mark.parametrize("isa", ["avx2", "aten"])
+@pytest.mark.parametrize("layout", ["mixed", "64", "128"])
+def test_native_stack_on_every_instruction_set_this_cpu_runs(isa, layout):
+    """The stack on the other kernel sets this CPU runs than its plan's (an AVX-512 machine runs the AVX2 kernels
+    too; "aten": ATen's ops with MKL's products to 64 rows), for one family."""
+    if isa == PLAN.native_isa or (isa != "aten" and not native.module().cpu_runs(isa)):
+        pytest.skip(f"{isa} is this CPU's plan (tested above)" if isa == PLAN.native_isa else f"this CPU lacks {isa}")
+    _check_stack("bert", 1, layout, PLAN.replace(native_isa=isa, **({"mkl_small_rows": 64} if isa == "aten" else {})))
+
+
+def _check_stack(family, shape, layout, plan):
+    if sum(LAYOUTS[layout]) > _fp32_stack_rows(plan):
+        pytest.skip(f"the fp32 stack takes at most {_fp32_stack_rows(plan)} tokens under this plan")
     model = make(family, shape)
-    enc = padfree.from_pretrained(model)
+    enc = padfree.from_pretrained(model).prepare(plan=plan)
     ids, mask, types, kw = batch(model, LAYOUTS[layout], "right")
     packed = enc.pack(ids, mask, types)
     with torch.inference_mode():  # the stack is taken for this batch (not the layer-by-layer fallback)
@@ -49,13 +69,13 @@ def test_native_stack_matches_the_python_forward_and_transformers(family, shape,
                                           enc.config.activation) is not None
     out = enc(ids, mask, types).last_hidden_state
     assert max_diff(out, hf_hidden(model, ids, mask, kw), mask) <= 1e-4
-    monkeypatch.setenv("PADFREE_NATIVE", "0")  # the Python forward: the same products, within fp32 rounding
+    enc.prepare(plan=plan.replace(native_isa=""))  # the Python forward: the same products, within fp32 rounding
     assert max_diff(out, enc(ids, mask, types).last_hidden_state, mask) <= 1e-5
 
 
-def _fp32_stack_rows() -> int:
-    """The most tokens the fp32 stack takes on this CPU (its own product, MKL's or oneDNN's)."""
-    return max(onednn_backend.OWN_PRODUCT_ROWS, onednn_backend.SMALL_ROWS, onednn_backend.ONEDNN_STACK_ROWS)
+def _fp32_stack_rows(plan) -> int:
+    """The most tokens the fp32 stack takes under a plan (its own product, MKL's or oneDNN's)."""
+    return max(plan.own_product_rows, plan.mkl_small_rows, plan.onednn_stack_rows)
 
 
 def _stack(enc, x, runs):
@@ -91,18 +111,19 @@ def reference_stack(x, layers, cu_seqlens, cfg, round_inputs: bool) -> torch.Ten
 @pytest.mark.parametrize("family,shape", FAMILIES, ids=[f"{f}-{s}" for f, s in FAMILIES])
 @pytest.mark.parametrize("layout", list(BF16_LAYOUTS))
 @pytest.mark.parametrize("kernel", ["widened", "dot"])
-def test_bf16_stack_is_the_fp32_stack_on_the_bf16_weights(family, shape, layout, kernel, monkeypatch):
+def test_bf16_stack_is_the_fp32_stack_on_the_bf16_weights(family, shape, layout, kernel):
     """A bf16 model's small batch runs the fp32 stack on its bf16 weights, on either product kernel. On fp32 FMAs
     of the widened weights it gives the float64 stack's result on the bf16 weights to within the final bf16
     rounding. On bf16 dot products each product's input is rounded to bf16 first, and roundings that flip on
     fp32 noise spread through the layers, so its error may be at most twice what that rounding costs the float64
     stack (the bf16 rule's form). The whole forward keeps the bf16 rule against transformers."""
-    mod = native.module()
-    if not (mod.has_avx512_bf16() if kernel == "dot" else mod.has_avx512()):
-        pytest.skip(f"this CPU lacks the {kernel} kernel's AVX-512 instructions")
-    monkeypatch.setattr(onednn_backend, "BF16_DOT", kernel == "dot")
+    if kernel == "dot" and not native.module().cpu_runs("avx512_bf16"):
+        pytest.skip("this CPU lacks AVX-512 BF16 (the dot kernel's instructions)")
+    if PLAN.native_isa not in ("avx512", "avx2"):
+        pytest.skip(f"no native kernels under this CPU's plan ({PLAN.reasons['native_isa']})")
+    plan = PLAN.replace(bf16_dot=kernel == "dot", native_isa="avx512" if kernel == "dot" else PLAN.native_isa)
     model = make(family, shape)
-    enc = padfree.from_pretrained(model, dtype=torch.bfloat16)
+    enc = padfree.from_pretrained(model, dtype=torch.bfloat16).prepare(plan=plan)
     ids, mask, types, kw = batch(model, BF16_LAYOUTS[layout], "right")
     packed = enc.pack(ids, mask, types)
     with torch.inference_mode():
@@ -145,13 +166,14 @@ def test_the_stack_follows_parameters_updated_in_place(dtype):
 
 
 def test_native_stack_is_not_taken_where_it_does_not_apply():
-    """Above the stack's limits (fp32: the largest of OWN_PRODUCT_ROWS, SMALL_ROWS and ONEDNN_STACK_ROWS, bf16:
-    BF16_NATIVE_ROWS), in fp16 and for layers with relative terms, the encoder runs layer by layer."""
+    """Above the stack's limits (fp32: the largest of the plan's own_product_rows, mkl_small_rows and
+    onednn_stack_rows, bf16: bf16_native_rows), in fp16 and for layers with relative terms, the encoder runs layer
+    by layer."""
     model = make("bert", 0)
     enc = padfree.from_pretrained(model)
     cfg = enc.config
-    fp32_rows = _fp32_stack_rows() + 1
-    bf16_rows = onednn_backend.BF16_NATIVE_ROWS + 1
+    fp32_rows = _fp32_stack_rows(PLAN) + 1
+    bf16_rows = PLAN.bf16_native_rows + 1
     for x in (torch.randn(fp32_rows, cfg.hidden_size), torch.randn(bf16_rows, cfg.hidden_size, dtype=torch.bfloat16),
               torch.randn(8, cfg.hidden_size, dtype=torch.float16)):
         runs = ((0, 1, x.shape[0]),)
@@ -176,19 +198,13 @@ def test_a_failed_build_falls_back_to_the_python_forward(tmp_path):
         "d = max_diff(enc(ids, mask, types).last_hidden_state, hf_hidden(model, ids, mask, kw), mask)\n"
         "print('module', native.module()); print('why', native.why_not()); print('diff', d)\n")
     env = dict(os.environ, PADFREE_CACHE=str(tmp_path), CXX="/bin/false", PADFREE_NATIVE="1")
+    if not PLAN.native_isa:
+        pytest.skip("PADFREE_NATIVE=0 in this process's plan")
     run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
     assert "module None" in run.stdout and "why None" not in run.stdout, run.stdout
     assert float(run.stdout.split("diff ")[1]) <= 1e-4
     assert run.stderr.count("native small-batch layers unavailable") == 1, run.stderr[-2000:]
-
-
-def test_padfree_native_must_be_0_or_1(monkeypatch):
-    monkeypatch.setenv("PADFREE_NATIVE", "yes")
-    with pytest.raises(ValueError, match="PADFREE_NATIVE must be 0 or 1"):
-        native.enabled()
-    monkeypatch.setenv("PADFREE_NATIVE", "0")
-    assert native.module() is None and native.why_not() == "PADFREE_NATIVE=0"
 
 
 def _forward_in_a_new_thread(enc, ids, mask) -> tuple[int, dict[int, set[int]]]:
@@ -206,10 +222,10 @@ def _forward_in_a_new_thread(enc, ids, mask) -> tuple[int, dict[int, set[int]]]:
     return out["caller"], out["new"]
 
 
-def test_a_cpu_forward_pins_torchs_workers_one_per_cpu(monkeypatch):
+def test_a_cpu_forward_pins_torchs_workers_one_per_cpu():
     """Where the process may run on exactly as many CPUs as torch has threads, a CPU forward pins the OpenMP workers
-    of its calling thread each to its own CPU and leaves the caller free; PADFREE_PIN_THREADS=0 leaves them all
-    free, and another value is refused."""
+    of its calling thread each to its own CPU and leaves the caller free; a plan without pinning
+    (PADFREE_PIN_THREADS=0) leaves them all free."""
     allowed, threads = os.sched_getaffinity(0), torch.get_num_threads()
     if threads < 2 or len(allowed) != threads:
         pytest.skip(f"{len(allowed)} CPUs allowed for {threads} torch threads: pinning does not apply")
@@ -220,9 +236,6 @@ def test_a_cpu_forward_pins_torchs_workers_one_per_cpu(monkeypatch):
     pinned = [cpus for tid, cpus in new.items() if tid != caller and len(cpus) == 1]
     assert new[caller] == allowed and len(pinned) == threads - 1, new
     assert len(set.union(*pinned)) == threads - 1 and set.union(*pinned) <= allowed  # each on its own CPU
-    monkeypatch.setattr(native, "PIN_THREADS", False)
+    enc.prepare(plan=PLAN.replace(pin_threads=False))
     caller, new = _forward_in_a_new_thread(enc, ids, mask)
     assert all(cpus == allowed for cpus in new.values()), new
-    monkeypatch.setenv("PADFREE_PIN_THREADS", "yes")
-    with pytest.raises(ValueError, match="PADFREE_PIN_THREADS must be 0 or 1"):
-        native._pin_threads()

@@ -3,8 +3,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from padfree import ops
-from padfree.ops import native, torch_backend
+from padfree import cpu, ops
+from padfree.ops import torch_backend
 from padfree.ops.registry import Kernels
 
 onednn = pytest.importorskip("padfree.ops.onednn_backend")
@@ -19,49 +19,55 @@ def _data(T=23, K=48, N=40, dtype=torch.float32, seed=0):
     return x.to(dtype), w.to(dtype), b.to(dtype)
 
 
-# The small-batch path (MKL's packed sgemm) is on by default on Intel CPUs only (SMALL_ROWS = 64; 0 on AMD's, where
-# MKL's sgemm is slow): these tests turn it on at that limit everywhere, so that every CPU checks it.
+# The small-batch path (MKL's packed sgemm) is in the plan of Intel CPUs only (mkl_small_rows = 64; 0 on AMD's, where
+# MKL's sgemm is slow): these tests run under a plan with it at that limit everywhere, so that every CPU checks it.
 SMALL = 64
+PLAN = cpu.current().replace(mkl_small_rows=SMALL)
 # token counts on each side of the small-batch limit: fp32 takes MKL's packed sgemm at or below it, oneDNN above
 ROWS = [23, SMALL, SMALL + 1, 200]
 
 
-@pytest.fixture(autouse=True)
-def _small_path_on(monkeypatch):
-    monkeypatch.setattr(onednn, "SMALL_ROWS", SMALL)
+def _onednn_runs(dtype):
+    """Skip a bf16 case where oneDNN's bf16 products cannot run on this CPU (the registry never picks them there)."""
+    if dtype == torch.bfloat16 and not PLAN.onednn_bf16:
+        pytest.skip(PLAN.reasons["onednn_bf16"])
 
 
 @pytest.mark.parametrize("T", ROWS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("act", ["gelu", "gelu_tanh", "relu", "silu", "quick_gelu"])
 def test_linear_bias_act(dtype, act, T):
+    _onednn_runs(dtype)
     x, w, b = _data(T=T, dtype=dtype)
     ref = ops.bias_act_ref(F.linear(x.float(), w.float()), b, act)
-    torch.testing.assert_close(onednn.linear_bias_act(x, w, b, act).float(), ref, **TOL[dtype])
+    torch.testing.assert_close(onednn.linear_bias_act(x, w, b, act, plan=PLAN).float(), ref, **TOL[dtype])
 
 
 @pytest.mark.parametrize("T", ROWS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_linear_residual_layer_norm(dtype, T):
+    _onednn_runs(dtype)
     x, w, b = _data(T=T, dtype=dtype)
     g = torch.Generator().manual_seed(5)
     r, lw, lb = torch.randn(T, 40, generator=g).to(dtype), torch.randn(40, generator=g), torch.randn(40, generator=g)
     ref = ops.add_bias_residual_layer_norm_ref(F.linear(x.float(), w.float()), b, r, lw, lb, 1e-12)
-    out = onednn.linear_residual_layer_norm(x, w, b, r, lw.to(dtype), lb.to(dtype), 1e-12)
+    out = onednn.linear_residual_layer_norm(x, w, b, r, lw.to(dtype), lb.to(dtype), 1e-12, plan=PLAN)
     torch.testing.assert_close(out.float(), ref.float(), **TOL[dtype])
 
 
 @pytest.mark.parametrize("T", [1, 23, 200])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_linear_tanh(dtype, T):
-    """BERT's pooler: a few rows on the native product (where the CPU has AVX-512), more on oneDNN's; against
-    tanh(x W^T + b) in fp32."""
+    """BERT's pooler: a few rows on the native product (where the plan has native kernels), more on oneDNN's;
+    against tanh(x W^T + b) in fp32."""
     x, w, b = _data(T=T, dtype=dtype)
-    native_rows = onednn.BF16_NATIVE_ROWS if dtype == torch.bfloat16 else onednn.OWN_PRODUCT_ROWS
-    if native.module() is not None and native.module().has_avx512():
-        assert (onednn._native_linear(x, w, b) is not None) == (T <= native_rows)
+    native_rows = PLAN.bf16_native_rows if dtype == torch.bfloat16 else PLAN.own_product_rows
+    if PLAN.native_isa in ("avx512", "avx2"):
+        assert (onednn._native_linear(x, w, b, PLAN) is not None) == (T <= native_rows)
+    if T > native_rows or PLAN.native_isa not in ("avx512", "avx2"):
+        _onednn_runs(dtype)
     ref = torch.tanh(F.linear(x.float(), w.float(), b.float()))
-    torch.testing.assert_close(onednn.linear_tanh(x, w, b).float(), ref, **TOL[dtype])
+    torch.testing.assert_close(onednn.linear_tanh(x, w, b, plan=PLAN).float(), ref, **TOL[dtype])
 
 
 @pytest.mark.parametrize("contiguous", [True, False])
@@ -73,19 +79,20 @@ def test_embed_layer_norm(contiguous):
     pos, typ = torch.randn(20, 48, generator=g), torch.randn(2, 48, generator=g)
     w, b = torch.randn(48, generator=g), torch.randn(48, generator=g)
     ids, p, t = (torch.randint(0, n, (23,), generator=g) for n in (50, 20, 2))
-    torch.testing.assert_close(onednn.embed_layer_norm(ids, p, t, word, pos, typ, w, b, 1e-12),
+    torch.testing.assert_close(onednn.embed_layer_norm(ids, p, t, word, pos, typ, w, b, 1e-12, plan=PLAN),
                                ops.embed_layer_norm_ref(ids, p, t, word, pos, typ, w, b, 1e-12), **TOL[torch.float32])
 
 
 @pytest.mark.parametrize("lengths", [[1], [5, 5, 5, 1, 17, 17, 2], [33] * 3 + [2], [4, 9, 4, 9]])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_qkv_varlen_attention_matches_reference(lengths, dtype):
+    _onednn_runs(dtype)
     heads, H = 4, 32
     T = sum(lengths)
     x, w, b = _data(T=T, K=H, N=3 * H, dtype=dtype, seed=len(lengths))
     cu = torch.tensor([0] + lengths).cumsum(0).to(torch.int32)
     ref = ops.varlen_attention_ref(F.linear(x.float(), w.float()), cu, max(lengths), heads, b.float())
-    out = onednn.qkv_varlen_attention(x, w, b, cu, max(lengths), heads)
+    out = onednn.qkv_varlen_attention(x, w, b, cu, max(lengths), heads, plan=PLAN)
     torch.testing.assert_close(out.float(), ref, **TOL[dtype])
 
 
@@ -101,39 +108,38 @@ def test_the_mkl_packing_serves_every_small_row_count():
     layout to the row count it was packed for."""
     g = torch.Generator().manual_seed(3)
     w, b = torch.randn(72, 48, generator=g), torch.randn(72, generator=g)
-    for T in range(1, onednn.SMALL_ROWS + 1):
+    for T in range(1, SMALL + 1):
         x = torch.randn(T, 48, generator=g)
-        torch.testing.assert_close(onednn._linear(x, w, b), x.double().matmul(w.double().T).add(b).float(),
+        torch.testing.assert_close(onednn._linear(x, w, b, PLAN), x.double().matmul(w.double().T).add(b).float(),
                                    atol=2e-5, rtol=2e-5, msg=f"{T} rows")
     assert (id(w), "mkl") in onednn._packed  # the products above took the MKL path
 
 
-def test_the_small_batch_path_can_be_turned_off(monkeypatch):
-    """PADFREE_SMALL_ROWS=0: no MKL copy is made and small batches take oneDNN's fused path; a value that is not a
-    count is refused with its name."""
-    monkeypatch.setenv("PADFREE_SMALL_ROWS", "0")
-    monkeypatch.setattr(onednn, "SMALL_ROWS", onednn._small_rows())
+def test_the_small_batch_path_can_be_turned_off():
+    """PADFREE_SMALL_ROWS=0 (a plan with mkl_small_rows 0): no MKL copy is made and small batches take oneDNN's
+    fused path; a value that is not a count is refused with its name."""
+    plan = cpu.plan_for(PLAN.profile, cpu.Settings.from_env({"PADFREE_SMALL_ROWS": "0"}))
     x, w, b = _data(T=4)
     w = torch.nn.Parameter(w, requires_grad=False)
-    torch.testing.assert_close(onednn.linear_bias_act(x, w, b, "gelu"), F.gelu(F.linear(x, w, b)), atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(onednn.linear_bias_act(x, w, b, "gelu", plan=plan), F.gelu(F.linear(x, w, b)),
+                               atol=2e-5, rtol=2e-5)
     assert (id(w), "onednn") in onednn._packed and (id(w), "mkl") not in onednn._packed
     for bad in ("-1", "64 rows", ""):
-        monkeypatch.setenv("PADFREE_SMALL_ROWS", bad)
         with pytest.raises(ValueError, match="PADFREE_SMALL_ROWS must be an integer >= 0"):
-            onednn._small_rows()
+            cpu.Settings.from_env({"PADFREE_SMALL_ROWS": bad})
 
 
 @pytest.mark.parametrize("T", [8, 100])  # the small path's MKL copy and oneDNN's
 def test_packed_weight_is_cached_and_repacked_after_an_in_place_update(T):
     x, w, b = _data(T=T)
     w = torch.nn.Parameter(w, requires_grad=False)
-    first = onednn.linear_bias_act(x, w, b, "relu")
-    layout = "mkl" if onednn._small(x) else "onednn"
+    first = onednn.linear_bias_act(x, w, b, "relu", plan=PLAN)
+    layout = "mkl" if onednn._small(x, PLAN) else "onednn"
     assert onednn.packed_weight(w, layout) is onednn.packed_weight(w, layout)
     with torch.no_grad():
         w.mul_(2)
-    torch.testing.assert_close(onednn.linear_bias_act(x, w, None, "relu"), F.relu(F.linear(x, w)))
-    assert not torch.allclose(first, onednn.linear_bias_act(x, w, b, "relu"))
+    torch.testing.assert_close(onednn.linear_bias_act(x, w, None, "relu", plan=PLAN), F.relu(F.linear(x, w)))
+    assert not torch.allclose(first, onednn.linear_bias_act(x, w, b, "relu", plan=PLAN))
 
 
 def test_registry_picks_onednn_on_cpu_and_composes_elsewhere():

@@ -26,7 +26,7 @@ def parse_args(task: str, argv):
         p.add_argument("--pair-column", help="the second text of each pair (cross-encoders)")
     p.add_argument("--id-column", help="a column carried to the output first (e.g. a document id)")
     p.add_argument("--keep", default="", help="comma list of other columns carried to the output")
-    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    p.add_argument("--dtype", choices=["auto", "fp32", "bf16"], default="auto")
     p.add_argument("--max-batch-tokens", type=int, default=DEFAULT_BATCH_TOKENS,
                    help=f"real tokens per forward (default {DEFAULT_BATCH_TOKENS})")
     p.add_argument("--format", choices=["parquet", "jsonl", "csv"], help="override the format given by the suffix")

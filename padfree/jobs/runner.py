@@ -22,6 +22,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from ..cpu import DTYPE_CHOICES as DTYPES
 from ..sentence import token_budget_batches
 from ..tasks import ClassifyTask, EmbedTask, Seq, Task
 from . import io
@@ -47,7 +48,7 @@ class JobSpec:
     pair_column: str | None = None  # classify: the second text of each pair (cross-encoders)
     id_column: str | None = None
     keep: list[str] = field(default_factory=list)
-    dtype: str = "fp32"
+    dtype: str = "auto"
     max_batch_tokens: int = DEFAULT_BATCH_TOKENS
     format: str | None = None
     shard_rows: int = 10000
@@ -191,8 +192,6 @@ def compute_shard(spec: JobSpec, task: Task, table: pa.Table) -> tuple[pa.Table,
 def run_job(spec: JobSpec) -> dict:
     """Run (or resume) a job; returns its summary. ValueError for bad input or a mismatched output."""
     from ..memory import level_memory
-    import torch
-
     from ..tasks import load_task
 
     level_memory()  # a job streams millions of rows through ever-changing batch shapes
@@ -223,10 +222,9 @@ def run_job(spec: JobSpec) -> dict:
                  "nothing to do")
             return {**old.get("summary", {}), "nothing_to_do": True}
 
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}.get(spec.dtype)
-    if dtype is None:
-        raise ValueError(f"--dtype must be fp32 or bf16; got {spec.dtype!r}")
-    task = load_task(spec.model, dtype)
+    if spec.dtype not in DTYPES:
+        raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}; got {spec.dtype!r}")
+    task = load_task(spec.model, spec.dtype)
     want = EmbedTask if spec.task == "embed" else ClassifyTask
     if not isinstance(task, want):
         raise ValueError(f"model {spec.model!r} serves {task.kind}, not {spec.task}")

@@ -21,6 +21,8 @@ from ..batch import PackedBatch
 from ..config import ModelConfig
 from ..outputs import EncoderOutput
 from ..ops import native
+from .. import cpu
+from ..cpu import CpuPlan
 from ..ops.registry import Kernels
 from ..ops.relative import RelativeTables, deberta_span, device_rows
 from ..ops.rotary import rotary_tables
@@ -136,15 +138,19 @@ class Encoder(nn.Module):
         self.pooler = nn.Linear(cfg.hidden_size, cfg.hidden_size) if has_pooler else None
         self.kernels: Kernels | None = None  # set by prepare()
         self.backend = "auto"  # the backend asked of prepare()
+        self.cpu_plan: CpuPlan | None = None  # the CPU paths prepare() resolved the kernels for
         self.task: str | None = None  # the task LoRA adapter merged into these weights (None: base weights)
         self.adapters = None  # padfree.lora.TaskAdapters of a checkpoint with task adapters (jina-embeddings-v3)
 
-    def prepare(self, backend: str = "auto") -> "Encoder":
-        """Resolve the ops for this encoder's device and dtype (call after loading or moving it)."""
+    def prepare(self, backend: str = "auto", plan: CpuPlan | None = None) -> "Encoder":
+        """Resolve the ops for this encoder's device and dtype (call after loading or moving it). ``plan``: the CPU
+        paths (default: this machine's, :func:`padfree.cpu.current`; a test may pass another)."""
         self.backend = backend
+        self.cpu_plan = plan or cpu.current()
         w = self.embeddings.word.weight
         self.kernels = Kernels.resolve(w.device, w.dtype, self.config.head_dim, backend,
-                                       relative_scores=self.relative is not None, features=self.config.features)
+                                       relative_scores=self.relative is not None, features=self.config.features,
+                                       plan=self.cpu_plan)
         self.eval()
         return self
 
@@ -204,7 +210,7 @@ class Encoder(nn.Module):
         if check:
             self.check_batch(batch)
         if self.device.type == "cpu":
-            native.pin_workers()  # torch's OpenMP workers one per CPU, once per calling thread (ops/native.py)
+            native.pin_workers(self.cpu_plan)  # torch's OpenMP workers one per CPU, once per calling thread
         x = self._embed(batch)  # [T, H]
         cfg = self.config
         rel = None if self.relative is None else self.relative.for_batch(cfg, batch.max_seqlen)

@@ -20,8 +20,12 @@ import sys
 import threading
 from pathlib import Path
 from types import ModuleType
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from ..cpu import CpuPlan
 
 log = logging.getLogger("padfree")
 SOURCE = Path(__file__).with_name("small_layers.cpp")
@@ -29,14 +33,6 @@ SOURCE = Path(__file__).with_name("small_layers.cpp")
 _FLAGS = ["-O3", "-fopenmp"]
 _lock = threading.Lock()
 _state: dict[str, object] = {}  # "module" once loaded, or "why_not" once it failed
-
-
-def enabled() -> bool:
-    """``PADFREE_NATIVE``: 1 (default) uses the native module, 0 never builds or uses it."""
-    value = os.environ.get("PADFREE_NATIVE", "1").strip()
-    if value not in ("0", "1"):
-        raise ValueError(f"PADFREE_NATIVE must be 0 or 1 (0: no native code, the Python forward); got {value!r}")
-    return value == "1"
 
 
 def build_dir() -> tuple[str, Path]:
@@ -50,9 +46,8 @@ def build_dir() -> tuple[str, Path]:
 
 def module() -> ModuleType | None:
     """The native module, built on the first call of a process that has none cached (under a lock: one build);
-    None when ``PADFREE_NATIVE=0`` or it cannot be built (:func:`why_not` says why; logged once)."""
-    if not enabled():
-        return None
+    None when it cannot be built (:func:`why_not` says why; logged once). Whether a path uses it is the CPU plan's
+    decision (:attr:`padfree.cpu.CpuPlan.native_isa`: empty with ``PADFREE_NATIVE=0``)."""
     state = _state
     if "module" in state or "why_not" in state:
         return state.get("module")
@@ -67,31 +62,19 @@ def module() -> ModuleType | None:
     return state.get("module")
 
 
-def _pin_threads() -> bool:
-    """``PADFREE_PIN_THREADS``: 1 (default) pins torch's OpenMP workers to a CPU each (:func:`pin_workers`), 0 leaves
-    them to the scheduler."""
-    value = os.environ.get("PADFREE_PIN_THREADS", "1").strip()
-    if value not in ("0", "1"):
-        raise ValueError(f"PADFREE_PIN_THREADS must be 0 or 1 (0: leave torch's threads unpinned); got {value!r}")
-    return value == "1"
-
-
-PIN_THREADS = _pin_threads()
-
-
-def pin_workers() -> None:
+def pin_workers(plan: CpuPlan) -> None:
     """Pin the OpenMP worker threads serving the calling thread's torch ops each to its own CPU, once per calling
     thread, where the process may run on exactly as many CPUs as torch has threads (``small_layers.cpp``,
     ``pin_workers``, says why: a worker the scheduler put on its caller's CPU stalled batch-1 calls by 10-15 ms).
-    The CPU encoder calls it before each forward; without the native module or with ``PADFREE_PIN_THREADS=0`` it
-    does nothing."""
-    if PIN_THREADS and (mod := module()) is not None:
+    The CPU encoder calls it before each forward; without the native module, or where the plan says not to
+    (``PADFREE_PIN_THREADS=0``, ``PADFREE_NATIVE=0``), it does nothing."""
+    if plan.pin_threads and plan.native_isa and (mod := module()) is not None:
         mod.pin_workers()
 
 
 def why_not() -> str | None:
-    """Why the native module is not in use (None: it is, or it was not asked for yet)."""
-    return "PADFREE_NATIVE=0" if not enabled() else _state.get("why_not")
+    """Why the native module could not be built or loaded (None: it was, or it was not asked for yet)."""
+    return _state.get("why_not")
 
 
 def _load() -> ModuleType:
@@ -114,6 +97,10 @@ def _load() -> ModuleType:
 
 if __name__ == "__main__":  # python -m padfree.ops.native: build (or find) the module, say where or why not
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    from ..cpu import current
+    if not current().native_isa:
+        print(f"padfree native small-batch layers: not used ({current().reasons['native_isa']})")
+        sys.exit(0)
     mod = module()
     print(f"padfree native small-batch layers: {build_dir()[1] if mod else 'unavailable: ' + str(why_not())}")
-    sys.exit(0 if mod or not enabled() else 1)
+    sys.exit(0 if mod else 1)

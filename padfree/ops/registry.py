@@ -7,6 +7,7 @@ Kernel modules are imported only when a backend is chosen, so a missing Triton n
 """
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
 import logging
@@ -15,6 +16,9 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
+
+from .. import cpu
+from ..cpu import CpuPlan
 
 log = logging.getLogger("padfree")
 
@@ -117,13 +121,17 @@ class Backend:
     features: frozenset[str] = frozenset()   # model features its ops handle (see Op.uses): "rotary" and
                                              # "sliding_window" in the attention, "norm_without_bias" in the
                                              # embedding LayerNorm
+    takes_plan: bool = False                 # its functions take the CPU plan (``plan=``, padfree.cpu.CpuPlan):
+                                             # the registry binds the encoder's
 
     def validate(self, op: str | None, device: torch.device, dtype: torch.dtype, head_dim: int | None = None,
-                 relative_scores: bool = False, features: frozenset[str] = frozenset()) -> list[str]:
+                 relative_scores: bool = False, features: frozenset[str] = frozenset(),
+                 plan: CpuPlan | None = None) -> list[str]:
         """Every reason this backend cannot run ``op`` here (empty list = it can); ``op=None``: any op of its.
 
         ``relative_scores``: the caller will pass relative-position score terms to the attention;
-        ``features``: the model's :attr:`padfree.config.ModelConfig.features`."""
+        ``features``: the model's :attr:`padfree.config.ModelConfig.features`; ``plan``: the CPU's (default: this
+        machine's, :func:`padfree.cpu.current`)."""
         reasons = []
         if op is not None and op not in self.ops:
             reasons.append(f"does not implement {op}")
@@ -143,12 +151,15 @@ class Backend:
             reasons.append(f"package {self.requires!r} is not installed")
         if self.needs_mkldnn and not torch.backends.mkldnn.is_available():
             reasons.append("this PyTorch build has no oneDNN (mkldnn)")
-        if self.needs_mkldnn and dtype == torch.bfloat16 and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
-            reasons.append("this CPU has no oneDNN bf16 support")
+        if self.needs_mkldnn and dtype == torch.bfloat16 and device.type == "cpu" \
+                and not (plan := plan or cpu.current()).onednn_bf16:
+            reasons.append(f"this CPU has no oneDNN bf16 support ({plan.reasons['onednn_bf16']})")
         return reasons
 
-    def function(self, op: str) -> Callable:
-        return getattr(importlib.import_module(self.module), op)
+    def function(self, op: str, plan: CpuPlan | None = None) -> Callable:
+        """The backend's function for ``op``; with ``takes_plan``, bound to ``plan`` (default: this machine's)."""
+        fn = getattr(importlib.import_module(self.module), op)
+        return functools.partial(fn, plan=plan or cpu.current()) if self.takes_plan else fn
 
 
 _FLOATS = frozenset({torch.float32, torch.float16, torch.bfloat16})
@@ -166,7 +177,7 @@ BACKENDS: list[Backend] = [
     # composition; its attention is the torch backend's (so it takes rel=)
     Backend("onednn", frozenset({"cpu"}), frozenset({torch.float32, torch.bfloat16}), "padfree.ops.onednn_backend",
             frozenset(FUSED_OPS) | {"embed_layer_norm"}, needs_mkldnn=True, relative_scores=True,
-            primitives_from="torch", features=_ATTENTION_FEATURES | {"norm_without_bias"}),
+            primitives_from="torch", features=_ATTENTION_FEATURES | {"norm_without_bias"}, takes_plan=True),
     Backend("torch", frozenset({"cpu", "cuda"}), _FLOATS, "padfree.ops.torch_backend", frozenset(PRIMITIVES),
             relative_scores=True, features=_ATTENTION_FEATURES | {"norm_without_bias"}),
 ]
@@ -177,7 +188,8 @@ def _reasons(reasons: dict[str, list[str]]) -> str:
 
 
 def _candidates(op: str, device: torch.device, dtype: torch.dtype, head_dim: int | None, backend: str,
-                relative_scores: bool, features: frozenset[str]) -> tuple[list[Backend], dict[str, list[str]]]:
+                relative_scores: bool, features: frozenset[str], plan: CpuPlan | None
+                ) -> tuple[list[Backend], dict[str, list[str]]]:
     """The backends to try for ``op`` in order, and the reasons already known against the others."""
     if backend == "auto":
         return list(BACKENDS), {}
@@ -188,13 +200,13 @@ def _candidates(op: str, device: torch.device, dtype: torch.dtype, head_dim: int
     if op in b.ops or b.primitives_from is None or op not in PRIMITIVES:
         return [b], {}
     # a backend of fused ops only, named alone, runs with another's primitives; only where it can run itself
-    why = b.validate(None, device, dtype, head_dim, relative_scores, features)
+    why = b.validate(None, device, dtype, head_dim, relative_scores, features, plan)
     return ([] if why else [x for x in BACKENDS if x.name == b.primitives_from]), ({b.name: why} if why else {})
 
 
 def select(op: str, device: torch.device | str, dtype: torch.dtype, head_dim: int | None = None,
-           backend: str = "auto", relative_scores: bool = False, features: frozenset[str] = frozenset()
-           ) -> tuple[str, Callable]:
+           backend: str = "auto", relative_scores: bool = False, features: frozenset[str] = frozenset(),
+           plan: CpuPlan | None = None) -> tuple[str, Callable]:
     """``(backend name, function)`` for ``op``, the one way kernels are resolved (``Kernels.resolve`` calls it
     for each op; the per-call functions of ``padfree.ops`` too). A fused op no candidate implements is
     composed from F.linear and its primitive, named ``composed(<backend>)``. ``ValueError`` with every reason
@@ -202,22 +214,23 @@ def select(op: str, device: torch.device | str, dtype: torch.dtype, head_dim: in
 
     ``relative_scores``: the model passes relative-position score terms to the attention; ``features``: the
     model's other needs (``ModelConfig.features``: rotary, sliding window, LayerNorm without bias), which every
-    chosen backend must handle in the ops that use them (``Op.uses``)."""
+    chosen backend must handle in the ops that use them (``Op.uses``); ``plan``: the CPU plan the CPU backend's
+    functions are bound to and validated against (default: this machine's, :func:`padfree.cpu.current`)."""
     device = torch.device(device)
     spec = OPS.get(op)
     if spec is None:
         raise ValueError(f"unknown op {op!r}; ops: {list(OPS)}")
     features = frozenset(features)
-    candidates, reasons = _candidates(op, device, dtype, head_dim, backend, relative_scores, features)
+    candidates, reasons = _candidates(op, device, dtype, head_dim, backend, relative_scores, features, plan)
     for b in candidates:
-        why = b.validate(op, device, dtype, head_dim, relative_scores, features)
+        why = b.validate(op, device, dtype, head_dim, relative_scores, features, plan)
         if not why:
             log.info("padfree: %s uses backend %s%s", op, b.name, f" ({_reasons(reasons)})" if reasons else "")
-            return b.name, b.function(op)
+            return b.name, b.function(op, plan)
         reasons[b.name] = why
     if spec.composed_from is not None:
         try:
-            name, fn = select(spec.composed_from, device, dtype, head_dim, backend, relative_scores, features)
+            name, fn = select(spec.composed_from, device, dtype, head_dim, backend, relative_scores, features, plan)
         except ValueError as e:
             raise ValueError(f"no backend can run {op} on {device.type} with {dtype}: {_reasons(reasons)}; "
                              f"and composing it failed: {e}") from None
@@ -240,8 +253,9 @@ class Kernels:
 
     @classmethod
     def resolve(cls, device, dtype: torch.dtype, head_dim: int, backend: str = "auto",
-                relative_scores: bool = False, features: frozenset[str] = frozenset()) -> "Kernels":
-        chosen = {op: select(op, device, dtype, head_dim, backend, relative_scores, features)
+                relative_scores: bool = False, features: frozenset[str] = frozenset(),
+                plan: CpuPlan | None = None) -> "Kernels":
+        chosen = {op: select(op, device, dtype, head_dim, backend, relative_scores, features, plan)
                   for op in needed_ops(features)}
         return cls({op: fn for op, (_, fn) in chosen.items()}, {op: n for op, (n, _) in chosen.items()}, features)
 

@@ -26,6 +26,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from ..cpu import DTYPE_CHOICES as DTYPES
 from ..jobs.runner import DEFAULT_BATCH_TOKENS, MANIFEST, JobSpec, compute_shard, prepare_output, write_atomic
 
 
@@ -42,10 +43,8 @@ class _TaskBatches:
     kind = ""
 
     def __init__(self, model: str, column: str = "text", id_column: str | None = None, keep=(),
-                 dtype: str = "fp32", max_batch_tokens: int = DEFAULT_BATCH_TOKENS, skip_empty: bool = False,
+                 dtype: str = "auto", max_batch_tokens: int = DEFAULT_BATCH_TOKENS, skip_empty: bool = False,
                  pair_column: str | None = None, adapter: str | None = None, done_ids: pa.Array | None = None):
-        import torch
-
         from ..memory import level_memory
         from ..tasks import ClassifyTask, EmbedTask, load_task
 
@@ -54,14 +53,13 @@ class _TaskBatches:
             raise ValueError("pair_column is for Classify (cross-encoders)")
         if self.kind != "embed" and adapter:
             raise ValueError("adapter (a task adapter) is for Embed")
-        torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}.get(dtype)
-        if torch_dtype is None:
-            raise ValueError(f"dtype must be fp32 or bf16; got {dtype!r}")
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}; got {dtype!r}")
         self.spec = JobSpec(task=self.kind, input="", output="", model=str(model), column=column,
                             pair_column=pair_column, id_column=id_column, keep=list(keep), dtype=dtype,
                             max_batch_tokens=max_batch_tokens, skip_empty=skip_empty, progress=False,
                             adapter=adapter)
-        self.task = load_task(model, torch_dtype)
+        self.task = load_task(model, dtype)
         want = EmbedTask if self.kind == "embed" else ClassifyTask
         if not isinstance(self.task, want):
             raise ValueError(f"model {str(model)!r} serves {self.task.kind}, not {self.kind}")
@@ -159,8 +157,8 @@ def run_job(spec: JobSpec, address: str | None = "local", actors: int = 1, actor
             raise ValueError(f"--{name} must be an int >= 1; got {v!r}")
     if spec.task == "embed" and spec.pair_column:
         raise ValueError("--pair-column is for classify (cross-encoders)")
-    if spec.dtype not in ("fp32", "bf16"):
-        raise ValueError(f"--dtype must be fp32 or bf16; got {spec.dtype!r}")
+    if spec.dtype not in DTYPES:
+        raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}; got {spec.dtype!r}")
     files, fmt = io.input_files(spec.input, spec.format)
     text_cols = [spec.column] + ([spec.pair_column] if spec.pair_column else [])
     columns = list(dict.fromkeys(text_cols + ([spec.id_column] if spec.id_column else []) + spec.keep))

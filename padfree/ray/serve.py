@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from ray import serve
 
+from ..cpu import DTYPE_CHOICES
 from ..serve.app import ServeConfig
 
 
@@ -19,17 +20,15 @@ class PadfreeServer:
     """One replica: its models loaded and warmed up, then ``create_app`` over them."""
 
     def __init__(self, models: list[tuple[str, str]], dtype: str, config: ServeConfig):
-        import torch
-
         from ..memory import level_memory
         from ..serve.app import Served
         from ..tasks import load_task
 
         level_memory()  # before the model's tensors: keeps a long-running replica's RSS level
-        torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
+
         self.served, self.config = [], config
         for name, path in models:
-            task = load_task(path, torch_dtype)
+            task = load_task(path, dtype)
             task.run(task.tokenize(["warm up the model", "and its kernels " * 8], truncate=True))
             self.served.append(Served(name, task, str(path)))
 
@@ -38,7 +37,7 @@ class PadfreeServer:
         return create_app(self.served, self.config)
 
 
-def serve_app(models: list[tuple[str, str]], dtype: str = "fp32", config: ServeConfig | None = None,
+def serve_app(models: list[tuple[str, str]], dtype: str = "auto", config: ServeConfig | None = None,
               num_replicas: int | str = 1, autoscaling_config: dict | None = None,
               ray_actor_options: dict | None = None):
     """A Ray Serve application serving ``models`` ([(name, path)], the first is the default) as
@@ -47,8 +46,8 @@ def serve_app(models: list[tuple[str, str]], dtype: str = "fp32", config: ServeC
     ``num_replicas``: replicas (each loads every model and batches its own requests); or
     ``autoscaling_config`` (Ray Serve's dict, e.g. ``{"min_replicas": 1, "max_replicas": 4}``) instead.
     ``ray_actor_options``: each replica's resources (default one CPU)."""
-    if dtype not in ("fp32", "bf16"):
-        raise ValueError(f"dtype must be fp32 or bf16; got {dtype!r}")
+    if dtype not in DTYPE_CHOICES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPE_CHOICES)}; got {dtype!r}")
     if not models:
         raise ValueError("no model to serve")
     options: dict = {}

@@ -26,7 +26,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .. import __version__
+from .. import __version__, cpu
 from ..tasks import ClassifyTask, EmbedTask, Seq, SparseTask, Task
 from ..tokenizer import InputTooLong
 from . import schemas as s
@@ -564,6 +564,8 @@ def create_app(models: Sequence[Served], config: ServeConfig | None = None) -> F
             out.append(toks)
         return _json(out)
 
+    cpu_info = cpu.report(cpu.current())  # the CPU profile and its paths (padfree info's report): fixed for the process
+
     @app.get("/info", tags=["text-embeddings-inference"])
     async def tei_info(model: str | None = None):
         m = state.model(model)
@@ -583,7 +585,7 @@ def create_app(models: Sequence[Served], config: ServeConfig | None = None) -> F
                       "max_batch_tokens": c.max_batch_tokens, "max_batch_requests": None,
                       "max_client_batch_size": c.max_client_batch_size, "auto_truncate": c.auto_truncate,
                       "tokenization_workers": c.tokenization_workers, "version": __version__,
-                      "models": sorted(state.models)})
+                      "models": sorted(state.models), "cpu": cpu_info})
 
     @app.get("/health", tags=["text-embeddings-inference"])
     async def health():

@@ -10,9 +10,9 @@ import sys
 import time
 from pathlib import Path
 
-log = logging.getLogger("padfree.serve")
+from ..cpu import DTYPE_CHOICES as DTYPES, choose_dtype
 
-DTYPES = ("fp32", "bf16")
+log = logging.getLogger("padfree.serve")
 
 
 def parse_args(argv):
@@ -23,7 +23,7 @@ def parse_args(argv):
                         "all-MiniLM-L6-v2)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8080)
-    p.add_argument("--dtype", choices=DTYPES, default="fp32")
+    p.add_argument("--dtype", choices=DTYPES, default="auto")
     p.add_argument("--max-batch-tokens", type=int, default=16384, help="real tokens per forward (default 16384)")
     p.add_argument("--max-client-batch-size", type=int, default=64, help="inputs per request (default 64)")
     p.add_argument("--max-concurrent-requests", type=int, default=512,
@@ -128,15 +128,13 @@ def run_on_ray(args) -> None:
 
 def build(args) -> "tuple":
     """(the FastAPI app, its ServerState) for parsed arguments: models loaded and warmed up."""
-    import torch
-
     from ..memory import level_memory
     from ..tasks import load_task
     from .app import Served, create_app
 
     level_memory()  # before the model's tensors: the allocator settings that keep a long-running RSS level
     config = serve_config(args)
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+    dtype = choose_dtype(args.dtype)
     served = []
     for name, path in _model_specs(args.model):
         t0 = time.perf_counter()
