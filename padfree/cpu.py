@@ -228,7 +228,7 @@ def plan_for(profile: CpuProfile, settings: Settings = Settings()) -> CpuPlan:
     why["bf16_compute"] = (
         "bf16 products faster than fp32 here (AMX-BF16, or AVX-512 BF16 at the FMA rate on AMD)" if fast_bf16 else
         "bf16 products are slower than fp32 here (AVX2 only: 5-7x slower; AVX-512 BF16 at half rate on Intel "
-        "without AMX: 0.66x at W2; Arm BF16 unmeasured), except the native stack's short batches (NOTES 22)")
+        "without AMX: 0.66x at W2; Arm BF16 unmeasured): a bf16 model computes in fp32 on its bf16 weights (NOTES 22)")
     onednn_bf16 = profile.avx512 or "avx_ne_convert" in profile.features or profile.arch == "aarch64"
     why["onednn_bf16"] = "oneDNN's bf16 reorder needs AVX-512 BW/VL/DQ or AVX-NE-CONVERT" + (
         "" if onednn_bf16 else ": this CPU has neither")
@@ -289,9 +289,9 @@ _DTYPE_NAMES = {"fp32": "float32", "float32": "float32", "bf16": "bfloat16", "bf
 def choose_dtype(dtype, device="cpu", plan: CpuPlan | None = None):
     """The ``torch.dtype`` a model loads in for a requested ``dtype``: a ``torch.dtype``, one of the names
     fp32/bf16/fp16 (or float32, ...), or "auto": bfloat16 where the plan says bf16 products are faster than fp32
-    here (and on a GPU), float32 elsewhere; the choice is logged. An explicit bf16 on a CPU where it is slower
-    than fp32 is kept, with a warning that says why and what to pass instead (benchmarks/NOTES.md section 22).
-    ``ValueError`` for any other value."""
+    here (and on a GPU), float32 elsewhere; the choice is logged. An explicit bf16 is kept: where bf16 products are
+    slower than fp32 the encoder computes in fp32 on the bf16 weights, or says at load why it is slow
+    (:meth:`padfree.models.encoder.Encoder.prepare`). ``ValueError`` for any other value."""
     plan = plan or current()
     on_cpu = torch.device(device).type == "cpu"
     if isinstance(dtype, str):
@@ -304,9 +304,6 @@ def choose_dtype(dtype, device="cpu", plan: CpuPlan | None = None):
         if name not in _DTYPE_NAMES:
             raise ValueError(f"dtype {dtype!r} is not supported; use auto, fp32, bf16 or fp16 (or a torch.dtype)")
         dtype = getattr(torch, _DTYPE_NAMES[name])
-    if on_cpu and dtype == torch.bfloat16 and not plan.bf16_compute:
-        log.warning("padfree: bfloat16 asked on %s (%s), where %s; dtype='auto' or float32 runs faster here",
-                    plan.profile.model_name or plan.profile.uarch, plan.profile.uarch, plan.reasons["bf16_compute"])
     return dtype
 
 

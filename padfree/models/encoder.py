@@ -10,6 +10,7 @@ The ops it calls are resolved once per device/dtype by the backend registry.
 """
 from __future__ import annotations
 
+import logging
 import threading
 from typing import NamedTuple
 
@@ -26,6 +27,8 @@ from ..cpu import CpuPlan
 from ..ops.registry import Kernels
 from ..ops.relative import RelativeTables, deberta_span, device_rows
 from ..ops.rotary import rotary_tables
+
+log = logging.getLogger("padfree")
 
 
 def _layer_norm(cfg: ModelConfig) -> nn.LayerNorm | nn.RMSNorm:
@@ -139,6 +142,7 @@ class Encoder(nn.Module):
         self.kernels: Kernels | None = None  # set by prepare()
         self.backend = "auto"  # the backend asked of prepare()
         self.cpu_plan: CpuPlan | None = None  # the CPU paths prepare() resolved the kernels for
+        self.compute_dtype: torch.dtype | None = None  # the forward's arithmetic (prepare(): _compute_dtype)
         self.task: str | None = None  # the task LoRA adapter merged into these weights (None: base weights)
         self.adapters = None  # padfree.lora.TaskAdapters of a checkpoint with task adapters (jina-embeddings-v3)
 
@@ -148,11 +152,36 @@ class Encoder(nn.Module):
         self.backend = backend
         self.cpu_plan = plan or cpu.current()
         w = self.embeddings.word.weight
-        self.kernels = Kernels.resolve(w.device, w.dtype, self.config.head_dim, backend,
+        self.compute_dtype = self._compute_dtype(w.device, w.dtype, backend)
+        self.kernels = Kernels.resolve(w.device, self.compute_dtype, self.config.head_dim, backend,
                                        relative_scores=self.relative is not None, features=self.config.features,
                                        plan=self.cpu_plan)
         self.eval()
         return self
+
+    # the CPU backend's ops that take fp32 activations with bf16 weights (its packed fp32 or widened copies)
+    _MIXED_OPS = ("embed_layer_norm", "qkv_varlen_attention", "linear_bias_act", "linear_residual_layer_norm",
+                  "linear_tanh", "post_ln_layers")
+
+    def _compute_dtype(self, device: torch.device, dtype: torch.dtype, backend: str) -> torch.dtype:
+        """The dtype the forward computes in: the weights', except a bf16 model on a CPU where bf16 products are
+        slower than fp32 (``plan.bf16_compute`` False: AVX2-only, or AVX-512 BF16 at half rate): there a plain
+        post-LN model whose every op is the CPU backend's computes in fp32 on its bf16 weights (fp32 copies packed
+        once for the products, widened in registers in the native stack; half the memory of an fp32 model's weights,
+        fp32's speed; benchmarks/NOTES.md section 22) and rounds its output to bf16 once. Other models keep bf16
+        arithmetic, which a warning at load said is slower here."""
+        cfg, e = self.config, self.embeddings
+        if device.type != "cpu" or dtype != torch.bfloat16 or self.cpu_plan.bf16_compute:
+            return dtype
+        plain = not (self.relative is not None or cfg.pre_norm or cfg.features or e.norm is None or e.project is not None)
+        names = Kernels.resolve(device, torch.float32, cfg.head_dim, backend, plan=self.cpu_plan).names
+        if plain and all(names.get(op) == "onednn" for op in self._MIXED_OPS):
+            log.info("padfree: bf16 weights, fp32 arithmetic (%s)", self.cpu_plan.reasons["bf16_compute"])
+            return torch.float32
+        log.warning("padfree: this %s model computes in bf16 on %s, where bf16 products are slower than fp32 (%s); "
+                    "dtype='auto' (float32 here) runs faster", cfg.family, self.cpu_plan.profile.uarch,
+                    self.cpu_plan.reasons["bf16_compute"].split(":")[0])
+        return dtype
 
     def for_task(self, task: str | None) -> "Encoder":
         """The encoder running ``task``'s LoRA adapter (None: the base weights): this one if it is its task,
@@ -211,7 +240,7 @@ class Encoder(nn.Module):
             self.check_batch(batch)
         if self.device.type == "cpu":
             native.pin_workers(self.cpu_plan)  # torch's OpenMP workers one per CPU, once per calling thread
-        x = self._embed(batch)  # [T, H]
+        x = self._embed(batch).to(self.compute_dtype)  # [T, H]
         cfg = self.config
         rel = None if self.relative is None else self.relative.for_batch(cfg, batch.max_seqlen)
         # RoPE tables [T, d/2] from the per-sequence positions, once per base (global / local) per forward
@@ -226,10 +255,10 @@ class Encoder(nn.Module):
             stack = self.kernels.post_ln_layers(x, [layers[i] for i in cfg.schedule], batch.runs, cfg.num_heads,
                                                 cfg.attention_scale, cfg.layer_norm_eps, cfg.activation)
             if stack is not None:
-                return stack
+                return stack.to(self.dtype)
         for i in cfg.schedule:  # ALBERT runs shared layers several times
             x = self._layer(layers[i], x, batch, rel, rotary.get(cfg.theta(i)))
-        return x
+        return x.to(self.dtype)
 
     def _embed(self, batch: PackedBatch) -> torch.Tensor:
         """``LayerNorm(word + position + type)`` then the optional E -> H projection (DeBERTa: projection
@@ -295,8 +324,8 @@ class Encoder(nn.Module):
         """The BERT pooler: ``tanh(W · h_CLS + b)``, ``[B, H]``; ``ValueError`` if the checkpoint has none."""
         if self.pooler is None:
             raise ValueError("this checkpoint has no pooler weights")
-        cls = hidden[batch.cu_seqlens[:-1].long()]  # [B, H], first token of each sequence
-        return self.kernels.linear_tanh(cls, self.pooler.weight, self.pooler.bias)
+        cls = hidden[batch.cu_seqlens[:-1].long()].to(self.compute_dtype)  # [B, H], first token of each sequence
+        return self.kernels.linear_tanh(cls, self.pooler.weight, self.pooler.bias).to(self.dtype)
 
     # ------------------------------------------------------------------ Hugging Face-compatible path
     @torch.inference_mode()

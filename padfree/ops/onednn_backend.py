@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import threading
 import weakref
-from typing import Callable
 
 import torch
 
@@ -51,6 +50,7 @@ _MKL = torch.backends.mkl.is_available()
 
 # how each layout packs a weight [N, K] (MKL's packing takes a row count to tune for: 64, the small path's default)
 _PACKERS = {"onednn": lambda w: torch.ops.mkldnn._reorder_linear_weight(w),
+            "onednn_fp32": lambda w: torch.ops.mkldnn._reorder_linear_weight(w.float()),  # a bf16 weight, widened
             "mkl": lambda w: torch.ops.mkl._mkl_reorder_linear_weight(w, 64),
             "blocks": lambda w: native.module().pack_blocks(w),  # the native product's blocks (fp32 or bf16)
             "pairs": lambda w: native.module().pack_pairs(w),  # the native bf16 dot product's blocks
@@ -90,9 +90,20 @@ def _forget(key: tuple[int, str], ref: weakref.ref) -> None:
             del _packed[key]
 
 
-def _small(x: torch.Tensor, plan: CpuPlan) -> bool:
-    """Whether ``x @ W^T`` takes the small-batch path (MKL's packed sgemm, epilogue unfused)."""
-    return _MKL and x.shape[0] <= plan.mkl_small_rows and x.dtype == torch.float32
+def _small(x: torch.Tensor, weight: torch.Tensor, plan: CpuPlan) -> bool:
+    """Whether ``x @ W^T`` takes the small-batch path (MKL's packed sgemm, epilogue unfused; fp32 weights)."""
+    return _MKL and x.shape[0] <= plan.mkl_small_rows and x.dtype == weight.dtype == torch.float32
+
+
+def _onednn_weight(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """The weight's oneDNN packing for products on ``x``: in its own dtype, or widened to fp32 once for fp32
+    activations on bf16 weights (a bf16 model computing in fp32 where bf16 products are slow: NOTES.md section 22)."""
+    return packed_weight(weight, "onednn" if weight.dtype == x.dtype else "onednn_fp32")
+
+
+def _like(x: torch.Tensor, v: torch.Tensor | None) -> torch.Tensor | None:
+    """A bias or LayerNorm vector in x's dtype: itself, or (bf16 for fp32 activations) its cached fp32 copy."""
+    return v if v is None or v.dtype == x.dtype else _fp32_copy(v)
 
 
 def _mkl_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -102,21 +113,22 @@ def _mkl_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
 
 def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, plan: CpuPlan) -> torch.Tensor:
     """``x @ weight.T + bias``: ``[T, K] -> [T, N]`` on the packed weight of the batch's path."""
-    if _small(x, plan):
+    if _small(x, weight, plan):
         return _mkl_linear(x, weight, bias)
-    return torch.ops.mkldnn._linear_pointwise(x, packed_weight(weight), bias, "none", [], "")
+    return torch.ops.mkldnn._linear_pointwise(x, _onednn_weight(x, weight), _like(x, bias), "none", [], "")
 
 
 def linear_bias_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                     activation: str, plan: CpuPlan | None = None) -> torch.Tensor:
     """``act(x @ weight.T + bias)``: ``[T, K] -> [T, N]``, the activation fused where oneDNN has it."""
     plan = plan or cpu.current()
-    if _small(x, plan):
+    if _small(x, weight, plan):
         return apply_activation(_mkl_linear(x, weight, bias), activation, inplace=True)
     post_op = _POST_OPS.get(activation)
     if post_op is None:
         return apply_activation(_linear(x, weight, bias, plan), activation, inplace=True)
-    return torch.ops.mkldnn._linear_pointwise(x, packed_weight(weight), bias, post_op[0], [], post_op[1])
+    return torch.ops.mkldnn._linear_pointwise(x, _onednn_weight(x, weight), _like(x, bias), post_op[0], [],
+                                              post_op[1])
 
 
 def linear_gated_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -130,11 +142,12 @@ def linear_residual_layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torc
                                residual: torch.Tensor, ln_weight: torch.Tensor, ln_bias: torch.Tensor,
                                eps: float, plan: CpuPlan | None = None) -> torch.Tensor:
     """``LayerNorm(x @ weight.T + bias + residual)``: ``[T, K] -> [T, N]`` (fp32 LayerNorm statistics)."""
-    if _small(x, plan or cpu.current()):
+    if _small(x, weight, plan or cpu.current()):
         y = _mkl_linear(x, weight, bias).add_(residual)
     else:
-        y = torch.ops.mkldnn._linear_pointwise.binary(x, residual, packed_weight(weight), bias, "add")  # [T, N]
-    return torch.layer_norm(y, y.shape[-1:], ln_weight, ln_bias, eps)
+        y = torch.ops.mkldnn._linear_pointwise.binary(x, residual, _onednn_weight(x, weight), _like(x, bias),
+                                                      "add")  # [T, N]
+    return torch.layer_norm(y, y.shape[-1:], _like(y, ln_weight), _like(y, ln_bias), eps)
 
 
 def embed_layer_norm(input_ids, position_ids, token_type_ids, word, position, token_type, weight, bias,
@@ -169,29 +182,29 @@ def _native_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
                    plan: CpuPlan) -> torch.Tensor | None:
     """``x @ weight.T + bias`` on the native product where it takes the batch (:func:`native_packing`; computed in
     fp32 and rounded once), else None."""
-    if bias is None or (native_product := native_packing(x.dtype, x.shape[0], plan)) is None \
+    if bias is None or (layout := native_packing(weight.dtype, x.shape[0], plan)) is None \
             or (mod := native.module()) is None:
         return None
-    layout, vector = native_product  # the dot product takes a bf16 x as it is (it would round an fp32 one back)
+    # the dot product takes a bf16 x as it is (it would round an fp32 one back)
     y = mod.blocks_linear((x if layout == "pairs" else x.float()).contiguous(), packed_weight(weight, layout),
-                          weight.shape[0], vector(bias).contiguous(), plan.native_isa)
+                          weight.shape[0], _fp32(bias).contiguous(), plan.native_isa)
     return y.to(x.dtype)
 
 
 _KERNEL_ISAS = ("avx512", "avx2")  # the plan's native_isa values with the module's own kernels
 
 
-def native_packing(dtype: torch.dtype, rows: int, plan: CpuPlan) -> tuple[str, Callable] | None:
-    """The packing of the native product for a batch of ``rows`` tokens of ``dtype`` and how its vectors are passed
-    (fp32), or None where the product does not take the batch: with the native kernels, fp32 up to
-    ``plan.own_product_rows`` rows and bf16 up to ``plan.bf16_native_rows`` (dot products where ``plan.bf16_dot``,
-    the widened weight otherwise)."""
+def native_packing(dtype: torch.dtype, rows: int, plan: CpuPlan) -> str | None:
+    """The packing of the native product for a batch of ``rows`` tokens on weights of ``dtype``, or None where the
+    product does not take the batch: with the native kernels, fp32 up to ``plan.own_product_rows`` rows and bf16 up
+    to ``plan.bf16_native_rows`` (dot products where ``plan.bf16_dot``, the widened weight otherwise); its vectors
+    are passed in fp32."""
     if plan.native_isa not in _KERNEL_ISAS:
         return None
     if dtype == torch.bfloat16 and rows <= plan.bf16_native_rows:
-        return ("pairs" if plan.bf16_dot else "blocks"), _fp32_copy
+        return "pairs" if plan.bf16_dot else "blocks"
     if dtype == torch.float32 and rows <= plan.own_product_rows:
-        return "blocks", _same
+        return "blocks"
     return None
 
 
@@ -199,13 +212,13 @@ _NATIVE_ACTIVATIONS = frozenset({"gelu", "gelu_tanh", "relu", "silu"})  # those 
 
 
 def stack_path(dtype: torch.dtype, rows: int, plan: CpuPlan) -> str | None:
-    """The products a batch of ``rows`` tokens of ``dtype`` runs in the native stack under ``plan``: a packing
+    """The products a batch of ``rows`` tokens on weights of ``dtype`` runs in the native stack under ``plan``: a packing
     layout ("blocks", "pairs": the native product; "mkl", "onednn": those libraries'), or None where the stack does
     not take it (the layers then run one by one). The thresholds are the plan's (:func:`padfree.cpu.plan_for`)."""
     if not plan.native_isa:
         return None
-    if (native_product := native_packing(dtype, rows, plan)) is not None:
-        return native_product[0]
+    if (layout := native_packing(dtype, rows, plan)) is not None:
+        return layout
     if dtype == torch.float32 and _MKL and rows <= plan.mkl_small_rows:
         return "mkl"  # MKL's products (above own_product_rows, or no native kernels: then ATen's ops all through)
     if dtype == torch.float32 and plan.native_isa in _KERNEL_ISAS and rows <= plan.onednn_stack_rows:
@@ -232,13 +245,13 @@ def post_ln_layers(x: torch.Tensor, layers, runs, num_heads: int, scale: float, 
     (``native_isa`` "aten"), fp32 batches of at most ``plan.mkl_small_rows`` tokens: the ATen ops of the
     small-batch path (MKL's products) without Python between them."""
     plan = plan or cpu.current()
-    if activation not in _NATIVE_ACTIVATIONS or (layout := stack_path(x.dtype, x.shape[0], plan)) is None \
+    weights = layers[0].tensors().qkv_weight.dtype  # bf16 weights with fp32 x: a bf16 model computing in fp32
+    if activation not in _NATIVE_ACTIVATIONS or (layout := stack_path(weights, x.shape[0], plan)) is None \
             or native.module() is None:
         return None
-    vector = _fp32_copy if x.dtype == torch.bfloat16 else _same
     flat = []
     for layer in layers:
-        args = _stack_args(layer, layout, vector)
+        args = _stack_args(layer, layout)
         if args is None:
             return None
         flat += args
@@ -248,7 +261,7 @@ def post_ln_layers(x: torch.Tensor, layers, runs, num_heads: int, scale: float, 
     return y.to(x.dtype)
 
 
-def _stack_args(layer, layout: str, vector) -> tuple | None:
+def _stack_args(layer, layout: str) -> tuple | None:
     """The layer's 16 arguments of the native stack for a packing layout (None where it lacks a tensor), kept per
     layer and reused while its tensors are the same objects at the same versions: a parameter replaced or updated
     in place rebuilds them, as :func:`packed_weight` repacks. Rebuilding them at each call cost 7 us a layer hot and
@@ -259,12 +272,12 @@ def _stack_args(layer, layout: str, vector) -> tuple | None:
         return hit[2]
     if any(v is None for v in t):
         return None
-    args = (t.qkv_weight, packed_weight(t.qkv_weight, layout), vector(t.qkv_bias),
-            t.attn_out_weight, packed_weight(t.attn_out_weight, layout), vector(t.attn_out_bias),
-            vector(t.attn_norm_weight), vector(t.attn_norm_bias),
-            t.ffn_in_weight, packed_weight(t.ffn_in_weight, layout), vector(t.ffn_in_bias),
-            t.ffn_out_weight, packed_weight(t.ffn_out_weight, layout), vector(t.ffn_out_bias),
-            vector(t.ffn_norm_weight), vector(t.ffn_norm_bias))
+    args = (t.qkv_weight, packed_weight(t.qkv_weight, layout), _fp32(t.qkv_bias),
+            t.attn_out_weight, packed_weight(t.attn_out_weight, layout), _fp32(t.attn_out_bias),
+            _fp32(t.attn_norm_weight), _fp32(t.attn_norm_bias),
+            t.ffn_in_weight, packed_weight(t.ffn_in_weight, layout), _fp32(t.ffn_in_bias),
+            t.ffn_out_weight, packed_weight(t.ffn_out_weight, layout), _fp32(t.ffn_out_bias),
+            _fp32(t.ffn_norm_weight), _fp32(t.ffn_norm_bias))
     versions = tuple((p, p._version) for p in t if not p.is_inference())  # inference tensors keep no counter
     with _packing:
         _stack_cache.setdefault(layer, {})[layout] = (t, versions, args)
@@ -272,10 +285,6 @@ def _stack_args(layer, layout: str, vector) -> tuple | None:
 
 
 _stack_cache: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # layer -> {layout: (tensors, versions, args)}
-
-
-def _same(v: torch.Tensor) -> torch.Tensor:
-    return v
 
 
 def _fp32(v: torch.Tensor) -> torch.Tensor:
