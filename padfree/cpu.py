@@ -82,7 +82,7 @@ class CpuProfile:
         if self.amd and self.family is not None:
             generation = {0x17: "Zen 1/2", 0x19: "Zen 4" if self.avx512 else "Zen 3", 0x1a: "Zen 5"}.get(self.family)
             return f"AMD {generation or f'family {self.family:#x}'}" + (
-                "" if self.family != 0x17 or not self.avx512 else " (features of a later Zen)")
+                " by the family a hypervisor reports" if "hypervisor" in self.features else "")
         if self.vendor == "GenuineIntel":
             if self.amx_bf16:
                 return "Intel with AMX (Sapphire Rapids or later)"
@@ -248,6 +248,8 @@ def plan_for(profile: CpuProfile, settings: Settings = Settings()) -> CpuPlan:
     else:
         own = stack = attention = bf16_rows = 0
         why["own_product_rows"] = "no native kernels: MKL's products where mkl_small_rows takes the batch"
+    for key in ("bf16_native_rows", "onednn_stack_rows", "attention_len"):
+        why[key] = why["own_product_rows"]
     return CpuPlan(profile=profile, native_isa=isa, bf16_dot=bf16_dot, bf16_compute=fast_bf16,
                    onednn_bf16=onednn_bf16, mkl_small_rows=small, own_product_rows=own, bf16_native_rows=bf16_rows,
                    onednn_stack_rows=stack, attention_len=attention, pin_threads=settings.pin_threads, reasons=why)
@@ -284,6 +286,11 @@ EXAMPLES: dict[str, CpuProfile] = {
 DTYPE_CHOICES = ("auto", "fp32", "bf16")  # what the CLI, jobs and Ray take (auto: choose_dtype's pick)
 _DTYPE_NAMES = {"fp32": "float32", "float32": "float32", "bf16": "bfloat16", "bfloat16": "bfloat16",
                 "fp16": "float16", "float16": "float16"}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """The short name of a dtype the CLI takes ("fp32", "bf16", "fp16")."""
+    return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
 
 
 def choose_dtype(dtype, device="cpu", plan: CpuPlan | None = None):

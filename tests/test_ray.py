@@ -93,7 +93,7 @@ def test_ray_job_resumes_by_id_after_the_driver_dies(cluster, tmp_path):
 
     _input(tmp_path / "in.parquet")
     common = dict(task="embed", input=str(tmp_path / "in.parquet"), model=str(minilm_path()), id_column="doc",
-                  keep=["year"], progress=False, shard_rows=32)
+                  keep=["year"], progress=False, shard_rows=32, dtype="fp32")
     run_job(JobSpec(output=str(tmp_path / "local"), **common))
     out = tmp_path / "ray"
     first = run_on_ray(JobSpec(output=str(out), **common))

@@ -22,7 +22,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ..cpu import DTYPE_CHOICES as DTYPES
+from ..cpu import DTYPE_CHOICES as DTYPES, choose_dtype, dtype_name
 from ..sentence import token_budget_batches
 from ..tasks import ClassifyTask, EmbedTask, Seq, Task
 from . import io
@@ -59,7 +59,8 @@ class JobSpec:
 
     def options(self, fmt: str) -> dict:
         d = asdict(self)
-        d.update(model=str(Path(self.model).resolve()), format=fmt)
+        # the dtype "auto" resolved on this machine: a job resumed where auto picks another is refused, not mixed
+        d.update(model=str(Path(self.model).resolve()), format=fmt, dtype=dtype_name(choose_dtype(self.dtype)))
         # the adapter only where given, so that the manifests of jobs without one stay as they were
         return {k: d[k] for k in OUTPUT_OPTIONS + (("adapter",) if self.adapter else ())}
 

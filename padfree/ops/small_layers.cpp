@@ -4,17 +4,24 @@
 // FFN-in product and its activation in place, the FFN-out product, residual add and LayerNorm. At a handful of tokens
 // each op costs microseconds, and Python between them cost as much again (benchmarks/NOTES.md, section 17); here
 // there is none, and the GIL is released for the whole stack. The products, the attention of sequences of at most
-// 128 tokens, the activation and the residual add fused with LayerNorm are this file's AVX-512 kernels, split over
-// the threads; the products the caller hands over as oneDNN's or MKL's packings are those libraries' (fp32 batches
-// above the native product's range), and where the CPU lacks AVX-512 everything is ATen's. The stack computes in
-// fp32: a bf16 model's batch runs on its bf16 weights, widened in registers or in bf16 dot products (x rounded to
-// bf16 for each product, and q, k, v and the attention's weights for the attention's), and the caller rounds the
-// result to bf16 once: faster than oneDNN's bf16 products at these sizes and more exact than a bf16 forward (NOTES.md,
-// sections 18, 19 and 21).
+// 128 tokens, the activation and the residual add fused with LayerNorm are this file's kernels, split over the
+// threads, in AVX-512 or in AVX2 + FMA: the caller names the instruction set of each call (isa: "avx512", "avx2",
+// or "aten" for ATen's ops), from what cpu_runs says this build and CPU run and from its measurements; the products
+// the caller hands over as oneDNN's or MKL's packings are those libraries' (fp32 batches above the native product's
+// range). The stack computes in fp32: a bf16 model's batch runs on its bf16 weights, widened in registers or (AVX-512
+// BF16) in bf16 dot products (x rounded to bf16 for each product, and q, k, v and the attention's weights for the
+// attention's), and the caller rounds the result to bf16 once: faster than oneDNN's bf16 products at these sizes and
+// more exact than a bf16 forward (NOTES.md, sections 18, 19 and 21). The SIMD code is x86-64's alone; elsewhere the
+// module builds with ATen's ops only (isa "aten").
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/dispatch/Dispatcher.h>
+#if defined(__x86_64__) && !defined(PADFREE_NO_SIMD)  // the SIMD kernels; elsewhere ATen's ops alone
+#define PADFREE_X86 1
 #include <immintrin.h>
+#else
+#define PADFREE_X86 0
+#endif
 #include <omp.h>
 #include <sched.h>
 
@@ -79,11 +86,15 @@ bool pin_workers() {
   return true;
 }
 
-// The AVX-512 code below is compiled for AVX-512 F/BW whatever the build's flags, and runs only where the CPU has
-// them (has_avx512); elsewhere the stack keeps ATen's ops.
-#define PADFREE_AVX512 __attribute__((target("avx512f,avx512bw")))
-#define PADFREE_AVX512_BF16 __attribute__((target("avx512f,avx512bw,avx512bf16")))
+// ---- the instruction set: the caller's choice ----
+// Each kernel entry point takes the instruction set it runs on as its last argument (isa): "avx512" (AVX-512 F/BW;
+// bf16 dot products, pack_pairs' packings, also need AVX-512 BF16), "avx2" (AVX2 and FMA: 8-lane versions of the
+// fp32 kernels and of the product on a widened bf16 weight; no bf16 dot products), or "aten" (ATen's ops where ATen
+// has them). The caller picks per CPU from its measurements (cpu_runs says what this build and this CPU can run); an
+// ISA the CPU cannot run, or an unknown one, is an error naming it, never a silent fallback.
+enum class Isa { aten, avx2, avx512 };
 
+#if PADFREE_X86
 bool has_avx512() {
   static const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw");
   return ok;
@@ -94,9 +105,45 @@ bool has_avx512_bf16() {
   return ok;
 }
 
-// The lanes of a 16-lane vector that hold one of the `left` values still to go (all 16 when 16 or more are left)
-inline __mmask16 lanes(int64_t left) {
-  return left >= 16 ? __mmask16(0xFFFF) : left <= 0 ? __mmask16(0) : __mmask16((1u << left) - 1);
+bool has_avx2() {
+  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return ok;
+}
+#endif
+
+// Why this build on this CPU cannot run `name` (avx512, avx512_bf16 or avx2); empty where it can
+std::string lacks(const std::string& name) {
+#if PADFREE_X86
+  if (name == "avx2") return has_avx2() ? "" : "this CPU lacks AVX2 or FMA";
+  if (name == "avx512") return has_avx512() ? "" : "this CPU lacks AVX-512 F/BW";
+  return has_avx512_bf16() ? "" : has_avx512() ? "this CPU lacks AVX-512 BF16" : "this CPU lacks AVX-512 F/BW and BF16";
+#else
+  return "this build has no x86 SIMD code (not an x86-64 machine)";
+#endif
+}
+
+// Whether this build has the code of `name` (avx512, avx512_bf16: its bf16 dot products, avx2) and this CPU runs it
+bool cpu_runs(const std::string& name) {
+  TORCH_CHECK(name == "avx512" || name == "avx512_bf16" || name == "avx2", "cpu_runs: unknown instruction set '", name,
+              "' (avx512, avx512_bf16 or avx2)");
+  return lacks(name).empty();
+}
+
+// The ISA an entry point (op) was asked to run on, checked against this build and CPU
+Isa parse_isa(const std::string& isa, const char* op) {
+  if (isa == "aten") return Isa::aten;
+  TORCH_CHECK(isa == "avx512" || isa == "avx2", op, ": unknown isa '", isa, "' (avx512, avx2 or aten)");
+  const std::string why = lacks(isa);
+  TORCH_CHECK(why.empty(), op, ": isa '", isa, "' cannot run here: ", why);
+  return isa == "avx2" ? Isa::avx2 : Isa::avx512;
+}
+
+// bf16 dot products (pack_pairs' packings, dot attention): AVX-512 BF16's alone
+void check_dot(Isa isa, const char* op) {
+  TORCH_CHECK(isa == Isa::avx512, op, ": bf16 dot products (pack_pairs' packings) need isa 'avx512' with AVX-512 BF16, "
+              "got isa '", isa == Isa::avx2 ? "avx2" : "aten", "'");
+  const std::string why = lacks("avx512_bf16");
+  TORCH_CHECK(why.empty(), op, ": bf16 dot products (isa 'avx512' with AVX-512 BF16) cannot run here: ", why);
 }
 
 // ---- the product of a short batch: y [T, N] = x [T, K] @ W^T + bias; x, y, bias fp32; W fp32 or bf16 ----
@@ -115,26 +162,6 @@ constexpr int kRows = 12;         // rows per kernel call: 24 accumulators, 2 we
 constexpr int kSplit = 11;        // rows per call where a block takes several: the 12-row kernel keeps 12 row
                                   // pointers and spills one per step, 4-8 % slower than 11 rows (section 21)
 constexpr int64_t kAhead = 4096;  // prefetch distance in bytes
-
-// Whether a call prefetches its own block kAhead ahead of its loads: on Intel's Xeon the hardware prefetcher alone
-// did not keep the stream fed (BERT-base's weights at 8 rows: 26.4 ms without, 18.0 with; section 18); on AMD's Zen 4
-// it does, and the software prefetch cost 3-5 % at 8 rows and 1-3 % at 32-64 (section 20)
-bool own_prefetch() {
-  static const bool on = !__builtin_cpu_is("amd");
-  return on;
-}
-
-// Prefetches the lines of one k step (`bytes` at `offset` in a block): of the own block (`own`, where given), kAhead
-// further on, into L1, and of the next block (`next`, where given) into L2. Always inlined: left to itself GCC
-// judged a function of prefetches alone free of side effects and dropped its calls (tests/test_native.py counts the
-// built module's prefetches).
-__attribute__((always_inline)) PADFREE_AVX512 inline void prefetch_step(const char* own, const char* next,
-                                                                         int64_t offset, int64_t bytes) {
-  if (own)
-    for (int64_t line = 0; line < bytes; line += 64) _mm_prefetch(own + kAhead + offset + line, _MM_HINT_T0);
-  if (next)
-    for (int64_t line = 0; line < bytes; line += 64) _mm_prefetch(next + offset + line, _MM_HINT_T1);
-}
 
 // weight [N, K] -> [ceil(N / 32), K, 32], columns padded with zeros. fp32 in column order; bf16 in the word order
 // that unpacking each 128-bit lane against zeros (low words, then high words) turns into columns 0-15 and 16-31 as
@@ -162,6 +189,100 @@ Tensor pack_pairs(const Tensor& weight) {
   auto padded = at::zeros({blocks * kCols, 2 * pairs}, weight.options());
   padded.slice(0, 0, N).slice(1, 0, K).copy_(weight);
   return padded.view({blocks, kCols, pairs, 2}).permute({0, 2, 1, 3}).contiguous();
+}
+
+enum class Act : int { none, gelu, gelu_tanh, relu, silu };  // none: the identity (round_bf16's plain rounding)
+
+Act parse_activation(const std::string& activation) {
+  if (activation == "gelu") return Act::gelu;
+  if (activation == "gelu_tanh") return Act::gelu_tanh;
+  if (activation == "relu") return Act::relu;
+  TORCH_CHECK(activation == "silu", "post_ln_layers: unknown activation ", activation);
+  return Act::silu;
+}
+
+// Rows of at most this many floats per thread: fewer run on the calling thread alone
+constexpr int64_t kNormGrain = 32768;
+
+// A table's row index of each token, checked: an index out of range is an error, never a read past the table
+const int64_t* table_index(const Tensor& index, const Tensor& table, int64_t T, const char* name) {
+  TORCH_CHECK(index.scalar_type() == at::kLong && index.is_contiguous() && index.numel() == T,
+              "embed_layer_norm: ", name, " must be a contiguous int64 tensor of one index a token");
+  const int64_t *p = index.data_ptr<int64_t>(), rows = table.size(0);
+  for (int64_t t = 0; t < T; ++t)
+    TORCH_CHECK(p[t] >= 0 && p[t] < rows, "embed_layer_norm: ", name, " ", p[t], " is outside [0, ", rows, ")");
+  return p;
+}
+
+// ---- attention of short sequences ----
+// Per (sequence, head): the keys transposed so that a query's scores are 16-lane vectors over the keys, then groups
+// of kGroup query rows: their scores, softmax and context, the products in tiles of R rows x up to kTile vectors
+// (keys, or features), so that each loaded vector serves R rows and each broadcast kTile vectors (with the softmax's
+// one horizontal step per row: 1.1-1.2x the speed of one vector by 8 rows at head size 64; NOTES.md, section 21).
+// In fp32 (fp32 FMAs), or for a bf16 model on AMD (BF16_DOT) on bf16 dot products: q, k, v and the softmax's
+// weights rounded to bf16, features (scores) or keys (context) in pairs, half the instructions where vdpbf16ps runs
+// at the FMA rate: 1.4-1.5x faster at 64-128 tokens, with the roundings of a bf16 attention (PyTorch's bf16 kernel
+// takes q, k, v and the weights in bf16 too). Accumulation, softmax and scaling are fp32 in both.
+constexpr int64_t kMaxLen = 128;  // the longest sequence attend() takes (8 score vectors); PyTorch's kernel above
+constexpr int64_t kGroup = 6;     // query rows attend_rows() takes at once
+constexpr int kTile = 4;          // vectors a tile takes at once: R x kTile accumulators
+constexpr int64_t kKeyStride = kMaxLen + 16;  // elements per row of the transposed keys (not a power of two)
+// The tiles' loops over rows and vectors fully unrolled: left to itself GCC kept the context's accumulators in
+// memory, storing them at every step (1.6x slower)
+#define PADFREE_UNROLL _Pragma("GCC unroll 24")
+
+// Calls f with std::integral_constant<int, v> (v = 1 ... Max, the ISA's widest tile): a tile's width as a template
+// argument
+template <int Max, typename F>
+inline void with_width(int64_t v, F&& f) {
+  if constexpr (Max > 1)
+    if (v < Max) return with_width<Max - 1>(v, std::forward<F>(f));
+  f(std::integral_constant<int, Max>());
+}
+
+// One thread's scratch for a head of at most kMaxLen tokens and d features (dpad: d rounded up to 16): the keys
+// transposed, the scores and weights, and for dot products q in bf16 rows (words: feature pairs), v in key pairs
+// ([kMaxLen / 2][dpad] words) and the weights in bf16 (words: key pairs). Keys: [d][kKeyStride] floats, or
+// [dpad / 2][kKeyStride] words (more than d rows where d < 8).
+struct Scratch {
+  std::vector<float> kt, p;
+  std::vector<uint16_t> q, row, w;
+  std::vector<uint32_t> v;
+  Scratch(int64_t d, bool dot)
+      : kt(std::max(d, pad16(d) / 2) * kKeyStride), p(kGroup * kMaxLen), q(dot ? kMaxLen * pad16(d) : 0),
+        row(dot ? pad16(d) : 0), w(dot ? kGroup * kMaxLen : 0), v(dot ? kMaxLen / 2 * pad16(d) : 0) {}
+  static int64_t pad16(int64_t d) { return (d + 15) / 16 * 16; }
+};
+#if PADFREE_X86
+
+// The AVX-512 code below is compiled for AVX-512 F/BW whatever the build's flags, and runs only where the CPU has
+// them (has_avx512); elsewhere the stack keeps ATen's ops.
+#define PADFREE_AVX512 __attribute__((target("avx512f,avx512bw")))
+#define PADFREE_AVX512_BF16 __attribute__((target("avx512f,avx512bw,avx512bf16")))
+
+// The lanes of a 16-lane vector that hold one of the `left` values still to go (all 16 when 16 or more are left)
+inline __mmask16 lanes(int64_t left) {
+  return left >= 16 ? __mmask16(0xFFFF) : left <= 0 ? __mmask16(0) : __mmask16((1u << left) - 1);
+}
+
+// Whether a call prefetches its own block kAhead ahead of its loads: on Intel's Xeon the hardware prefetcher alone
+// did not keep the stream fed (BERT-base's weights at 8 rows: 26.4 ms without, 18.0 with; section 18); on AMD's Zen 4
+// it does, and the software prefetch cost 3-5 % at 8 rows and 1-3 % at 32-64 (section 20)
+bool own_prefetch() {
+  static const bool on = !__builtin_cpu_is("amd");
+  return on;
+}
+
+// Prefetches the lines of one k step (`bytes` at `offset` in a block): of the own block (`own`, where given), kAhead
+// further on, into L1, and of the next block (`next`, where given) into L2. Always inlined: left to itself GCC
+// judged a function of prefetches alone free of side effects and dropped its calls (tests/test_native.py counts the
+// built module's prefetches).
+__attribute__((always_inline)) PADFREE_AVX512 inline void prefetch_step(const char* own, const char* next,
+                                                                         int64_t offset, int64_t bytes) {
+  if (own)
+    for (int64_t line = 0; line < bytes; line += 64) _mm_prefetch(own + kAhead + offset + line, _MM_HINT_T0);
+  if (next)
+    for (int64_t line = 0; line < bytes; line += 64) _mm_prefetch(next + offset + line, _MM_HINT_T1);
 }
 
 // 32 weights of one k as two fp32 vectors (columns 0-15, 16-31)
@@ -272,48 +393,6 @@ void blocks_product(const Kernels<X, W>& table, const X* x, int64_t T, int64_t K
   });
 }
 
-enum class Act : int;  // the activations (below); round_bf16 rounds a product's input for bf16 dot products
-Tensor round_bf16(const Tensor& x, Act act);
-
-// x [T, K] fp32 @ W^T + bias, W [N, K] packed by pack_blocks ([blocks, K, 32]: fp32 products) or pack_pairs
-// ([blocks, K / 2, 32, 2]: x rounded to bf16, bf16 dot products); fp32 bias and result [T, N]
-Tensor blocks_linear(const Tensor& x, const Tensor& packed, int64_t N, const Tensor& bias) {
-  TORCH_CHECK(has_avx512(), "blocks_linear: needs AVX-512");
-  const int64_t T = x.size(0), K = x.size(1), pairs = packed.dim() == 4;
-  TORCH_CHECK((x.scalar_type() == at::kFloat || (pairs && x.scalar_type() == at::kBFloat16)) && x.is_contiguous() &&
-                  packed.size(0) * kCols >= N &&
-                  (pairs ? packed.size(1) == (K + 1) / 2 : packed.dim() == 3 && packed.size(1) == K) &&
-                  bias.scalar_type() == at::kFloat && bias.numel() == N && bias.is_contiguous(),
-              "blocks_linear: x, packing or bias do not match");
-  auto y = at::empty({T, N}, x.options().dtype(at::kFloat));
-  float* out = y.data_ptr<float>();
-  if (pairs) {
-    TORCH_CHECK(has_avx512_bf16(), "blocks_linear: a pack_pairs packing needs AVX-512 BF16");
-    static constexpr auto table = pairs_table(std::make_index_sequence<kRows>());
-    auto xb = x.scalar_type() == at::kBFloat16 ? x : round_bf16(x, Act{});  // Act{}: none, the rounding alone
-    if (K % 2) xb = at::constant_pad_nd(xb, {0, 1});  // the last pair's second k is zero in both
-    blocks_product(table, reinterpret_cast<const uint32_t*>(xb.data_ptr<at::BFloat16>()), T, (K + 1) / 2,
-                   reinterpret_cast<const uint32_t*>(packed.data_ptr<at::BFloat16>()), packed.size(0),
-                   bias.data_ptr<float>(), out, N);
-  } else if (packed.scalar_type() == at::kBFloat16) {
-    static constexpr auto table = block_table<at::BFloat16>(std::make_index_sequence<kRows>());
-    blocks_product(table, x.data_ptr<float>(), T, K, packed.data_ptr<at::BFloat16>(), packed.size(0),
-                   bias.data_ptr<float>(), out, N);
-  } else {
-    static constexpr auto table = block_table<float>(std::make_index_sequence<kRows>());
-    blocks_product(table, x.data_ptr<float>(), T, K, packed.data_ptr<float>(), packed.size(0),
-                   bias.data_ptr<float>(), out, N);
-  }
-  return y;
-}
-
-// x @ weight^T + bias on the layer's packing: pack_blocks' or pack_pairs' (with an fp32 bias), or else oneDNN's
-// (onednn) or MKL's (both opaque tensors of oneDNN's layout, told apart by the caller)
-Tensor linear(const Tensor& x, const Tensor& packed, const Tensor& weight, const Tensor& bias, bool onednn) {
-  if (packed.dim() >= 3) return blocks_linear(x, packed, weight.size(0), bias);
-  return onednn ? onednn_linear(x, packed, bias) : mkl_linear(x, packed, weight, bias);
-}
-
 // ---- vector math: e^x, erf and the activations on 16 fp32 lanes ----
 // e^x = 2^n e^r with n = round(x / ln 2), |r| <= ln 2 / 2 (ln 2 split in two for an exact reduction), e^r by its
 // Taylor series to r^7 (truncation below 6e-9 relative); x clamped to fp32's range.
@@ -348,16 +427,6 @@ PADFREE_AVX512 inline __m512 erf16(__m512 x) {
   return _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(y), sign));
 }
 
-enum class Act : int { none, gelu, gelu_tanh, relu, silu };  // none: the identity (round_bf16's plain rounding)
-
-Act parse_activation(const std::string& activation) {
-  if (activation == "gelu") return Act::gelu;
-  if (activation == "gelu_tanh") return Act::gelu_tanh;
-  if (activation == "relu") return Act::relu;
-  TORCH_CHECK(activation == "silu", "post_ln_layers: unknown activation ", activation);
-  return Act::silu;
-}
-
 template <Act act>
 PADFREE_AVX512 inline __m512 act16(__m512 x) {
   const __m512 half = _mm512_set1_ps(0.5f), one = _mm512_set1_ps(1.f);
@@ -384,24 +453,6 @@ PADFREE_AVX512 void act_span(float* p, int64_t n) {
   int64_t i = 0;
   for (; i + 16 <= n; i += 16) _mm512_storeu_ps(p + i, act16<act>(_mm512_loadu_ps(p + i)));
   if (i < n) _mm512_mask_storeu_ps(p + i, lanes(n - i), act16<act>(_mm512_maskz_loadu_ps(lanes(n - i), p + i)));
-}
-
-// The FFN activation in place on a contiguous fp32 tensor, split over the threads (ATen's own below AVX-512).
-void activate_(Tensor& f, const std::string& activation) {
-  const Act act = parse_activation(activation);
-  if (!has_avx512()) {
-    if (act == Act::gelu) at::gelu_(f);
-    else if (act == Act::gelu_tanh) at::gelu_(f, "tanh");
-    else if (act == Act::relu) at::relu_(f);
-    else at::silu_(f);
-    return;
-  }
-  float* p = f.data_ptr<float>();
-  const auto span = act == Act::gelu        ? act_span<Act::gelu>
-                    : act == Act::gelu_tanh ? act_span<Act::gelu_tanh>
-                    : act == Act::relu      ? act_span<Act::relu>
-                                            : act_span<Act::silu>;
-  at::parallel_for(0, f.numel(), 4096, [&](int64_t first, int64_t last) { span(p + first, last - first); });
 }
 
 // act(x) rounded to bf16 (to nearest even), n values
@@ -472,28 +523,6 @@ PADFREE_AVX512 inline void norm_row(float* row, const float* res, const float* g
   }
 }
 
-// Rows of at most this many floats per thread: fewer run on the calling thread alone
-constexpr int64_t kNormGrain = 32768;
-
-// y = LayerNorm(y + x) over the last dimension, in place (y, x: contiguous fp32 [T, H]; gamma, beta: fp32 [H])
-void add_layer_norm_(Tensor& y, const Tensor& x, const Tensor& gamma, const Tensor& beta, double eps) {
-  const int64_t H = y.size(-1), T = y.numel() / std::max<int64_t>(H, 1);
-  TORCH_CHECK(y.scalar_type() == at::kFloat && x.scalar_type() == at::kFloat && y.is_contiguous() &&
-                  x.is_contiguous() && x.sizes() == y.sizes() && gamma.scalar_type() == at::kFloat &&
-                  beta.scalar_type() == at::kFloat && gamma.numel() == H && beta.numel() == H &&
-                  gamma.is_contiguous() && beta.is_contiguous(),
-              "add_layer_norm_: fp32 contiguous y and x of one shape, fp32 contiguous gamma and beta of its last size");
-  if (!has_avx512()) {
-    y.copy_(at::layer_norm(y.add_(x), {H}, gamma, beta, eps));
-    return;
-  }
-  float* out = y.data_ptr<float>();
-  const float *res = x.data_ptr<float>(), *g = gamma.data_ptr<float>(), *b = beta.data_ptr<float>();
-  at::parallel_for(0, T, std::max<int64_t>(1, kNormGrain / std::max<int64_t>(H, 1)), [&](int64_t first, int64_t last) {
-    for (int64_t t = first; t < last; ++t) norm_row(out + t * H, res + t * H, g, b, H, float(eps));
-  });
-}
-
 // ---- embeddings: LayerNorm(word[id] + position[pos] + token_type[type]), a token at a time ----
 // The rows of the tables (fp32 or bf16) summed in fp32 and normalised in place: one pass where ATen's path took
 // three lookups, two adds and a LayerNorm (~5 us of dispatch each at a handful of tokens; section 20).
@@ -517,93 +546,6 @@ PADFREE_AVX512 void embed_rows(const std::array<const E*, 3>& rows, float* out, 
     for (int r = 1; r < 3; ++r)
       if (rows[r]) sum += float(rows[r][i]);
     out[i] = sum;
-  }
-}
-
-// A table's row index of each token, checked: an index out of range is an error, never a read past the table
-const int64_t* table_index(const Tensor& index, const Tensor& table, int64_t T, const char* name) {
-  TORCH_CHECK(index.scalar_type() == at::kLong && index.is_contiguous() && index.numel() == T,
-              "embed_layer_norm: ", name, " must be a contiguous int64 tensor of one index a token");
-  const int64_t *p = index.data_ptr<int64_t>(), rows = table.size(0);
-  for (int64_t t = 0; t < T; ++t)
-    TORCH_CHECK(p[t] >= 0 && p[t] < rows, "embed_layer_norm: ", name, " ", p[t], " is outside [0, ", rows, ")");
-  return p;
-}
-
-template <typename E>
-void embed_tokens(const int64_t* ids, const int64_t* pos, const int64_t* types, const Tensor& word,
-                  const std::optional<Tensor>& position, const std::optional<Tensor>& token_type, const float* gamma,
-                  const float* beta, float eps, float* out, int64_t T, int64_t D) {
-  const E* w = word.data_ptr<E>();
-  const E* p = position ? position->data_ptr<E>() : nullptr;
-  const E* y = token_type ? token_type->data_ptr<E>() : nullptr;
-  at::parallel_for(0, T, std::max<int64_t>(1, kNormGrain / std::max<int64_t>(D, 1)), [&](int64_t first, int64_t last) {
-    for (int64_t t = first; t < last; ++t) {
-      embed_rows<E>({w + ids[t] * D, p ? p + pos[t] * D : nullptr, y ? y + types[t] * D : nullptr}, out + t * D, D);
-      norm_row(out + t * D, nullptr, gamma, beta, D, eps);
-    }
-  });
-}
-
-// LayerNorm(word[ids] + position[positions] + token_type[types]) -> [T, D] in the tables' dtype (fp32 or bf16,
-// computed in fp32); the position and token-type tables optional (their indices needed where they are given), gamma
-// and beta fp32 (beta optional)
-Tensor embed_layer_norm(const Tensor& ids, const std::optional<Tensor>& positions, const std::optional<Tensor>& types,
-                        const Tensor& word, const std::optional<Tensor>& position,
-                        const std::optional<Tensor>& token_type, const Tensor& gamma,
-                        const std::optional<Tensor>& beta, double eps) {
-  TORCH_CHECK(has_avx512(), "embed_layer_norm: needs AVX-512");
-  const int64_t T = ids.numel(), D = word.size(1);
-  const auto dtype = word.scalar_type();
-  TORCH_CHECK((dtype == at::kFloat || dtype == at::kBFloat16) && word.dim() == 2 && word.is_contiguous(),
-              "embed_layer_norm: the word table must be a contiguous fp32 or bf16 [V, D] tensor");
-  for (const auto* table : {&position, &token_type})
-    TORCH_CHECK(!*table || ((*table)->scalar_type() == dtype && (*table)->dim() == 2 && (*table)->size(1) == D &&
-                            (*table)->is_contiguous()),
-                "embed_layer_norm: the position and token-type tables must be contiguous [n, D] like the word table");
-  TORCH_CHECK(gamma.scalar_type() == at::kFloat && gamma.numel() == D && gamma.is_contiguous() &&
-                  (!beta || (beta->scalar_type() == at::kFloat && beta->numel() == D && beta->is_contiguous())),
-              "embed_layer_norm: fp32 contiguous gamma and beta of the tables' row size");
-  const int64_t* id = table_index(ids, word, T, "token id");
-  TORCH_CHECK((!position || positions) && (!token_type || types), "embed_layer_norm: a table without its indices");
-  const int64_t* pos = position ? table_index(*positions, *position, T, "position") : nullptr;
-  const int64_t* type = token_type ? table_index(*types, *token_type, T, "token type") : nullptr;
-  auto out = at::empty({T, D}, word.options().dtype(at::kFloat));
-  const float* b = beta ? beta->data_ptr<float>() : nullptr;
-  if (dtype == at::kFloat)
-    embed_tokens<float>(id, pos, type, word, position, token_type, gamma.data_ptr<float>(), b, float(eps),
-                        out.data_ptr<float>(), T, D);
-  else
-    embed_tokens<at::BFloat16>(id, pos, type, word, position, token_type, gamma.data_ptr<float>(), b, float(eps),
-                               out.data_ptr<float>(), T, D);
-  return out.to(dtype);
-}
-
-// ---- attention of short sequences ----
-// Per (sequence, head): the keys transposed so that a query's scores are 16-lane vectors over the keys, then groups
-// of kGroup query rows: their scores, softmax and context, the products in tiles of R rows x up to kTile vectors
-// (keys, or features), so that each loaded vector serves R rows and each broadcast kTile vectors (with the softmax's
-// one horizontal step per row: 1.1-1.2x the speed of one vector by 8 rows at head size 64; NOTES.md, section 21).
-// In fp32 (fp32 FMAs), or for a bf16 model on AMD (BF16_DOT) on bf16 dot products: q, k, v and the softmax's
-// weights rounded to bf16, features (scores) or keys (context) in pairs, half the instructions where vdpbf16ps runs
-// at the FMA rate: 1.4-1.5x faster at 64-128 tokens, with the roundings of a bf16 attention (PyTorch's bf16 kernel
-// takes q, k, v and the weights in bf16 too). Accumulation, softmax and scaling are fp32 in both.
-constexpr int64_t kMaxLen = 128;  // the longest sequence attend() takes (8 score vectors); PyTorch's kernel above
-constexpr int64_t kGroup = 6;     // query rows attend_rows() takes at once
-constexpr int kTile = 4;          // vectors a tile takes at once: R x kTile accumulators
-constexpr int64_t kKeyStride = kMaxLen + 16;  // elements per row of the transposed keys (not a power of two)
-// The tiles' loops over rows and vectors fully unrolled: left to itself GCC kept the context's accumulators in
-// memory, storing them at every step (1.6x slower)
-#define PADFREE_UNROLL _Pragma("GCC unroll 24")
-
-// Calls f with std::integral_constant<int, v> (v = 1 ... kTile): a tile's width as a template argument
-template <typename F>
-inline void with_width(int64_t v, F&& f) {
-  switch (v) {
-    case 1: f(std::integral_constant<int, 1>()); break;
-    case 2: f(std::integral_constant<int, 2>()); break;
-    case 3: f(std::integral_constant<int, 3>()); break;
-    default: f(std::integral_constant<int, 4>());
   }
 }
 
@@ -709,20 +651,6 @@ PADFREE_AVX512_BF16 inline void store_bf16(uint16_t* dst, const float* src, __mm
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), (__m256i)_mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(m, src)));
 }
 
-// One thread's scratch for a head of at most kMaxLen tokens and d features (dpad: d rounded up to 16): the keys
-// transposed, the scores and weights, and for dot products q in bf16 rows (words: feature pairs), v in key pairs
-// ([kMaxLen / 2][dpad] words) and the weights in bf16 (words: key pairs). Keys: [d][kKeyStride] floats, or
-// [dpad / 2][kKeyStride] words (more than d rows where d < 8).
-struct Scratch {
-  std::vector<float> kt, p;
-  std::vector<uint16_t> q, row, w;
-  std::vector<uint32_t> v;
-  Scratch(int64_t d, bool dot)
-      : kt(std::max(d, pad16(d) / 2) * kKeyStride), p(kGroup * kMaxLen), q(dot ? kMaxLen * pad16(d) : 0),
-        row(dot ? pad16(d) : 0), w(dot ? kGroup * kMaxLen : 0), v(dot ? kMaxLen / 2 * pad16(d) : 0) {}
-  static int64_t pad16(int64_t d) { return (d + 15) / 16 * 16; }
-};
-
 // R consecutive query rows of one head (R <= kGroup): q rows at a stride of ldq (floats, or words of feature
 // pairs); the keys transposed and v (fp32 rows at a stride of ldv, or key pairs) as attend() prepared them
 template <int R, typename X>
@@ -733,8 +661,8 @@ PADFREE_AVX512 void attend_rows(const X* q, int64_t ldq, const X* kt, const X* v
   const int64_t depth = dot ? features * 8 : d;  // of the scores: features, or pairs of them (zero-padded)
   float* p = s.p.data();
   for (int64_t b = 0; b < blocks; b += kTile)
-    with_width(std::min<int64_t>(kTile, blocks - b),
-               [&](auto V) { score_tile<R, decltype(V)::value>(q, ldq, kt, b, depth, scale, p); });
+    with_width<kTile>(std::min<int64_t>(kTile, blocks - b),
+                      [&](auto V) { score_tile<R, decltype(V)::value>(q, ldq, kt, b, depth, scale, p); });
   float inv[R];
   softmax_rows<R>(p, n, inv);
   const X* w = reinterpret_cast<const X*>(p);
@@ -747,7 +675,7 @@ PADFREE_AVX512 void attend_rows(const X* q, int64_t ldq, const X* kt, const X* v
   for (int64_t f = 0; f < features; f += kTile) {
     const int64_t width = std::min<int64_t>(kTile, features - f);
     const __mmask16 last = lanes(d - 16 * (f + width - 1));
-    with_width(width, [&](auto V) {
+    with_width<kTile>(width, [&](auto V) {
       context_tile<R, decltype(V)::value>(w, v, ldv, dot ? (n + 1) / 2 : n, 16 * f, last, inv, out, ldo);
     });
   }
@@ -801,12 +729,542 @@ PADFREE_AVX512_BF16 void attend_dot(const float* q, const float* k, const float*
     rows[std::min(kGroup, n - i) - 1](qw + i * pairs, pairs, kt, s.v.data(), dpad, s, out + i * ldo, ldo, n, d, scale);
 }
 
-// Self-attention of each run (first token, sequences, length) of x's packed sequences: [T, 3H] -> [T, H]. With
-// AVX-512 and sequences of at most max_len tokens (at most kMaxLen; the caller's choice per CPU: PyTorch's kernel
-// was as fast from 64 tokens on the Xeon, slower to 128 on the EPYC), attend() per (sequence, head), split over
-// the threads; otherwise PyTorch's CPU flash kernel on strided views, per run.
+// ---- AVX2 + FMA: the fp32 kernels on 8 lanes ----
+// The kernels above for CPUs without AVX-512 (AMD's Zen 2 and 3, Intel's client cores): 8-lane vectors and 16
+// registers, no masks (AVX2's lane-masked loads and stores for the tails), no scalef or rcp14 (2^n built in the
+// exponent field, 1 / x as rcp_ps and Newton steps). A product reads pack_blocks' packing (both ISAs share it); bf16
+// weights are widened in registers (AVX2 has no bf16 dot products). The intrinsics differ and so do the tile shapes
+// (what fits 16 registers); the drivers' structure is the AVX-512 kernels'.
+#define PADFREE_AVX2 __attribute__((target("avx2,fma")))
+
+namespace avx2 {
+
+// The lanes of an 8-lane vector that hold one of the `left` values still to go, as an integer mask (all-ones lanes)
+PADFREE_AVX2 inline __m256i lanes(int64_t left) {
+  const int n = int(std::min<int64_t>(std::max<int64_t>(left, 0), 8));
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+
+// 8 floats, or the first `left` of them (zeros after; no access past them)
+PADFREE_AVX2 inline __m256 load8(const float* p, int64_t left) {
+  return left >= 8 ? _mm256_loadu_ps(p) : _mm256_maskload_ps(p, lanes(left));
+}
+
+PADFREE_AVX2 inline void store8(float* p, int64_t left, __m256 v) {
+  if (left >= 8)
+    _mm256_storeu_ps(p, v);
+  else
+    _mm256_maskstore_ps(p, lanes(left), v);
+}
+
+PADFREE_AVX2 inline float reduce_add(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+
+PADFREE_AVX2 inline float reduce_max(__m256 v) {
+  __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_max_ss(s, _mm_movehdup_ps(s)));
+}
+
+// -- the product --
+// A block's 32 columns are four 8-lane vectors; 16 registers hold 4 x 2 rows' accumulators with the 4 weight vectors
+// and a broadcast (kWhole: 1-2 rows, one pass over the block), or the accumulators of 2 vectors (half the block) x 6
+// rows with 2 weight vectors and a broadcast: 8 loads per 12 FMAs (3-6 rows and more in calls of at most kHalfRows,
+// the block's two halves one after the other; the second finds its lines in L1/L2).
+constexpr int kWhole = 2;
+constexpr int kHalfRows = 6;
+
+// Half h (0, 1) of one k step of a block as two fp32 vectors: an fp32 weight's columns 16h-16h+7 and 16h+8-16h+15;
+// a bf16 one's (pack_blocks' word order: a 32-byte load unpacked against zeros per 128-bit lane, low words then
+// high) columns 8h-8h+7 and 16+8h-16+8h+7. Both from element 16h of the step.
+PADFREE_AVX2 inline void load_half(const float* w, __m256& a, __m256& b) {
+  a = _mm256_loadu_ps(w);
+  b = _mm256_loadu_ps(w + 8);
+}
+PADFREE_AVX2 inline void load_half(const at::BFloat16* w, __m256& a, __m256& b) {
+  const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w)), zero = _mm256_setzero_si256();
+  a = _mm256_castsi256_ps(_mm256_unpacklo_epi16(zero, raw));  // bf16 = the fp32 high halves
+  b = _mm256_castsi256_ps(_mm256_unpackhi_epi16(zero, raw));
+}
+
+// The first column of vector v (0, 1) of half h of a block
+template <typename W>
+constexpr int64_t half_column(int h, int v) {
+  return std::is_same_v<W, float> ? 16 * h + 8 * v : 8 * h + 16 * v;
+}
+
+// R rows of x times a whole block (V = 4 vectors) or its half h (V = 2), plus bias, into y (the first `cols`
+// columns of the block real)
+template <typename W, int V, int R>
+PADFREE_AVX2 void block(const float* x, int64_t K, const W* w, const float* bias, float* y, int64_t N, int64_t cols,
+                        int h) {
+  __m256 acc[R][V];
+  PADFREE_UNROLL for (int m = 0; m < R; ++m) PADFREE_UNROLL for (int u = 0; u < V; ++u) acc[m][u] = _mm256_setzero_ps();
+  const W* wh = w + (V == 4 ? 0 : 16 * h);
+  for (int64_t k = 0; k < K; ++k) {
+    __m256 wv[V];
+    load_half(wh + k * kCols, wv[0], wv[1]);
+    if constexpr (V == 4) load_half(wh + k * kCols + 16, wv[2], wv[3]);
+    PADFREE_UNROLL for (int m = 0; m < R; ++m) {
+      const __m256 xb = _mm256_broadcast_ss(x + m * K + k);
+      PADFREE_UNROLL for (int u = 0; u < V; ++u) acc[m][u] = _mm256_fmadd_ps(xb, wv[u], acc[m][u]);
+    }
+  }
+  PADFREE_UNROLL for (int u = 0; u < V; ++u) {
+    const int64_t c = half_column<W>(V == 4 ? u / 2 : h, u % 2), left = cols - c;
+    if (left <= 0) continue;
+    const __m256 b = load8(bias + c, left);
+    PADFREE_UNROLL for (int m = 0; m < R; ++m) store8(y + m * N + c, left, _mm256_add_ps(acc[m][u], b));
+  }
+}
+
+template <typename W>
+using BlockFn = void (*)(const float*, int64_t, const W*, const float*, float*, int64_t, int64_t, int);
+template <typename W, size_t... R>
+constexpr std::array<BlockFn<W>, kHalfRows> half_table(std::index_sequence<R...>) {
+  return {block<W, 2, int(R) + 1>...};
+}
+
+// Blocks of 32 columns split over the threads, as the AVX-512 blocks_product; rows split evenly over calls of at
+// most kHalfRows, each call over the block's two halves (one call over the whole block at 1-2 rows)
+template <typename W>
+void blocks_product(const float* x, int64_t T, int64_t K, const W* w, int64_t blocks, const float* bias, float* y,
+                    int64_t N) {
+  static constexpr auto half = half_table<W>(std::make_index_sequence<kHalfRows>());
+  static constexpr std::array<BlockFn<W>, kWhole> whole = {block<W, 4, 1>, block<W, 4, 2>};
+  if (T == 0) return;
+  const int64_t calls = (T + kHalfRows - 1) / kHalfRows, step = (T + calls - 1) / calls;
+  at::parallel_for(0, blocks, 1, [&](int64_t first, int64_t last) {
+    for (int64_t j = first; j < last; ++j) {
+      const int64_t n0 = j * kCols, cols = std::min(kCols, N - n0);
+      const W* wj = w + j * K * kCols;
+      if (T <= kWhole) {
+        whole[T - 1](x, K, wj, bias + n0, y + n0, N, cols, 0);
+        continue;
+      }
+      for (int64_t m0 = 0; m0 < T; m0 += step) {
+        const int64_t rows = std::min(step, T - m0);
+        for (int h = 0; h < 2; ++h) half[rows - 1](x + m0 * K, K, wj, bias + n0, y + m0 * N + n0, N, cols, h);
+      }
+    }
+  });
+}
+
+// -- vector math: as exp16, rcp16, erf16, act16 --
+// e^x with x clamped to [-87.3, 88.3]: n = round(x / ln 2) in [-126, 127], 2^n built in the exponent field
+PADFREE_AVX2 inline __m256 exp8(__m256 x) {
+  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3f)), _mm256_set1_ps(88.3f));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.f / 5040);
+  for (const float c : {1.f / 720, 1.f / 120, 1.f / 24, 1.f / 6, 0.5f, 1.f, 1.f})
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(c));
+  const __m256i two_n = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(two_n));
+}
+
+// 1 / x: the 12-bit estimate and two Newton steps (one leaves ~2^-23 relative, which GELU-tanh's 1 - 2 / (1 + e)
+// turns into 1e-6 absolute at |x| = 10)
+PADFREE_AVX2 inline __m256 rcp8(__m256 x) {
+  const __m256 two = _mm256_set1_ps(2.f);
+  __m256 r = _mm256_rcp_ps(x);
+  r = _mm256_mul_ps(r, _mm256_fnmadd_ps(x, r, two));
+  return _mm256_mul_ps(r, _mm256_fnmadd_ps(x, r, two));
+}
+
+PADFREE_AVX2 inline __m256 erf8(__m256 x) {
+  const __m256 sign_bit = _mm256_set1_ps(-0.f), one = _mm256_set1_ps(1.f);
+  const __m256 a = _mm256_andnot_ps(sign_bit, x);
+  const __m256 t = rcp8(_mm256_fmadd_ps(_mm256_set1_ps(0.3275911f), a, one));
+  __m256 p = _mm256_set1_ps(1.061405429f);
+  for (const float c : {-1.453152027f, 1.421413741f, -0.284496736f, 0.254829592f})
+    p = _mm256_fmadd_ps(p, t, _mm256_set1_ps(c));
+  const __m256 minus_a2 = _mm256_mul_ps(_mm256_sub_ps(_mm256_setzero_ps(), a), a);
+  const __m256 y = _mm256_fnmadd_ps(_mm256_mul_ps(p, t), exp8(minus_a2), one);
+  return _mm256_or_ps(y, _mm256_and_ps(x, sign_bit));
+}
+
+template <Act act>
+PADFREE_AVX2 inline __m256 act8(__m256 x) {
+  const __m256 half = _mm256_set1_ps(0.5f), one = _mm256_set1_ps(1.f);
+  if constexpr (act == Act::gelu) {
+    const __m256 erf = erf8(_mm256_mul_ps(x, _mm256_set1_ps(0.70710678118654752f)));
+    return _mm256_mul_ps(_mm256_mul_ps(half, x), _mm256_add_ps(one, erf));
+  } else if constexpr (act == Act::gelu_tanh) {
+    const __m256 cubic = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_set1_ps(0.044715f), x), _mm256_mul_ps(x, x), x);
+    const __m256 u = _mm256_mul_ps(_mm256_set1_ps(0.79788456080286536f), cubic);
+    const __m256 e = exp8(_mm256_add_ps(u, u));
+    const __m256 tanh = _mm256_fnmadd_ps(_mm256_set1_ps(2.f), rcp8(_mm256_add_ps(one, e)), one);
+    return _mm256_mul_ps(_mm256_mul_ps(half, x), _mm256_add_ps(one, tanh));
+  } else if constexpr (act == Act::relu) {
+    return _mm256_max_ps(x, _mm256_setzero_ps());
+  } else if constexpr (act == Act::none) {
+    return x;
+  } else {
+    return _mm256_mul_ps(x, rcp8(_mm256_add_ps(one, exp8(_mm256_sub_ps(_mm256_setzero_ps(), x)))));
+  }
+}
+
+template <Act act>
+PADFREE_AVX2 void act_span(float* p, int64_t n) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(p + i, act8<act>(_mm256_loadu_ps(p + i)));
+  if (i < n) store8(p + i, n - i, act8<act>(load8(p + i, n - i)));
+}
+
+// -- residual add and LayerNorm: as the AVX-512 norm_row, the tails through lane masks --
+PADFREE_AVX2 inline void norm_row(float* row, const float* res, const float* gamma, const float* beta, int64_t H,
+                                  float eps) {
+  __m256 sum = _mm256_setzero_ps();
+  for (int64_t i = 0; i < H; i += 8) {
+    __m256 v = load8(row + i, H - i);
+    if (res) {
+      v = _mm256_add_ps(v, load8(res + i, H - i));
+      store8(row + i, H - i, v);
+    }
+    sum = _mm256_add_ps(sum, v);
+  }
+  const __m256 mean = _mm256_set1_ps(reduce_add(sum) / float(H));
+  __m256 squares = _mm256_setzero_ps();
+  for (int64_t i = 0; i < H; i += 8) {
+    __m256 d = _mm256_sub_ps(load8(row + i, H - i), mean);
+    if (H - i < 8) d = _mm256_and_ps(d, _mm256_castsi256_ps(lanes(H - i)));
+    squares = _mm256_fmadd_ps(d, d, squares);
+  }
+  const __m256 rstd = _mm256_set1_ps(1.f / std::sqrt(reduce_add(squares) / float(H) + eps));
+  for (int64_t i = 0; i < H; i += 8) {
+    const __m256 normed = _mm256_mul_ps(_mm256_sub_ps(load8(row + i, H - i), mean), rstd);
+    const __m256 b = beta ? load8(beta + i, H - i) : _mm256_setzero_ps();
+    store8(row + i, H - i, _mm256_fmadd_ps(normed, load8(gamma + i, H - i), b));
+  }
+}
+
+// -- embeddings --
+PADFREE_AVX2 inline __m256 widen8(const float* p) { return _mm256_loadu_ps(p); }
+PADFREE_AVX2 inline __m256 widen8(const at::BFloat16* p) {
+  const __m256i words = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(words, 16));
+}
+
+template <typename E>
+PADFREE_AVX2 void embed_rows(const std::array<const E*, 3>& rows, float* out, int64_t D) {
+  int64_t i = 0;
+  for (; i + 8 <= D; i += 8) {
+    __m256 sum = widen8(rows[0] + i);
+    for (int r = 1; r < 3; ++r)
+      if (rows[r]) sum = _mm256_add_ps(sum, widen8(rows[r] + i));
+    _mm256_storeu_ps(out + i, sum);
+  }
+  for (; i < D; ++i) {
+    float sum = float(rows[0][i]);
+    for (int r = 1; r < 3; ++r)
+      if (rows[r]) sum += float(rows[r][i]);
+    out[i] = sum;
+  }
+}
+
+// -- attention: as the AVX-512 attend (fp32 alone), scores over 8-key vectors, groups of kGroup query rows in tiles
+// of R rows x up to kTile vectors: 4 x 3 accumulators, 3 loaded vectors and a broadcast fill the 16 registers --
+constexpr int64_t kGroup = 4;
+constexpr int kTile = 3;
+
+template <int R, int V>
+__attribute__((noinline)) PADFREE_AVX2 void score_tile(const float* q, int64_t ldq, const float* kt, int64_t b0,
+                                                       int64_t depth, float scale, float* p) {
+  __m256 acc[R][V];
+  PADFREE_UNROLL for (int r = 0; r < R; ++r) PADFREE_UNROLL for (int v = 0; v < V; ++v) acc[r][v] = _mm256_setzero_ps();
+  for (int64_t c = 0; c < depth; ++c) {
+    __m256 kc[V];
+    PADFREE_UNROLL for (int v = 0; v < V; ++v) kc[v] = _mm256_loadu_ps(kt + c * kKeyStride + 8 * (b0 + v));
+    PADFREE_UNROLL for (int r = 0; r < R; ++r) {
+      const __m256 qb = _mm256_broadcast_ss(q + r * ldq + c);
+      PADFREE_UNROLL for (int v = 0; v < V; ++v) acc[r][v] = _mm256_fmadd_ps(qb, kc[v], acc[r][v]);
+    }
+  }
+  PADFREE_UNROLL for (int r = 0; r < R; ++r) PADFREE_UNROLL for (int v = 0; v < V; ++v)
+    _mm256_storeu_ps(p + r * kMaxLen + 8 * (b0 + v), _mm256_mul_ps(acc[r][v], _mm256_set1_ps(scale)));
+}
+
+// The context of R rows in V vectors of features from c0 (the last `last` lanes wide: Partial where below 8)
+template <int R, int V, bool Partial>
+__attribute__((noinline)) PADFREE_AVX2 void context_tile(const float* w, const float* v, int64_t ldv, int64_t depth,
+                                                         int64_t c0, int64_t last, const float* inv, float* out,
+                                                         int64_t ldo) {
+  const __m256i mk = lanes(last);
+  __m256 acc[R][V];
+  PADFREE_UNROLL for (int r = 0; r < R; ++r) PADFREE_UNROLL for (int u = 0; u < V; ++u) acc[r][u] = _mm256_setzero_ps();
+  for (int64_t j = 0; j < depth; ++j) {
+    __m256 vj[V];
+    PADFREE_UNROLL for (int u = 0; u < V; ++u) {
+      const float* src = v + j * ldv + c0 + 8 * u;
+      vj[u] = Partial && u + 1 == V ? _mm256_maskload_ps(src, mk) : _mm256_loadu_ps(src);
+    }
+    PADFREE_UNROLL for (int r = 0; r < R; ++r) {
+      const __m256 wb = _mm256_broadcast_ss(w + r * kMaxLen + j);
+      PADFREE_UNROLL for (int u = 0; u < V; ++u) acc[r][u] = _mm256_fmadd_ps(wb, vj[u], acc[r][u]);
+    }
+  }
+  PADFREE_UNROLL for (int r = 0; r < R; ++r) PADFREE_UNROLL for (int u = 0; u < V; ++u) {
+    float* dst = out + r * ldo + c0 + 8 * u;
+    const __m256 y = _mm256_mul_ps(acc[r][u], _mm256_set1_ps(inv[r]));
+    if (Partial && u + 1 == V)
+      _mm256_maskstore_ps(dst, mk, y);
+    else
+      _mm256_storeu_ps(dst, y);
+  }
+}
+
+// e^(s - max) in place over the n real keys (zeros from key n to the end of its 8-key block), 1 / sum into inv
+template <int R>
+PADFREE_AVX2 void softmax_rows(float* p, int64_t n, float* inv) {
+  const int64_t blocks = (n + 7) / 8;
+  const __m256 minus_inf = _mm256_set1_ps(-INFINITY);
+  for (int r = 0; r < R; ++r) {
+    float* pr = p + r * kMaxLen;
+    __m256 most = minus_inf, sums = _mm256_setzero_ps();
+    for (int64_t b = 0; b < blocks; ++b) {
+      __m256 s = _mm256_loadu_ps(pr + 8 * b);
+      if (n - 8 * b < 8) s = _mm256_blendv_ps(minus_inf, s, _mm256_castsi256_ps(lanes(n - 8 * b)));
+      most = _mm256_max_ps(most, s);
+    }
+    const __m256 top = _mm256_set1_ps(reduce_max(most));
+    for (int64_t b = 0; b < blocks; ++b) {
+      __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(pr + 8 * b), top));
+      if (n - 8 * b < 8) e = _mm256_and_ps(e, _mm256_castsi256_ps(lanes(n - 8 * b)));
+      sums = _mm256_add_ps(sums, e);
+      _mm256_storeu_ps(pr + 8 * b, e);
+    }
+    inv[r] = 1.f / reduce_add(sums);
+  }
+}
+
+template <int R>
+PADFREE_AVX2 void attend_rows(const float* q, int64_t ldq, const float* kt, const float* v, int64_t ldv, Scratch& s,
+                              float* out, int64_t ldo, int64_t n, int64_t d, float scale) {
+  const int64_t blocks = (n + 7) / 8, features = (d + 7) / 8;
+  float* p = s.p.data();
+  for (int64_t b = 0; b < blocks; b += kTile)
+    with_width<kTile>(std::min<int64_t>(kTile, blocks - b),
+                      [&](auto V) { score_tile<R, decltype(V)::value>(q, ldq, kt, b, d, scale, p); });
+  float inv[R];
+  softmax_rows<R>(p, n, inv);
+  for (int64_t f = 0; f < features; f += kTile) {
+    const int64_t width = std::min<int64_t>(kTile, features - f), last = d - 8 * (f + width - 1);
+    with_width<kTile>(width, [&](auto V) {
+      if (last < 8)
+        context_tile<R, decltype(V)::value, true>(p, v, ldv, n, 8 * f, last, inv, out, ldo);
+      else
+        context_tile<R, decltype(V)::value, false>(p, v, ldv, n, 8 * f, last, inv, out, ldo);
+    });
+  }
+}
+
+PADFREE_AVX2 void attend(const float* q, const float* k, const float* v, int64_t ld, float* out, int64_t ldo,
+                         int64_t n, int64_t d, float scale, Scratch& s) {
+  for (int64_t j = 0; j < n; ++j)
+    for (int64_t c = 0; c < d; ++c) s.kt[c * kKeyStride + j] = k[j * ld + c];
+  using Rows = void (*)(const float*, int64_t, const float*, const float*, int64_t, Scratch&, float*, int64_t,
+                        int64_t, int64_t, float);
+  static constexpr Rows rows[kGroup] = {attend_rows<1>, attend_rows<2>, attend_rows<3>, attend_rows<4>};
+  for (int64_t i = 0; i < n; i += kGroup)
+    rows[std::min(kGroup, n - i) - 1](q + i * ld, ld, s.kt.data(), v, ld, s, out + i * ldo, ldo, n, d, scale);
+}
+
+}  // namespace avx2
+
+#endif  // PADFREE_X86
+
+// ---- the entry points: each runs on the ISA its caller names (isa, last) ----
+
+// x [T, K] fp32 @ W^T + bias, W [N, K] packed by pack_blocks ([blocks, K, 32]: fp32 products, the weight fp32 or
+// bf16 widened; avx512 or avx2) or pack_pairs ([blocks, K / 2, 32, 2]: x rounded to bf16, bf16 dot products; avx512
+// with AVX-512 BF16); fp32 bias and result [T, N]
+Tensor blocks_linear(const Tensor& x, const Tensor& packed, int64_t N, const Tensor& bias, const std::string& isa_name) {
+  const Isa isa = parse_isa(isa_name, "blocks_linear");
+  TORCH_CHECK(isa != Isa::aten, "blocks_linear: needs isa 'avx2' or 'avx512' (ATen has no product on pack_blocks' "
+              "or pack_pairs' packings), got 'aten'");
+  const int64_t T = x.size(0), K = x.size(1), pairs = packed.dim() == 4;
+  TORCH_CHECK((x.scalar_type() == at::kFloat || (pairs && x.scalar_type() == at::kBFloat16)) && x.is_contiguous() &&
+                  packed.size(0) * kCols >= N &&
+                  (pairs ? packed.size(1) == (K + 1) / 2 : packed.dim() == 3 && packed.size(1) == K) &&
+                  bias.scalar_type() == at::kFloat && bias.numel() == N && bias.is_contiguous(),
+              "blocks_linear: x, packing or bias do not match");
+  if (pairs) check_dot(isa, "blocks_linear");
+  auto y = at::empty({T, N}, x.options().dtype(at::kFloat));
+#if PADFREE_X86
+  float* out = y.data_ptr<float>();
+  if (pairs) {
+    static constexpr auto table = pairs_table(std::make_index_sequence<kRows>());
+    auto xb = x.scalar_type() == at::kBFloat16 ? x : round_bf16(x, Act{});  // Act{}: none, the rounding alone
+    if (K % 2) xb = at::constant_pad_nd(xb, {0, 1});  // the last pair's second k is zero in both
+    blocks_product(table, reinterpret_cast<const uint32_t*>(xb.data_ptr<at::BFloat16>()), T, (K + 1) / 2,
+                   reinterpret_cast<const uint32_t*>(packed.data_ptr<at::BFloat16>()), packed.size(0),
+                   bias.data_ptr<float>(), out, N);
+  } else if (packed.scalar_type() == at::kBFloat16) {
+    static constexpr auto table = block_table<at::BFloat16>(std::make_index_sequence<kRows>());
+    if (isa == Isa::avx2)
+      avx2::blocks_product(x.data_ptr<float>(), T, K, packed.data_ptr<at::BFloat16>(), packed.size(0),
+                           bias.data_ptr<float>(), out, N);
+    else
+      blocks_product(table, x.data_ptr<float>(), T, K, packed.data_ptr<at::BFloat16>(), packed.size(0),
+                     bias.data_ptr<float>(), out, N);
+  } else {
+    static constexpr auto table = block_table<float>(std::make_index_sequence<kRows>());
+    if (isa == Isa::avx2)
+      avx2::blocks_product(x.data_ptr<float>(), T, K, packed.data_ptr<float>(), packed.size(0),
+                           bias.data_ptr<float>(), out, N);
+    else
+      blocks_product(table, x.data_ptr<float>(), T, K, packed.data_ptr<float>(), packed.size(0),
+                     bias.data_ptr<float>(), out, N);
+  }
+#endif
+  return y;
+}
+
+// x @ weight^T + bias on the layer's packing: pack_blocks' or pack_pairs' (with an fp32 bias), or else oneDNN's
+// (onednn) or MKL's (both opaque tensors of oneDNN's layout, told apart by the caller)
+Tensor linear(const Tensor& x, const Tensor& packed, const Tensor& weight, const Tensor& bias, bool onednn,
+              const std::string& isa) {
+  if (packed.dim() >= 3) return blocks_linear(x, packed, weight.size(0), bias, isa);
+  return onednn ? onednn_linear(x, packed, bias) : mkl_linear(x, packed, weight, bias);
+}
+
+// The FFN activation in place on a contiguous fp32 tensor, split over the threads (isa aten: ATen's own)
+void activate_(Tensor& f, const std::string& activation, const std::string& isa_name) {
+  const Act act = parse_activation(activation);
+  const Isa isa = parse_isa(isa_name, "activate_");
+  TORCH_CHECK(f.scalar_type() == at::kFloat && f.is_contiguous(), "activate_: a contiguous fp32 tensor");
+  if (isa == Isa::aten) {
+    if (act == Act::gelu) at::gelu_(f);
+    else if (act == Act::gelu_tanh) at::gelu_(f, "tanh");
+    else if (act == Act::relu) at::relu_(f);
+    else at::silu_(f);
+    return;
+  }
+#if PADFREE_X86
+  float* p = f.data_ptr<float>();
+  using Span = void (*)(float*, int64_t);
+  const Span span = isa == Isa::avx2 ? (act == Act::gelu        ? avx2::act_span<Act::gelu>
+                                        : act == Act::gelu_tanh ? avx2::act_span<Act::gelu_tanh>
+                                        : act == Act::relu      ? avx2::act_span<Act::relu>
+                                                                : avx2::act_span<Act::silu>)
+                                     : (act == Act::gelu        ? act_span<Act::gelu>
+                                        : act == Act::gelu_tanh ? act_span<Act::gelu_tanh>
+                                        : act == Act::relu      ? act_span<Act::relu>
+                                                                : act_span<Act::silu>);
+  at::parallel_for(0, f.numel(), 4096, [&](int64_t first, int64_t last) { span(p + first, last - first); });
+#endif
+}
+
+// One row's residual add and LayerNorm (norm_row) on the ISA's vectors
+using NormRow = void (*)(float*, const float*, const float*, const float*, int64_t, float);
+
+#if PADFREE_X86
+NormRow norm_row_of(Isa isa) { return isa == Isa::avx2 ? avx2::norm_row : norm_row; }
+#endif
+
+// y = LayerNorm(y + x) over the last dimension, in place (y, x: contiguous fp32 [T, H]; gamma, beta: fp32 [H])
+void add_layer_norm_(Tensor& y, const Tensor& x, const Tensor& gamma, const Tensor& beta, double eps,
+                     const std::string& isa_name) {
+  const Isa isa = parse_isa(isa_name, "add_layer_norm_");
+  const int64_t H = y.size(-1), T = y.numel() / std::max<int64_t>(H, 1);
+  TORCH_CHECK(y.scalar_type() == at::kFloat && x.scalar_type() == at::kFloat && y.is_contiguous() &&
+                  x.is_contiguous() && x.sizes() == y.sizes() && gamma.scalar_type() == at::kFloat &&
+                  beta.scalar_type() == at::kFloat && gamma.numel() == H && beta.numel() == H &&
+                  gamma.is_contiguous() && beta.is_contiguous(),
+              "add_layer_norm_: fp32 contiguous y and x of one shape, fp32 contiguous gamma and beta of its last size");
+  if (isa == Isa::aten) {
+    y.copy_(at::layer_norm(y.add_(x), {H}, gamma, beta, eps));
+    return;
+  }
+#if PADFREE_X86
+  const NormRow row = norm_row_of(isa);
+  float* out = y.data_ptr<float>();
+  const float *res = x.data_ptr<float>(), *g = gamma.data_ptr<float>(), *b = beta.data_ptr<float>();
+  at::parallel_for(0, T, std::max<int64_t>(1, kNormGrain / std::max<int64_t>(H, 1)), [&](int64_t first, int64_t last) {
+    for (int64_t t = first; t < last; ++t) row(out + t * H, res + t * H, g, b, H, float(eps));
+  });
+#else
+  (void)T;
+#endif
+}
+
+#if PADFREE_X86
+template <typename E>
+void embed_tokens(Isa isa, const int64_t* ids, const int64_t* pos, const int64_t* types, const Tensor& word,
+                  const std::optional<Tensor>& position, const std::optional<Tensor>& token_type, const float* gamma,
+                  const float* beta, float eps, float* out, int64_t T, int64_t D) {
+  const E* w = word.data_ptr<E>();
+  const E* p = position ? position->data_ptr<E>() : nullptr;
+  const E* y = token_type ? token_type->data_ptr<E>() : nullptr;
+  using Rows = void (*)(const std::array<const E*, 3>&, float*, int64_t);
+  const Rows rows = isa == Isa::avx2 ? avx2::embed_rows<E> : embed_rows<E>;
+  const NormRow norm = norm_row_of(isa);
+  at::parallel_for(0, T, std::max<int64_t>(1, kNormGrain / std::max<int64_t>(D, 1)), [&](int64_t first, int64_t last) {
+    for (int64_t t = first; t < last; ++t) {
+      rows({w + ids[t] * D, p ? p + pos[t] * D : nullptr, y ? y + types[t] * D : nullptr}, out + t * D, D);
+      norm(out + t * D, nullptr, gamma, beta, D, eps);
+    }
+  });
+}
+#endif
+
+// LayerNorm(word[ids] + position[positions] + token_type[types]) -> [T, D] in the tables' dtype (fp32 or bf16,
+// computed in fp32); the position and token-type tables optional (their indices needed where they are given), gamma
+// and beta fp32 (beta optional). avx512 or avx2 (with ATen the caller runs the lookups, adds and layer_norm itself).
+Tensor embed_layer_norm(const Tensor& ids, const std::optional<Tensor>& positions, const std::optional<Tensor>& types,
+                        const Tensor& word, const std::optional<Tensor>& position,
+                        const std::optional<Tensor>& token_type, const Tensor& gamma,
+                        const std::optional<Tensor>& beta, double eps, const std::string& isa_name) {
+  const Isa isa = parse_isa(isa_name, "embed_layer_norm");
+  TORCH_CHECK(isa != Isa::aten, "embed_layer_norm: needs isa 'avx2' or 'avx512' (with ATen the caller runs the "
+              "embedding lookups and layer_norm itself), got 'aten'");
+  const int64_t T = ids.numel(), D = word.size(1);
+  const auto dtype = word.scalar_type();
+  TORCH_CHECK((dtype == at::kFloat || dtype == at::kBFloat16) && word.dim() == 2 && word.is_contiguous(),
+              "embed_layer_norm: the word table must be a contiguous fp32 or bf16 [V, D] tensor");
+  for (const auto* table : {&position, &token_type})
+    TORCH_CHECK(!*table || ((*table)->scalar_type() == dtype && (*table)->dim() == 2 && (*table)->size(1) == D &&
+                            (*table)->is_contiguous()),
+                "embed_layer_norm: the position and token-type tables must be contiguous [n, D] like the word table");
+  TORCH_CHECK(gamma.scalar_type() == at::kFloat && gamma.numel() == D && gamma.is_contiguous() &&
+                  (!beta || (beta->scalar_type() == at::kFloat && beta->numel() == D && beta->is_contiguous())),
+              "embed_layer_norm: fp32 contiguous gamma and beta of the tables' row size");
+  const int64_t* id = table_index(ids, word, T, "token id");
+  TORCH_CHECK((!position || positions) && (!token_type || types), "embed_layer_norm: a table without its indices");
+  const int64_t* pos = position ? table_index(*positions, *position, T, "position") : nullptr;
+  const int64_t* type = token_type ? table_index(*types, *token_type, T, "token type") : nullptr;
+  auto out = at::empty({T, D}, word.options().dtype(at::kFloat));
+#if PADFREE_X86
+  const float* b = beta ? beta->data_ptr<float>() : nullptr;
+  if (dtype == at::kFloat)
+    embed_tokens<float>(isa, id, pos, type, word, position, token_type, gamma.data_ptr<float>(), b, float(eps),
+                        out.data_ptr<float>(), T, D);
+  else
+    embed_tokens<at::BFloat16>(isa, id, pos, type, word, position, token_type, gamma.data_ptr<float>(), b,
+                               float(eps), out.data_ptr<float>(), T, D);
+#else
+  (void)id, (void)pos, (void)type;
+#endif
+  return out.to(dtype);
+}
+
+// Self-attention of each run (first token, sequences, length) of x's packed sequences: [T, 3H] -> [T, H]. With isa
+// avx512 or avx2 and sequences of at most max_len tokens (at most kMaxLen; the caller's choice per CPU: PyTorch's
+// kernel was as fast from 64 tokens on the Xeon, slower to 128 on the EPYC), attend() per (sequence, head), split
+// over the threads (dot: on bf16 dot products, avx512 with AVX-512 BF16); otherwise (isa aten, longer sequences)
+// PyTorch's CPU flash kernel on strided views, per run, in fp32.
 Tensor attention(const Tensor& qkv, const std::vector<int64_t>& runs, int64_t heads, double scale, int64_t max_len,
-                 bool dot) {
+                 bool dot, const std::string& isa_name) {
+  const Isa isa = parse_isa(isa_name, "attention");
+  TORCH_CHECK(qkv.dim() == 2 && qkv.scalar_type() == at::kFloat && qkv.size(1) % (3 * heads) == 0,
+              "attention: qkv must be an fp32 [T, 3H] tensor, H a multiple of heads");
+  if (dot) check_dot(isa, "attention");
   const int64_t T = qkv.size(0), H = qkv.size(1) / 3, d = H / heads;
   int64_t longest = 0;
   std::vector<std::pair<int64_t, int64_t>> seqs;  // (first token, length)
@@ -814,8 +1272,11 @@ Tensor attention(const Tensor& qkv, const std::vector<int64_t>& runs, int64_t he
     for (int64_t i = 0; i < runs[r + 1]; ++i) seqs.emplace_back(runs[r] + i * runs[r + 2], runs[r + 2]);
     longest = std::max(longest, runs[r + 2]);
   }
-  TORCH_CHECK(!dot || has_avx512_bf16(), "attention: dot products need AVX-512 BF16");
-  if (has_avx512() && longest <= std::min(max_len, kMaxLen) && qkv.is_contiguous()) {
+#if PADFREE_X86
+  if (isa != Isa::aten && longest <= std::min(max_len, kMaxLen) && qkv.is_contiguous()) {
+    using Attend = void (*)(const float*, const float*, const float*, int64_t, float*, int64_t, int64_t, int64_t,
+                            float, Scratch&);
+    const Attend attend_one = isa == Isa::avx2 ? avx2::attend : dot ? attend_dot : attend;
     auto out = at::empty({T, H}, qkv.options());
     const float* src = qkv.data_ptr<float>();
     float* dst = out.data_ptr<float>();
@@ -826,12 +1287,12 @@ Tensor attention(const Tensor& qkv, const std::vector<int64_t>& runs, int64_t he
         const auto [t0, n] = seqs[u / heads];
         const int64_t h = u % heads;
         const float* q = src + t0 * 3 * H + h * d;
-        (dot ? attend_dot : attend)(q, q + H, q + 2 * H, 3 * H, dst + t0 * H + h * d, H, n, d,
-                                    static_cast<float>(scale), scratch);
+        attend_one(q, q + H, q + 2 * H, 3 * H, dst + t0 * H + h * d, H, n, d, static_cast<float>(scale), scratch);
       }
     });
     return out;
   }
+#endif
   const auto x = qkv.view({T, 3, heads, d});
   auto out = at::empty({T, heads, d}, qkv.options());
   for (size_t r = 0; r + 2 < runs.size(); r += 3) {
@@ -846,13 +1307,15 @@ Tensor attention(const Tensor& qkv, const std::vector<int64_t>& runs, int64_t he
 
 // x [T, H] (fp32) through the layers; per layer 16 tensors in this order: qkv weight, its packing, bias; attention
 // output weight, packing, bias; LayerNorm weight, bias; FFN-in weight, packing, bias; FFN-out weight, packing,
-// bias; LayerNorm weight, bias. A packing is pack_blocks' (fp32 or bf16 weight), pack_pairs' (bf16), oneDNN's or
-// MKL's (fp32); the biases and LayerNorm vectors are fp32 either way. runs: (first token, sequences, length) of each
-// run, flattened. attention_len: the longest sequence the native attention takes (attention()); onednn: the 2-D
-// packings are oneDNN's, not MKL's.
+// bias; LayerNorm weight, bias. A packing is pack_blocks' (fp32 or bf16 weight; isa avx512 or avx2), pack_pairs'
+// (bf16; avx512 with AVX-512 BF16), oneDNN's or MKL's (fp32, any isa); the biases and LayerNorm vectors are fp32
+// either way. runs: (first token, sequences, length) of each run, flattened. attention_len: the longest sequence
+// the native attention takes (attention()); onednn: the 2-D packings are oneDNN's, not MKL's. isa: the ISA of every
+// kernel of the stack (aten: ATen's activation, add + layer_norm and attention, the products oneDNN's or MKL's).
 Tensor post_ln_layers(Tensor x, const std::vector<Tensor>& tensors, const std::vector<int64_t>& runs,
                       int64_t heads, double scale, double eps, const std::string& activation, int64_t attention_len,
-                      bool onednn) {
+                      bool onednn, const std::string& isa) {
+  const Isa checked = parse_isa(isa, "post_ln_layers");
   TORCH_CHECK(tensors.size() % 16 == 0, "post_ln_layers: 16 tensors per layer, got ", tensors.size());
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(),
               "post_ln_layers: x must be a contiguous fp32 [T, H] tensor");
@@ -860,16 +1323,19 @@ Tensor post_ln_layers(Tensor x, const std::vector<Tensor>& tensors, const std::v
   for (size_t i = 0; i < tensors.size(); i += 16) {
     const Tensor* p = &tensors[i];
     const bool dot = p[1].dim() == 4;  // a bf16 model on dot products (pack_pairs): its attention on them too
-    const Tensor ctx = attention(linear(x, p[1], p[0], p[2], onednn), runs, heads, scale, attention_len, dot);
-    Tensor h = linear(ctx, p[4], p[3], p[5], onednn);
-    add_layer_norm_(h, x, p[6], p[7], eps);
-    Tensor f = linear(h, p[9], p[8], p[10], onednn);
+    if (dot) check_dot(checked, "post_ln_layers");
+    const Tensor ctx = attention(linear(x, p[1], p[0], p[2], onednn, isa), runs, heads, scale, attention_len, dot, isa);
+    Tensor h = linear(ctx, p[4], p[3], p[5], onednn, isa);
+    add_layer_norm_(h, x, p[6], p[7], eps, isa);
+    Tensor f = linear(h, p[9], p[8], p[10], onednn, isa);
+#if PADFREE_X86
     if (dot)  // the activation and the FFN-out product's rounding to bf16 in one pass
       f = round_bf16(f, parse_activation(activation));
     else
-      activate_(f, activation);
-    x = linear(f, p[12], p[11], p[13], onednn);
-    add_layer_norm_(x, h, p[14], p[15], eps);
+#endif
+      activate_(f, activation, isa);
+    x = linear(f, p[12], p[11], p[13], onednn, isa);
+    add_layer_norm_(x, h, p[14], p[15], eps, isa);
   }
   return x;
 }
@@ -878,13 +1344,12 @@ Tensor post_ln_layers(Tensor x, const std::vector<Tensor>& tensors, const std::v
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("post_ln_layers", &post_ln_layers, py::call_guard<py::gil_scoped_release>());
-  m.def("has_avx512", &has_avx512);
+  m.def("cpu_runs", &cpu_runs);
   m.def("pin_workers", &pin_workers);
   m.def("attention", &attention, py::call_guard<py::gil_scoped_release>());
   m.def("activate_", &activate_, py::call_guard<py::gil_scoped_release>());
   m.def("add_layer_norm_", &add_layer_norm_, py::call_guard<py::gil_scoped_release>());
   m.def("embed_layer_norm", &embed_layer_norm, py::call_guard<py::gil_scoped_release>());
-  m.def("has_avx512_bf16", &has_avx512_bf16);
   m.def("pack_blocks", &pack_blocks);
   m.def("pack_pairs", &pack_pairs);
   m.def("blocks_linear", &blocks_linear, py::call_guard<py::gil_scoped_release>());
