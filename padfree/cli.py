@@ -75,6 +75,7 @@ def info(args) -> None:
     for key, value in plan.items():
         why = report["reasons"].get(key)
         print(f"  {key:18} {value!s:8}" + (f"  ({why})" if why else ""))
+    print(f"  row limits: {report['reasons']['row_limits']}")
     if "native_module" in report:
         print(f"native module: {report['native_module']}")
     print("a batch of N tokens runs:")

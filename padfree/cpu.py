@@ -237,22 +237,28 @@ def plan_for(profile: CpuProfile, settings: Settings = Settings()) -> CpuPlan:
     why["mkl_small_rows"] = "PADFREE_SMALL_ROWS" if settings.small_rows is not None else (
         "MKL's sgemm is 2-3x oneDNN's on AMD (NOTES 19)" if amd else "no MKL off x86" if not profile.x86 else
         "MKL's packed sgemm wins to 64 rows on Intel (NOTES 15)")
-    if isa == "avx512":
-        own, stack, attention = (96, 128, 128) if amd else (48, 0, 64)
-        why["own_product_rows"] = "EPYC Zen 4: own product to 96, oneDNN's to 128 (NOTES 19)" if amd else \
-            "Xeon: own product to 48, MKL's above (NOTES 18)"
-        bf16_rows = 128
-    elif isa == "avx2":
-        own, stack, attention, bf16_rows = 64, 128 if amd else 0, 128, 128
-        why["own_product_rows"] = "AVX2 EPYC: own product to 64, oneDNN's to 128 (NOTES 22)"
-    else:
-        own = stack = attention = bf16_rows = 0
-        why["own_product_rows"] = "no native kernels: MKL's products where mkl_small_rows takes the batch"
-    for key in ("bf16_native_rows", "onednn_stack_rows", "attention_len"):
-        why[key] = why["own_product_rows"]
+    limits = _LIMITS.get((isa, "amd" if amd else "intel"), _NO_KERNELS)
+    why["row_limits"] = limits["why"]
     return CpuPlan(profile=profile, native_isa=isa, bf16_dot=bf16_dot, bf16_compute=fast_bf16,
-                   onednn_bf16=onednn_bf16, mkl_small_rows=small, own_product_rows=own, bf16_native_rows=bf16_rows,
-                   onednn_stack_rows=stack, attention_len=attention, pin_threads=settings.pin_threads, reasons=why)
+                   onednn_bf16=onednn_bf16, mkl_small_rows=small, pin_threads=settings.pin_threads, reasons=why,
+                   **{k: v for k, v in limits.items() if k != "why"})
+
+
+# The row limits of the native stack's paths per kernel set and vendor: each the crossover measured on a machine of
+# that kind (the section of benchmarks/NOTES.md in "why"); Intel's AVX2 CPUs (unmeasured) take the EPYC's.
+_NO_KERNELS = dict(own_product_rows=0, onednn_stack_rows=0, bf16_native_rows=0, attention_len=0,
+                   why="no native kernels: the stack runs ATen's ops where MKL's products take the batch")
+_LIMITS = {
+    ("avx512", "amd"): dict(own_product_rows=96, onednn_stack_rows=128, bf16_native_rows=128, attention_len=128,
+                            why="EPYC Zen 4: own product faster than oneDNN's to 64 rows and as fast at 96, oneDNN's "
+                                "in the stack to 128; own attention 1.3-1.4x PyTorch's at 128 tokens (NOTES 19)"),
+    ("avx512", "intel"): dict(own_product_rows=48, onednn_stack_rows=0, bf16_native_rows=128, attention_len=64,
+                              why="Xeon: own product 1.2-2.3x MKL's to 48 rows, MKL's faster at 49-64; own attention "
+                                  "as fast as PyTorch's from 64 tokens (NOTES 18)"),
+    ("avx2", "amd"): dict(own_product_rows=64, onednn_stack_rows=128, bf16_native_rows=128, attention_len=128,
+                          why="AVX2 EPYC: own product to 64 rows, oneDNN's in the stack to 128 (NOTES 22)"),
+}
+_LIMITS[("avx2", "intel")] = _LIMITS[("avx2", "amd")]
 
 
 @functools.cache
