@@ -53,9 +53,9 @@ def test_this_machines_profile_is_what_proc_cpuinfo_says():
 
 
 # kind: (native kernels, bf16 computes in bf16, bf16 dot products, oneDNN bf16, fp32 rows on the own product, MKL's)
-EXPECTED = {"zen3": ("avx2", False, False, False, 64, 0), "zen4": ("avx512", True, True, True, 96, 0),
+EXPECTED = {"zen3": ("avx2", False, False, False, 128, 0), "zen4": ("avx512", True, True, True, 96, 0),
             "xeon-avx512": ("avx512", False, False, True, 48, 64),
-            "sapphire-rapids": ("avx512", True, False, True, 48, 64), "haswell": ("avx2", False, False, False, 64, 64),
+            "sapphire-rapids": ("avx512", True, False, True, 48, 64), "haswell": ("avx2", False, False, False, 128, 64),
             "x86-sse": ("aten", False, False, False, 0, 64), "graviton3": ("aten", False, False, True, 0, 0)}
 
 
@@ -79,7 +79,8 @@ def test_the_environment_is_read_in_one_place_and_checked():
 
 
 @pytest.mark.parametrize("kind,dtype,rows,path", [
-    ("zen3", torch.float32, 64, "blocks"), ("zen3", torch.float32, 100, "onednn"), ("zen3", torch.float32, 129, None),
+    ("zen3", torch.float32, 64, "blocks"), ("zen3", torch.float32, 128, "blocks"), ("zen3", torch.float32, 129, None),
+    ("zen4", torch.float32, 100, "onednn"),
     ("zen3", torch.bfloat16, 128, "blocks"), ("zen4", torch.bfloat16, 128, "pairs"), ("zen4", torch.float32, 96, "blocks"),
     ("xeon-avx512", torch.float32, 48, "blocks"), ("xeon-avx512", torch.float32, 64, "mkl"),
     ("xeon-avx512", torch.float32, 65, None), ("xeon-avx512", torch.bfloat16, 16, "blocks"),

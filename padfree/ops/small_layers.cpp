@@ -771,11 +771,20 @@ PADFREE_AVX2 inline float reduce_max(__m256 v) {
 
 // -- the product --
 // A block's 32 columns are four 8-lane vectors; 16 registers hold 4 x 2 rows' accumulators with the 4 weight vectors
-// and a broadcast (kWhole: 1-2 rows, one pass over the block), or the accumulators of 2 vectors (half the block) x 6
-// rows with 2 weight vectors and a broadcast: 8 loads per 12 FMAs (3-6 rows and more in calls of at most kHalfRows,
-// the block's two halves one after the other; the second finds its lines in L1/L2).
+// and a broadcast (kWhole rows over the whole block), or the accumulators of 2 vectors (half the block) x 6 rows
+// with 2 weight vectors and a broadcast: 8 loads per 12 FMAs. The first pass over a block streams it from memory;
+// passes over one half each read every other 64-byte line of it, which the EPYC (Zen 3) streamed much slower than
+// the whole block in order: 3-8 rows on halves alone took 1.2-1.6x the time of a first whole-block pass of 2 rows
+// and halves for the rest (BERT-base's 768 x 3072 at 4 rows: 746 against 540 us). So 1-2 rows take one whole-block
+// call; more rows a whole-block call of 2 rows first where the block is larger than L1 (32 KiB: fp32 at K > 256,
+// bf16 at K > 512), then the rest in even calls of at most kHalfRows over the halves, from L2 (or L1). Below that
+// size the extra pass cost more than it saved (MiniLM bf16, K = 384, at 16-32 rows: 17-20 %). The whole-block call
+// prefetches the block kAhead on where there are at most kFetchRows rows (bf16 at 1 row: 14-17 % faster; fp32
+// neutral at 1 row, 3-10 % faster at 3-4; at 16-32 rows 3-12 % slower on BERT-base's shapes, so not there).
 constexpr int kWhole = 2;
 constexpr int kHalfRows = 6;
+constexpr int64_t kFetchRows = 8;
+constexpr int64_t kL1 = 32768;
 
 // Half h (0, 1) of one k step of a block as two fp32 vectors: an fp32 weight's columns 16h-16h+7 and 16h+8-16h+15;
 // a bf16 one's (pack_blocks' word order: a 32-byte load unpacked against zeros per 128-bit lane, low words then
@@ -798,7 +807,7 @@ constexpr int64_t half_column(int h, int v) {
 
 // R rows of x times a whole block (V = 4 vectors) or its half h (V = 2), plus bias, into y (the first `cols`
 // columns of the block real)
-template <typename W, int V, int R>
+template <typename W, int V, int R, bool Fetch>
 PADFREE_AVX2 void block(const float* x, int64_t K, const W* w, const float* bias, float* y, int64_t N, int64_t cols,
                         int h) {
   __m256 acc[R][V];
@@ -806,6 +815,9 @@ PADFREE_AVX2 void block(const float* x, int64_t K, const W* w, const float* bias
   const W* wh = w + (V == 4 ? 0 : 16 * h);
   for (int64_t k = 0; k < K; ++k) {
     __m256 wv[V];
+    if constexpr (Fetch)  // the block's lines kAhead on, into L1
+      for (int64_t line = 0; line < int64_t(kCols * sizeof(W)); line += 64)
+        _mm_prefetch(reinterpret_cast<const char*>(wh + k * kCols) + kAhead + line, _MM_HINT_T0);
     load_half(wh + k * kCols, wv[0], wv[1]);
     if constexpr (V == 4) load_half(wh + k * kCols + 16, wv[2], wv[3]);
     PADFREE_UNROLL for (int m = 0; m < R; ++m) {
@@ -825,27 +837,30 @@ template <typename W>
 using BlockFn = void (*)(const float*, int64_t, const W*, const float*, float*, int64_t, int64_t, int);
 template <typename W, size_t... R>
 constexpr std::array<BlockFn<W>, kHalfRows> half_table(std::index_sequence<R...>) {
-  return {block<W, 2, int(R) + 1>...};
+  return {block<W, 2, int(R) + 1, false>...};
 }
 
-// Blocks of 32 columns split over the threads, as the AVX-512 blocks_product; rows split evenly over calls of at
-// most kHalfRows, each call over the block's two halves (one call over the whole block at 1-2 rows)
+// Blocks of 32 columns split over the threads, as the AVX-512 blocks_product; per block the calls above
 template <typename W>
 void blocks_product(const float* x, int64_t T, int64_t K, const W* w, int64_t blocks, const float* bias, float* y,
                     int64_t N) {
   static constexpr auto half = half_table<W>(std::make_index_sequence<kHalfRows>());
-  static constexpr std::array<BlockFn<W>, kWhole> whole = {block<W, 4, 1>, block<W, 4, 2>};
+  static constexpr std::array<BlockFn<W>, 2 * kWhole> whole = {block<W, 4, 1, false>, block<W, 4, 2, false>,
+                                                               block<W, 4, 1, true>, block<W, 4, 2, true>};
   if (T == 0) return;
-  const int64_t calls = (T + kHalfRows - 1) / kHalfRows, step = (T + calls - 1) / calls;
+  const int64_t lead = T <= kWhole ? T : K * kCols * int64_t(sizeof(W)) > kL1 ? kWhole : 0;  // whole-block rows
+  const int64_t fetch = T <= kFetchRows ? kWhole : 0, rest = T - lead;
+  const int64_t calls = (rest + kHalfRows - 1) / kHalfRows, step = calls ? (rest + calls - 1) / calls : 1;
   at::parallel_for(0, blocks, 1, [&](int64_t first, int64_t last) {
     for (int64_t j = first; j < last; ++j) {
       const int64_t n0 = j * kCols, cols = std::min(kCols, N - n0);
       const W* wj = w + j * K * kCols;
-      if (T <= kWhole) {
-        whole[T - 1](x, K, wj, bias + n0, y + n0, N, cols, 0);
+      if (lead) whole[fetch + lead - 1](x, K, wj, bias + n0, y + n0, N, cols, 0);
+      if (rest && rest <= kWhole) {  // 3-4 rows: the rest over the whole block again, from L2
+        whole[rest - 1](x + lead * K, K, wj, bias + n0, y + lead * N + n0, N, cols, 0);
         continue;
       }
-      for (int64_t m0 = 0; m0 < T; m0 += step) {
+      for (int64_t m0 = lead; m0 < T; m0 += step) {
         const int64_t rows = std::min(step, T - m0);
         for (int h = 0; h < 2; ++h) half[rows - 1](x + m0 * K, K, wj, bias + n0, y + m0 * N + n0, N, cols, h);
       }
