@@ -134,7 +134,7 @@ def test_packed_weight_is_cached_and_repacked_after_an_in_place_update(T):
     x, w, b = _data(T=T)
     w = torch.nn.Parameter(w, requires_grad=False)
     first = onednn.linear_bias_act(x, w, b, "relu", plan=PLAN)
-    layout = "mkl" if onednn._small(x, PLAN) else "onednn"
+    layout = "mkl" if onednn._small(x, w, PLAN) else "onednn"
     assert onednn.packed_weight(w, layout) is onednn.packed_weight(w, layout)
     with torch.no_grad():
         w.mul_(2)

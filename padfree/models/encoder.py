@@ -170,10 +170,10 @@ class Encoder(nn.Module):
         once for the products, widened in registers in the native stack; half the memory of an fp32 model's weights,
         fp32's speed; benchmarks/NOTES.md section 22) and rounds its output to bf16 once. Other models keep bf16
         arithmetic, which a warning at load said is slower here."""
-        cfg, e = self.config, self.embeddings
+        cfg = self.config
         if device.type != "cpu" or dtype != torch.bfloat16 or self.cpu_plan.bf16_compute:
             return dtype
-        plain = not (self.relative is not None or cfg.pre_norm or cfg.features or e.norm is None or e.project is not None)
+        plain = self.relative is None and not cfg.pre_norm and not cfg.features  # the embedding runs in bf16 anyway
         names = Kernels.resolve(device, torch.float32, cfg.head_dim, backend, plan=self.cpu_plan).names
         if plain and all(names.get(op) == "onednn" for op in self._MIXED_OPS):
             log.info("padfree: bf16 weights, fp32 arithmetic (%s)", self.cpu_plan.reasons["bf16_compute"])

@@ -246,8 +246,8 @@ def post_ln_layers(x: torch.Tensor, layers, runs, num_heads: int, scale: float, 
     small-batch path (MKL's products) without Python between them."""
     plan = plan or cpu.current()
     weights = layers[0].tensors().qkv_weight.dtype  # bf16 weights with fp32 x: a bf16 model computing in fp32
-    if activation not in _NATIVE_ACTIVATIONS or (layout := stack_path(weights, x.shape[0], plan)) is None \
-            or native.module() is None:
+    if activation not in _NATIVE_ACTIVATIONS or x.dtype not in (weights, torch.float32) \
+            or (layout := stack_path(weights, x.shape[0], plan)) is None or native.module() is None:
         return None
     flat = []
     for layer in layers:
