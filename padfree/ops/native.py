@@ -1,8 +1,9 @@
 """padfree's native code: ``small_layers.cpp``, built for this machine on first use and cached.
 
 The CPU backend runs a short batch's post-LN layer stack through it in one call
-(:func:`padfree.ops.onednn_backend.post_ln_layers`): its own AVX-512 products, attention and activation and ATen's
-LayerNorm, without Python between them. It is compiled with PyTorch's extension builder (a C++ compiler and
+(:func:`padfree.ops.onednn_backend.post_ln_layers`): its own products, attention, activation and LayerNorm, as
+AVX-512 and as AVX2 + FMA kernels (each call takes the CPU plan's ISA, :mod:`padfree.cpu`), without Python between
+them. It is compiled with PyTorch's extension builder (a C++ compiler and
 ``ninja`` needed) the first time a process needs it, ~45 s, into ``$PADFREE_CACHE`` (default ``~/.cache/padfree``)
 under a name that hashes the source, the PyTorch version and the flags, so later processes load the built module in
 milliseconds and an upgrade rebuilds it. ``make`` builds it at install (``python -m padfree.ops.native``). If it
