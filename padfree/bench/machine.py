@@ -89,7 +89,12 @@ def matmul_peak(dtype: torch.dtype, device: str = "cpu", n: int = 4096, runs: in
     """GFLOP/s of a large ``n x n x n`` matrix product of ``dtype``, the best of the paths PyTorch offers:
     ``torch.mm`` and, on CPU, oneDNN's linear on a prepacked weight (the path padfree's CPU backend uses, and
     faster than MKL's sgemm on AVX-512 machines). The peak is the best of them, so padfree's percentage is
-    measured against the strongest matmul this machine runs, not a weak one."""
+    measured against the strongest matmul this machine runs, not a weak one. On a CPU whose plan computes bf16
+    models in fp32 (no fast bf16 products: :attr:`padfree.cpu.CpuPlan.bf16_compute`), the bf16 peak is the fp32
+    one, which is what padfree's bf16 runs there compute on (and a bf16 ``torch.mm`` of this size takes minutes)."""
+    from padfree import cpu
+    if device == "cpu" and dtype == torch.bfloat16 and not cpu.current().bf16_compute:
+        return {**matmul_peak(torch.float32, device, n, runs), "computed_as": "fp32 (bf16 computes in fp32 here)"}
     a = torch.randn(n, n, dtype=dtype, device=device)
     w = torch.randn(n, n, dtype=dtype, device=device)
     paths = {"torch.mm": lambda: a @ w}

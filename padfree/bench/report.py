@@ -83,7 +83,8 @@ def _header(result: dict, title: str) -> list[str]:
     peaks = result.get("peaks") or {}
     if peaks:
         lines.append("- measured matmul peak (best path, " + ", ".join(
-            f"{d}: {p['gflops']:.0f} GFLOP/s" for d, p in peaks.items()) + "); per path: " + "; ".join(
+            f"{d}: {p['gflops']:.0f} GFLOP/s" + (f" [{p['computed_as']}]" if "computed_as" in p else "")
+            for d, p in peaks.items()) + "); per path: " + "; ".join(
             f"{d} " + ", ".join(f"{k} {v:.0f}" for k, v in p["gflops_by_path"].items()) for d, p in peaks.items()))
     return lines + [""]
 
