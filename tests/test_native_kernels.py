@@ -171,8 +171,8 @@ def test_native_embedding_matches_float64(dtype, size, tables, bias, isa):
 
 
 def small_stack(hidden=64, heads=4, ffn=160, layers=2, seed=0):
-    """A post-LN stack's per-layer weights (random, LayerNorms near identity) as the 16 tensors of post_ln_layers,
-    packed by `pack` (a weight -> its packing)."""
+    """A post-LN stack's per-layer weights (random, LayerNorms near identity): per layer the weights of the QKV,
+    attention-output, FFN-in and FFN-out linears, their biases, and the two LayerNorms' (weight, bias)."""
     g = torch.Generator().manual_seed(seed)
     shapes = [(3 * hidden, hidden), (hidden, hidden), (ffn, hidden), (hidden, ffn)]
     out = []
@@ -185,11 +185,20 @@ def small_stack(hidden=64, heads=4, ffn=160, layers=2, seed=0):
     return out
 
 
-def stack_args(layers, pack):
-    flat = []
-    for (wq, wo, wi, wf), (bq, bo, bi, bf), ((g1, b1), (g2, b2)) in layers:
-        flat += [wq, pack(wq), bq, wo, pack(wo), bo, g1, b1, wi, pack(wi), bi, wf, pack(wf), bf, g2, b2]
-    return flat
+def layer_fields(layer, pack) -> dict:
+    """One of small_stack's layers as StackLayer's fields by name, its weights packed by `pack`."""
+    (wq, wo, wi, wf), (bq, bo, bi, bf), ((g1, b1), (g2, b2)) = layer
+    return dict(qkv_weight=wq, qkv_packed=pack(wq), qkv_bias=bq,
+                attn_out_weight=wo, attn_out_packed=pack(wo), attn_out_bias=bo,
+                attn_norm_weight=g1, attn_norm_bias=b1,
+                ffn_in_weight=wi, ffn_in_packed=pack(wi), ffn_in_bias=bi,
+                ffn_out_weight=wf, ffn_out_packed=pack(wf), ffn_out_bias=bf,
+                ffn_norm_weight=g2, ffn_norm_bias=b2)
+
+
+def stack_layers(mod, layers, pack, packing: str) -> list:
+    """small_stack's layers as the module's StackLayers of one packing."""
+    return [mod.StackLayer(packing=packing, **layer_fields(layer, pack)) for layer in layers]
 
 
 def stack_float64(x, layers, runs, heads, scale, eps):
@@ -219,9 +228,65 @@ def test_native_stack_matches_float64(isa):
     layers, heads = small_stack(), 4
     runs = [0, 2, 7, 14, 1, 33]  # two sequences of 7 tokens, one of 33
     x = torch.randn(47, 64, generator=torch.Generator().manual_seed(1))
-    pack = (lambda w: torch.ops.mkldnn._reorder_linear_weight(w)) if isa == "aten" else mod.pack_blocks
-    y = mod.post_ln_layers(x, stack_args(layers, pack), runs, heads, 0.25, 1e-12, "gelu", 128, isa == "aten", isa)
+    pack, packing = ((lambda w: torch.ops.mkldnn._reorder_linear_weight(w)), "onednn") if isa == "aten" \
+        else (mod.pack_blocks, "blocks")
+    y = mod.post_ln_layers(x, stack_layers(mod, layers, pack, packing), runs, heads, 0.25, 1e-12, "gelu", 128, isa)
     assert (y.double() - stack_float64(x, layers, runs, heads, 0.25, 1e-12)).abs().max() <= 1e-4
+
+
+# (field, a wrong value for it given the others: the layer's hidden size 64, FFN size 160, packing "blocks")
+WRONG_FIELDS = [("qkv_weight", lambda f: f["qkv_weight"][:-1]), ("qkv_packed", lambda f: f["attn_out_packed"]),
+                ("qkv_bias", lambda f: f["attn_out_bias"]), ("attn_out_weight", lambda f: f["attn_out_weight"].T[:5]),
+                ("attn_out_packed", lambda f: f["attn_out_packed"].to(torch.bfloat16)),
+                ("attn_out_bias", lambda f: f["attn_out_bias"].double()),
+                ("attn_norm_weight", lambda f: f["attn_norm_weight"][:-1]),
+                ("attn_norm_bias", lambda f: f["attn_norm_bias"].to(torch.bfloat16)),
+                ("ffn_in_weight", lambda f: f["ffn_in_weight"][0]), ("ffn_in_packed", lambda f: f["ffn_out_packed"]), ("ffn_in_bias", lambda f: f["ffn_out_bias"]),
+                ("ffn_out_weight", lambda f: f["ffn_in_weight"]), ("ffn_out_packed", lambda f: f["ffn_in_packed"]),
+                ("ffn_out_bias", lambda f: f["ffn_out_bias"][::2]),
+                ("ffn_norm_weight", lambda f: f["ffn_norm_weight"].view(8, 8)),
+                ("ffn_norm_bias", lambda f: f["ffn_norm_bias"][:3])]
+
+
+@pytest.mark.parametrize("field,wrong", WRONG_FIELDS, ids=[f for f, _ in WRONG_FIELDS])
+def test_a_stack_layer_refuses_a_wrong_field_naming_it(field, wrong):
+    """StackLayer checks each field once, where it is built: a tensor of the wrong shape, dtype or packing (the
+    attention output's where the QKV's belongs, an FFN weight transposed, a bias in another dtype) is an error
+    naming that field, before any product runs."""
+    mod = native.module()
+    assert mod is not None, native.why_not()
+    fields = layer_fields(small_stack(layers=1)[0], mod.pack_blocks)
+    mod.StackLayer(packing="blocks", **fields)  # as built: accepted
+    with pytest.raises(RuntimeError, match=rf"StackLayer: {field} must be "):
+        mod.StackLayer(packing="blocks", **dict(fields, **{field: wrong(fields)}))
+
+
+def test_a_stack_layer_states_its_packing():
+    """The packing is a named field, checked against the packed weights and, at each call, against the isa and the
+    input: an unknown packing, packed weights of another packing, a field left out, an input of another width and
+    the module's own products on isa 'aten' are errors naming what is wrong."""
+    mod = native.module()
+    assert mod is not None, native.why_not()
+    layer = small_stack(layers=1)[0]
+    blocks = layer_fields(layer, mod.pack_blocks)
+    assert mod.StackLayer(packing="blocks", **blocks).packing == "blocks"
+    with pytest.raises(RuntimeError, match=r"StackLayer: unknown packing 'fp32' \(blocks, pairs, onednn or mkl\)"):
+        mod.StackLayer(packing="fp32", **blocks)
+    with pytest.raises(RuntimeError, match=r"StackLayer: qkv_packed must be oneDNN's packing \[192, 64\]"):
+        mod.StackLayer(packing="onednn", **blocks)
+    with pytest.raises(RuntimeError, match=r"StackLayer: qkv_weight must be a \[192, 64\] bf16 tensor for packing "
+                                           r"'pairs'"):
+        mod.StackLayer(packing="pairs", **blocks)
+    with pytest.raises(TypeError):  # every field by name, none left out, none by position
+        mod.StackLayer(packing="blocks", **{k: v for k, v in blocks.items() if k != "ffn_norm_bias"})
+    with pytest.raises(TypeError):
+        mod.StackLayer("blocks", *blocks.values())
+    stack = [mod.StackLayer(packing="blocks", **blocks)]
+    with pytest.raises(RuntimeError, match=r"post_ln_layers: layer 0 takes \[T, 64\], x is \[3, 32\]"):
+        mod.post_ln_layers(torch.randn(3, 32), stack, [0, 1, 3], 4, 0.25, 1e-12, "gelu", 128, "aten")
+    with pytest.raises(RuntimeError, match=r"post_ln_layers: layer 0's packing 'blocks' needs isa 'avx2' or "
+                                           r"'avx512'.*got 'aten'"):
+        mod.post_ln_layers(torch.randn(3, 64), stack, [0, 1, 3], 4, 0.25, 1e-12, "gelu", 128, "aten")
 
 
 def test_an_unknown_or_unsupported_isa_is_an_error():
@@ -237,8 +302,7 @@ def test_an_unknown_or_unsupported_isa_is_an_error():
              "add_layer_norm_": lambda isa: mod.add_layer_norm_(x.clone(), x, b.repeat(2), b.repeat(2), 1e-12, isa),
              "embed_layer_norm": lambda isa: mod.embed_layer_norm(ids, None, None, w, None, None, b.repeat(2), None,
                                                                   1e-12, isa),
-             "post_ln_layers": lambda isa: mod.post_ln_layers(x, [], [0, 1, 3], 2, 0.3, 1e-12, "gelu", 128, True,
-                                                              isa)}
+             "post_ln_layers": lambda isa: mod.post_ln_layers(x, [], [0, 1, 3], 2, 0.3, 1e-12, "gelu", 128, isa)}
     for name, call in calls.items():
         for wrong in ("avx3", "AVX2", ""):
             with pytest.raises(RuntimeError, match=rf"{name}: unknown isa '{wrong}' \(avx512, avx2 or aten\)"):
@@ -253,6 +317,9 @@ def test_an_unknown_or_unsupported_isa_is_an_error():
     with pytest.raises(RuntimeError, match=r"cpu_runs: unknown instruction set 'avx3'"):
         mod.cpu_runs("avx3")
     pairs = mod.pack_pairs(w.to(torch.bfloat16))
+    weights, biases, norms = small_stack(layers=1)[0]
+    dot_layer = mod.StackLayer(packing="pairs", **layer_fields(([v.to(torch.bfloat16) for v in weights], biases, norms),
+                                                                mod.pack_pairs))
     for isa in ("aten", "avx2", "avx512"):  # bf16 dot products: AVX-512 BF16 alone
         if isa != "aten" and not mod.cpu_runs(isa) or mod.cpu_runs("avx512_bf16") and isa == "avx512":
             continue
@@ -261,3 +328,7 @@ def test_an_unknown_or_unsupported_isa_is_an_error():
             mod.blocks_linear(x, pairs, 8, b, isa)
         with pytest.raises(RuntimeError, match=rf"attention: bf16 dot products .*(got isa '{isa}'|cannot run here)"):
             mod.attention(qkv, [0, 1, 4], 2, 0.3, 128, True, isa)
+        why = r"layer 0's packing 'pairs' needs isa 'avx2' or 'avx512'" if isa == "aten" \
+            else r"bf16 dot products .*(got isa 'avx2'|cannot run here)"
+        with pytest.raises(RuntimeError, match=rf"post_ln_layers: {why}"):
+            mod.post_ln_layers(torch.randn(3, 64), [dot_layer], [0, 1, 3], 4, 0.3, 1e-12, "gelu", 128, isa)

@@ -249,42 +249,47 @@ def post_ln_layers(x: torch.Tensor, layers, runs, num_heads: int, scale: float, 
     if activation not in _NATIVE_ACTIVATIONS or x.dtype not in (weights, torch.float32) \
             or (layout := stack_path(weights, x.shape[0], plan)) is None or native.module() is None:
         return None
-    flat = []
+    stack = []
     for layer in layers:
-        args = _stack_args(layer, layout)
-        if args is None:
+        named = _stack_layer(layer, layout)
+        if named is None:
             return None
-        flat += args
-    y = native.module().post_ln_layers(x.float().contiguous(), flat, [v for run in runs for v in run], num_heads,
-                                       scale, eps, activation, plan.attention_len, layout == "onednn",
-                                       plan.native_isa)
+        stack.append(named)
+    y = native.module().post_ln_layers(x.float().contiguous(), stack, [v for run in runs for v in run], num_heads,
+                                       scale, eps, activation, plan.attention_len, plan.native_isa)
     return y.to(x.dtype)
 
 
-def _stack_args(layer, layout: str) -> tuple | None:
-    """The layer's 16 arguments of the native stack for a packing layout (None where it lacks a tensor), kept per
-    layer and reused while its tensors are the same objects at the same versions: a parameter replaced or updated
-    in place rebuilds them, as :func:`packed_weight` repacks. Rebuilding them at each call cost 7 us a layer hot and
-    ~30 cold after a forward (BERT-base: 376 us a call; NOTES.md section 20); the check costs about half."""
+def _stack_layer(layer, layout: str):
+    """The layer as the native stack's ``StackLayer`` for a packing layout (every tensor by name, the layout
+    stated; None where the layer lacks a tensor), built on the first batch that takes that layout and kept per
+    layer while its tensors are the same objects at the same versions: a parameter replaced or updated in place
+    rebuilds it, as :func:`packed_weight` repacks (why kept: NOTES.md section 20)."""
     t = layer.tensors()
     hit = _stack_cache.get(layer, {}).get(layout)
     if hit is not None and all(a is b for a, b in zip(t, hit[0])) and all(p._version == v for p, v in hit[1]):
         return hit[2]
     if any(v is None for v in t):
         return None
-    args = (t.qkv_weight, packed_weight(t.qkv_weight, layout), _fp32(t.qkv_bias),
-            t.attn_out_weight, packed_weight(t.attn_out_weight, layout), _fp32(t.attn_out_bias),
-            _fp32(t.attn_norm_weight), _fp32(t.attn_norm_bias),
-            t.ffn_in_weight, packed_weight(t.ffn_in_weight, layout), _fp32(t.ffn_in_bias),
-            t.ffn_out_weight, packed_weight(t.ffn_out_weight, layout), _fp32(t.ffn_out_bias),
-            _fp32(t.ffn_norm_weight), _fp32(t.ffn_norm_bias))
+    named = native.module().StackLayer(
+        packing=layout,
+        qkv_weight=t.qkv_weight, qkv_packed=packed_weight(t.qkv_weight, layout), qkv_bias=_fp32(t.qkv_bias),
+        attn_out_weight=t.attn_out_weight, attn_out_packed=packed_weight(t.attn_out_weight, layout),
+        attn_out_bias=_fp32(t.attn_out_bias),
+        attn_norm_weight=_fp32(t.attn_norm_weight), attn_norm_bias=_fp32(t.attn_norm_bias),
+        ffn_in_weight=t.ffn_in_weight, ffn_in_packed=packed_weight(t.ffn_in_weight, layout),
+        ffn_in_bias=_fp32(t.ffn_in_bias),
+        ffn_out_weight=t.ffn_out_weight, ffn_out_packed=packed_weight(t.ffn_out_weight, layout),
+        ffn_out_bias=_fp32(t.ffn_out_bias),
+        ffn_norm_weight=_fp32(t.ffn_norm_weight), ffn_norm_bias=_fp32(t.ffn_norm_bias))
     versions = tuple((p, p._version) for p in t if not p.is_inference())  # inference tensors keep no counter
     with _packing:
-        _stack_cache.setdefault(layer, {})[layout] = (t, versions, args)
-    return args
+        _stack_cache.setdefault(layer, {})[layout] = (t, versions, named)
+    return named
 
 
-_stack_cache: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # layer -> {layout: (tensors, versions, args)}
+# layer -> {layout: (its tensors, their versions, its StackLayer)}
+_stack_cache: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _fp32(v: torch.Tensor) -> torch.Tensor:

@@ -28,6 +28,7 @@
 #include <algorithm>
 #include <array>
 #include <cmath>
+#include <sstream>
 #include <string>
 #include <type_traits>
 #include <utility>
@@ -1096,20 +1097,22 @@ PADFREE_AVX2 void attend(const float* q, const float* k, const float* v, int64_t
 
 // ---- the entry points: each runs on the ISA its caller names (isa, last) ----
 
-// x [T, K] fp32 @ W^T + bias, W [N, K] packed by pack_blocks ([blocks, K, 32]: fp32 products, the weight fp32 or
-// bf16 widened; avx512 or avx2) or pack_pairs ([blocks, K / 2, 32, 2]: x rounded to bf16, bf16 dot products; avx512
-// with AVX-512 BF16); fp32 bias and result [T, N]
-Tensor blocks_linear(const Tensor& x, const Tensor& packed, int64_t N, const Tensor& bias, const std::string& isa_name) {
-  const Isa isa = parse_isa(isa_name, "blocks_linear");
-  TORCH_CHECK(isa != Isa::aten, "blocks_linear: needs isa 'avx2' or 'avx512' (ATen has no product on pack_blocks' "
+// x [T, K] fp32 @ W^T + bias on the native product, W [N, K] packed by pack_blocks (pairs false: [blocks, K, 32], fp32
+// products, the weight fp32 or bf16 widened; avx512 or avx2) or by pack_pairs (pairs true: [blocks, K / 2, 32, 2], x
+// rounded to bf16, bf16 dot products; avx512 with AVX-512 BF16; x may come in bf16); fp32 bias and result [T, N]. op:
+// the entry point, named in errors.
+Tensor multiply_packed(const Tensor& x, const Tensor& packed, int64_t N, const Tensor& bias, bool pairs, Isa isa,
+                       const char* op) {
+  TORCH_CHECK(isa != Isa::aten, op, ": needs isa 'avx2' or 'avx512' (ATen has no product on pack_blocks' "
               "or pack_pairs' packings), got 'aten'");
-  const int64_t T = x.size(0), K = x.size(1), pairs = packed.dim() == 4;
+  const int64_t T = x.size(0), K = x.size(1);
   TORCH_CHECK((x.scalar_type() == at::kFloat || (pairs && x.scalar_type() == at::kBFloat16)) && x.is_contiguous() &&
                   packed.size(0) * kCols >= N &&
-                  (pairs ? packed.size(1) == (K + 1) / 2 : packed.dim() == 3 && packed.size(1) == K) &&
+                  (pairs ? packed.dim() == 4 && packed.size(1) == (K + 1) / 2
+                         : packed.dim() == 3 && packed.size(1) == K) &&
                   bias.scalar_type() == at::kFloat && bias.numel() == N && bias.is_contiguous(),
-              "blocks_linear: x, packing or bias do not match");
-  if (pairs) check_dot(isa, "blocks_linear");
+              op, ": x, packing or bias do not match");
+  if (pairs) check_dot(isa, op);
   auto y = at::empty({T, N}, x.options().dtype(at::kFloat));
 #if PADFREE_X86
   float* out = y.data_ptr<float>();
@@ -1141,12 +1144,9 @@ Tensor blocks_linear(const Tensor& x, const Tensor& packed, int64_t N, const Ten
   return y;
 }
 
-// x @ weight^T + bias on the layer's packing: pack_blocks' or pack_pairs' (with an fp32 bias), or else oneDNN's
-// (onednn) or MKL's (both opaque tensors of oneDNN's layout, told apart by the caller)
-Tensor linear(const Tensor& x, const Tensor& packed, const Tensor& weight, const Tensor& bias, bool onednn,
-              const std::string& isa) {
-  if (packed.dim() >= 3) return blocks_linear(x, packed, weight.size(0), bias, isa);
-  return onednn ? onednn_linear(x, packed, bias) : mkl_linear(x, packed, weight, bias);
+// blocks_linear: multiply_packed for Python, the packing told by its rank (pack_pairs' are 4-D, pack_blocks' 3-D)
+Tensor blocks_linear(const Tensor& x, const Tensor& packed, int64_t N, const Tensor& bias, const std::string& isa) {
+  return multiply_packed(x, packed, N, bias, packed.dim() == 4, parse_isa(isa, "blocks_linear"), "blocks_linear");
 }
 
 // The FFN activation in place on a contiguous fp32 tensor, split over the threads (isa aten: ATen's own)
@@ -1320,44 +1320,204 @@ Tensor attention(const Tensor& qkv, const std::vector<int64_t>& runs, int64_t he
   return out.view({T, H});
 }
 
-// x [T, H] (fp32) through the layers; per layer 16 tensors in this order: qkv weight, its packing, bias; attention
-// output weight, packing, bias; LayerNorm weight, bias; FFN-in weight, packing, bias; FFN-out weight, packing,
-// bias; LayerNorm weight, bias. A packing is pack_blocks' (fp32 or bf16 weight; isa avx512 or avx2), pack_pairs'
-// (bf16; avx512 with AVX-512 BF16), oneDNN's or MKL's (fp32, any isa); the biases and LayerNorm vectors are fp32
-// either way. runs: (first token, sequences, length) of each run, flattened. attention_len: the longest sequence
-// the native attention takes (attention()); onednn: the 2-D packings are oneDNN's, not MKL's. isa: the ISA of every
-// kernel of the stack (aten: ATen's activation, add + layer_norm and attention, the products oneDNN's or MKL's).
-Tensor post_ln_layers(Tensor x, const std::vector<Tensor>& tensors, const std::vector<int64_t>& runs,
+// ---- the stack's layers: every tensor named, the products' packing stated ----
+
+// The packing of a layer's weights, which says the products its linears run on: blocks (pack_blocks': fp32 products,
+// the weights fp32 or bf16 widened in registers; isa avx512 or avx2), pairs (pack_pairs': a bf16 model's products in
+// bf16 dot products on x rounded to bf16, its attention on bf16 dot products too; isa avx512 with AVX-512 BF16),
+// onednn or mkl (those libraries' packings of fp32 weights, torch.ops.mkldnn._reorder_linear_weight and
+// torch.ops.mkl._mkl_reorder_linear_weight; any isa).
+enum class Packing { blocks, pairs, onednn, mkl };
+
+Packing parse_packing(const std::string& name) {
+  if (name == "blocks") return Packing::blocks;
+  if (name == "pairs") return Packing::pairs;
+  if (name == "onednn") return Packing::onednn;
+  TORCH_CHECK(name == "mkl", "StackLayer: unknown packing '", name, "' (blocks, pairs, onednn or mkl)");
+  return Packing::mkl;
+}
+
+const char* packing_name(Packing packing) {
+  switch (packing) {
+    case Packing::blocks: return "blocks";
+    case Packing::pairs: return "pairs";
+    case Packing::onednn: return "onednn";
+    case Packing::mkl: return "mkl";
+  }
+  return "?";
+}
+
+// One linear of a layer: weight [N, K] (fp32, or bf16 in a bf16 model), packed (the weight in the layer's packing),
+// bias (fp32 [N])
+struct Linear {
+  Tensor weight, packed, bias;
+};
+
+// One LayerNorm of a layer: weight and bias, fp32 [H]
+struct Norm {
+  Tensor weight, bias;
+};
+
+// One post-LN layer of the stack (H: hidden size, F: FFN size), built once per layer and packing by its caller
+// (make_stack_layer checks each field) and read by name here.
+struct StackLayer {
+  Packing packing;
+  Linear qkv;       // [3H, H]
+  Linear attn_out;  // [H, H]
+  Norm attn_norm;   // [H]
+  Linear ffn_in;    // [F, H]
+  Linear ffn_out;   // [H, F]
+  Norm ffn_norm;    // [H]
+};
+
+// A tensor's shape and dtype, for errors: "[96, 32] Float"
+std::string describe(const Tensor& t) {
+  std::ostringstream out;
+  out << t.sizes() << " " << t.scalar_type();
+  return out.str();
+}
+
+// A fp32 contiguous vector [n], else an error naming the field
+void check_vector(const Tensor& v, const std::string& field, int64_t n) {
+  TORCH_CHECK(v.defined() && v.dim() == 1 && v.size(0) == n && v.scalar_type() == at::kFloat && v.is_contiguous(),
+              "StackLayer: ", field, " must be a contiguous fp32 [", n, "] tensor, got ",
+              v.defined() ? describe(v) : "none");
+}
+
+// A linear's weight [N, K], its packing and its bias, else an error naming the field (name: "qkv" for qkv_weight,
+// qkv_packed, qkv_bias)
+void check_linear(const Linear& l, const std::string& name, Packing packing, int64_t N, int64_t K) {
+  const auto dtype = l.weight.scalar_type();
+  const bool fp32_only = packing == Packing::onednn || packing == Packing::mkl;
+  TORCH_CHECK(l.weight.dim() == 2 && l.weight.size(0) == N && l.weight.size(1) == K &&
+                  (dtype == at::kFloat || (dtype == at::kBFloat16 && !fp32_only)) &&
+                  (dtype == at::kBFloat16 || packing != Packing::pairs),
+              "StackLayer: ", name, "_weight must be a [", N, ", ", K, "] ",
+              packing == Packing::pairs ? "bf16" : fp32_only ? "fp32" : "fp32 or bf16", " tensor for packing '",
+              packing_name(packing), "', got ", describe(l.weight));
+  const int64_t blocks = (N + kCols - 1) / kCols;
+  const auto& p = l.packed;
+  bool fits = false;
+  std::ostringstream expected;
+  if (packing == Packing::blocks) {
+    fits = p.dim() == 3 && p.size(0) == blocks && p.size(1) == K && p.size(2) == kCols;
+    expected << "pack_blocks' [" << blocks << ", " << K << ", " << kCols << "]";
+  } else if (packing == Packing::pairs) {
+    fits = p.dim() == 4 && p.size(0) == blocks && p.size(1) == (K + 1) / 2 && p.size(2) == kCols && p.size(3) == 2;
+    expected << "pack_pairs' [" << blocks << ", " << (K + 1) / 2 << ", " << kCols << ", 2]";
+  } else {
+    fits = p.is_mkldnn() && p.dim() == 2 && (packing == Packing::mkl || (p.size(0) == N && p.size(1) == K));
+    expected << (packing == Packing::onednn ? "oneDNN's packing [" : "MKL's packing [") << N << ", " << K << "]";
+  }
+  TORCH_CHECK(fits && p.scalar_type() == dtype && (p.is_mkldnn() || p.is_contiguous()), "StackLayer: ", name,
+              "_packed must be ", expected.str(), " of ", name, "_weight (", dtype, ") for packing '",
+              packing_name(packing), "', got ", describe(p));
+  check_vector(l.bias, name + "_bias", N);
+}
+
+// A StackLayer from its fields, each checked against the packing and the hidden size (qkv_weight's K) and FFN size
+// (ffn_in_weight's N); a field of the wrong shape or dtype is an error naming it.
+StackLayer make_stack_layer(const std::string& packing, Tensor qkv_weight, Tensor qkv_packed, Tensor qkv_bias,
+                            Tensor attn_out_weight, Tensor attn_out_packed, Tensor attn_out_bias,
+                            Tensor attn_norm_weight, Tensor attn_norm_bias, Tensor ffn_in_weight,
+                            Tensor ffn_in_packed, Tensor ffn_in_bias, Tensor ffn_out_weight, Tensor ffn_out_packed,
+                            Tensor ffn_out_bias, Tensor ffn_norm_weight, Tensor ffn_norm_bias) {
+  StackLayer layer{parse_packing(packing),
+                   {qkv_weight, qkv_packed, qkv_bias},
+                   {attn_out_weight, attn_out_packed, attn_out_bias},
+                   {attn_norm_weight, attn_norm_bias},
+                   {ffn_in_weight, ffn_in_packed, ffn_in_bias},
+                   {ffn_out_weight, ffn_out_packed, ffn_out_bias},
+                   {ffn_norm_weight, ffn_norm_bias}};
+  TORCH_CHECK(qkv_weight.dim() == 2, "StackLayer: qkv_weight must be a [3H, H] tensor (H: the hidden size), got ",
+              describe(qkv_weight));
+  TORCH_CHECK(ffn_in_weight.dim() == 2, "StackLayer: ffn_in_weight must be an [F, H] tensor (F: the FFN size), got ",
+              describe(ffn_in_weight));
+  const int64_t H = qkv_weight.size(1), F = ffn_in_weight.size(0);
+  check_linear(layer.qkv, "qkv", layer.packing, 3 * H, H);
+  check_linear(layer.attn_out, "attn_out", layer.packing, H, H);
+  check_vector(layer.attn_norm.weight, "attn_norm_weight", H);
+  check_vector(layer.attn_norm.bias, "attn_norm_bias", H);
+  check_linear(layer.ffn_in, "ffn_in", layer.packing, F, H);
+  check_linear(layer.ffn_out, "ffn_out", layer.packing, H, F);
+  check_vector(layer.ffn_norm.weight, "ffn_norm_weight", H);
+  check_vector(layer.ffn_norm.bias, "ffn_norm_bias", H);
+  return layer;
+}
+
+// x [T, K] @ W^T + bias of one of a layer's linears, on the layer's packing -> [T, N] fp32
+Tensor multiply(const Tensor& x, const Linear& l, Packing packing, Isa isa) {
+  switch (packing) {
+    case Packing::blocks: return multiply_packed(x, l.packed, l.weight.size(0), l.bias, false, isa, "post_ln_layers");
+    case Packing::pairs: return multiply_packed(x, l.packed, l.weight.size(0), l.bias, true, isa, "post_ln_layers");
+    case Packing::onednn: return onednn_linear(x, l.packed, l.bias);
+    case Packing::mkl: break;
+  }
+  return mkl_linear(x, l.packed, l.weight, l.bias);
+}
+
+// That layer i takes x [T, H] on this isa: hidden size and packing, else an error naming the layer
+void check_layer_call(const StackLayer* layer, size_t i, const Tensor& x, Isa isa) {
+  TORCH_CHECK(layer != nullptr, "post_ln_layers: layer ", i, " is None, not a StackLayer");
+  TORCH_CHECK(layer->qkv.weight.size(1) == x.size(1), "post_ln_layers: layer ", i, " takes [T, ",
+              layer->qkv.weight.size(1), "], x is ", describe(x));
+  if (layer->packing == Packing::blocks || layer->packing == Packing::pairs)
+    TORCH_CHECK(isa != Isa::aten, "post_ln_layers: layer ", i, "'s packing '", packing_name(layer->packing),
+                "' needs isa 'avx2' or 'avx512' (the module's own products), got 'aten'");
+  if (layer->packing == Packing::pairs) check_dot(isa, "post_ln_layers");
+}
+
+// One post-LN layer: x [T, H] fp32 -> [T, H] fp32 (see post_ln_layers)
+Tensor run_layer(const Tensor& x, const StackLayer& layer, const std::vector<int64_t>& runs, int64_t heads,
+                 double scale, double eps, const std::string& activation, int64_t attention_len, Isa isa,
+                 const std::string& isa_name) {
+  const bool dot = layer.packing == Packing::pairs;  // bf16 dot products: the attention's too
+  const Tensor ctx = attention(multiply(x, layer.qkv, layer.packing, isa), runs, heads, scale, attention_len, dot,
+                               isa_name);
+  Tensor h = multiply(ctx, layer.attn_out, layer.packing, isa);
+  add_layer_norm_(h, x, layer.attn_norm.weight, layer.attn_norm.bias, eps, isa_name);
+  Tensor f = multiply(h, layer.ffn_in, layer.packing, isa);
+#if PADFREE_X86
+  if (dot)  // the activation and the FFN-out product's rounding to bf16 in one pass
+    f = round_bf16(f, parse_activation(activation));
+  else
+#endif
+    activate_(f, activation, isa_name);
+  Tensor y = multiply(f, layer.ffn_out, layer.packing, isa);
+  add_layer_norm_(y, h, layer.ffn_norm.weight, layer.ffn_norm.bias, eps, isa_name);
+  return y;
+}
+
+// x [T, H] (fp32) through the layers (StackLayers, in the order they run; each states its packing, hence its
+// products, and is checked against x and isa before any runs). The biases and LayerNorm vectors are fp32 whatever the
+// weights' dtype. runs: (first token, sequences, length) of each run, flattened. attention_len: the longest sequence
+// the native attention takes (attention()). isa: the ISA of every kernel of the stack (aten: ATen's activation,
+// add + layer_norm and attention, the products oneDNN's or MKL's).
+Tensor post_ln_layers(Tensor x, const std::vector<const StackLayer*>& layers, const std::vector<int64_t>& runs,
                       int64_t heads, double scale, double eps, const std::string& activation, int64_t attention_len,
-                      bool onednn, const std::string& isa) {
-  const Isa checked = parse_isa(isa, "post_ln_layers");
-  TORCH_CHECK(tensors.size() % 16 == 0, "post_ln_layers: 16 tensors per layer, got ", tensors.size());
+                      const std::string& isa_name) {
+  const Isa isa = parse_isa(isa_name, "post_ln_layers");
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(),
               "post_ln_layers: x must be a contiguous fp32 [T, H] tensor");
   TORCH_CHECK(runs.size() % 3 == 0, "post_ln_layers: runs must be (first, count, length) triples");
-  for (size_t i = 0; i < tensors.size(); i += 16) {
-    const Tensor* p = &tensors[i];
-    const bool dot = p[1].dim() == 4;  // a bf16 model on dot products (pack_pairs): its attention on them too
-    if (dot) check_dot(checked, "post_ln_layers");
-    const Tensor ctx = attention(linear(x, p[1], p[0], p[2], onednn, isa), runs, heads, scale, attention_len, dot, isa);
-    Tensor h = linear(ctx, p[4], p[3], p[5], onednn, isa);
-    add_layer_norm_(h, x, p[6], p[7], eps, isa);
-    Tensor f = linear(h, p[9], p[8], p[10], onednn, isa);
-#if PADFREE_X86
-    if (dot)  // the activation and the FFN-out product's rounding to bf16 in one pass
-      f = round_bf16(f, parse_activation(activation));
-    else
-#endif
-      activate_(f, activation, isa);
-    x = linear(f, p[12], p[11], p[13], onednn, isa);
-    add_layer_norm_(x, h, p[14], p[15], eps, isa);
-  }
+  for (size_t i = 0; i < layers.size(); ++i) check_layer_call(layers[i], i, x, isa);
+  for (const StackLayer* layer : layers)
+    x = run_layer(x, *layer, runs, heads, scale, eps, activation, attention_len, isa, isa_name);
   return x;
 }
 
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  py::class_<StackLayer>(m, "StackLayer",
+                         "One post-LN layer of post_ln_layers: its tensors by name and the packing of its weights "
+                         "(blocks, pairs, onednn or mkl), each field checked once, here.")
+      .def(py::init(&make_stack_layer), py::kw_only(), py::arg("packing"), py::arg("qkv_weight"),
+           py::arg("qkv_packed"), py::arg("qkv_bias"), py::arg("attn_out_weight"), py::arg("attn_out_packed"),
+           py::arg("attn_out_bias"), py::arg("attn_norm_weight"), py::arg("attn_norm_bias"), py::arg("ffn_in_weight"),
+           py::arg("ffn_in_packed"), py::arg("ffn_in_bias"), py::arg("ffn_out_weight"), py::arg("ffn_out_packed"),
+           py::arg("ffn_out_bias"), py::arg("ffn_norm_weight"), py::arg("ffn_norm_bias"))
+      .def_property_readonly("packing", [](const StackLayer& layer) { return packing_name(layer.packing); });
   m.def("post_ln_layers", &post_ln_layers, py::call_guard<py::gil_scoped_release>());
   m.def("cpu_runs", &cpu_runs);
   m.def("pin_workers", &pin_workers);
