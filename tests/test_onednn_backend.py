@@ -1,11 +1,13 @@
 """The CPU oneDNN backend's fused linear ops against the pure-PyTorch references, and the registry's composition."""
+import inspect
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from padfree import cpu, ops
 from padfree.ops import torch_backend
-from padfree.ops.registry import Kernels
+from padfree.ops.registry import FUSED_OPS, OPS, PRIMITIVES, Kernels
 
 onednn = pytest.importorskip("padfree.ops.onednn_backend")
 pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="no oneDNN in this torch build")
@@ -151,6 +153,29 @@ def test_registry_picks_onednn_on_cpu_and_composes_elsewhere():
     x, w, b = _data()
     torch.testing.assert_close(kt.linear_bias_act(x, w, b, "gelu"), k.linear_bias_act(x, w, b, "gelu"),
                                atol=2e-5, rtol=2e-5)
+
+
+def test_each_composition_declares_the_primitive_it_calls():
+    """The registry's declarations say what is true: a fused op declared composed from a primitive has a composition
+    that takes and calls it (a stand-in records the call), and the two whose compositions call none (the pooler's:
+    torch ops alone; the stack's: None) declare none and take none, listed after named_after's backend."""
+    x, w, b = _data(T=4, K=8, N=6)
+    args = {"qkv_varlen_attention": (x, w, b, torch.tensor([0, 4]), 4, 2), "linear_bias_act": (x, w, b, "gelu"),
+            "linear_gated_act": (x, w, b, "gelu"), "linear_residual_layer_norm": (x, w, b, x[:, :6], b, b, 1e-5)}
+    for name in FUSED_OPS:
+        op = OPS[name]
+        takes = len(inspect.signature(op.compose).parameters)
+        if op.composed_from is None:
+            assert takes == 0 and op.named_after in PRIMITIVES, name
+            continue
+        assert takes == 1 and op.composed_from in PRIMITIVES and op.named_after is None, name
+        called = []
+        composed = op.compose(lambda *a, **kw: called.append(a) or "the primitive's")
+        assert composed(*args[name]) == "the primitive's" and len(called) == 1, name
+    assert torch.equal(OPS["linear_tanh"].compose()(x, w, b), torch.tanh(F.linear(x, w, b)))
+    assert OPS["post_ln_layers"].compose()(x, [], [], 2, 0.3, 1e-12, "gelu") is None
+    k16 = Kernels.resolve("cpu", torch.float16, 64)  # no oneDNN fp16 path: every fused op composed
+    assert {k16.names[n] for n in FUSED_OPS if n in k16.names} == {"composed(torch)"}
 
 
 def test_named_onednn_backend_runs_with_the_torch_primitives():

@@ -45,11 +45,11 @@ def _compose_linear_residual_layer_norm(add_ln: Callable) -> Callable:
     return lambda x, w, b, residual, ln_w, ln_b, eps: add_ln(F.linear(x, w), b, residual, ln_w, ln_b, eps)
 
 
-def _compose_linear_tanh(_: Callable) -> Callable:
+def _compose_linear_tanh() -> Callable:
     return lambda x, w, b: torch.tanh(F.linear(x, w, b))
 
 
-def _compose_post_ln_layers(_: Callable) -> Callable:
+def _compose_post_ln_layers() -> Callable:
     return lambda x, layers, runs, heads, scale, eps, activation: None  # no fused stack: the encoder runs each layer
 
 
@@ -59,9 +59,13 @@ class Op:
     name: str
     signature: str                       # the call every backend implements (documentation)
     attention: bool = False              # checked against a backend's head sizes and relative capability
-    composed_from: str | None = None     # a fused op: the primitive it is F.linear + (where no backend fuses it;
-                                         # post_ln_layers: none, its composition answers None)
-    compose: Callable[[Callable], Callable] | None = None  # that composition, given the resolved primitive
+    composed_from: str | None = None     # a fused op composed as F.linear + a primitive: that primitive
+    compose: Callable[..., Callable] | None = None  # a fused op's composition, where no backend implements it:
+                                         # given composed_from's resolved function, or nothing where it calls no
+                                         # primitive (torch ops alone, or none); a primitive has none
+    named_after: str | None = None       # a composition that calls no primitive: the primitive whose backend it is
+                                         # listed with, composed(<that backend>), as it runs beside that backend's
+                                         # ops on their device (the CUDA graph check reads these names)
     uses: frozenset[str] = frozenset()   # model features (ModelConfig.features) that change what this op must
                                          # do; a backend runs it for such a model only if it lists them
     only_for: str | None = None          # resolved only for models with this feature (e.g. "gated_ffn")
@@ -70,8 +74,9 @@ class Op:
 # Every op, once. Primitives first; the fused ops are a linear together with what consumes its output: a backend
 # may implement them (the CPU oneDNN backend does, with the matrix-product epilogues); where none does, the
 # registry composes them from F.linear and the primitive it resolved, so a backend that only has the primitives
-# (Triton) keeps its kernels. Adding an op: one entry here, a function of that name in each backend module that
-# implements it (listed in its Backend.ops), a reference in reference.py, a wrapper in ops/__init__.py.
+# (Triton) keeps its kernels; two compositions call no primitive (the pooler's and the stack's). Adding an op: one
+# entry here, a function of that name in each backend module that implements it (listed in its Backend.ops), a
+# reference in reference.py, a wrapper in ops/__init__.py.
 _ATTENTION_FEATURES = frozenset({"rotary", "sliding_window"})
 OPS: dict[str, Op] = {op.name: op for op in (
     Op("varlen_attention", "(qkv [T, 3H], cu_seqlens, max_seqlen, num_heads, qkv_bias=None, scale=None, rel=None, "
@@ -91,17 +96,17 @@ OPS: dict[str, Op] = {op.name: op for op in (
        composed_from="gated_act", compose=_compose_linear_gated_act, only_for="gated_ffn"),
     Op("linear_residual_layer_norm", "(x [T, K], weight [N, K], bias, residual [T, N], ln_weight, ln_bias, eps) "
        "-> [T, N]", composed_from="add_bias_residual_layer_norm", compose=_compose_linear_residual_layer_norm),
-    # BERT's pooler over the first token of each sequence (a few rows: a pass over the weight); the composition
-    # ignores its primitive, as post_ln_layers' does
-    Op("linear_tanh", "(x [B, K], weight [N, K], bias) -> tanh(x W^T + b) [B, N]", composed_from="bias_act",
-       compose=_compose_linear_tanh),
+    # BERT's pooler over the first token of each sequence (a few rows: a pass over the weight); composed of torch
+    # ops alone (no primitive has tanh)
+    Op("linear_tanh", "(x [B, K], weight [N, K], bias) -> tanh(x W^T + b) [B, N]", compose=_compose_linear_tanh,
+       named_after="bias_act"),
     # the whole post-LN stack of a plain layer (no relative terms, rotary or gated FFN) in one call where a backend
-    # has it for this batch; None (the composition) means: run the layers one by one
+    # has it for this batch; its composition calls nothing and answers None: run the layers one by one
     Op("post_ln_layers", "(x [T, H], layers [EncoderLayer], runs, num_heads, scale, eps, activation) -> [T, H] or "
-       "None", composed_from="bias_act", compose=_compose_post_ln_layers),
+       "None", compose=_compose_post_ln_layers, named_after="bias_act"),
 )}
-PRIMITIVES = tuple(name for name, op in OPS.items() if op.composed_from is None)
-FUSED_OPS = tuple(name for name, op in OPS.items() if op.composed_from is not None)
+PRIMITIVES = tuple(name for name, op in OPS.items() if op.compose is None)
+FUSED_OPS = tuple(name for name, op in OPS.items() if op.compose is not None)
 
 
 @dataclass(frozen=True)
@@ -209,7 +214,8 @@ def select(op: str, device: torch.device | str, dtype: torch.dtype, head_dim: in
            plan: CpuPlan | None = None) -> tuple[str, Callable]:
     """``(backend name, function)`` for ``op``, the one way kernels are resolved (``Kernels.resolve`` calls it
     for each op; the per-call functions of ``padfree.ops`` too). A fused op no candidate implements is
-    composed from F.linear and its primitive, named ``composed(<backend>)``. ``ValueError`` with every reason
+    composed from F.linear and its primitive, named ``composed(<backend>)`` after the primitive's backend (one whose
+    composition calls none: after its ``named_after``'s). ``ValueError`` with every reason
     when nothing fits, or when a named backend cannot run (there is no silent fallback).
 
     ``relative_scores``: the model passes relative-position score terms to the attention; ``features``: the
@@ -228,12 +234,16 @@ def select(op: str, device: torch.device | str, dtype: torch.dtype, head_dim: in
             log.info("padfree: %s uses backend %s%s", op, b.name, f" ({_reasons(reasons)})" if reasons else "")
             return b.name, b.function(op, plan)
         reasons[b.name] = why
-    if spec.composed_from is not None:
+    if spec.compose is not None:
+        primitive = spec.composed_from or spec.named_after
         try:
-            name, fn = select(spec.composed_from, device, dtype, head_dim, backend, relative_scores, features, plan)
+            name, fn = select(primitive, device, dtype, head_dim, backend, relative_scores, features, plan)
         except ValueError as e:
             raise ValueError(f"no backend can run {op} on {device.type} with {dtype}: {_reasons(reasons)}; "
                              f"and composing it failed: {e}") from None
+        if spec.composed_from is None:
+            log.info("padfree: %s composed of torch ops, beside %s's (%s)", op, name, _reasons(reasons))
+            return f"composed({name})", spec.compose()
         log.info("padfree: %s composed from F.linear and %s (%s)", op, name, _reasons(reasons))
         return f"composed({name})", spec.compose(fn)
     raise ValueError(f"no backend can run {op} on {device.type} with {dtype}"
