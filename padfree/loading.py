@@ -2,7 +2,8 @@
 
 A checkpoint (a local directory or an in-memory ``transformers`` model) is read once, its keys mapped by
 the family's explicit table (QKV fused into one ``[3H, H]`` weight here), every key and shape checked, and
-the encoder built on the meta device and filled with ``load_state_dict(assign=True)``.
+the encoder built on the meta device and filled with ``load_state_dict(assign=True)``
+(:meth:`padfree.Encoder.from_state`).
 """
 from __future__ import annotations
 
@@ -130,16 +131,6 @@ def from_pretrained(source, dtype: torch.dtype = torch.float32, device: torch.de
     return load(source, dtype, device, backend, task).encoder
 
 
-class _SkipInit(torch.overrides.TorchFunctionMode):
-    """``torch.nn.init`` functions return their tensor untouched (the weights are assigned right after).
-    A torch-function mode is per thread, so other threads building modules are not affected."""
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        if getattr(func, "__module__", None) == "torch.nn.init":
-            return args[0] if args else next(iter((kwargs or {}).values()))
-        return func(*args, **(kwargs or {}))
-
-
 @dataclass
 class Loaded:
     """What :func:`load` read: the encoder plus the checkpoint it came from (for task heads)."""
@@ -175,18 +166,9 @@ def load(source, dtype: torch.dtype = torch.float32, device: torch.device | str 
                              f"lora_adaptations: {sorted(factors)[:4]}")
     state = map_weights(family, cfg, hf_state)
     adapters = TaskAdapters.build(family, cfg, lora, factors, state) if lora is not None else None
-    with torch.device("meta"), _SkipInit():  # no init on meta tensors: it would import torch._dynamo (~1 s)
-        model = Encoder(cfg, has_pooler="pooler.weight" in state)
-    expected = model.state_dict()
-    wrong = [f"{k}: {tuple(v.shape)} != {tuple(expected[k].shape)}" for k, v in state.items()
-             if v.shape != expected[k].shape]
-    if wrong:
-        raise ValueError(f"checkpoint shapes do not match its config: {wrong[:8]}")
-    state = {k: v.to(device=device, dtype=dtype) for k, v in state.items()}
-    if task is not None:  # merged once, here: W + scale * B A (fp32), then cast
-        state.update(adapters.merged(task, dtype, device))
-    model.load_state_dict(state, assign=True, strict=True)
-    model.task, model.adapters = task, adapters
+    merged = adapters.merged(task, dtype, device) if task is not None else None  # once: W + scale * B A, then cast
+    model = Encoder.from_state(cfg, state, dtype=dtype, device=device, backend=backend, replace=merged,
+                               task=task, adapters=adapters)
     if adapters is not None:
         adapters.register(model)
-    return Loaded(model.prepare(backend), family, hf_config, hf_state)
+    return Loaded(model, family, hf_config, hf_state)

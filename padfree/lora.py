@@ -22,9 +22,10 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from .models.encoder import Encoder
+
 if TYPE_CHECKING:
     from .config import ModelConfig
-    from .models.encoder import Encoder
     from .models.families import Family
 
 _PARAMETRIZED = ".parametrizations.weight."
@@ -180,14 +181,10 @@ class TaskAdapters:
         return enc
 
     def _build(self, task: str | None) -> "Encoder":
-        from .loading import _SkipInit
-        from .models.encoder import Encoder
+        """``task``'s encoder: the first one's tensors, its adapted ones replaced by ``task``'s merge (the same
+        build as a load's: :meth:`Encoder.from_state`)."""
         like = next(iter(self._encoders.values()))
         with torch.inference_mode(False), torch.no_grad():  # may be called from a forward (inference mode)
-            state = dict(like.state_dict())
-            state.update(self.merged(task, like.dtype, like.device))
-            with torch.device("meta"), _SkipInit():
-                enc = Encoder(like.config, has_pooler=like.pooler is not None)
-            enc.load_state_dict(state, assign=True, strict=True)
-        enc.task, enc.adapters = task, self
-        return enc.prepare(like.backend)
+            return Encoder.from_state(like.config, dict(like.state_dict()), dtype=like.dtype, device=like.device,
+                                      backend=like.backend, replace=self.merged(task, like.dtype, like.device),
+                                      task=task, adapters=self)

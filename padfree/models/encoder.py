@@ -128,6 +128,16 @@ class RelativePositions(nn.Module):
         return RelativeTables(cfg, self.table, norm, rows)
 
 
+class _SkipInit(torch.overrides.TorchFunctionMode):
+    """``torch.nn.init`` functions return their tensor untouched (the weights are assigned right after).
+    A torch-function mode is per thread, so other threads building modules are not affected."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if getattr(func, "__module__", None) == "torch.nn.init":
+            return args[0] if args else next(iter((kwargs or {}).values()))
+        return func(*args, **(kwargs or {}))
+
+
 class Encoder(nn.Module):
     """A padding-free encoder. Build it with :func:`padfree.from_pretrained`."""
 
@@ -145,6 +155,31 @@ class Encoder(nn.Module):
         self.compute_dtype: torch.dtype | None = None  # the forward's arithmetic (prepare(): _compute_dtype)
         self.task: str | None = None  # the task LoRA adapter merged into these weights (None: base weights)
         self.adapters = None  # padfree.lora.TaskAdapters of a checkpoint with task adapters (jina-embeddings-v3)
+
+    @classmethod
+    def from_state(cls, cfg: ModelConfig, state: dict[str, torch.Tensor], *, dtype: torch.dtype,
+                   device: torch.device | str, backend: str = "auto",
+                   replace: dict[str, torch.Tensor] | None = None, task: str | None = None,
+                   adapters=None) -> "Encoder":
+        """An encoder whose parameters are ``state``'s tensors (padfree names; a pooler where it holds
+        ``pooler.weight``), prepared for ``backend``: built on the meta device (no allocation, no init), every shape
+        checked (``ValueError`` naming those that do not fit ``cfg``), the tensors cast to ``dtype`` on ``device``
+        (a tensor already there is used as it is, not copied) and assigned. ``replace``: tensors taken instead of
+        ``state``'s, as they are (a task adapter's merged weights). ``task`` / ``adapters``: what the weights
+        merged, and the :class:`padfree.lora.TaskAdapters` they came from."""
+        with torch.device("meta"), _SkipInit():  # no init on meta tensors: it would import torch._dynamo (~1 s)
+            model = cls(cfg, has_pooler="pooler.weight" in state)
+        expected = model.state_dict()
+        wrong = [f"{k}: {tuple(v.shape)} != {tuple(expected[k].shape)}" for k, v in state.items()
+                 if k in expected and v.shape != expected[k].shape]
+        if wrong:
+            raise ValueError(f"checkpoint shapes do not match its config: {wrong[:8]}")
+        replace = replace or {}
+        state = {k: v.to(device=device, dtype=dtype) for k, v in state.items() if k not in replace}
+        state.update(replace)
+        model.load_state_dict(state, assign=True, strict=True)
+        model.task, model.adapters = task, adapters
+        return model.prepare(backend)
 
     def prepare(self, backend: str = "auto", plan: CpuPlan | None = None) -> "Encoder":
         """Resolve the ops for this encoder's device and dtype (call after loading or moving it). ``plan``: the CPU
