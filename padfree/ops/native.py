@@ -66,7 +66,8 @@ def module() -> ModuleType | None:
 def pin_workers(plan: CpuPlan) -> None:
     """Pin the OpenMP worker threads serving the calling thread's torch ops each to its own CPU, once per calling
     thread, where the process may run on exactly as many CPUs as torch has threads (``small_layers.cpp``,
-    ``pin_workers``, says why: a worker the scheduler put on its caller's CPU stalled batch-1 calls by 10-15 ms).
+    ``pin_workers``, says why: a worker the scheduler put on its caller's CPU stalled batch-1 calls; NOTES.md
+    section 19).
     The CPU encoder calls it before each forward; without the native module, or where the plan says not to
     (``PADFREE_PIN_THREADS=0``, ``PADFREE_NATIVE=0``), it does nothing."""
     if plan.pin_threads and plan.native_isa and (mod := module()) is not None:

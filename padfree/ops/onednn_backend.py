@@ -1,30 +1,29 @@
 """The CPU backend for the matrix products: oneDNN linears with prepacked weights and fused epilogues.
 
 It implements the *fused* ops (a linear followed by what consumes it) and the embedding; the other elementwise
-primitives stay with the portable torch backend. On this machine kind (2-core AVX-512-bf16 EPYC) a oneDNN linear on
-a weight reordered once into oneDNN's blocked layout is 10-20 % faster than ``F.linear`` (MKL) in fp32 and a few %
-in bf16, and the epilogues save whole passes over ``[T, F]`` / ``[T, H]`` (see benchmarks/NOTES.md for each
-measurement):
+primitives stay with the portable torch backend. A linear runs on its weight reordered once into oneDNN's blocked
+layout, faster than ``F.linear`` (MKL), and the epilogues save whole passes over ``[T, F]`` / ``[T, H]``
+(benchmarks/NOTES.md, section 1):
 
 - ``linear_bias_act``: bias and GELU/ReLU/SiLU run inside the matrix product (oneDNN eltwise post-op);
 - ``linear_residual_layer_norm``: bias and residual add inside the product (oneDNN binary post-op), then LayerNorm;
 - ``linear_tanh``: BERT's pooler, a few rows on the native product (below);
-- ``embed_layer_norm`` (a primitive, the only one here): with the native kernels the lookups, sum and LayerNorm in one native
-  pass;
+- ``embed_layer_norm`` (a primitive, the only one here): with the native kernels the lookups, sum and LayerNorm in
+  one native pass;
 - ``qkv_varlen_attention``: the QKV product with its bias inside, then attention per group of equal-length
-  sequences straight on strided views of ``[T, 3H]`` (PyTorch's CPU flash
-  kernel runs in bf16: converting to fp32 was speed-neutral on W1 and 20 % slower on W2, see NOTES.md).
+  sequences straight on strided views of ``[T, 3H]``, in the activations' dtype (PyTorch's CPU flash kernel takes
+  bf16 as it is: converting it to fp32 did not pay, NOTES.md section 2).
 
 Which path a batch takes is decided by the CPU plan each function takes (``plan``: the encoder's, resolved once;
 :mod:`padfree.cpu`). Small fp32 batches (at most ``plan.mkl_small_rows`` packed tokens: Intel CPUs) run their
-products on MKL's packed sgemm, with the epilogue as separate ops: at 8-64 rows a product is a pass over its weight,
-and MKL's packed kernel makes that pass 15-38 % faster than oneDNN's on the Xeon VM (benchmarks/NOTES.md, section
-15); on AMD's MKL's sgemm takes 2-3x oneDNN's time (section 19) and the path is off. Its packed copy of a weight is
-made on the first small batch and costs the weight's size again (MiniLM +42 MB, BERT-base +325 MB). Plain post-LN
-models run a short batch's whole layer stack in one native call instead (:func:`post_ln_layers`, the path
-:func:`stack_path` names): on the native module's own products (AVX-512 or AVX2 kernels) for fp32 up to
-``plan.own_product_rows`` tokens and bf16 up to ``plan.bf16_native_rows`` (another packed copy of each weight, made
-on the first such batch), and on oneDNN's products (the copy above) for fp32 up to ``plan.onednn_stack_rows``.
+products on MKL's packed sgemm, with the epilogue as separate ops: at a few dozen rows a product is a pass over its
+weight, which MKL's packed kernel makes faster than oneDNN's on Intel's CPUs and slower on AMD's, where the path is
+off (NOTES.md, sections 15 and 19). Its packed copy of a weight is made on the first small batch and costs the
+weight's size again (section 15). Plain post-LN models run a short batch's whole layer stack in one native call
+instead (:func:`post_ln_layers`, the path :func:`stack_path` names): on the native module's own products (AVX-512
+or AVX2 kernels) for fp32 up to ``plan.own_product_rows`` tokens and bf16 up to ``plan.bf16_native_rows`` (another
+packed copy of each weight, made on the first such batch), and on oneDNN's products (the copy above) for fp32 up to
+``plan.onednn_stack_rows``.
 
 Packed weights are cached per parameter and layout (weakly, and keyed by the parameter's version counter, so an
 in-place update of the weight repacks it). Shapes: T = packed tokens, K = input features, N = output features.
@@ -153,9 +152,9 @@ def linear_residual_layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torc
 def embed_layer_norm(input_ids, position_ids, token_type_ids, word, position, token_type, weight, bias,
                      eps: float, plan: CpuPlan | None = None) -> torch.Tensor:
     """``LayerNorm(word[ids] + position[pos] + token_type[types])``: ``[T, E]``. With the native kernels (AVX2 or
-    AVX-512) one pass (the rows summed in fp32 and normalised, rounded once to the tables' dtype): at a handful of
-    tokens ATen's three lookups, two adds and LayerNorm cost ~5 us of dispatch each (NOTES.md section 20);
-    otherwise the torch backend's."""
+    AVX-512) one pass (the rows summed in fp32 and normalised, rounded once to the tables' dtype) in place of ATen's
+    three lookups, two adds and LayerNorm, whose dispatch is most of their cost at a handful of tokens (NOTES.md
+    section 20); otherwise the torch backend's."""
     isa = (plan or cpu.current()).native_isa
     mod = native.module() if isa in _KERNEL_ISAS else None
     tables = [t for t in (word, position, token_type) if t is not None]
@@ -171,8 +170,8 @@ def embed_layer_norm(input_ids, position_ids, token_type_ids, word, position, to
 def linear_tanh(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                 plan: CpuPlan | None = None) -> torch.Tensor:
     """``tanh(x @ weight.T + bias)``: ``[B, K] -> [B, N]``, BERT's pooler over the first token of each sequence.
-    A few rows' product is one pass over the weight: the native product streams it (MiniLM's pooler at batch 1:
-    62-77 us against 145-194 for ``F.linear``, the weight cold after the layers; NOTES.md section 20)."""
+    A few rows' product is one pass over the weight, cold after the layers: the native product streams it faster
+    than ``F.linear`` does (NOTES.md section 20)."""
     plan = plan or cpu.current()
     y = _native_linear(x, weight, bias, plan)
     return torch.tanh(_linear(x, weight, bias, plan) if y is None else y)
@@ -212,9 +211,10 @@ _NATIVE_ACTIVATIONS = frozenset({"gelu", "gelu_tanh", "relu", "silu"})  # those 
 
 
 def stack_path(dtype: torch.dtype, rows: int, plan: CpuPlan) -> str | None:
-    """The products a batch of ``rows`` tokens on weights of ``dtype`` runs in the native stack under ``plan``: a packing
-    layout ("blocks", "pairs": the native product; "mkl", "onednn": those libraries'), or None where the stack does
-    not take it (the layers then run one by one). The thresholds are the plan's (:func:`padfree.cpu.plan_for`)."""
+    """The products a batch of ``rows`` tokens on weights of ``dtype`` runs in the native stack under ``plan``: the
+    packing of its layers' weights (``StackLayer.packing``: "blocks", "pairs": the native product; "mkl", "onednn":
+    those libraries'), or None where the stack does not take it (the layers then run one by one). The thresholds are
+    the plan's (:func:`padfree.cpu.plan_for`)."""
     if not plan.native_isa:
         return None
     if (layout := native_packing(dtype, rows, plan)) is not None:

@@ -60,9 +60,8 @@ Tensor onednn_linear(const Tensor& x, const Tensor& packed, const Tensor& bias) 
 // keeps a team per calling thread) each to its own CPU, the caller itself left free; only where the process may run
 // on exactly as many CPUs as torch has threads (a machine or container of its own: with more CPUs than threads,
 // several processes would pin their workers to the same ones). Unpinned, the scheduler sometimes put a spinning
-// worker on the CPU its caller needed: on the 2-core EPYC VM, after 20 ms of idle, 10-20 % of MiniLM's batch-1 calls
-// took 12-16 ms instead of ~2 (benchmarks/NOTES.md, section 19). Once per calling thread and team size; returns
-// whether it pinned now.
+// worker on the CPU its caller needed and stalled the call for a scheduler slice (benchmarks/NOTES.md, section 19).
+// Once per calling thread and team size; returns whether it pinned now.
 bool pin_workers() {
   thread_local int64_t pinned_for = 0;  // the team size this thread's workers were pinned for
   const int64_t threads = at::get_num_threads();
@@ -151,17 +150,16 @@ void check_dot(Isa isa, const char* op) {
 // At a few dozen rows a product is a pass over its weight, which comes from the last-level cache or memory (a model's
 // weights do not fit the 2 MiB L2): the kernel streams the weight once per 12 rows in blocks of 32 columns packed
 // contiguously, on Intel CPUs prefetching 4 KiB ahead of its loads, which the Xeon's hardware prefetcher alone does
-// not keep fed (own_prefetch; Xeon: 1.2-2.3x MKL's packed sgemm at 8-48 rows; EPYC, where the hardware prefetcher
-// suffices: faster than oneDNN's to 64 rows, as fast at 96; above those the caller hands fp32 batches MKL's or
-// oneDNN's packings; benchmarks/NOTES.md sections 18 and 19). At 13-16 rows a block takes two calls of at most 8
-// rows: the first streams it from memory, the second finds it in L2 and, so that memory does not idle while it
-// computes, prefetches the thread's next block into L2 (BERT-base at 16 tokens 3-4 % faster on the EPYC; with more
-// rows a call, its compute alone covers the next block's memory time: section 20). A bf16 weight is half the bytes,
-// widened to fp32 in registers (block) or used in bf16 dot products (block_pairs).
+// not keep fed (own_prefetch). The caller gives it the batches where it beats MKL's and oneDNN's products and hands
+// larger fp32 batches those libraries' packings (benchmarks/NOTES.md, sections 18 and 19). At 13-16 rows a block
+// takes two calls of at most 8 rows: the first streams it from memory, the second finds it in L2 and, so that memory
+// does not idle while it computes, prefetches the thread's next block into L2 (with more rows a call, its compute
+// alone covers the next block's memory time: section 20). A bf16 weight is half the bytes, widened to fp32 in
+// registers (block) or used in bf16 dot products (block_pairs).
 constexpr int64_t kCols = 32;     // output columns per block: two 16-lane fp32 vectors
 constexpr int kRows = 12;         // rows per kernel call: 24 accumulators, 2 weight vectors, 1 broadcast in registers
 constexpr int kSplit = 11;        // rows per call where a block takes several: the 12-row kernel keeps 12 row
-                                  // pointers and spills one per step, 4-8 % slower than 11 rows (section 21)
+                                  // pointers and spills one per step (section 21)
 constexpr int64_t kAhead = 4096;  // prefetch distance in bytes
 
 // weight [N, K] -> [ceil(N / 32), K, 32], columns padded with zeros. fp32 in column order; bf16 in the word order
@@ -218,18 +216,18 @@ const int64_t* table_index(const Tensor& index, const Tensor& table, int64_t T, 
 // ---- attention of short sequences ----
 // Per (sequence, head): the keys transposed so that a query's scores are 16-lane vectors over the keys, then groups
 // of kGroup query rows: their scores, softmax and context, the products in tiles of R rows x up to kTile vectors
-// (keys, or features), so that each loaded vector serves R rows and each broadcast kTile vectors (with the softmax's
-// one horizontal step per row: 1.1-1.2x the speed of one vector by 8 rows at head size 64; NOTES.md, section 21).
+// (keys, or features), so that each loaded vector serves R rows and each broadcast kTile vectors, with the softmax's
+// one horizontal step per row (faster than one vector by 8 rows: NOTES.md, section 21).
 // In fp32 (fp32 FMAs), or for a bf16 model on AMD (BF16_DOT) on bf16 dot products: q, k, v and the softmax's
 // weights rounded to bf16, features (scores) or keys (context) in pairs, half the instructions where vdpbf16ps runs
-// at the FMA rate: 1.4-1.5x faster at 64-128 tokens, with the roundings of a bf16 attention (PyTorch's bf16 kernel
-// takes q, k, v and the weights in bf16 too). Accumulation, softmax and scaling are fp32 in both.
+// at the FMA rate, with the roundings of a bf16 attention (PyTorch's bf16 kernel takes q, k, v and the weights in
+// bf16 too; section 21). Accumulation, softmax and scaling are fp32 in both.
 constexpr int64_t kMaxLen = 128;  // the longest sequence attend() takes (8 score vectors); PyTorch's kernel above
 constexpr int64_t kGroup = 6;     // query rows attend_rows() takes at once
 constexpr int kTile = 4;          // vectors a tile takes at once: R x kTile accumulators
 constexpr int64_t kKeyStride = kMaxLen + 16;  // elements per row of the transposed keys (not a power of two)
 // The tiles' loops over rows and vectors fully unrolled: left to itself GCC kept the context's accumulators in
-// memory, storing them at every step (1.6x slower)
+// memory, storing them at every step (section 21)
 #define PADFREE_UNROLL _Pragma("GCC unroll 24")
 
 // Calls f with std::integral_constant<int, v> (v = 1 ... Max, the ISA's widest tile): a tile's width as a template
@@ -266,9 +264,9 @@ inline __mmask16 lanes(int64_t left) {
   return left >= 16 ? __mmask16(0xFFFF) : left <= 0 ? __mmask16(0) : __mmask16((1u << left) - 1);
 }
 
-// Whether a call prefetches its own block kAhead ahead of its loads: on Intel's Xeon the hardware prefetcher alone
-// did not keep the stream fed (BERT-base's weights at 8 rows: 26.4 ms without, 18.0 with; section 18); on AMD's Zen 4
-// it does, and the software prefetch cost 3-5 % at 8 rows and 1-3 % at 32-64 (section 20)
+// Whether a call prefetches its own block kAhead ahead of its loads: not on AMD's CPUs. On Intel's Xeon the hardware
+// prefetcher alone did not keep the stream fed (section 18); on AMD's Zen 4 it does, and the software prefetch only
+// cost time (section 20)
 bool own_prefetch() {
   static const bool on = !__builtin_cpu_is("amd");
   return on;
@@ -355,9 +353,9 @@ PADFREE_AVX512_BF16 void block_pairs(const uint32_t* x, int64_t P, const uint32_
 
 template <typename X, typename W>
 using BlockFn = void (*)(const X*, int64_t, const W*, const float*, float*, int64_t, int64_t, const char*);
-// A product's kernels: [rows - 1] without prefetches, [kRows + rows - 1] with them. The loop of a kernel that
-// checked for prefetches at each step (on AMD none but the next-block one) ran 5-7 % slower at 32-128 rows than one
-// without the checks (NOTES.md, section 21).
+// A product's kernels: [rows - 1] without prefetches, [kRows + rows - 1] with them: a loop that checked for
+// prefetches at each step (on AMD none but the next-block one) ran slower than one without the checks (NOTES.md,
+// section 21).
 template <typename X, typename W>
 using Kernels = std::array<BlockFn<X, W>, 2 * kRows>;
 template <typename W, size_t... R>
@@ -472,7 +470,7 @@ PADFREE_AVX512_BF16 void round_span(const float* x, at::BFloat16* y, int64_t n) 
 }
 
 // act(x) as bf16 (x contiguous fp32), split over the threads: the input of a product on bf16 dot products, rounded
-// in one pass with the activation before it (ATen's conversion alone took 37 us at 128 x 3072; section 21)
+// in one pass with the activation before it, in place of ATen's conversion, a pass of its own (section 21)
 Tensor round_bf16(const Tensor& x, Act act) {
   TORCH_CHECK(has_avx512_bf16() && x.scalar_type() == at::kFloat && x.is_contiguous(),
               "round_bf16: a contiguous fp32 tensor and AVX-512 BF16");
@@ -492,8 +490,9 @@ Tensor round_bf16(const Tensor& x, Act act) {
 
 // ---- residual add and LayerNorm, fused: y = LayerNorm(y + x) in place ----
 // One row at a time: the sum (stored) and its mean, the variance about the mean (two passes, as exact as ATen's), the
-// normalised row; three passes over a row that stays in L1. Rows split over the threads only where there are enough
-// of them (an ATen add and layer_norm each cost ~5 us of dispatch at a handful of rows; section 20).
+// normalised row; three passes over a row that stays in L1, in place of ATen's add and layer_norm, whose dispatch
+// is most of their cost at a handful of rows (section 20). Rows split over the threads only where there are enough
+// of them.
 // One row: row = LayerNorm(row + res) (res: none, or the residual row; beta: none, or the bias)
 PADFREE_AVX512 inline void norm_row(float* row, const float* res, const float* gamma, const float* beta, int64_t H,
                                     float eps) {
@@ -526,7 +525,7 @@ PADFREE_AVX512 inline void norm_row(float* row, const float* res, const float* g
 
 // ---- embeddings: LayerNorm(word[id] + position[pos] + token_type[type]), a token at a time ----
 // The rows of the tables (fp32 or bf16) summed in fp32 and normalised in place: one pass where ATen's path took
-// three lookups, two adds and a LayerNorm (~5 us of dispatch each at a handful of tokens; section 20).
+// three lookups, two adds and a LayerNorm, each dispatched on its own (section 20).
 PADFREE_AVX512 inline __m512 widen16(const float* p) { return _mm512_loadu_ps(p); }
 PADFREE_AVX512 inline __m512 widen16(const at::BFloat16* p) {  // bf16 = the fp32 high halves
   const __m512i words = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
@@ -775,13 +774,11 @@ PADFREE_AVX2 inline float reduce_max(__m256 v) {
 // and a broadcast (kWhole rows over the whole block), or the accumulators of 2 vectors (half the block) x 6 rows
 // with 2 weight vectors and a broadcast: 8 loads per 12 FMAs. The first pass over a block streams it from memory;
 // passes over one half each read every other 64-byte line of it, which the EPYC (Zen 3) streamed much slower than
-// the whole block in order: 3-8 rows on halves alone took 1.2-1.6x the time of a first whole-block pass of 2 rows
-// and halves for the rest (BERT-base's 768 x 3072 at 4 rows: 746 against 540 us). So 1-2 rows take one whole-block
-// call; more rows a whole-block call of 2 rows first where the block is larger than L1 (32 KiB: fp32 at K > 256,
-// bf16 at K > 512), then the rest in even calls of at most kHalfRows over the halves, from L2 (or L1). Below that
-// size the extra pass cost more than it saved (MiniLM bf16, K = 384, at 16-32 rows: 17-20 %). The whole-block call
-// prefetches the block kAhead on where there are at most kFetchRows rows (bf16 at 1 row: 14-17 % faster; fp32
-// neutral at 1 row, 3-10 % faster at 3-4; at 16-32 rows 3-12 % slower on BERT-base's shapes, so not there).
+// the whole block in order. So 1-2 rows take one whole-block call; more rows a whole-block call of 2 rows first where
+// the block is larger than L1 (32 KiB: fp32 at K > 256, bf16 at K > 512; below that size the extra pass cost more
+// than it saved), then the rest in even calls of at most kHalfRows over the halves, from L2 (or L1). The whole-block
+// call prefetches the block kAhead on where there are at most kFetchRows rows (it paid at 1-4 rows and cost at
+// 16-32). Measurements: benchmarks/NOTES.md, section 22.
 constexpr int kWhole = 2;
 constexpr int kHalfRows = 6;
 constexpr int64_t kFetchRows = 8;
@@ -1270,8 +1267,8 @@ Tensor embed_layer_norm(const Tensor& ids, const std::optional<Tensor>& position
 }
 
 // Self-attention of each run (first token, sequences, length) of x's packed sequences: [T, 3H] -> [T, H]. With isa
-// avx512 or avx2 and sequences of at most max_len tokens (at most kMaxLen; the caller's choice per CPU: PyTorch's
-// kernel was as fast from 64 tokens on the Xeon, slower to 128 on the EPYC), attend() per (sequence, head), split
+// avx512 or avx2 and sequences of at most max_len tokens (at most kMaxLen; the caller's choice per CPU, where the
+// native kernel is the faster: NOTES.md, sections 18, 19 and 22), attend() per (sequence, head), split
 // over the threads (dot: on bf16 dot products, avx512 with AVX-512 BF16); otherwise (isa aten, longer sequences)
 // PyTorch's CPU flash kernel on strided views, per run, in fp32.
 Tensor attention(const Tensor& qkv, const std::vector<int64_t>& runs, int64_t heads, double scale, int64_t max_len,
