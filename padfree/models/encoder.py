@@ -139,7 +139,12 @@ class _SkipInit(torch.overrides.TorchFunctionMode):
 
 
 class Encoder(nn.Module):
-    """A padding-free encoder. Build it with :func:`padfree.from_pretrained`."""
+    """A padding-free encoder. Build it with :func:`padfree.from_pretrained`.
+
+    ``Encoder(cfg)`` builds one with initialised random weights on the default device, ready to run: its ops are
+    resolved (:meth:`prepare`, for the "auto" backend) when it is built, again when it is moved or cast (``.to``,
+    ``.cuda``, ``.float``, ...), and whenever :meth:`prepare` is called, never by a forward. One built on the
+    meta device (as :meth:`from_state` does) is prepared once its weights are assigned."""
 
     def __init__(self, cfg: ModelConfig, has_pooler: bool = False):
         super().__init__()
@@ -155,6 +160,8 @@ class Encoder(nn.Module):
         self.compute_dtype: torch.dtype | None = None  # the forward's arithmetic (prepare(): _compute_dtype)
         self.task: str | None = None  # the task LoRA adapter merged into these weights (None: base weights)
         self.adapters = None  # padfree.lora.TaskAdapters of a checkpoint with task adapters (jina-embeddings-v3)
+        if self.device.type != "meta":  # meta weights: nothing to run yet (from_state prepares after assigning)
+            self.prepare()
 
     @classmethod
     def from_state(cls, cfg: ModelConfig, state: dict[str, torch.Tensor], *, dtype: torch.dtype,
@@ -192,6 +199,14 @@ class Encoder(nn.Module):
                                        relative_scores=self.relative is not None, features=self.config.features,
                                        plan=self.cpu_plan)
         self.eval()
+        return self
+
+    def _apply(self, fn, recurse=True):
+        """``.to``, ``.cuda``, ``.float``, ``.half``, ...: moved or cast, the encoder re-resolves its ops for the new
+        device and dtype (the backend and CPU plan asked before), so its kernels always fit its weights."""
+        super()._apply(fn, recurse)
+        if self.device.type != "meta":
+            self.prepare(self.backend, self.cpu_plan)
         return self
 
     # the CPU backend's ops that take fp32 activations with bf16 weights (its packed fp32 or widened copies)
@@ -269,8 +284,9 @@ class Encoder(nn.Module):
         merged at load (None: this encoder's own weights); see :meth:`for_task`."""
         if task is not None and task != self.task:
             return self.for_task(task).forward_packed(batch, check)
-        if self.kernels is None:
-            self.prepare()
+        if self.kernels is None:  # built on the meta device and assigned weights by hand: never prepared
+            raise RuntimeError("this Encoder's ops are not resolved: call .prepare() once its weights are in place "
+                               "(padfree.from_pretrained and Encoder(cfg) do)")
         if check:
             self.check_batch(batch)
         if self.device.type == "cpu":
