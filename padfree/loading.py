@@ -3,16 +3,19 @@
 A checkpoint (a local directory or an in-memory ``transformers`` model) is read once, its keys mapped by
 the family's explicit table (QKV fused into one ``[3H, H]`` weight here), every key and shape checked, and
 the encoder built on the meta device and filled with ``load_state_dict(assign=True)``
-(:meth:`padfree.Encoder.from_state`).
+(:meth:`padfree.Encoder.from_state`). A directory needs no ``transformers``; anything else than a directory or a
+model object is an error naming the ``hf`` extra where transformers is not installed.
 """
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from ._hf import have_transformers, missing
 from .config import ModelConfig
 from .cpu import choose_dtype
 from .lora import TaskAdapters, check_task, read_lora_config, split_adapters
@@ -24,11 +27,24 @@ def _is_model(source) -> bool:
     return hasattr(source, "state_dict") and hasattr(source, "config")
 
 
+def _directory(source) -> Path:
+    """``source`` as a directory's path; for anything else than a ``str`` or ``os.PathLike``: ``ImportError``
+    naming the ``hf`` extra where transformers is not installed (an in-memory model is its objects), else
+    ``TypeError`` saying what is accepted."""
+    if isinstance(source, (str, os.PathLike)):
+        return Path(source)
+    what = f"an object of type {type(source).__name__!r}"
+    if not have_transformers():
+        raise missing(f"got {what}, not a model directory: loading an in-memory model")
+    raise TypeError(f"expected a model directory (a str or os.PathLike) or an in-memory transformers model "
+                    f"(with .config and .state_dict()); got {what}")
+
+
 def read_config(source) -> dict:
     """The ``config.json`` dict of a directory or an in-memory ``transformers`` model."""
     if _is_model(source):
         return source.config.to_dict()
-    path = Path(source)
+    path = _directory(source)
     if not (path / "config.json").is_file():
         raise ValueError(f"{path} is not a Hugging Face model directory: no config.json")
     return json.loads((path / "config.json").read_text())
@@ -36,7 +52,7 @@ def read_config(source) -> dict:
 
 def read_weights(source) -> dict[str, torch.Tensor]:
     """The state dict of a directory (safetensors or PyTorch, sharded or not) or an in-memory model."""
-    return dict(source.state_dict()) if _is_model(source) else _read_weights(Path(source))
+    return dict(source.state_dict()) if _is_model(source) else _read_weights(_directory(source))
 
 
 def _read_weights(path: Path) -> dict[str, torch.Tensor]:

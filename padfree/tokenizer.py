@@ -21,6 +21,8 @@ from typing import Iterable, Sequence
 
 import tokenizers
 
+from ._hf import require_transformers
+
 log = logging.getLogger("padfree")
 
 TRUNCATION_SIDES = ("right", "left")
@@ -117,7 +119,8 @@ class Tokenizer:
         """From a directory with ``tokenizer.json`` (and optionally ``tokenizer_config.json``).
 
         A directory with only slow-tokenizer files (``vocab.txt``, ``sentencepiece.bpe.model``, ...) is converted
-        once through ``transformers`` (imported only then); ``ValueError`` if it has no tokenizer files at all.
+        once through ``transformers`` (imported only then; ``ImportError`` naming the ``hf`` extra where it is not
+        installed); ``ValueError`` if it has no tokenizer files at all.
         """
         path = Path(path)
         conf_file = path / "tokenizer_config.json"
@@ -126,8 +129,8 @@ class Tokenizer:
             if not any(path.glob("vocab.*")) and not any(path.glob("*.model")) and not conf_file.is_file():
                 raise ValueError(f"{path} has no tokenizer: expected tokenizer.json")
             log.info("padfree: %s has no tokenizer.json; converting its tokenizer through transformers", path)
-            from transformers import AutoTokenizer
-            return cls.from_transformers(AutoTokenizer.from_pretrained(str(path)))
+            transformers = require_transformers(f"converting the slow tokenizer of {path} (it has no tokenizer.json)")
+            return cls.from_transformers(transformers.AutoTokenizer.from_pretrained(str(path)))
         text = (path / "tokenizer.json").read_text(encoding="utf-8")
         spec = json.loads(text)
         if _apply_bert_options(spec, conf):  # re-serialise only when the config changed something (~10 ms)
