@@ -149,7 +149,7 @@ def jobs(models: dict[str, Path], work: Path) -> dict:
     for kind, model, extra in (("embed", "minilm", {}), ("embed", "mpnet", {}),
                                ("classify", "clf3", {"pair_column": "other"}), ("classify", "rerank", {})):
         dest = work / f"{kind}-{model}"
-        run_job(JobSpec(task=kind, input=str(src), output=str(dest), model=str(models[model]), id_column="id",
+        run_job(JobSpec(kind, str(src), str(dest), str(models[model]), id_column="id",  # the kind: first field
                         shard_rows=25, max_batch_tokens=300, progress=False, **extra))
         out[f"job/{kind}/{model}"] = pq.read_table(dest).to_pydict()
     return out

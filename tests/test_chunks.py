@@ -16,7 +16,6 @@ import transformers as t
 
 import padfree
 from padfree.bench.corpus import stdlib_paragraphs
-from padfree.tasks import EmbedTask
 
 from family_zoo import randomize
 from serving import TOKENIZER_FILES, Server, minilm_path
@@ -241,17 +240,19 @@ def test_lowercasing_model_maps_offsets_back(tmp_path, paths):
     assert np.abs(got[0] - want).max() <= TOL
 
 
-def test_embed_task_batches_chunked_and_plain_inputs_together(paths, documents):
-    """The server's path: one Task.run over plain and chunked sequences (as the scheduler may batch requests)."""
-    task = EmbedTask(models(paths["minilm"])[0])
+def test_embed_pipeline_batches_chunked_and_plain_inputs_together(paths, documents):
+    """The server's path: one pipeline run over plain and chunked sequences (as the scheduler may batch
+    requests), each with its own output options."""
+    lib = models(paths["minilm"])[0]
+    pipeline = lib.pipeline
     docs = documents[1:4]
-    plain = task.tokenize(docs, truncate=True)
-    chunked = task.tokenize(docs, truncate=True, chunk_tokens=6)
-    rows = task.run(chunked[:1] + plain + chunked[1:])
-    lib = task.st.encode_chunks(docs, chunk_tokens=6, normalize_embeddings=False)
-    for r, c in zip(rows[:1] + rows[4:], lib):
+    plain = pipeline.prepare(docs, truncate=True, normalize=False)
+    chunked = pipeline.prepare(docs, truncate=True, chunk_tokens=6, normalize=True)
+    rows = pipeline.run(chunked[:1] + plain + chunked[1:])
+    ref = lib.encode_chunks(docs, chunk_tokens=6, normalize_embeddings=True)
+    for r, c in zip(rows[:1] + rows[4:], ref):
         assert r.shape == c.embeddings.shape and np.abs(r - c.embeddings).max() <= TOL
-    assert np.abs(np.stack(rows[1:4]) - task.st.encode(docs, normalize_embeddings=False)).max() <= TOL
+    assert np.abs(np.stack(rows[1:4]) - lib.encode(docs, normalize_embeddings=False)).max() <= TOL
 
 
 @pytest.fixture(scope="module")

@@ -109,13 +109,13 @@ def test_sequence_classifier_predict_texts(tmp_path):
 
 
 def count_batches(head):
-    """Record the number of sequences of each batch ``head.logits_packed`` runs."""
-    calls, inner = [], head.logits_packed
+    """Record the number of sequences of each batch the head's encoder runs."""
+    calls, inner = [], head.encoder.forward_packed
 
-    def counted(batch):
+    def counted(batch, *args, **kwargs):
         calls.append(batch.batch_size)
-        return inner(batch)
-    head.logits_packed = counted
+        return inner(batch, *args, **kwargs)
+    head.encoder.forward_packed = counted
     return calls
 
 

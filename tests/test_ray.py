@@ -46,7 +46,7 @@ def test_ray_data_job_equals_local_job(cluster, tmp_path, skip_empty, actors, cp
     from padfree.ray import run_job as run_on_ray
 
     _input(tmp_path / "in.parquet")
-    common = dict(task="embed", input=str(tmp_path / "in.parquet"), model=str(minilm_path()), id_column="doc",
+    common = dict(kind="embed", input=str(tmp_path / "in.parquet"), model=str(minilm_path()), id_column="doc",
                   keep=["year"], skip_empty=skip_empty, progress=False, shard_rows=48)
     run_job(JobSpec(output=str(tmp_path / "local"), **common))
     summary = run_on_ray(JobSpec(output=str(tmp_path / "ray"), **common), actors=actors, actor_cpus=cpus)
@@ -74,10 +74,10 @@ def test_ray_job_refuses_a_non_empty_output(cluster, tmp_path):
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "part-0.parquet").write_bytes(b"x")
     with pytest.raises(ValueError, match="not empty"):
-        run_on_ray(JobSpec(task="embed", input=str(tmp_path / "in.parquet"), output=str(tmp_path / "out"),
+        run_on_ray(JobSpec(kind="embed", input=str(tmp_path / "in.parquet"), output=str(tmp_path / "out"),
                            model=str(minilm_path()), progress=False))
     with pytest.raises(ValueError, match="has no column 'body'"):
-        run_on_ray(JobSpec(task="embed", input=str(tmp_path / "in.parquet"), output=str(tmp_path / "o2"),
+        run_on_ray(JobSpec(kind="embed", input=str(tmp_path / "in.parquet"), output=str(tmp_path / "o2"),
                            model=str(minilm_path()), column="body", progress=False))
 
 
@@ -92,7 +92,7 @@ def test_ray_job_resumes_by_id_after_the_driver_dies(cluster, tmp_path):
     from padfree.ray import run_job as run_on_ray
 
     _input(tmp_path / "in.parquet")
-    common = dict(task="embed", input=str(tmp_path / "in.parquet"), model=str(minilm_path()), id_column="doc",
+    common = dict(kind="embed", input=str(tmp_path / "in.parquet"), model=str(minilm_path()), id_column="doc",
                   keep=["year"], progress=False, shard_rows=32, dtype="fp32")
     run_job(JobSpec(output=str(tmp_path / "local"), **common))
     out = tmp_path / "ray"
@@ -144,7 +144,7 @@ def test_ray_job_resumes_after_its_driver_is_killed(cluster, tmp_path):
     texts = stdlib_paragraphs(limit=600)  # 12 shards of 50: killed after the first
     pq.write_table(pa.table({"doc": [f"d{i:05d}" for i in range(len(texts))], "text": texts}),
                    tmp_path / "in.parquet", row_group_size=50)
-    common = dict(task="embed", input=str(tmp_path / "in.parquet"), model=str(minilm_path()), id_column="doc",
+    common = dict(kind="embed", input=str(tmp_path / "in.parquet"), model=str(minilm_path()), id_column="doc",
                   progress=False, shard_rows=50)
     out = tmp_path / "ray"
     cmd = [sys.executable, "-m", "padfree.cli", "embed", common["input"], str(out), "--id-column", "doc",

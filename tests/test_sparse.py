@@ -16,7 +16,7 @@ import transformers as t
 import padfree
 from padfree.bench.corpus import stdlib_paragraphs
 from padfree.sparse import MLMHead
-from padfree.tasks import SparseTask, load_task
+from padfree.startup import load_pipeline
 
 from family_zoo import randomize
 from serving import TOKENIZER_FILES, Server, minilm_path
@@ -155,7 +155,7 @@ def test_plain_masked_lm_directory(root, texts):
     ref = dense(ours.encode(texts[:3]))
     for r, (idx, val) in enumerate(rows):
         assert torch.equal(idx, ref[r].nonzero().squeeze(1)) and torch.equal(val, ref[r][idx])
-    assert isinstance(load_task(mlm), SparseTask)
+    assert load_pipeline(mlm).kind == "sparse"
 
 
 def test_bad_inputs(root, tmp_path):
@@ -186,7 +186,7 @@ def test_bad_inputs(root, tmp_path):
     with pytest.raises(ValueError, match="more than the limit of 48"):
         enc.encode(["word " * 100], truncate=False)
     with pytest.raises(ValueError, match="head_tokens must be an int >= 1"):
-        padfree.SparseEncoder(enc.text, enc.head, head_tokens=0)
+        padfree.SparseEncoder(enc.encoder, enc.text, enc.head, head_tokens=0)
     empty = enc.encode([])
     assert empty.shape == (0, 30522) and empty._nnz() == 0
 

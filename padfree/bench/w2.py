@@ -43,10 +43,10 @@ def openvino_encoder(path: str, dtype: torch.dtype, log=print):
 
     import transformers as tf
 
-    from ..sentence import _read_modules
+    from ..sentence import read_modules
     from .baselines import Skip, build_openvino
 
-    transformer_dir, modes, _, normalize_ = _read_modules(Path(path))
+    transformer_dir, modes, _, normalize_ = read_modules(Path(path))
     if modes not in (["mean"], ["cls"]):
         raise Skip(f"the OpenVINO W2 baseline implements mean or CLS pooling, not {modes}")
     conf_file = transformer_dir / "sentence_bert_config.json"

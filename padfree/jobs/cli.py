@@ -6,27 +6,28 @@ import argparse
 import os
 import sys
 
+from ..cpu import DTYPE_CHOICES
 from .runner import DEFAULT_BATCH_TOKENS
 
 
-def parse_args(task: str, argv):
-    p = argparse.ArgumentParser(prog=f"padfree {task}", description=__doc__)
+def parse_args(kind: str, argv):
+    p = argparse.ArgumentParser(prog=f"padfree {kind}", description=__doc__)
     p.add_argument("input", help="a .parquet, .jsonl or .csv file, or a directory of them (read in name order)")
     p.add_argument("output", help="the output directory: part-NNNNN.parquet shards and _manifest.json")
     p.add_argument("--model", help="a sentence-transformers directory" + (" (default: the bundled all-MiniLM-L6-v2)"
-                                                                       if task == "embed" else
+                                                                       if kind == "embed" else
                                                                        " or *ForSequenceClassification / CrossEncoder "
-                                                                       "directory"), required=task != "embed")
+                                                                       "directory"), required=kind != "embed")
     p.add_argument("--column", default="text", help="the text column (default: text)")
-    if task == "embed":
+    if kind == "embed":
         p.add_argument("--task", dest="adapter", metavar="TASK",
                        help="the task adapter of a model with task LoRA adapters (jina-embeddings-v3: "
                             "retrieval.query, retrieval.passage, separation, classification, text-matching)")
-    if task == "classify":
+    if kind == "classify":
         p.add_argument("--pair-column", help="the second text of each pair (cross-encoders)")
     p.add_argument("--id-column", help="a column carried to the output first (e.g. a document id)")
     p.add_argument("--keep", default="", help="comma list of other columns carried to the output")
-    p.add_argument("--dtype", choices=["auto", "fp32", "bf16"], default="auto")
+    p.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto")
     p.add_argument("--max-batch-tokens", type=int, default=DEFAULT_BATCH_TOKENS,
                    help=f"real tokens per forward (default {DEFAULT_BATCH_TOKENS})")
     p.add_argument("--format", choices=["parquet", "jsonl", "csv"], help="override the format given by the suffix")
@@ -50,21 +51,20 @@ def parse_args(task: str, argv):
     return p.parse_args(argv)
 
 
-def main(task: str, argv) -> None:
-    args = parse_args(task, argv)
+def main(kind: str, argv) -> None:
+    args = parse_args(kind, argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from .runner import JobSpec, run_job
-    model = args.model
-    if model is None:
-        from ..cli import _minilm_path
-        model = _minilm_path()
-    spec = JobSpec(task=task, input=args.input, output=args.output, model=model, column=args.column,
+    spec = JobSpec(kind=kind, input=args.input, output=args.output, model=args.model, column=args.column,
                    pair_column=getattr(args, "pair_column", None), id_column=args.id_column,
                    keep=[c.strip() for c in args.keep.split(",") if c.strip()], dtype=args.dtype,
                    max_batch_tokens=args.max_batch_tokens, format=args.format, shard_rows=args.shard_rows,
                    skip_empty=args.skip_empty, overwrite=args.overwrite, progress=not args.no_progress,
                    adapter=getattr(args, "adapter", None))
     try:
+        if spec.model is None:
+            from ..startup import bundled_model_path
+            spec.model = bundled_model_path()
         if args.ray is not None:
             try:
                 from ..ray import run_job as run_on_ray
@@ -74,5 +74,5 @@ def main(task: str, argv) -> None:
         else:
             run_job(spec)
     except (ValueError, OSError) as e:
-        print(f"padfree {task}: error: {e}", file=sys.stderr)
+        print(f"padfree {kind}: error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -5,7 +5,7 @@ written to a hidden temporary name and renamed, so a shard file exists only when
 ``_manifest.json`` records the input's identity (paths, sizes, modification times) and every option that changes
 the output; a run over a directory with another manifest refuses, naming what differs (``overwrite`` starts
 again), and a rerun after a crash (even SIGKILL) skips the shards that exist. Memory holds one shard of rows;
-inside a shard, texts are sorted by length, batched by the token budget through the task (one packed forward
+inside a shard, texts are sorted by length, batched by the token budget through the pipeline (one packed forward
 per batch) and put back in input order. Pyarrow and the dataset readers ignore names starting with "." or "_",
 so ``pyarrow.parquet.read_table(out_dir)`` reads the rows back in input order.
 """
@@ -22,25 +22,24 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ..cpu import DTYPE_CHOICES as DTYPES, choose_dtype, dtype_name
-from ..sentence import token_budget_batches
-from ..tasks import ClassifyTask, EmbedTask, Seq, Task
+from ..batching import positive_int
+from ..cpu import dtype_name
+from ..pipelines import Pipeline
+from ..startup import parse_dtype
 from . import io
 
 MANIFEST = "_manifest.json"
-DEFAULT_BATCH_TOKENS = 4096
-"""Real tokens per forward of a job. Measured on W2 (MiniLM, 2-core Xeon, whole job): 4096 ran 5-8% faster than
-16384, whose largest activations ([T, intermediate] fp32, 96 MiB) pass glibc's 32 MiB mmap threshold and so
-fault their pages in anew at every layer; 1024-4096 were within the noise of each other."""
+DEFAULT_BATCH_TOKENS = 4096  # real tokens per forward of a job: benchmarks/NOTES.md, "A job's batch budget"
 # options that change the output: a rerun with another value refuses (max_batch_tokens only changes speed)
-_FLAGS = {"adapter": "task"}  # option -> its command-line flag where the names differ
-OUTPUT_OPTIONS = ("task", "model", "dtype", "column", "pair_column", "id_column", "keep", "skip_empty",
+# option -> how the command line says it, where that is not --option (the adapter is --task, as Jina names it)
+_FLAGS = {"adapter": "--task", "kind": "the command (embed or classify)"}
+OUTPUT_OPTIONS = ("kind", "model", "dtype", "column", "pair_column", "id_column", "keep", "skip_empty",
                   "shard_rows", "format")
 
 
 @dataclass
 class JobSpec:
-    task: str                       # "embed" or "classify"
+    kind: str                       # "embed" or "classify"
     input: str
     output: str
     model: str
@@ -60,7 +59,7 @@ class JobSpec:
     def options(self, fmt: str) -> dict:
         d = asdict(self)
         # the dtype "auto" resolved on this machine: a job resumed where auto picks another is refused, not mixed
-        d.update(model=str(Path(self.model).resolve()), format=fmt, dtype=dtype_name(choose_dtype(self.dtype)))
+        d.update(model=str(Path(self.model).resolve()), format=fmt, dtype=dtype_name(parse_dtype(self.dtype)))
         # the adapter only where given, so that the manifests of jobs without one stay as they were
         return {k: d[k] for k in OUTPUT_OPTIONS + (("adapter",) if self.adapter else ())}
 
@@ -93,7 +92,7 @@ def prepare_output(spec: JobSpec, manifest: dict) -> dict | None:
     if old_file.is_file():
         old = json.loads(old_file.read_text())
         now, before = manifest["options"], old["options"]
-        diffs = [f"--{_FLAGS.get(k, k).replace('_', '-')}: {before.get(k)!r} before, {now.get(k)!r} now"
+        diffs = [f"{_FLAGS.get(k, '--' + k.replace('_', '-'))}: {before.get(k)!r} before, {now.get(k)!r} now"
                  for k in dict.fromkeys([*now, *before]) if before.get(k) != now.get(k)]
         if old["inputs"] != manifest["inputs"]:
             diffs.append("the input files changed (paths, sizes or modification times)")
@@ -135,17 +134,6 @@ def _texts(table: pa.Table, column: str) -> tuple[list[str], np.ndarray]:
     return [v or "" for v in values], empty
 
 
-def _run_sorted(task: Task, seqs: list[Seq], budget: int) -> list[np.ndarray]:
-    """Results in the order of ``seqs``: sorted by length, batched by the token budget, put back."""
-    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i].ids))
-    out: list = [None] * len(seqs)
-    for start, end in token_budget_batches([len(seqs[i].ids) for i in order], budget):
-        idx = order[start:end]
-        for i, r in zip(idx, task.run([seqs[i] for i in idx])):
-            out[i] = r
-    return out
-
-
 def _columns(spec: JobSpec, table: pa.Table) -> dict[str, pa.Array]:
     cols = {}
     for name in ([spec.id_column] if spec.id_column else []) + spec.keep:
@@ -153,7 +141,7 @@ def _columns(spec: JobSpec, table: pa.Table) -> dict[str, pa.Array]:
     return cols
 
 
-def compute_shard(spec: JobSpec, task: Task, table: pa.Table) -> tuple[pa.Table, dict]:
+def compute_shard(spec: JobSpec, pipeline: Pipeline, table: pa.Table) -> tuple[pa.Table, dict]:
     """One shard's output table and its counts (rows, tokens, skipped, at the length limit)."""
     texts, empty = _texts(table, spec.column)
     pairs = None
@@ -165,46 +153,44 @@ def compute_shard(spec: JobSpec, task: Task, table: pa.Table) -> tuple[pa.Table,
         table = table.take(pa.array(keep))
         texts = [texts[i] for i in keep]
         pairs = None if pairs is None else [pairs[i] for i in keep]
-    if isinstance(task, EmbedTask):
-        seqs = task.tokenize(texts, truncate=True, task=spec.adapter)
+    if pipeline.kind == "embed":
+        seqs = pipeline.prepare(texts, truncate=True, adapter=spec.adapter)
     else:
-        seqs = task.tokenize(texts, pairs, truncate=True)
+        seqs = pipeline.prepare(texts, pairs, truncate=True, output="probabilities")
     lengths = [len(s.ids) for s in seqs]
     counts = {"rows": len(seqs), "tokens": int(sum(lengths)), "skipped": int(empty.sum()) if spec.skip_empty else 0,
-              "empty": int(empty.sum()), "at_limit": sum(n >= task.max_input_length for n in lengths)}
+              "empty": int(empty.sum()), "at_limit": sum(n >= pipeline.max_input_length for n in lengths)}
     cols = _columns(spec, table)
-    if not seqs:
-        rows = np.zeros((0, task.dimension if isinstance(task, EmbedTask) else task.num_labels), np.float32)
+    width = pipeline.dimension if pipeline.kind == "embed" else pipeline.num_labels
+    rows = np.stack(pipeline.run_all(seqs, spec.max_batch_tokens, sort_all=True)) if seqs \
+        else np.zeros((0, width), np.float32)
+    if pipeline.kind == "embed":
+        cols["embedding"] = pa.FixedSizeListArray.from_arrays(pa.array(rows.reshape(-1)), width)
     else:
-        rows = np.stack(_run_sorted(task, seqs, spec.max_batch_tokens)).astype(np.float32)
-    if isinstance(task, EmbedTask):
-        if task.normalizes:
-            rows = rows / np.maximum(np.linalg.norm(rows, axis=1, keepdims=True), 1e-12)
-        cols["embedding"] = pa.FixedSizeListArray.from_arrays(pa.array(rows.reshape(-1)), rows.shape[1])
-    else:
-        probs = task.probabilities(rows).astype(np.float32) if len(rows) else rows
-        best = probs.argmax(1) if len(probs) else np.zeros(0, int)
-        cols["label"] = pa.array([task.id2label[i] for i in best], pa.string())
-        cols["score"] = pa.array(probs[np.arange(len(best)), best], pa.float32())
-        cols["scores"] = pa.FixedSizeListArray.from_arrays(pa.array(probs.reshape(-1)), probs.shape[1])
+        best = rows.argmax(1) if len(rows) else np.zeros(0, int)
+        cols["label"] = pa.array([pipeline.id2label[i] for i in best], pa.string())
+        cols["score"] = pa.array(rows[np.arange(len(best)), best], pa.float32())
+        cols["scores"] = pa.FixedSizeListArray.from_arrays(pa.array(rows.reshape(-1)), width)
     return pa.table(cols), counts
+
+
+def check_spec(spec: JobSpec) -> None:
+    """``ValueError`` naming the first option of ``spec`` that is wrong on its own (before any file is read)."""
+    for name in ("shard_rows", "max_batch_tokens"):
+        positive_int(f"--{name.replace('_', '-')}", getattr(spec, name))
+    if spec.kind == "embed" and spec.pair_column:
+        raise ValueError("--pair-column is for classify (cross-encoders)")
+    if spec.kind != "embed" and spec.adapter:
+        raise ValueError("--task (a task adapter) is for embed")
+    parse_dtype(spec.dtype)
 
 
 def run_job(spec: JobSpec) -> dict:
     """Run (or resume) a job; returns its summary. ValueError for bad input or a mismatched output."""
-    from ..memory import level_memory
-    from ..tasks import load_task
+    from ..startup import open_pipeline
 
-    level_memory()  # a job streams millions of rows through ever-changing batch shapes
-    for name in ("shard_rows", "max_batch_tokens"):
-        v = getattr(spec, name)
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be an int >= 1; got {v!r}")
-    if spec.task == "embed" and spec.pair_column:
-        raise ValueError("--pair-column is for classify (cross-encoders)")
-    if spec.task != "embed" and spec.adapter:
-        raise ValueError("--task (a task adapter) is for embed")
-    produced = ("embedding",) if spec.task == "embed" else ("label", "score", "scores")
+    check_spec(spec)
+    produced = ("embedding",) if spec.kind == "embed" else ("label", "score", "scores")
     clash = [c for c in ([spec.id_column] if spec.id_column else []) + spec.keep if c in produced]
     if clash:
         raise ValueError(f"--id-column/--keep {clash} would be overwritten by the output column of the same name "
@@ -219,23 +205,17 @@ def run_job(spec: JobSpec) -> dict:
     if old is not None and old.get("complete"):
         shards = old.get("shards", 0)
         if all(_shard(out, k).is_file() for k in range(shards)):
-            _say(f"padfree {spec.task}: {out} is complete ({old.get('rows', '?')} rows in {shards} shards): "
+            _say(f"padfree {spec.kind}: {out} is complete ({old.get('rows', '?')} rows in {shards} shards): "
                  "nothing to do")
             return {**old.get("summary", {}), "nothing_to_do": True}
 
-    if spec.dtype not in DTYPES:
-        raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}; got {spec.dtype!r}")
-    task = load_task(spec.model, spec.dtype)
-    want = EmbedTask if spec.task == "embed" else ClassifyTask
-    if not isinstance(task, want):
-        raise ValueError(f"model {spec.model!r} serves {task.kind}, not {spec.task}")
-    task.check_task(spec.adapter)
+    pipeline = open_pipeline(spec.model, spec.dtype, spec.kind, spec.adapter, warm=False)
 
     total_rows = io.parquet_rows(files, fmt)
     bar = None
     if spec.progress:
         from tqdm.auto import tqdm
-        bar = tqdm(total=total_rows, unit="row", desc=f"padfree {spec.task}", dynamic_ncols=True)
+        bar = tqdm(total=total_rows, unit="row", desc=f"padfree {spec.kind}", dynamic_ncols=True)
     summary = {"rows": 0, "tokens": 0, "skipped": 0, "empty": 0, "at_limit": 0, "shards_done_before": 0,
                "shards": 0}
     t0 = time.perf_counter()
@@ -247,7 +227,7 @@ def run_job(spec: JobSpec) -> dict:
             summary["shards_done_before"] += 1
             summary["rows"] += pq.ParquetFile(path).metadata.num_rows
         else:
-            result, counts = compute_shard(spec, task, table)
+            result, counts = compute_shard(spec, pipeline, table)
             if old is None and not (out / MANIFEST).is_file():  # the directory appears with its first shard
                 out.mkdir(parents=True, exist_ok=True)
                 write_atomic(out / MANIFEST, json.dumps(manifest, indent=1).encode())
@@ -267,7 +247,7 @@ def run_job(spec: JobSpec) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     manifest.update(complete=True, shards=summary["shards"], rows=summary["rows"], summary=summary)
     write_atomic(out / MANIFEST, json.dumps(manifest, indent=1).encode())
-    _say(f"padfree {spec.task}: {summary['rows']} rows, {summary['tokens']} tokens computed in "
+    _say(f"padfree {spec.kind}: {summary['rows']} rows, {summary['tokens']} tokens computed in "
          f"{summary['seconds']:.1f} s ({summary['shards']} shards, {summary['shards_done_before']} already done); "
          f"{summary['empty']} null or empty texts ({'skipped' if spec.skip_empty else 'embedded as empty'}), "
          f"{summary['at_limit']} at the model's length limit (longer ones cut) -> {out}")

@@ -1,4 +1,4 @@
-"""Ray Data: a padfree Task as a ``map_batches`` callable class, and ``padfree embed/classify --ray``.
+"""Ray Data: a padfree pipeline as a ``map_batches`` callable class, and ``padfree embed/classify --ray``.
 
 Each actor of the pool loads the model once (``__init__``); each call gets one pyarrow block of rows and runs
 :func:`padfree.jobs.runner.compute_shard` on it (sorted by length inside, token-budget batches, one packed forward
@@ -26,8 +26,10 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ..cpu import DTYPE_CHOICES as DTYPES
-from ..jobs.runner import DEFAULT_BATCH_TOKENS, MANIFEST, JobSpec, compute_shard, prepare_output, write_atomic
+from ..batching import positive_int
+from ..jobs.runner import (DEFAULT_BATCH_TOKENS, MANIFEST, JobSpec, check_spec, compute_shard, prepare_output,
+                           write_atomic)
+from ..startup import open_pipeline
 
 
 # Reads and writes take no CPU of Ray's: the actors hold a CPU each for the whole job, and with as many actors as
@@ -37,7 +39,7 @@ from ..jobs.runner import DEFAULT_BATCH_TOKENS, MANIFEST, JobSpec, compute_shard
 IO_REMOTE_ARGS = {"num_cpus": 0}
 
 
-class _TaskBatches:
+class _PipelineBatches:
     """Shared body of :class:`Embed` and :class:`Classify`."""
 
     kind = ""
@@ -45,25 +47,12 @@ class _TaskBatches:
     def __init__(self, model: str, column: str = "text", id_column: str | None = None, keep=(),
                  dtype: str = "auto", max_batch_tokens: int = DEFAULT_BATCH_TOKENS, skip_empty: bool = False,
                  pair_column: str | None = None, adapter: str | None = None, done_ids: pa.Array | None = None):
-        from ..memory import level_memory
-        from ..tasks import ClassifyTask, EmbedTask, load_task
-
-        level_memory()  # before the model's tensors: keeps a long-running actor's RSS level
-        if self.kind == "embed" and pair_column:
-            raise ValueError("pair_column is for Classify (cross-encoders)")
-        if self.kind != "embed" and adapter:
-            raise ValueError("adapter (a task adapter) is for Embed")
-        if dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}; got {dtype!r}")
-        self.spec = JobSpec(task=self.kind, input="", output="", model=str(model), column=column,
+        self.spec = JobSpec(kind=self.kind, input="", output="", model=str(model), column=column,
                             pair_column=pair_column, id_column=id_column, keep=list(keep), dtype=dtype,
                             max_batch_tokens=max_batch_tokens, skip_empty=skip_empty, progress=False,
                             adapter=adapter)
-        self.task = load_task(model, dtype)
-        want = EmbedTask if self.kind == "embed" else ClassifyTask
-        if not isinstance(self.task, want):
-            raise ValueError(f"model {str(model)!r} serves {self.task.kind}, not {self.kind}")
-        self.task.check_task(adapter)
+        check_spec(self.spec)
+        self.pipeline = open_pipeline(model, dtype, self.kind, adapter, warm=False)
         if done_ids is not None and not id_column:
             raise ValueError("done_ids needs the id_column they are ids of")
         self.done = done_ids
@@ -75,11 +64,11 @@ class _TaskBatches:
             import pyarrow.compute as pc
             ids = batch.column(self.spec.id_column)
             batch = batch.filter(pc.invert(pc.is_in(ids, value_set=self.done.cast(ids.type))))
-        table, _ = compute_shard(self.spec, self.task, batch)
+        table, _ = compute_shard(self.spec, self.pipeline, batch)
         return table
 
 
-class Embed(_TaskBatches):
+class Embed(_PipelineBatches):
     """``ds.map_batches(Embed, fn_constructor_kwargs={"model": path}, batch_format="pyarrow",
     compute=ray.data.ActorPoolStrategy(size=N))``: adds ``embedding`` (fixed_size_list<float32>[D]). Keyword
     arguments: those of the local job (:class:`padfree.jobs.JobSpec`), and ``done_ids`` (ids of ``id_column``
@@ -87,7 +76,7 @@ class Embed(_TaskBatches):
     kind = "embed"
 
 
-class Classify(_TaskBatches):
+class Classify(_PipelineBatches):
     """As :class:`Embed`; adds ``label`` (string), ``score`` (float32) and ``scores`` (fixed_size_list)."""
     kind = "classify"
 
@@ -151,14 +140,9 @@ def run_job(spec: JobSpec, address: str | None = "local", actors: int = 1, actor
 
     from ..jobs import io
 
-    for name, v in (("shard-rows", spec.shard_rows), ("max-batch-tokens", spec.max_batch_tokens),
-                    ("ray-actors", actors), ("ray-actor-cpus", actor_cpus)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise ValueError(f"--{name} must be an int >= 1; got {v!r}")
-    if spec.task == "embed" and spec.pair_column:
-        raise ValueError("--pair-column is for classify (cross-encoders)")
-    if spec.dtype not in DTYPES:
-        raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}; got {spec.dtype!r}")
+    check_spec(spec)
+    positive_int("--ray-actors", actors)
+    positive_int("--ray-actor-cpus", actor_cpus)
     files, fmt = io.input_files(spec.input, spec.format)
     text_cols = [spec.column] + ([spec.pair_column] if spec.pair_column else [])
     columns = list(dict.fromkeys(text_cols + ([spec.id_column] if spec.id_column else []) + spec.keep))
@@ -169,7 +153,7 @@ def run_job(spec: JobSpec, address: str | None = "local", actors: int = 1, actor
     complete, done = _resume(spec, manifest, out)
     if complete:
         rows = _rows(out)
-        print(f"padfree {spec.task} --ray: {out} is complete ({rows} rows): nothing to do", file=sys.stderr,
+        print(f"padfree {spec.kind} --ray: {out} is complete ({rows} rows): nothing to do", file=sys.stderr,
               flush=True)
         return {"rows": rows, "rows_done_before": rows, "seconds": 0.0, "nothing_to_do": True}
 
@@ -182,7 +166,7 @@ def run_job(spec: JobSpec, address: str | None = "local", actors: int = 1, actor
     ctx.use_datasource_v2 = False
     ctx.execution_options.preserve_order = True  # blocks in input order; without it, even a file's rows are not
     ctx.enable_progress_bars = spec.progress
-    cls = Embed if spec.task == "embed" else Classify
+    cls = Embed if spec.kind == "embed" else Classify
     t0 = time.perf_counter()
     ds = _read(files, fmt, text_cols, columns).map_batches(
         cls, batch_format="pyarrow", batch_size=spec.shard_rows, zero_copy_batch=True,
@@ -202,6 +186,6 @@ def run_job(spec: JobSpec, address: str | None = "local", actors: int = 1, actor
                          "again with --overwrite")
     manifest.update(complete=True, rows=rows)
     write_atomic(out / MANIFEST, json.dumps(manifest, indent=1).encode())
-    print(f"padfree {spec.task} --ray: {rows} rows ({before} done before) in {seconds:.1f} s with {actors} "
+    print(f"padfree {spec.kind} --ray: {rows} rows ({before} done before) in {seconds:.1f} s with {actors} "
           f"actor(s) -> {out}", file=sys.stderr, flush=True)
     return {"rows": rows, "rows_done_before": before, "seconds": seconds}

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from ray import serve
 
-from ..cpu import DTYPE_CHOICES
 from ..serve.app import ServeConfig
+from ..startup import open_pipeline, parse_dtype
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 1})
@@ -20,17 +20,10 @@ class PadfreeServer:
     """One replica: its models loaded and warmed up, then ``create_app`` over them."""
 
     def __init__(self, models: list[tuple[str, str]], dtype: str, config: ServeConfig):
-        from ..memory import level_memory
         from ..serve.app import Served
-        from ..tasks import load_task
 
-        level_memory()  # before the model's tensors: keeps a long-running replica's RSS level
-
-        self.served, self.config = [], config
-        for name, path in models:
-            task = load_task(path, dtype)
-            task.run(task.tokenize(["warm up the model", "and its kernels " * 8], truncate=True))
-            self.served.append(Served(name, task, str(path)))
+        self.served = [Served(name, open_pipeline(path, dtype), str(path)) for name, path in models]
+        self.config = config
 
     def __serve_build_asgi_app__(self):
         from ..serve.app import create_app
@@ -46,8 +39,7 @@ def serve_app(models: list[tuple[str, str]], dtype: str = "auto", config: ServeC
     ``num_replicas``: replicas (each loads every model and batches its own requests); or
     ``autoscaling_config`` (Ray Serve's dict, e.g. ``{"min_replicas": 1, "max_replicas": 4}``) instead.
     ``ray_actor_options``: each replica's resources (default one CPU)."""
-    if dtype not in DTYPE_CHOICES:
-        raise ValueError(f"dtype must be one of {', '.join(DTYPE_CHOICES)}; got {dtype!r}")
+    parse_dtype(dtype)
     if not models:
         raise ValueError("no model to serve")
     options: dict = {}

@@ -1,5 +1,6 @@
 """The HTTP layer of ``padfree serve``: routes that validate a request, map its shape (OpenAI, TEI, Cohere) onto a
-:class:`padfree.tasks.Task`, and map errors onto each API's error body.
+:class:`padfree.pipelines.Pipeline` (which makes the final rows), and map rows and errors onto each API's bodies.
+Each route is a small function of its own; :func:`create_app` registers them from :data:`ROUTES`.
 
 Request path: HTTP -> :class:`Guard` (auth, in-flight limit, payload limit, one log line) -> route (validate)
 -> tokenize on a small thread pool -> :class:`Scheduler` queue -> batch -> forward on the worker thread -> the
@@ -27,7 +28,8 @@ from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import __version__, cpu
-from ..tasks import ClassifyTask, EmbedTask, Seq, SparseTask, Task
+from ..pipelines import Pipeline, Seq
+from ..startup import KINDS
 from ..tokenizer import InputTooLong
 from . import schemas as s
 from .metrics import CONTENT_TYPE_LATEST, Metrics
@@ -63,9 +65,9 @@ class ServeConfig:
 
 @dataclass
 class Served:
-    """One model the server serves: its name, its task and where it came from."""
+    """One model the server serves: its name, its pipeline and where it came from."""
     name: str
-    task: Task
+    pipeline: Pipeline
     source: str = ""
     created: int = field(default_factory=lambda: int(time.time()))
     last_ok: float = 0.0                   # perf_counter of its last good batch
@@ -226,12 +228,13 @@ class ServerState:
         self.metrics = Metrics()
         self.scheduler = Scheduler(config.max_batch_tokens, on_batch=self._on_batch)
         for m in models:
-            self.scheduler.add_queue(m.name, m.task.run)
+            self.scheduler.add_queue(m.name, m.pipeline.run)
             self.metrics.watch_queue(m.name, lambda name=m.name: self.scheduler.queued(name))
         self.tokenizers = ThreadPoolExecutor(config.tokenization_workers, thread_name_prefix="padfree-tokenize")
         self.in_flight = 0
         self.draining = False
         self.routes: set[str] = set()
+        self.cpu_info = cpu.report(cpu.current())  # the CPU profile and its paths (padfree info's): fixed per process
 
     def _on_batch(self, stats: BatchStats) -> None:
         self.metrics.batch(stats)
@@ -241,15 +244,14 @@ class ServerState:
         else:
             m.last_error = f"{type(stats.error).__name__}: {stats.error}"
 
-    def model(self, name: str | None, need: type | None = None, what: str = "") -> Served:
-        """The served model named ``name`` (None: the default), checked to be able to do ``what``."""
+    def model(self, name: str | None, kind: str | None = None, what: str = "") -> Served:
+        """The served model named ``name`` (None: the default), checked to be of ``kind`` (to do ``what``)."""
         m = self.models.get(name or self.default)
         if m is None:
             raise ApiError(404, f"model {name!r} is not served; served models: {sorted(self.models)}", "NotFound",
                            param="model", code="model_not_found")
-        if need is not None and not isinstance(m.task, need):
-            can = {"embed": "embeddings", "classify": "classification and reranking",
-                   "sparse": "sparse embeddings (/embed_sparse)"}[m.task.kind]
+        if kind is not None and m.pipeline.kind != kind:
+            can = KINDS[m.pipeline.kind] + (" (/embed_sparse)" if m.pipeline.kind == "sparse" else "")
             raise ApiError(400, f"model {m.name!r} cannot do {what}: it serves {can}", param="model")
         return m
 
@@ -339,19 +341,302 @@ def _prompt(task: EmbedTask | SparseTask, prompt_name: str | None) -> str | None
         raise ApiError(422, str(e), param="prompt_name") from None
 
 
-def _truncate_dims(vectors: np.ndarray, dimensions: int | None, dim: int, renormalize: bool) -> np.ndarray:
-    """Matryoshka: the first ``dimensions`` dims, then unit norm if ``renormalize``."""
-    if dimensions is not None:
-        if dimensions > dim:
-            raise ApiError(422, f"dimensions={dimensions} is more than the model's {dim}", param="dimensions")
-        vectors = vectors[:, :dimensions]
-    if renormalize:
-        vectors = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
-    return vectors.astype(np.float32, copy=False)
+def _prompt(m: Served, prompt_name: str | None) -> str | None:
+    try:
+        return m.pipeline.text.resolve_prompt(prompt_name=prompt_name)
+    except ValueError as e:
+        raise ApiError(422, str(e), param="prompt_name") from None
+
+
+def _embed_options(m: Served, normalize: bool | None, dimensions: int | None) -> dict:
+    """The embedding output a request asks for (``normalize`` None: the directory's); 422 naming a bad one."""
+    try:
+        return m.pipeline.output_options(normalize, dimensions)
+    except ValueError as e:
+        raise ApiError(422, str(e), param="dimensions") from None
+
+
+def _state(request: Request) -> ServerState:
+    return request.app.state.padfree
+
+
+def _truncate(state: ServerState, truncate: bool | None) -> bool:
+    return state.config.auto_truncate if truncate is None else truncate
+
+
+# ---------------------------------------------------------------------- OpenAI
+async def openai_embeddings(body: s.OpenAIEmbeddingRequest, request: Request):
+    t0, state = time.perf_counter(), _state(request)
+    m = state.model(body.model, "embed", "embeddings")
+    inp = body.input
+    if isinstance(inp, list) and inp and isinstance(inp[0], int):
+        inp = [inp]  # one sequence of token ids
+    state.check_count(len(inp) if isinstance(inp, list) else 1, "input")
+    options = {"adapter": body.task, **_embed_options(m, None, body.dimensions)}
+    if isinstance(inp, list) and isinstance(inp[0], list):
+        for i, ids in enumerate(inp):
+            if not ids:
+                raise ApiError(422, f"input {i} is an empty list of token ids", param="input")
+        seqs = await state.tokenize(request, m, m.pipeline.prepare_ids, inp, state.config.auto_truncate, **options)
+    else:
+        seqs = await state.tokenize(request, m, m.pipeline.prepare, _texts(inp), state.config.auto_truncate,
+                                    **options)
+    rows = await state.run(request, m, seqs)
+    if body.encoding_format == "base64":
+        data = [base64.b64encode(v.astype("<f4").tobytes()).decode() for v in rows]
+    else:
+        data = [v.tolist() for v in rows]
+    n = request.state.tokens
+    out = {"object": "list", "model": m.name, "usage": {"prompt_tokens": n, "total_tokens": n},
+           "data": [{"object": "embedding", "index": i, "embedding": e} for i, e in enumerate(data)]}
+    return _json(out, _timing_headers(request, t0))
+
+
+async def openai_models(request: Request):
+    return _json({"object": "list", "data": [{"id": m.name, "object": "model", "created": m.created,
+                                              "owned_by": "padfree"} for m in _state(request).models.values()]})
+
+
+# ---------------------------------------------------------------------- TEI
+async def tei_embed(body: s.EmbedRequest, request: Request):
+    t0, state = time.perf_counter(), _state(request)
+    m = state.model(body.model, "embed", "embeddings")
+    chunked = body.chunks is not None or body.chunk_tokens is not None
+    texts, seqs, rows = await _embed_rows(state, request, m, body, chunks=body.chunks,
+                                          chunk_tokens=body.chunk_tokens,
+                                          **_embed_options(m, body.normalize, body.dimensions))
+    if chunked:  # late chunking: per document its chunks' vectors and their character spans
+        out = [{"embeddings": r.tolist(), "spans": [list(span) for span in q.chunks.spans]}
+               for q, r in zip(seqs, rows)]
+    else:
+        out = [r.tolist() for r in rows]
+    return _json(out, _timing_headers(request, t0, sum(map(len, texts))))
+
+
+async def tei_embed_all(body: s.EmbedAllRequest, request: Request):
+    t0, state = time.perf_counter(), _state(request)
+    m = state.model(body.model, "embed", "embeddings")
+    texts, _, rows = await _embed_rows(state, request, m, body, tokens=True)
+    return _json([r.tolist() for r in rows], _timing_headers(request, t0, sum(map(len, texts))))
+
+
+async def _embed_rows(state: ServerState, request: Request, m: Served, body: s.EmbedAllRequest, **options):
+    """(texts, sequences, one row per text) of /embed and /embed_all, ``options`` those of the pipeline's
+    ``prepare``."""
+    texts = _texts(body.inputs)
+    state.check_count(len(texts), "inputs")
+    seqs = await state.tokenize(request, m, m.pipeline.prepare, texts, _truncate(state, body.truncate),
+                                _side(body.truncation_direction), _prompt(m, body.prompt_name), adapter=body.task,
+                                **options)
+    return texts, seqs, await state.run(request, m, seqs)
+
+
+async def tei_rerank(body: s.RerankRequest, request: Request):
+    t0, state = time.perf_counter(), _state(request)
+    m = state.model(body.model, "classify", "reranking")
+    scores = await _rerank(state, request, m, body.query, body.texts, "texts", body.truncate,
+                           _side(body.truncation_direction), body.raw_scores)
+    order = np.argsort(-scores, kind="stable")
+    out = [{"index": int(i), "score": float(scores[i]), **({"text": body.texts[i]} if body.return_text else {})}
+           for i in order]
+    return _json(out, _timing_headers(request, t0))
+
+
+async def _rerank(state: ServerState, request: Request, m: Served, query: str, texts: list[str], field_name: str,
+                  truncate: bool | None, side: str, raw: bool) -> np.ndarray:
+    """Scores ``[N]`` of (query, text) pairs: the checkpoint's activation, or the raw logits."""
+    if m.pipeline.num_labels != 1:
+        raise ApiError(400, f"model {m.name!r} has {m.pipeline.num_labels} labels; reranking needs one score",
+                       param="model")
+    if not query:
+        raise ApiError(422, "`query` is an empty string", "Empty", param="query")
+    state.check_count(len(texts), field_name)
+    for i, t in enumerate(texts):
+        if not t:
+            raise ApiError(422, f"`{field_name}` {i} is an empty string", "Empty", param=field_name)
+    seqs = await state.tokenize(request, m, m.pipeline.prepare, [query] * len(texts), texts,
+                                _truncate(state, truncate), side, output="logits" if raw else "scores")
+    return np.stack(await state.run(request, m, seqs))[:, 0]
+
+
+async def tei_predict(body: s.PredictRequest, request: Request):
+    t0, state = time.perf_counter(), _state(request)
+    m = state.model(body.model, "classify", "classification")
+    inp = body.inputs
+    single = isinstance(inp, str) or (len(inp) == 2 and all(isinstance(x, str) for x in inp))
+    items = [inp] if single else list(inp)
+    state.check_count(len(items), "inputs")
+    texts, pairs = [], []
+    for i, x in enumerate(items):
+        x = [x] if isinstance(x, str) else x
+        if len(x) not in (1, 2) or not all(x):
+            raise ApiError(422, f"input {i} must be a non-empty text or a pair of non-empty texts", param="inputs")
+        texts.append(x[0])
+        pairs.append(x[1] if len(x) == 2 else None)
+    has_pairs = [p is not None for p in pairs]
+    if any(has_pairs) and not all(has_pairs):
+        raise ApiError(422, "mix of single texts and pairs in one request; send one kind", param="inputs")
+    seqs = await state.tokenize(request, m, m.pipeline.prepare, texts, pairs if all(has_pairs) else None,
+                                _truncate(state, body.truncate), _side(body.truncation_direction),
+                                output="logits" if body.raw_scores else "probabilities")
+    labels = m.pipeline.id2label
+    out = [[{"score": float(p[j]), "label": labels[j]} for j in np.argsort(-p, kind="stable")]
+           for p in await state.run(request, m, seqs)]
+    return _json(out[0] if single else out, _timing_headers(request, t0))
+
+
+async def tei_embed_sparse(body: s.EmbedSparseRequest, request: Request):
+    """SPLADE vectors: per input, its non-zero vocabulary weights as ``{"index", "value"}``."""
+    t0, state = time.perf_counter(), _state(request)
+    m = state.model(body.model, "sparse", "sparse embeddings")
+    texts = _texts(body.inputs)
+    state.check_count(len(texts), "inputs")
+    seqs = await state.tokenize(request, m, m.pipeline.prepare, texts, _truncate(state, body.truncate),
+                                _side(body.truncation_direction), _prompt(m, body.prompt_name))
+    rows = await state.run(request, m, seqs)
+    out = [[{"index": i, "value": v} for i, v in zip(idx.tolist(), val.tolist())] for idx, val in rows]
+    return _json(out, _timing_headers(request, t0, sum(map(len, texts))))
+
+
+async def tei_tokenize(body: s.TokenizeRequest, request: Request):
+    state = _state(request)
+    m = state.model(body.model)
+    texts = _texts(body.inputs)
+    state.check_count(len(texts), "inputs")
+    prompt = _prompt(m, body.prompt_name) if m.pipeline.kind == "embed" else None
+    full = [(prompt or "") + t for t in texts]
+    tokenizer = m.pipeline.tokenizer
+    encodings = await asyncio.get_running_loop().run_in_executor(
+        state.tokenizers, lambda: tokenizer.encode(full, add_special_tokens=body.add_special_tokens))
+    special = tokenizer.special_ids
+    out = []
+    for text, e in zip(full, encodings):
+        toks = []
+        for tid, tok, (a, b) in zip(e.ids, e.tokens, e.offsets):
+            sp = tid in special
+            toks.append({"id": tid, "text": tok if sp else text[a:b], "special": sp,
+                         "start": None if sp else a, "stop": None if sp else b})
+        out.append(toks)
+    return _json(out)
+
+
+async def tei_info(request: Request, model: str | None = None):
+    state = _state(request)
+    m = state.model(model)
+    p = m.pipeline
+    if p.kind == "embed":
+        model_type = {"embedding": {"pooling": ",".join(p.pooling)}}
+    elif p.kind == "sparse":
+        model_type = {"embedding": {"pooling": "splade"}}  # as TEI reports a SPLADE model
+    elif p.num_labels == 1:
+        model_type = {"reranker": {"id2label": dict(enumerate(p.id2label))}}
+    else:
+        model_type = {"classifier": {"id2label": dict(enumerate(p.id2label))}}
+    c = state.config
+    return _json({"model_id": m.name, "model_sha": None, "model_source": m.source,
+                  "model_dtype": str(p.dtype).replace("torch.", ""), "model_type": model_type,
+                  "max_concurrent_requests": c.max_concurrent_requests, "max_input_length": p.max_input_length,
+                  "max_batch_tokens": c.max_batch_tokens, "max_batch_requests": None,
+                  "max_client_batch_size": c.max_client_batch_size, "auto_truncate": c.auto_truncate,
+                  "tokenization_workers": c.tokenization_workers, "version": __version__,
+                  "models": sorted(state.models), "cpu": state.cpu_info})
+
+
+async def health(request: Request):
+    state = _state(request)
+    for m in state.models.values():
+        if m.last_error is None and time.perf_counter() - m.last_ok < HEALTH_FRESH_S:
+            continue
+        # nothing ran lately, or the last batch failed: prove the model runs on a tiny input
+        probe = m.pipeline.prepare(["health"], truncate=True)
+        ticket = state.scheduler.submit(m.name, probe, [len(q.ids) for q in probe])
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(asyncio.shield(ticket.future), 30)
+        if m.last_error is not None:
+            raise ApiError(503, f"model {m.name!r} cannot run: {m.last_error}", "Unhealthy")
+    return Response(status_code=200)
+
+
+async def metrics(request: Request):
+    return Response(_state(request).metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+
+# ---------------------------------------------------------------------- Cohere / Jina
+async def cohere_rerank(body: s.CohereRerankRequest, request: Request):
+    t0, state = time.perf_counter(), _state(request)
+    m = state.model(body.model, "classify", "reranking")
+    docs = [d if isinstance(d, str) else d.text for d in body.documents]
+    scores = await _rerank(state, request, m, body.query, docs, "documents", body.truncate, "right", False)
+    order = np.argsort(-scores, kind="stable")[:body.top_n]
+    results = [{"index": int(i), "relevance_score": float(scores[i]),
+                **({"document": {"text": docs[i]}} if body.return_documents else {})} for i in order]
+    return _json({"id": str(uuid.uuid4()), "model": m.name, "results": results,
+                  "usage": {"total_tokens": request.state.tokens}}, _timing_headers(request, t0))
+
+
+@dataclass(frozen=True)
+class Route:
+    path: str
+    endpoint: Any
+    method: str = "POST"
+    tag: str = "text-embeddings-inference"
+    response_model: Any = None
+    errors: tuple[int, ...] = ()  # documented error statuses (the body is the API's error model)
+
+
+_OPENAI, _COHERE = "OpenAI", "Cohere / Jina"
+ROUTES = (
+    Route("/v1/embeddings", openai_embeddings, tag=_OPENAI, response_model=s.OpenAIEmbeddingResponse,
+          errors=(400, 413, 422, 429)),
+    Route("/v1/models", openai_models, "GET", _OPENAI, s.OpenAIModelList),
+    Route("/embed", tei_embed, response_model=list[list[float]] | list[s.ChunkedEmbeddings], errors=(413, 422, 429)),
+    Route("/embed_all", tei_embed_all, response_model=list[list[list[float]]], errors=(413, 422)),
+    Route("/rerank", tei_rerank, response_model=list[s.Rank], errors=(413, 422)),
+    Route("/predict", tei_predict, response_model=list[s.Prediction] | list[list[s.Prediction]], errors=(413, 422)),
+    Route("/embed_sparse", tei_embed_sparse, response_model=list[list[s.SparseValue]], errors=(413, 422)),
+    Route("/tokenize", tei_tokenize, response_model=list[list[s.SimpleToken]]),
+    Route("/info", tei_info, "GET"),
+    Route("/health", health, "GET"),
+    Route("/metrics", metrics, "GET"),
+    Route("/v1/rerank", cohere_rerank, tag=_COHERE, response_model=s.CohereRerankResponse, errors=(413, 422)),
+)
+
+
+async def _api_error(request: Request, e: ApiError):
+    return Response(error_body(request.url.path, e), status_code=e.status, media_type="application/json")
+
+
+async def _client_gone(request: Request, e: _ClientGone):
+    return Response(status_code=499)
+
+
+async def _validation_error(request: Request, e: RequestValidationError):
+    errors = e.errors()
+    if errors and errors[0].get("type") == "json_invalid":
+        err = ApiError(400, f"the body is not valid JSON: {errors[0].get('ctx', {}).get('error', '')}")
+    elif errors and tuple(errors[0].get("loc", ())) == ("body",):
+        err = ApiError(422, "the body must be a JSON object, sent with 'Content-Type: application/json'")
+    else:
+        parts = []
+        for err in errors[:3]:
+            loc = ".".join(str(x) for x in err.get("loc", ())[1:]) or "body"
+            parts.append(f"`{loc}`: {err.get('msg')}")
+        param = ".".join(str(x) for x in errors[0].get("loc", ())[1:2]) if errors else None
+        err = ApiError(422, "invalid request: " + "; ".join(parts), param=param)
+    return await _api_error(request, err)
+
+
+async def _http_error(request: Request, e: StarletteHTTPException):
+    message = {404: f"no route {request.method} {request.url.path}",
+               405: f"method {request.method} is not allowed on {request.url.path}",
+               400: "the body could not be read as JSON (is it valid UTF-8?)"}.get(e.status_code, str(e.detail))
+    kind = "NotFound" if e.status_code in (404, 405) else "Validation"
+    return await _api_error(request, ApiError(e.status_code, message, kind))
 
 
 def create_app(models: Sequence[Served], config: ServeConfig | None = None) -> FastAPI:
-    """The FastAPI app serving ``models`` (the first is the default)."""
+    """The FastAPI app serving ``models`` (the first is the default): :data:`ROUTES` over one
+    :class:`ServerState`, behind :class:`Guard`."""
     state = ServerState(models, config or ServeConfig())
 
     @contextlib.asynccontextmanager
@@ -366,259 +651,14 @@ def create_app(models: Sequence[Served], config: ServeConfig | None = None) -> F
                   description="Padding-free embeddings, reranking and classification: OpenAI, "
                               "text-embeddings-inference and Cohere-style routes.")
     app.state.padfree = state
-
-    # ------------------------------------------------------------------ errors
-    @app.exception_handler(ApiError)
-    async def api_error(request: Request, e: ApiError):
-        return Response(error_body(request.url.path, e), status_code=e.status, media_type="application/json")
-
-    @app.exception_handler(_ClientGone)
-    async def client_gone(request: Request, e: _ClientGone):
-        return Response(status_code=499)
-
-    @app.exception_handler(RequestValidationError)
-    async def validation_error(request: Request, e: RequestValidationError):
-        errors = e.errors()
-        if errors and errors[0].get("type") == "json_invalid":
-            err = ApiError(400, f"the body is not valid JSON: {errors[0].get('ctx', {}).get('error', '')}")
-        elif errors and tuple(errors[0].get("loc", ())) == ("body",):
-            err = ApiError(422, "the body must be a JSON object, sent with 'Content-Type: application/json'")
-        else:
-            parts = []
-            for err in errors[:3]:
-                loc = ".".join(str(x) for x in err.get("loc", ())[1:]) or "body"
-                parts.append(f"`{loc}`: {err.get('msg')}")
-            param = ".".join(str(x) for x in errors[0].get("loc", ())[1:2]) if errors else None
-            err = ApiError(422, "invalid request: " + "; ".join(parts), param=param)
-        return await api_error(request, err)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(request: Request, e: StarletteHTTPException):
-        message = {404: f"no route {request.method} {request.url.path}",
-                   405: f"method {request.method} is not allowed on {request.url.path}",
-                   400: "the body could not be read as JSON (is it valid UTF-8?)"}.get(e.status_code, str(e.detail))
-        kind = "NotFound" if e.status_code in (404, 405) else "Validation"
-        return await api_error(request, ApiError(e.status_code, message, kind))
-
-    # ------------------------------------------------------------------ OpenAI
-    @app.post("/v1/embeddings", response_model=s.OpenAIEmbeddingResponse, tags=["OpenAI"],
-              responses={400: {"model": s.OpenAIError}, 413: {"model": s.OpenAIError},
-                         422: {"model": s.OpenAIError}, 429: {"model": s.OpenAIError}})
-    async def openai_embeddings(body: s.OpenAIEmbeddingRequest, request: Request):
-        t0 = time.perf_counter()
-        m = state.model(body.model, EmbedTask, "embeddings")
-        task: EmbedTask = m.task
-        inp = body.input
-        if isinstance(inp, list) and inp and isinstance(inp[0], int):
-            inp = [inp]  # one sequence of token ids
-        state.check_count(len(inp) if isinstance(inp, list) else 1, "input")
-        truncate = state.config.auto_truncate
-        if isinstance(inp, list) and isinstance(inp[0], list):
-            for i, ids in enumerate(inp):
-                if not ids:
-                    raise ApiError(422, f"input {i} is an empty list of token ids", param="input")
-            seqs = await state.tokenize(request, m, task.from_ids, inp, truncate, task=body.task)
-        else:
-            seqs = await state.tokenize(request, m, task.tokenize, _texts(inp), truncate, task=body.task)
-        rows = await state.run(request, m, seqs)
-        vectors = _truncate_dims(np.stack(rows), body.dimensions, task.dimension, renormalize=task.normalizes)
-        if body.encoding_format == "base64":
-            data = [base64.b64encode(v.astype("<f4").tobytes()).decode() for v in vectors]
-        else:
-            data = vectors.tolist()
-        n = request.state.tokens
-        out = {"object": "list", "model": m.name, "usage": {"prompt_tokens": n, "total_tokens": n},
-               "data": [{"object": "embedding", "index": i, "embedding": e} for i, e in enumerate(data)]}
-        return _json(out, _timing_headers(request, t0))
-
-    @app.get("/v1/models", response_model=s.OpenAIModelList, tags=["OpenAI"])
-    async def openai_models():
-        return _json({"object": "list", "data": [{"id": m.name, "object": "model", "created": m.created,
-                                                  "owned_by": "padfree"} for m in state.models.values()]})
-
-    # ------------------------------------------------------------------ TEI
-    @app.post("/embed", response_model=list[list[float]] | list[s.ChunkedEmbeddings],
-              tags=["text-embeddings-inference"],
-              responses={413: {"model": s.TEIError}, 422: {"model": s.TEIError}, 429: {"model": s.TEIError}})
-    async def tei_embed(body: s.EmbedRequest, request: Request):
-        t0 = time.perf_counter()
-        m, texts, rows = await _tei_rows(body, request, tokens=False, chunks=body.chunks,
-                                         chunk_tokens=body.chunk_tokens)
-        if body.chunks is not None or body.chunk_tokens is not None:  # late chunking: rows are (vectors, spans)
-            out = [{"embeddings": _truncate_dims(v, body.dimensions, m.task.dimension, body.normalize).tolist(),
-                    "spans": spans} for v, spans in rows]
-            return _json(out, _timing_headers(request, t0, sum(map(len, texts))))
-        vectors = _truncate_dims(np.stack(rows), body.dimensions, m.task.dimension, renormalize=body.normalize)
-        return _json(vectors.tolist(), _timing_headers(request, t0, sum(map(len, texts))))
-
-    @app.post("/embed_all", response_model=list[list[list[float]]], tags=["text-embeddings-inference"],
-              responses={413: {"model": s.TEIError}, 422: {"model": s.TEIError}})
-    async def tei_embed_all(body: s.EmbedAllRequest, request: Request):
-        t0 = time.perf_counter()
-        _, texts, rows = await _tei_rows(body, request, tokens=True)
-        return _json([r.tolist() for r in rows], _timing_headers(request, t0, sum(map(len, texts))))
-
-    async def _tei_rows(body: s.EmbedAllRequest, request: Request, tokens: bool, **chunking):
-        """(model, texts, one row per text) for /embed (pooled vectors) and /embed_all (every token's); with
-        ``chunks`` / ``chunk_tokens``, each row is (``[n_chunks, D]`` vectors, their character spans)."""
-        m = state.model(body.model, EmbedTask, "embeddings")
-        texts = _texts(body.inputs)
-        state.check_count(len(texts), "inputs")
-        truncate = state.config.auto_truncate if body.truncate is None else body.truncate
-        seqs = await state.tokenize(request, m, m.task.tokenize, texts, truncate, _side(body.truncation_direction),
-                                    _prompt(m.task, body.prompt_name), tokens=tokens, task=body.task, **chunking)
-        rows = await state.run(request, m, seqs)
-        if any(q.chunks is not None for q in seqs):
-            rows = [(r, [list(span) for span in q.chunks.spans]) for q, r in zip(seqs, rows)]
-        return m, texts, rows
-
-    @app.post("/rerank", response_model=list[s.Rank], tags=["text-embeddings-inference"],
-              responses={413: {"model": s.TEIError}, 422: {"model": s.TEIError}})
-    async def tei_rerank(body: s.RerankRequest, request: Request):
-        t0 = time.perf_counter()
-        m = state.model(body.model, ClassifyTask, "reranking")
-        scores = await _rerank(request, m, body.query, body.texts, "texts", body.truncate,
-                               _side(body.truncation_direction), body.raw_scores)
-        order = np.argsort(-scores, kind="stable")
-        out = [{"index": int(i), "score": float(scores[i]), **({"text": body.texts[i]} if body.return_text else {})}
-               for i in order]
-        return _json(out, _timing_headers(request, t0))
-
-    async def _rerank(request, m: Served, query: str, texts: list[str], field_name: str, truncate, side,
-                      raw: bool) -> np.ndarray:
-        if m.task.num_labels != 1:
-            raise ApiError(400, f"model {m.name!r} has {m.task.num_labels} labels; reranking needs one score",
-                           param="model")
-        if not query:
-            raise ApiError(422, "`query` is an empty string", "Empty", param="query")
-        state.check_count(len(texts), field_name)
-        for i, t in enumerate(texts):
-            if not t:
-                raise ApiError(422, f"`{field_name}` {i} is an empty string", "Empty", param=field_name)
-        truncate = state.config.auto_truncate if truncate is None else truncate
-        seqs = await state.tokenize(request, m, m.task.tokenize, [query] * len(texts), texts, truncate, side)
-        rows = await state.run(request, m, seqs)
-        return m.task.scores(np.stack(rows), raw)
-
-    @app.post("/predict", tags=["text-embeddings-inference"],
-              response_model=list[s.Prediction] | list[list[s.Prediction]],
-              responses={413: {"model": s.TEIError}, 422: {"model": s.TEIError}})
-    async def tei_predict(body: s.PredictRequest, request: Request):
-        t0 = time.perf_counter()
-        m = state.model(body.model, ClassifyTask, "classification")
-        inp = body.inputs
-        single = isinstance(inp, str) or (len(inp) == 2 and all(isinstance(x, str) for x in inp))
-        items = [inp] if single else list(inp)
-        state.check_count(len(items), "inputs")
-        texts, pairs = [], []
-        for i, x in enumerate(items):
-            x = [x] if isinstance(x, str) else x
-            if len(x) not in (1, 2) or not all(x):
-                raise ApiError(422, f"input {i} must be a non-empty text or a pair of non-empty texts",
-                               param="inputs")
-            texts.append(x[0])
-            pairs.append(x[1] if len(x) == 2 else None)
-        has_pairs = [p is not None for p in pairs]
-        if any(has_pairs) and not all(has_pairs):
-            raise ApiError(422, "mix of single texts and pairs in one request; send one kind", param="inputs")
-        truncate = state.config.auto_truncate if body.truncate is None else body.truncate
-        seqs = await state.tokenize(request, m, m.task.tokenize, texts, pairs if all(has_pairs) else None,
-                                    truncate, _side(body.truncation_direction))
-        probs = m.task.probabilities(np.stack(await state.run(request, m, seqs)), body.raw_scores)
-        labels = m.task.id2label
-        out = [[{"score": float(p[j]), "label": labels[j]} for j in np.argsort(-p, kind="stable")] for p in probs]
-        return _json(out[0] if single else out, _timing_headers(request, t0))
-
-    @app.post("/embed_sparse", response_model=list[list[s.SparseValue]], tags=["text-embeddings-inference"],
-              responses={413: {"model": s.TEIError}, 422: {"model": s.TEIError}})
-    async def tei_embed_sparse(body: s.EmbedSparseRequest, request: Request):
-        """SPLADE vectors: per input, its non-zero vocabulary weights as ``{"index", "value"}``."""
-        t0 = time.perf_counter()
-        m = state.model(body.model, SparseTask, "sparse embeddings")
-        texts = _texts(body.inputs)
-        state.check_count(len(texts), "inputs")
-        truncate = state.config.auto_truncate if body.truncate is None else body.truncate
-        seqs = await state.tokenize(request, m, m.task.tokenize, texts, truncate, _side(body.truncation_direction),
-                                    _prompt(m.task, body.prompt_name))
-        rows = await state.run(request, m, seqs)
-        out = [[{"index": i, "value": v} for i, v in zip(idx.tolist(), val.tolist())] for idx, val in rows]
-        return _json(out, _timing_headers(request, t0, sum(map(len, texts))))
-
-    @app.post("/tokenize", response_model=list[list[s.SimpleToken]], tags=["text-embeddings-inference"])
-    async def tei_tokenize(body: s.TokenizeRequest, request: Request):
-        m = state.model(body.model)
-        texts = _texts(body.inputs)
-        state.check_count(len(texts), "inputs")
-        prompt = _prompt(m.task, body.prompt_name) if isinstance(m.task, EmbedTask) else None
-        full = [(prompt or "") + t for t in texts]
-        encodings = await asyncio.get_running_loop().run_in_executor(
-            state.tokenizers, lambda: m.task.tokenizer.encode(full, add_special_tokens=body.add_special_tokens))
-        special = m.task.tokenizer.special_ids
-        out = []
-        for text, e in zip(full, encodings):
-            toks = []
-            for tid, tok, (a, b) in zip(e.ids, e.tokens, e.offsets):
-                sp = tid in special
-                toks.append({"id": tid, "text": tok if sp else text[a:b], "special": sp,
-                             "start": None if sp else a, "stop": None if sp else b})
-            out.append(toks)
-        return _json(out)
-
-    cpu_info = cpu.report(cpu.current())  # the CPU profile and its paths (padfree info's report): fixed for the process
-
-    @app.get("/info", tags=["text-embeddings-inference"])
-    async def tei_info(model: str | None = None):
-        m = state.model(model)
-        task = m.task
-        if isinstance(task, EmbedTask):
-            model_type = {"embedding": {"pooling": ",".join(task.st.pooling)}}
-        elif isinstance(task, SparseTask):
-            model_type = {"embedding": {"pooling": "splade"}}  # as TEI reports a SPLADE model
-        elif task.num_labels == 1:
-            model_type = {"reranker": {"id2label": dict(enumerate(task.id2label))}}
-        else:
-            model_type = {"classifier": {"id2label": dict(enumerate(task.id2label))}}
-        c = state.config
-        return _json({"model_id": m.name, "model_sha": None, "model_source": m.source,
-                      "model_dtype": str(task.dtype).replace("torch.", ""), "model_type": model_type,
-                      "max_concurrent_requests": c.max_concurrent_requests, "max_input_length": task.max_input_length,
-                      "max_batch_tokens": c.max_batch_tokens, "max_batch_requests": None,
-                      "max_client_batch_size": c.max_client_batch_size, "auto_truncate": c.auto_truncate,
-                      "tokenization_workers": c.tokenization_workers, "version": __version__,
-                      "models": sorted(state.models), "cpu": cpu_info})
-
-    @app.get("/health", tags=["text-embeddings-inference"])
-    async def health():
-        for m in state.models.values():
-            if m.last_error is None and time.perf_counter() - m.last_ok < HEALTH_FRESH_S:
-                continue
-            # nothing ran lately, or the last batch failed: prove the model runs on a tiny input
-            probe = m.task.tokenize(["health"], truncate=True)
-            ticket = state.scheduler.submit(m.name, probe, [len(q.ids) for q in probe])
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(asyncio.shield(ticket.future), 30)
-            if m.last_error is not None:
-                raise ApiError(503, f"model {m.name!r} cannot run: {m.last_error}", "Unhealthy")
-        return Response(status_code=200)
-
-    @app.get("/metrics", tags=["text-embeddings-inference"])
-    async def metrics():
-        return Response(state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
-
-    # ------------------------------------------------------------------ Cohere / Jina
-    @app.post("/v1/rerank", response_model=s.CohereRerankResponse, tags=["Cohere / Jina"],
-              responses={413: {"model": s.OpenAIError}, 422: {"model": s.OpenAIError}})
-    async def cohere_rerank(body: s.CohereRerankRequest, request: Request):
-        t0 = time.perf_counter()
-        m = state.model(body.model, ClassifyTask, "reranking")
-        docs = [d if isinstance(d, str) else d.text for d in body.documents]
-        scores = await _rerank(request, m, body.query, docs, "documents", body.truncate, "right", False)
-        order = np.argsort(-scores, kind="stable")[:body.top_n]
-        results = [{"index": int(i), "relevance_score": float(scores[i]),
-                    **({"document": {"text": docs[i]}} if body.return_documents else {})} for i in order]
-        return _json({"id": str(uuid.uuid4()), "model": m.name, "results": results,
-                      "usage": {"total_tokens": request.state.tokens}}, _timing_headers(request, t0))
-
+    app.add_exception_handler(ApiError, _api_error)
+    app.add_exception_handler(_ClientGone, _client_gone)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    for r in ROUTES:
+        error_model = s.OpenAIError if r.path.startswith("/v1/") else s.TEIError
+        app.add_api_route(r.path, r.endpoint, methods=[r.method], tags=[r.tag], response_model=r.response_model,
+                          responses={code: {"model": error_model} for code in r.errors})
     state.routes = {r.path for r in app.routes}
     app.add_middleware(Guard, state=state)
     return app

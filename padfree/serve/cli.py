@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from ..cpu import DTYPE_CHOICES as DTYPES, choose_dtype
+from ..cpu import DTYPE_CHOICES as DTYPES
 
 log = logging.getLogger("padfree.serve")
 
@@ -52,8 +52,11 @@ def parse_args(argv):
 
 def _model_specs(specs: list[str] | None) -> list[tuple[str, str]]:
     if not specs:
-        from ..cli import _minilm_path
-        return [("all-MiniLM-L6-v2", _minilm_path())]
+        from ..startup import BUNDLED_MODEL, bundled_model_path
+        try:
+            return [(BUNDLED_MODEL, bundled_model_path())]
+        except ValueError as e:
+            raise SystemExit(f"padfree serve: error: {e}")
     out = []
     for spec in specs:
         name, sep, path = spec.partition("=")
@@ -128,24 +131,16 @@ def run_on_ray(args) -> None:
 
 def build(args) -> "tuple":
     """(the FastAPI app, its ServerState) for parsed arguments: models loaded and warmed up."""
-    from ..memory import level_memory
-    from ..tasks import load_task
+    from ..startup import open_pipeline
     from .app import Served, create_app
 
-    level_memory()  # before the model's tensors: the allocator settings that keep a long-running RSS level
     config = serve_config(args)
-    dtype = choose_dtype(args.dtype)
     served = []
     for name, path in _model_specs(args.model):
-        t0 = time.perf_counter()
         try:
-            task = load_task(path, dtype)
+            served.append(Served(name, open_pipeline(path, args.dtype), str(path)))
         except (ValueError, OSError) as e:
             raise SystemExit(f"padfree serve: error: --model {name}={path}: {e}")
-        task.run(task.tokenize(["warm up the model", "and its kernels " * 8], truncate=True))
-        log.info("model %s (%s) from %s: %s, %s, loaded in %.2f s", name, task.kind, path, args.dtype,
-                 type(task.encoder.config).__name__, time.perf_counter() - t0)
-        served.append(Served(name, task, str(path)))
     try:
         app = create_app(served, config)
     except ValueError as e:
