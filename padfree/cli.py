@@ -54,11 +54,11 @@ def info(args) -> None:
     module's state, and the path a batch of each size takes."""
     import json
 
-    from padfree import cpu
+    from padfree import cpu, info as cpu_info
 
     if args.example is not None and args.example not in cpu.EXAMPLES:
         sys.exit(f"padfree info: unknown CPU kind {args.example!r}; known: {', '.join(cpu.EXAMPLES)}")
-    report = cpu.report(cpu.current() if args.example is None else cpu.plan_for(cpu.EXAMPLES[args.example]),
+    report = cpu_info.report(cpu.current() if args.example is None else cpu.plan_for(cpu.EXAMPLES[args.example]),
                         this_machine=args.example is None)
     if args.json:
         print(json.dumps(report, indent=2))

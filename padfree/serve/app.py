@@ -27,7 +27,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .. import __version__, cpu
+from .. import __version__, cpu, info
 from ..pipelines import Pipeline, Seq
 from ..startup import KINDS
 from ..tokenizer import InputTooLong
@@ -234,7 +234,7 @@ class ServerState:
         self.in_flight = 0
         self.draining = False
         self.routes: set[str] = set()
-        self.cpu_info = cpu.report(cpu.current())  # the CPU profile and its paths (padfree info's): fixed per process
+        self.cpu_info = info.report(cpu.current())  # the CPU profile and its paths (padfree info's): fixed per process
 
     def _on_batch(self, stats: BatchStats) -> None:
         self.metrics.batch(stats)
