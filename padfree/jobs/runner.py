@@ -29,7 +29,7 @@ from ..startup import parse_dtype
 from . import io
 
 MANIFEST = "_manifest.json"
-DEFAULT_BATCH_TOKENS = 4096  # real tokens per forward of a job: benchmarks/NOTES.md, "A job's batch budget"
+DEFAULT_BATCH_TOKENS = 4096  # real tokens per forward of a job: 4096 rather than 16384 (benchmarks/NOTES.md 23)
 # options that change the output: a rerun with another value refuses (max_batch_tokens only changes speed)
 # option -> how the command line says it, where that is not --option (the adapter is --task, as Jina names it)
 _FLAGS = {"adapter": "--task", "kind": "the command (embed or classify)"}

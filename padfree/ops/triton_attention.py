@@ -300,10 +300,8 @@ def _varlen_attention_kernel(qkv_ptr, bias_ptr, out_ptr, cu_seqlens_ptr, stride_
 # ----------------------------------------------------------------------------------------------------------
 # launcher
 # ----------------------------------------------------------------------------------------------------------
-# Launch configurations, measured on an H100 (benchmarks/gpu_kernels.py --tune; BERT-base shape, batch 16,
-# lengths U[0.2 max, max], CUDA-graph timing): the single-tile path wins only up to 64 tokens (3.6 vs 4.0 us
-# at max 64; tied at 128); 64x64 tiles, 4 warps, 3 stages lead the streaming path from 128 to 1024 tokens
-# (64x32 tiles are 7% faster at 256), for head size 128 too; 8 warps or 128-row tiles were 10-130% slower.
+# Launch configurations: the single-tile path up to 64 tokens, then 64x64 tiles, 4 warps, 3 stages (chosen on an
+# H100 with benchmarks/gpu_kernels.py --tune: benchmarks/NOTES.md section 23)
 SHORT_MAX = 64  # max_seqlen up to which the single-tile path is used
 
 
