@@ -164,6 +164,25 @@ def test_tei_embed_routes(server, corpus, offline, long_texts):
     assert httpx.get(server.url + "/docs").status_code == 200
 
 
+def test_every_front_door_gives_the_librarys_bits(server, corpus, offline, tmp_path):
+    """One pipeline under every door: the same texts in one batch give the same float32 bits from the library,
+    from /embed, from /v1/embeddings and from a job (each used to normalize its own way, up to 2 ulp apart)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from padfree.jobs.runner import JobSpec, run_job
+    texts = corpus[:6] + corpus[200:206]  # one batch at every door: fewer tokens than every budget
+    lib = offline.encode(texts)
+    tei = np.array(post(server, "/embed", {"inputs": texts}).json(), np.float32)
+    openai = post(server, "/v1/embeddings", {"input": texts, "model": "minilm"}).json()["data"]
+    pq.write_table(pa.table({"text": texts}), tmp_path / "in.parquet")
+    run_job(JobSpec("embed", str(tmp_path / "in.parquet"), str(tmp_path / "out"), str(minilm_path()),
+                    max_batch_tokens=8192, progress=False))
+    job = np.array(pq.read_table(tmp_path / "out").column("embedding").to_pylist(), np.float32)
+    assert np.array_equal(tei, lib) and np.array_equal(job, lib)
+    assert np.array_equal(np.array([d["embedding"] for d in openai], np.float32), lib)
+
+
 def test_rerank_and_predict_match_sentence_transformers(server, corpus, models):
     from sentence_transformers import CrossEncoder
     query, texts = "how to open a file", corpus[130:140] + corpus[:2]

@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 from ..batching import positive_int
 from ..cpu import dtype_name
 from ..pipelines import Pipeline
-from ..startup import parse_dtype
+from ..startup import open_pipeline, parse_dtype
 from . import io
 
 MANIFEST = "_manifest.json"
@@ -185,19 +185,27 @@ def check_spec(spec: JobSpec) -> None:
     parse_dtype(spec.dtype)
 
 
-def run_job(spec: JobSpec) -> dict:
-    """Run (or resume) a job; returns its summary. ValueError for bad input or a mismatched output."""
-    from ..startup import open_pipeline
+def input_columns(spec: JobSpec) -> tuple[list[str], list[str]]:
+    """(the text columns, the other columns carried to the output) a job reads."""
+    text = [spec.column] + ([spec.pair_column] if spec.pair_column else [])
+    return text, list(dict.fromkeys(([spec.id_column] if spec.id_column else []) + spec.keep))
 
-    check_spec(spec)
+
+def _check_carried(spec: JobSpec) -> None:
+    """``ValueError`` where a carried column has the name of an output column."""
     produced = ("embedding",) if spec.kind == "embed" else ("label", "score", "scores")
     clash = [c for c in ([spec.id_column] if spec.id_column else []) + spec.keep if c in produced]
     if clash:
         raise ValueError(f"--id-column/--keep {clash} would be overwritten by the output column of the same name "
                          f"({', '.join(produced)})")
+
+
+def run_job(spec: JobSpec) -> dict:
+    """Run (or resume) a job; returns its summary. ValueError for bad input or a mismatched output."""
+    check_spec(spec)
+    _check_carried(spec)
     files, fmt = io.input_files(spec.input, spec.format)
-    text_cols = [spec.column] + ([spec.pair_column] if spec.pair_column else [])
-    other = list(dict.fromkeys(([spec.id_column] if spec.id_column else []) + spec.keep))
+    text_cols, other = input_columns(spec)
     io.check_files(files, fmt, text_cols, other)
     manifest = {"version": 1, "inputs": io.identity(files), "options": spec.options(fmt), "complete": False}
     old = prepare_output(spec, manifest)
@@ -208,10 +216,24 @@ def run_job(spec: JobSpec) -> dict:
             _say(f"padfree {spec.kind}: {out} is complete ({old.get('rows', '?')} rows in {shards} shards): "
                  "nothing to do")
             return {**old.get("summary", {}), "nothing_to_do": True}
-
     pipeline = open_pipeline(spec.model, spec.dtype, spec.kind, spec.adapter, warm=False)
+    summary = _write_shards(spec, pipeline, _Rows(io.read_batches(files, fmt, text_cols, other), spec.shard_rows),
+                            io.parquet_rows(files, fmt), manifest if old is None else None)
+    out.mkdir(parents=True, exist_ok=True)
+    manifest.update(complete=True, shards=summary["shards"], rows=summary["rows"], summary=summary)
+    write_atomic(out / MANIFEST, json.dumps(manifest, indent=1).encode())
+    _say(f"padfree {spec.kind}: {summary['rows']} rows, {summary['tokens']} tokens computed in "
+         f"{summary['seconds']:.1f} s ({summary['shards']} shards, {summary['shards_done_before']} already done); "
+         f"{summary['empty']} null or empty texts ({'skipped' if spec.skip_empty else 'embedded as empty'}), "
+         f"{summary['at_limit']} at the model's length limit (longer ones cut) -> {out}")
+    return summary
 
-    total_rows = io.parquet_rows(files, fmt)
+
+def _write_shards(spec: JobSpec, pipeline: Pipeline, tables, total_rows: int | None, new_manifest: dict | None
+                  ) -> dict:
+    """Each shard not yet in the output computed and written atomically (the manifest ``new_manifest``, for a new
+    job, with the first); the summary's counts."""
+    out = Path(spec.output)
     bar = None
     if spec.progress:
         from tqdm.auto import tqdm
@@ -220,7 +242,7 @@ def run_job(spec: JobSpec) -> dict:
                "shards": 0}
     t0 = time.perf_counter()
     computed_tokens = 0
-    for k, table in enumerate(_Rows(io.read_batches(files, fmt, text_cols, other), spec.shard_rows)):
+    for k, table in enumerate(tables):
         summary["shards"] = k + 1
         path = _shard(out, k)
         if path.is_file():
@@ -228,9 +250,9 @@ def run_job(spec: JobSpec) -> dict:
             summary["rows"] += pq.ParquetFile(path).metadata.num_rows
         else:
             result, counts = compute_shard(spec, pipeline, table)
-            if old is None and not (out / MANIFEST).is_file():  # the directory appears with its first shard
+            if new_manifest is not None and not (out / MANIFEST).is_file():  # the directory comes with shard 1
                 out.mkdir(parents=True, exist_ok=True)
-                write_atomic(out / MANIFEST, json.dumps(manifest, indent=1).encode())
+                write_atomic(out / MANIFEST, json.dumps(new_manifest, indent=1).encode())
             tmp = path.with_name(f".{path.name}.tmp")
             pq.write_table(result, tmp)
             os.replace(tmp, path)
@@ -244,11 +266,4 @@ def run_job(spec: JobSpec) -> dict:
     if bar is not None:
         bar.close()
     summary["seconds"] = time.perf_counter() - t0
-    out.mkdir(parents=True, exist_ok=True)
-    manifest.update(complete=True, shards=summary["shards"], rows=summary["rows"], summary=summary)
-    write_atomic(out / MANIFEST, json.dumps(manifest, indent=1).encode())
-    _say(f"padfree {spec.kind}: {summary['rows']} rows, {summary['tokens']} tokens computed in "
-         f"{summary['seconds']:.1f} s ({summary['shards']} shards, {summary['shards_done_before']} already done); "
-         f"{summary['empty']} null or empty texts ({'skipped' if spec.skip_empty else 'embedded as empty'}), "
-         f"{summary['at_limit']} at the model's length limit (longer ones cut) -> {out}")
     return summary

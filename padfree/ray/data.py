@@ -27,8 +27,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..batching import positive_int
-from ..jobs.runner import (DEFAULT_BATCH_TOKENS, MANIFEST, JobSpec, check_spec, compute_shard, prepare_output,
-                           write_atomic)
+from ..jobs.runner import (DEFAULT_BATCH_TOKENS, MANIFEST, JobSpec, check_spec, compute_shard, input_columns,
+                           prepare_output, write_atomic)
 from ..startup import open_pipeline
 
 
@@ -144,8 +144,8 @@ def run_job(spec: JobSpec, address: str | None = "local", actors: int = 1, actor
     positive_int("--ray-actors", actors)
     positive_int("--ray-actor-cpus", actor_cpus)
     files, fmt = io.input_files(spec.input, spec.format)
-    text_cols = [spec.column] + ([spec.pair_column] if spec.pair_column else [])
-    columns = list(dict.fromkeys(text_cols + ([spec.id_column] if spec.id_column else []) + spec.keep))
+    text_cols, other = input_columns(spec)
+    columns = list(dict.fromkeys(text_cols + other))
     io.check_files(files, fmt, text_cols, columns[len(text_cols):])
     out = Path(spec.output)
     manifest = {"version": 1, "inputs": io.identity(files), "options": {**spec.options(fmt), "ray": True},

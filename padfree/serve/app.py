@@ -28,6 +28,7 @@ from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import __version__, cpu, info
+from ..batching import positive_int
 from ..pipelines import Pipeline, Seq
 from ..startup import KINDS
 from ..tokenizer import InputTooLong
@@ -56,9 +57,7 @@ class ServeConfig:
     def __post_init__(self):
         for name in ("max_batch_tokens", "max_client_batch_size", "max_concurrent_requests", "payload_limit",
                      "tokenization_workers"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name} must be an int >= 1; got {v!r}")
+            positive_int(name, getattr(self, name))
         if self.api_key is not None and not self.api_key:
             raise ValueError("the API key is empty")
 

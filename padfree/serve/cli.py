@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+from ..batching import positive_int
 from ..cpu import DTYPE_CHOICES as DTYPES
 
 log = logging.getLogger("padfree.serve")
@@ -101,8 +102,10 @@ def run_on_ray(args) -> None:
         from ..ray import serve_app
     except ImportError as e:
         raise SystemExit(f"padfree serve: error: --ray needs Ray: pip install 'padfree[ray]' ({e})")
-    if args.ray_replicas < 1:
-        raise SystemExit(f"padfree serve: error: --ray-replicas must be >= 1; got {args.ray_replicas}")
+    try:
+        positive_int("--ray-replicas", args.ray_replicas)
+    except ValueError as e:
+        raise SystemExit(f"padfree serve: error: {e}")
     config = serve_config(args)
     models = _model_specs(args.model)
 

@@ -24,6 +24,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
+from ..batching import fits, positive_int
+
 log = logging.getLogger("padfree.serve")
 
 
@@ -86,8 +88,7 @@ class Scheduler:
     """See the module docstring. Every method but the worker's ``run`` calls runs on the event loop thread."""
 
     def __init__(self, max_batch_tokens: int, on_batch: Callable[[BatchStats], None] | None = None):
-        if isinstance(max_batch_tokens, bool) or not isinstance(max_batch_tokens, int) or max_batch_tokens < 1:
-            raise ValueError(f"max_batch_tokens must be an int >= 1; got {max_batch_tokens!r}")
+        positive_int("max_batch_tokens", max_batch_tokens)
         self.max_batch_tokens = max_batch_tokens
         self.on_batch = on_batch
         self._queues: dict[str, _Queue] = {}
@@ -161,7 +162,7 @@ class Scheduler:
                 q.sequences -= len(t.items) - t.next
                 continue
             n = t.lengths[t.next]
-            if taken and used + n > self.max_batch_tokens:
+            if not fits(used, n, self.max_batch_tokens):
                 break
             taken.append((t, t.next))
             used += n
