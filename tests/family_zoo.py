@@ -5,6 +5,9 @@ so that attention is far from uniform and a wrong mapping cannot hide.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+from typing import Callable
+
 import torch
 import transformers as t
 
@@ -170,36 +173,111 @@ def bf16_errors(model, call, mask=None) -> tuple[float, float]:
     return max_diff(call(None), ref, mask), max_diff(theirs, ref, mask)
 
 
-def check_hidden_bf16(model, lengths, side: str = "left") -> None:
-    """padfree's bf16 last hidden state against transformers in fp32, by the bf16 rule (pads on ``side``)."""
+def check_hidden_fp32(model, lengths, tol: float, enc=None, run=None, rotary: bool = False) -> list[tuple]:
+    """padfree's last hidden state (``enc``, default: padfree's load of ``model``) against transformers' in fp32
+    within ``tol``, with the pads on either side: zeros at the pads, and a batch that reads every token type of
+    the family. ``run(ids, mask, kw)``: the reference (default: ``model``'s ``last_hidden_state``). With ``rotary``
+    (positions enter through the rotation of Q and K only, so scores depend on distances alone): transformers'
+    ``position_ids`` given to padfree are read as they are (no offset), and transformers' default numbering (from
+    column 0, without ``position_ids``) gives the same states. Returns ``(ids, mask, types, kw, reference)`` per
+    side."""
     import padfree
-    enc = padfree.from_pretrained(model, dtype=torch.bfloat16)
+    enc = padfree.from_pretrained(model) if enc is None else enc
+    run = (lambda ids, mask, kw: hf_hidden(model, ids, mask, kw)) if run is None else run
+    used = []
+    for side in ("right", "left"):
+        ids, mask, types, kw = batch(model, lengths, side)
+        ref = run(ids, mask, kw)
+        out = enc(ids, mask, types).last_hidden_state
+        assert out.shape == ref.shape
+        err = max_diff(out, ref, mask)
+        assert err <= tol, f"{side}: {err:.2e}"
+        assert float(out[~mask.bool()].abs().max()) == 0.0, f"{side}: not zero at the pads"
+        if types is not None:  # token types are read: the batch draws every one
+            assert set(types[mask.bool()].tolist()) == set(range(type_vocab(model))), side
+        if rotary:
+            with_positions = enc(ids, mask, types, kw["position_ids"]).last_hidden_state
+            assert max_diff(with_positions, ref, mask) <= tol, f"{side}: transformers' position_ids"
+            default = run(ids, mask, {k: v for k, v in kw.items() if k != "position_ids"})
+            assert max_diff(out, default, mask) <= tol, f"{side}: transformers' default positions"
+        used.append((ids, mask, types, kw, ref))
+    return used
+
+
+def check_hidden_bf16(model, lengths, side: str = "left", enc=None, run=None) -> None:
+    """padfree's bf16 last hidden state (``enc``, default: padfree's bf16 load of ``model``) against transformers
+    in fp32, by the bf16 rule (pads on ``side``). ``run(m, ids, mask, kw)``: the reference of an HF model ``m``
+    (default: its ``last_hidden_state``)."""
+    import padfree
+    enc = padfree.from_pretrained(model, dtype=torch.bfloat16) if enc is None else enc
+    run = hf_hidden if run is None else run
     ids, mask, types, kw = batch(model, lengths, side)
     ours, theirs = bf16_errors(model, lambda m: enc(ids, mask, types).last_hidden_state if m is None
-                               else hf_hidden(m, ids, mask, kw), mask)
+                               else run(m, ids, mask, kw), mask)
     assert ours <= 2 * theirs + BF16_ATOL, f"bf16: {ours:.3f} vs transformers' own bf16 {theirs:.3f}"
 
 
-def check_sequence_classifier(model, lengths, pooling: str, tol: float) -> None:
+def check_sequence_classifier(model, lengths, pooling: str | None, tol: float, path=None) -> None:
     """padfree's ``SequenceClassifier`` of an HF classification ``model`` against the model itself, under right
-    padding (HF's first-token pooling reads column 0): fp32 within ``tol``, bf16 by the bf16 rule; with mean
-    pooling, left padding must give the same logits."""
+    padding (HF's first-token pooling reads column 0): fp32 within ``tol``, bf16 by the bf16 rule; left padding
+    gives the same logits (padfree pools each sequence's own first token, or its own mean); with ``path``, the
+    model saved there loads as the one in memory does."""
     import padfree
     clf = padfree.SequenceClassifier.from_pretrained(model)
-    ids, mask, _, kw = batch(model, lengths, "right")
+    ids, mask, types, kw = batch(model, lengths, "right")
 
     def logits(m):
         with torch.no_grad():
             return m(input_ids=ids, attention_mask=mask, **kw).logits
     ref = logits(model)
-    err = max_diff(clf(ids, mask).logits, ref)
+    err = max_diff(clf(ids, mask, types).logits, ref)
     assert err <= tol, f"{pooling}: {err:.2e}"
-    if pooling == "mean":  # mean pooling is side-independent
-        ids_l, mask_l, _, _ = batch(model, lengths, "left")
-        assert max_diff(clf(ids_l, mask_l).logits, ref) <= tol
+    ids_l, mask_l, types_l, _ = batch(model, lengths, "left")
+    err = max_diff(clf(ids_l, mask_l, types_l).logits, ref)
+    assert err <= tol, f"{pooling} left: {err:.2e}"
     clf16 = padfree.SequenceClassifier.from_pretrained(model, dtype=torch.bfloat16)
-    ours, theirs = bf16_errors(model, lambda m: clf16(ids, mask).logits if m is None else logits(m))
+    ours, theirs = bf16_errors(model, lambda m: clf16(ids, mask, types).logits if m is None else logits(m))
     assert ours <= 2 * theirs + BF16_ATOL, f"bf16 {pooling}: {ours:.3f} vs {theirs:.3f}"
+    if path is not None:
+        model.save_pretrained(path)
+        err = max_diff(padfree.SequenceClassifier.from_pretrained(path)(ids, mask, types).logits, ref)
+        assert err <= tol, f"{pooling} from {path}: {err:.2e}"
+
+
+def check_token_classifier(model, lengths, tol: float) -> None:
+    """padfree's ``TokenClassifier`` of an HF token-classification ``model`` against the model itself on every
+    real token, with the pads on either side: fp32 within ``tol``, bf16 by the bf16 rule."""
+    import padfree
+    clf = padfree.TokenClassifier.from_pretrained(model)
+    clf16 = padfree.TokenClassifier.from_pretrained(model, dtype=torch.bfloat16)
+    for side in ("right", "left"):
+        ids, mask, types, kw = batch(model, lengths, side)
+
+        def logits(m):
+            with torch.no_grad():
+                return m(input_ids=ids, attention_mask=mask, **kw).logits
+        ours = clf(ids, mask, types).logits
+        ref = logits(model)
+        assert ours.shape == ref.shape
+        err = max_diff(ours, ref, mask)
+        assert err <= tol, f"{side}: {err:.2e}"
+        ours16, theirs16 = bf16_errors(model, lambda m: clf16(ids, mask, types).logits if m is None else logits(m),
+                                       mask)
+        assert ours16 <= 2 * theirs16 + BF16_ATOL, f"bf16 {side}: {ours16:.3f} vs {theirs16:.3f}"
+
+
+def check_cross_encoder(model, path, tol: float) -> None:
+    """A one-label classification ``model`` saved with a WordPiece tokenizer: padfree's ``CrossEncoder`` scores
+    query-passage pairs as sentence-transformers' does, within ``tol``."""
+    import numpy as np
+    from sentence_transformers import CrossEncoder as STCrossEncoder
+
+    import padfree
+    from test_heads import TEXTS, save_with_tokenizer
+    save_with_tokenizer(model, path)
+    pairs = [("query", p) for p in TEXTS] + [("python code", p) for p in TEXTS[:2]]
+    ref = STCrossEncoder(str(path), device="cpu").predict(pairs, convert_to_numpy=True)
+    assert np.abs(padfree.CrossEncoder.from_pretrained(path).score(pairs) - ref).max() <= tol
 
 
 def check_saved_directory(make_model, path, tol: float) -> None:
@@ -220,3 +298,108 @@ def check_saved_directory(make_model, path, tol: float) -> None:
     ours = padfree.SentenceEncoder.from_pretrained(path).encode(texts)
     theirs = SentenceTransformer(str(path), device="cpu").encode(texts)
     assert abs(ours - theirs).max() <= tol
+
+
+# ---------------------------------------------------------------------------------- families outside ZOO's mould
+@dataclass(frozen=True)
+class Family:
+    """A family ZOO's tuple does not hold: special token ids in its config, a masked-LM kind, its own names for
+    norm weights, its own parity batch (1 token to its longest), and the padfree config fields each shape must
+    give. Built by :func:`build_family`; test_families.py runs the checks every family shares, its own test file
+    what only it has."""
+    config: type  # transformers config class
+    classes: dict  # kind ("base", "seq", "token", "mlm") -> transformers model class
+    shapes: tuple  # (shape 0, shape 1): config kwargs
+    lengths: list  # the parity batch
+    special: dict = field(default_factory=dict)  # token ids the config takes
+    norm: Callable[[str], bool] = lambda name: "norm.weight" in name.lower()  # parameters drawn around 1
+    expect: tuple = ({}, {})  # padfree config fields of each shape
+    head: tuple = ({}, {})  # task-head config of each shape's classifiers
+    poolings: tuple = (None,)  # classifier_pooling values of its sequence classifiers (None: a single head)
+    plant: str = "embeddings"  # the base-model module where a test plants a weight padfree does not use
+
+
+FAMILIES = {
+    "eurobert": Family(
+        t.EuroBertConfig, dict(base=t.EuroBertModel, seq=t.EuroBertForSequenceClassification,
+                               token=t.EuroBertForTokenClassification, mlm=t.EuroBertForMaskedLM), (
+            # transformers' defaults: no biases, SiLU, rope_theta 10000, eps 1e-5
+            dict(hidden_size=32, num_attention_heads=2, num_hidden_layers=3, intermediate_size=40,
+                 max_position_embeddings=128),
+            # every bias on, another RoPE base and eps, four heads of 12
+            dict(hidden_size=48, num_attention_heads=4, num_hidden_layers=2, intermediate_size=64,
+                 attention_bias=True, mlp_bias=True, rope_parameters={"rope_type": "default", "rope_theta": 500.0},
+                 rms_norm_eps=1e-6, max_position_embeddings=128)),
+        LENGTHS + [100, 63], dict(pad_token_id=0, bos_token_id=1, eos_token_id=2, mask_token_id=3),
+        norm=lambda name: "norm" in name, expect=({"rotary_theta": 10000.0}, {"rotary_theta": 500.0}),
+        poolings=("bos", "mean"), plant="layers.1"),
+    "modernbert": Family(
+        t.ModernBertConfig, dict(base=t.ModernBertModel, seq=t.ModernBertForSequenceClassification,
+                                 token=t.ModernBertForTokenClassification, mlm=t.ModernBertForMaskedLM), (
+            # layers 0, 3 global; 1, 2 local with |i - j| <= 4; no biases anywhere (ModernBERT's defaults)
+            dict(hidden_size=32, num_attention_heads=2, num_hidden_layers=4, intermediate_size=40, local_attention=8,
+                 max_position_embeddings=128),
+            # layers 0, 2 global; 1 local with |i - j| <= 8; every bias on, other RoPE bases, tanh GELU, eps 1e-6
+            dict(hidden_size=48, num_attention_heads=4, num_hidden_layers=3, intermediate_size=64, local_attention=16,
+                 global_attn_every_n_layers=2, global_rope_theta=1000.0, local_rope_theta=300.0, norm_bias=True,
+                 attention_bias=True, mlp_bias=True, hidden_activation="gelu_pytorch_tanh", norm_eps=1e-6,
+                 max_position_embeddings=128)),
+        LENGTHS, dict(pad_token_id=0, bos_token_id=1, eos_token_id=2, cls_token_id=1, sep_token_id=2),
+        norm=lambda name: name.endswith("norm.weight"), expect=({"local_layers": (1, 2)}, {"local_layers": (1,)}),
+        head=(dict(classifier_activation="gelu", classifier_bias=False),
+              dict(classifier_activation="silu", classifier_bias=True)),
+        poolings=("cls", "mean")),
+    "nomic_bert": Family(
+        t.NomicBertConfig, dict(base=t.NomicBertModel, seq=t.NomicBertForSequenceClassification,
+                                token=t.NomicBertForTokenClassification), (
+            dict(hidden_size=32, num_attention_heads=2, num_hidden_layers=3, intermediate_size=40,
+                 max_position_embeddings=128),
+            dict(hidden_size=48, num_attention_heads=4, num_hidden_layers=2, intermediate_size=64, layer_norm_eps=1e-6,
+                 rope_parameters={"rope_type": "default", "rope_theta": 300.0}, max_position_embeddings=256)),
+        [5, 100, 1, 37, 2, 64, 17], dict(pad_token_id=1),
+        expect=tuple({"rotary_theta": theta, "pre_norm": False, "type_vocab_size": 2} for theta in (1000.0, 300.0))),
+    # its task adapters (LoRA) are test_jina_v3.py's: built there on top of build_family's model
+    "jina_embeddings_v3": Family(
+        t.JinaEmbeddingsV3Config, dict(base=t.JinaEmbeddingsV3Model, seq=t.JinaEmbeddingsV3ForSequenceClassification,
+                                       token=t.JinaEmbeddingsV3ForTokenClassification), (
+            dict(hidden_size=32, num_attention_heads=2, num_hidden_layers=2, intermediate_size=40,
+                 max_position_embeddings=64, lora_rank=4, lora_alpha=1),
+            dict(hidden_size=48, num_attention_heads=4, num_hidden_layers=2, intermediate_size=64, layer_norm_eps=1e-6,
+                 hidden_act="gelu_new", type_vocab_size=2,
+                 rope_parameters={"rope_type": "default", "rope_theta": 500.0}, max_position_embeddings=64,
+                 lora_rank=3, lora_alpha=2.0)),
+        [5, 40, 1, 17, 2, 9, 33], dict(pad_token_id=1)),
+}
+# the families whose parity test_families.py runs; jina-v3's runs per task adapter in test_jina_v3.py
+ROTARY = ["eurobert", "modernbert", "nomic_bert"]
+ROTARY_CASES = [(f, s) for f in ROTARY for s in range(2)]
+
+
+def build_family(family: str, shape: int, kind: str = "base", seed: int = 0, attn: str = "sdpa",
+                 vocab: int | None = None, **extra):
+    """A random-weight HF model of a :data:`FAMILIES` family (``extra`` overrides the shape's settings), and the
+    generator that drew it (for parameters a test adds after)."""
+    f = FAMILIES[family]
+    cfg = f.config(vocab_size=vocab or VOCAB, **f.special, **{**f.shapes[shape], **extra})
+    return build(f.classes[kind], cfg, seed, attn, f.norm)
+
+
+def make_family(family: str, shape: int, kind: str = "base", seed: int = 0, attn: str = "sdpa",
+                vocab: int | None = None, **extra):
+    return build_family(family, shape, kind, seed, attn, vocab, **extra)[0]
+
+
+def config_dict(family: str, shape: int = 0, **extra) -> dict:
+    """The config.json content of a :data:`FAMILIES` family's shape, ``extra`` written over it."""
+    f = FAMILIES[family]
+    cfg = f.config(vocab_size=VOCAB, **f.special, **f.shapes[shape]).to_dict()
+    cfg.update(extra)
+    return cfg
+
+
+def config_dir(family: str, path, **extra):
+    """A directory holding only shape 0's config.json (``extra`` written over it): a config error must come
+    before any weight is read."""
+    import json
+    (path / "config.json").write_text(json.dumps(config_dict(family, 0, **extra)))
+    return path

@@ -18,40 +18,24 @@ import transformers as t
 import padfree
 from padfree.ops import RelativeScores, relative
 from padfree.ops.reference import varlen_attention_ref
-from padfree.ops.registry import BACKENDS, Backend, select
+from padfree.ops.registry import BACKENDS, PRIMITIVES, Backend, select
 from padfree.ops.torch_backend import varlen_attention as varlen_attention_torch
 
-from family_zoo import BF16_ATOL, CASES, LENGTHS, MAX_LEN, ZOO, batch, bf16_errors, make, max_diff, randomize
+from family_zoo import (CASES, FAMILIES, LENGTHS, MAX_LEN, ROTARY, ROTARY_CASES, ZOO, batch, check_cross_encoder,
+                        check_hidden_bf16, check_hidden_fp32, check_saved_directory, check_sequence_classifier,
+                        check_token_classifier, hf_hidden, make, make_family, max_diff, randomize)
 
 FP32_TOL = 1e-4
 
 
-def hf_hidden(model, ids, mask, kw):
-    with torch.no_grad():
-        return model(input_ids=ids, attention_mask=mask, **kw).last_hidden_state
-
-
 @pytest.mark.parametrize("family,shape", CASES)
 def test_hidden_state_parity_fp32(family, shape):
-    model = make(family, shape)
-    enc = padfree.from_pretrained(model)
-    for side in ("right", "left"):
-        ids, mask, types, kw = batch(model, LENGTHS, side)
-        ref = hf_hidden(model, ids, mask, kw)
-        out = enc(ids, mask, types).last_hidden_state
-        err = max_diff(out, ref, mask)
-        assert err <= FP32_TOL, f"{family}[{shape}] {side}: {err:.2e}"
-        assert float(out[~mask.bool()].abs().max()) == 0.0  # zeros at pads
+    check_hidden_fp32(make(family, shape), LENGTHS, FP32_TOL)
 
 
 @pytest.mark.parametrize("family", list(ZOO))
 def test_hidden_state_parity_bf16(family):
-    model = make(family, 0)
-    enc = padfree.from_pretrained(model, dtype=torch.bfloat16)
-    ids, mask, types, kw = batch(model, LENGTHS, "left")
-    ours, theirs = bf16_errors(model, lambda m: enc(ids, mask, types).last_hidden_state if m is None
-                               else hf_hidden(m, ids, mask, kw), mask)
-    assert ours <= 2 * theirs + BF16_ATOL, f"{family} bf16: {ours:.3f} vs transformers' own bf16 {theirs:.3f}"
+    check_hidden_bf16(make(family, 0), LENGTHS)
 
 
 @pytest.mark.parametrize("family,extra", [
@@ -126,17 +110,18 @@ def test_embedding_projection_parity(family, same_width):
 def _plant_weight(model, family):
     """A base-model weight no padfree table knows, as a future family's unmapped layer would be."""
     base = getattr(model, model.base_model_prefix, model)
-    base.embeddings.planted = torch.nn.Parameter(torch.ones(3))
+    module = FAMILIES[family].plant if family in FAMILIES else "embeddings"
+    base.get_submodule(module).planted = torch.nn.Parameter(torch.ones(3))
     prefix = "" if base is model else model.base_model_prefix + "."
-    return prefix + "embeddings.planted"
+    return f"{prefix}{module}.planted"
 
 
-@pytest.mark.parametrize("family", list(ZOO))
+@pytest.mark.parametrize("family", list(ZOO) + ROTARY)
 def test_unused_base_weight_is_an_error(family, tmp_path):
     """Every family, in memory and from a directory, base and task checkpoints: a base-model weight that
     padfree does not use fails loudly, naming the key; head weights outside the base prefix do not."""
     for kind in ("base", "seq"):
-        model = make(family, 0, kind)
+        model = make_family(family, 0, kind) if family in FAMILIES else make(family, 0, kind)
         padfree.from_pretrained(model)  # heads (outside the base prefix) are not base weights
         key = _plant_weight(model, family)
         with pytest.raises(ValueError, match=f"does not use.*{key}"):
@@ -189,6 +174,113 @@ def test_unsupported_deberta_conv():
     cfg = t.DebertaV2Config(**ZOO["deberta-v2"][4][0], vocab_size=60, conv_kernel_size=3)
     with pytest.raises(ValueError, match="conv_kernel_size"):
         padfree.from_pretrained(t.DebertaV2Model(cfg))
+
+
+# ---------------------------------------------------------------- families outside ZOO's mould (family_zoo.FAMILIES)
+# EuroBERT, ModernBERT, NomicBERT: rotary positions, gated FFNs, their own norms and special tokens. The same
+# checks as the zoo's, on each family's own batch (1 token to its longest); what only one family has (ModernBERT's
+# local windows, EuroBERT's grouped K/V and RMSNorm, config dialects) is in its own test file. jina-v3 runs these
+# checks per task adapter in test_jina_v3.py.
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("family,shape", ROTARY_CASES)
+def test_rotary_hidden_state_parity_fp32(family, shape, attn):
+    """Both padding sides; transformers' position_ids read as they are, and its default numbering from column 0
+    (no position_ids) gives the same states: rotary scores depend on distances only."""
+    model = make_family(family, shape, attn=attn)
+    enc = padfree.from_pretrained(model)
+    for key, value in FAMILIES[family].expect[shape].items():
+        assert getattr(enc.config, key) == value, key
+    check_hidden_fp32(model, FAMILIES[family].lengths, FP32_TOL, enc, rotary=True)
+
+
+@pytest.mark.parametrize("family,shape", ROTARY_CASES)
+def test_rotary_hidden_state_parity_bf16(family, shape):
+    check_hidden_bf16(make_family(family, shape), FAMILIES[family].lengths)
+
+
+@pytest.mark.parametrize("family,shape,pooling", [(f, s, p) for f, s in ROTARY_CASES for p in FAMILIES[f].poolings])
+def test_rotary_sequence_classification(family, shape, pooling, tmp_path):
+    """The family's head (EuroBERT and ModernBERT: each classifier_pooling; NomicBERT: BERT's tanh pooler), from
+    memory and from a saved directory (the hub's names)."""
+    extra = {} if pooling is None else {"classifier_pooling": pooling}
+    model = make_family(family, shape, "seq", num_labels=3, **FAMILIES[family].head[shape], **extra)
+    check_sequence_classifier(model, FAMILIES[family].lengths, pooling, FP32_TOL, tmp_path)
+
+
+@pytest.mark.parametrize("family,shape", ROTARY_CASES)
+def test_rotary_token_classification(family, shape):
+    """ModernBERT's prediction head (dense, activation, LayerNorm) before the classifier; the others' classifier
+    alone."""
+    model = make_family(family, shape, "token", num_labels=5, **FAMILIES[family].head[shape])
+    check_token_classifier(model, FAMILIES[family].lengths, FP32_TOL)
+
+
+@pytest.mark.parametrize("family", ROTARY)
+def test_rotary_saved_directory_and_sentence_encoder(family, tmp_path):
+    """A saved directory with its tokenizer: from_pretrained and SentenceEncoder (mean pooling, as
+    sentence-transformers builds it) against sentence-transformers."""
+    check_saved_directory(lambda vocab: make_family(family, 1, vocab=vocab), tmp_path, FP32_TOL)
+
+
+@pytest.mark.parametrize("family,pooling", [(f, p) for f in ROTARY for p in FAMILIES[f].poolings])
+def test_rotary_cross_encoder_matches_sentence_transformers(family, pooling, tmp_path):
+    extra = {} if pooling is None else {"classifier_pooling": pooling}
+    check_cross_encoder(make_family(family, 1, "seq", num_labels=1, **extra), tmp_path, FP32_TOL)
+
+
+@pytest.mark.parametrize("family", [f for f in ROTARY if "mlm" in FAMILIES[f].classes])
+def test_rotary_masked_lm_checkpoint_gives_its_encoder(family, tmp_path):
+    """The hub's checkpoints are *ForMaskedLM: the encoder under ``model.`` loads (in memory and from a
+    directory), the MLM head is not the encoder's."""
+    model = make_family(family, 0, "mlm")
+    model.save_pretrained(tmp_path)
+    encoders = [padfree.from_pretrained(source) for source in (model, tmp_path)]
+    for side in ("right", "left"):
+        ids, mask, _, kw = batch(model, LENGTHS, side)
+        ref = hf_hidden(model.model, ids, mask, kw)
+        for enc in encoders:
+            assert max_diff(enc(ids, mask).last_hidden_state, ref, mask) <= FP32_TOL, side
+
+
+@pytest.mark.parametrize("backend", ["torch", "onednn"])
+@pytest.mark.parametrize("family", ROTARY)
+def test_rotary_named_cpu_backends(family, backend):
+    """The torch backend alone (the gated FFN composed from F.linear and gated_act) and oneDNN's fused ops; RMSNorm
+    is the torch backend's under both."""
+    if backend == "onednn" and not torch.backends.mkldnn.is_available():
+        pytest.skip("no oneDNN")
+    model = make_family(family, 1)
+    enc = padfree.from_pretrained(model, backend=backend)
+    names = enc.kernels.names
+    assert names["linear_gated_act"] == ("composed(torch)" if backend == "torch" else "onednn"), names
+    if enc.config.rms_norm:
+        assert names["rms_norm"] == "torch", names
+    check_hidden_fp32(model, FAMILIES[family].lengths, FP32_TOL, enc)
+
+
+@pytest.mark.parametrize("family,shape", [("eurobert", 0), ("eurobert", 1), ("modernbert", 0), ("modernbert", 1),
+                                          ("nomic_bert", 0)])
+def test_rotary_whole_on_triton(family, shape, triton_everywhere):
+    """With the Triton backend allowed on this device (its interpreter on a CPU), the family runs on it whole,
+    named or under "auto": rotary in the attention kernel (shape 1: with a QKV bias, added before the rotation;
+    heads of 16, a size the kernel has), ModernBERT's sliding window (sequences longer than the window), the
+    bias-free LayerNorm or RMSNorm, the gated FFN; it matches HF and the torch backend in fp32."""
+    model = make_family(family, shape, **({"num_attention_heads": 3} if shape == 1 else {}))
+    auto = padfree.from_pretrained(model).kernels.names  # the fused ops may be another backend's (CPU: oneDNN)
+    assert {auto[op] for op in PRIMITIVES if op in auto} == {"triton"}, auto
+    enc = padfree.from_pretrained(model, backend="triton")
+    assert set(enc.kernels.names.values()) == {"triton", "composed(triton)"}, enc.kernels.names
+    if enc.config.rms_norm:
+        assert enc.kernels.names["rms_norm"] == "triton"
+    if enc.config.local_layers:  # a local layer's band is narrower than the longest sequence
+        assert enc.config.window(enc.config.local_layers[0]) < max(LENGTHS) - 1
+    # one side each: the interpreter is slow (NomicBERT: its token types, and a shorter batch)
+    side, lengths = ("left", [5, 40, 1, 17]) if family == "nomic_bert" else ("right", LENGTHS)
+    ids, mask, types, kw = batch(model, lengths, side)
+    out = enc(ids, mask, types).last_hidden_state
+    assert max_diff(out, hf_hidden(model, ids, mask, kw), mask) <= FP32_TOL
+    torch_out = padfree.from_pretrained(model, backend="torch")(ids, mask, types).last_hidden_state
+    assert max_diff(out, torch_out, mask) <= FP32_TOL
 
 
 # ---------------------------------------------------------------- the attention op's relative-score interface

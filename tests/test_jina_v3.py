@@ -9,7 +9,6 @@ The factors are random and far from zero (jinaai initialises B at zero), so a wr
 """
 from __future__ import annotations
 
-import copy
 import json
 
 import pytest
@@ -19,19 +18,13 @@ import transformers as t
 
 import padfree
 
-from family_zoo import BF16_ATOL, batch, build, max_diff
+from family_zoo import (FAMILIES, VOCAB, batch, build_family, check_hidden_bf16, check_hidden_fp32, config_dir,
+                        max_diff)
 
-VOCAB = 60
 FP32_TOL = 1e-4
-LENGTHS = [5, 40, 1, 17, 2, 9, 33]
+LENGTHS = FAMILIES["jina_embeddings_v3"].lengths
 TASKS = ["retrieval.query", "retrieval.passage", "separation", "classification", "text-matching"]
-SHAPES = [
-    dict(hidden_size=32, num_attention_heads=2, num_hidden_layers=2, intermediate_size=40,
-         max_position_embeddings=64, lora_rank=4, lora_alpha=1),
-    dict(hidden_size=48, num_attention_heads=4, num_hidden_layers=2, intermediate_size=64, layer_norm_eps=1e-6,
-         hidden_act="gelu_new", type_vocab_size=2, rope_parameters={"rope_type": "default", "rope_theta": 500.0},
-         max_position_embeddings=64, lora_rank=3, lora_alpha=2.0),
-]
+SHAPES = FAMILIES["jina_embeddings_v3"].shapes  # with their adapters' rank and alpha
 LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.fc1", "mlp.fc2")
 
 
@@ -63,11 +56,9 @@ def _lora_hook(mod, args, out):
 
 
 def make(shape: int, kind: str = "base", seed: int = 0, attn: str = "sdpa", adapters: bool = True, **extra):
-    cfg = t.JinaEmbeddingsV3Config(vocab_size=VOCAB, pad_token_id=1, **{**SHAPES[shape], **extra},
-                                   **({"lora_adaptations": TASKS} if adapters else {}))
-    cls = {"base": t.JinaEmbeddingsV3Model, "seq": t.JinaEmbeddingsV3ForSequenceClassification,
-           "token": t.JinaEmbeddingsV3ForTokenClassification}[kind]
-    model, g = build(cls, cfg, seed, attn)
+    """family_zoo's random-weight jina-v3 (FAMILIES["jina_embeddings_v3"]), with random task adapters."""
+    model, g = build_family("jina_embeddings_v3", shape, kind, seed, attn,
+                            **extra, **({"lora_adaptations": TASKS} if adapters else {}))
     if adapters:
         _add_adapters(model if kind == "base" else model.roberta, model.config, g)
     return model.eval()
@@ -94,18 +85,12 @@ def test_hidden_state_parity_fp32(shape, task):
     model = make(shape)
     enc = padfree.from_pretrained(model, task=task)
     assert enc.task == task and enc.config.rotary_theta == (20000.0 if shape == 0 else 500.0)
-    for side in ("right", "left"):
-        ids, mask, types, kw = batch(model, LENGTHS, side)
-        ref = hf_run(model, ids, mask, kw, task)
-        out = enc(ids, mask, types).last_hidden_state
-        err = max_diff(out, ref, mask)
-        assert err <= FP32_TOL, f"shape {shape} task {task} {side}: {err:.2e}"
-        assert float(out[~mask.bool()].abs().max()) == 0.0
+    # family_zoo's parity: both paddings, zeros at pads, HF's position_ids and its numbering from column 0
+    used = check_hidden_fp32(model, LENGTHS, FP32_TOL, enc, lambda ids, mask, kw: hf_run(model, ids, mask, kw, task),
+                             rotary=True)
+    for ids, mask, types, kw, ref in used:
         if task is not None:  # the adapter changes the output: a merge that dropped it would fail
             assert max_diff(hf_run(model, ids, mask, kw), ref, mask) > 0.05
-    # HF's own numbering from column 0 under left padding: the same (rotary depends on distances only)
-    ref = hf_run(model, ids, mask, {k: v for k, v in kw.items() if k != "position_ids"}, task)
-    assert max_diff(enc(ids, mask, types).last_hidden_state, ref, mask) <= FP32_TOL
 
 
 def test_eager_attention_and_both_padding_sides_per_task():
@@ -122,11 +107,7 @@ def test_eager_attention_and_both_padding_sides_per_task():
 def test_hidden_state_parity_bf16(shape, task):
     model = make(shape)
     enc = padfree.from_pretrained(model, dtype=torch.bfloat16, task=task)
-    ids, mask, types, kw = batch(model, LENGTHS, "left")
-    ref = hf_run(model, ids, mask, kw, task)
-    theirs = max_diff(hf_run(copy.deepcopy(model).to(torch.bfloat16), ids, mask, kw, task), ref, mask)
-    ours = max_diff(enc(ids, mask, types).last_hidden_state, ref, mask)
-    assert ours <= 2 * theirs + BF16_ATOL, f"bf16: {ours:.3f} vs transformers' own bf16 {theirs:.3f}"
+    check_hidden_bf16(model, LENGTHS, enc=enc, run=lambda m, ids, mask, kw: hf_run(m, ids, mask, kw, task))
 
 
 def test_task_per_call_merges_once_and_shares_the_rest():
@@ -274,12 +255,8 @@ def test_unsupported_original_option_raises_before_weights(tmp_path, key, value,
 
 
 def _config_dir(tmp_path, **extra):
-    """A directory holding only a config.json: a config error must come before any weight is read."""
-    cfg = t.JinaEmbeddingsV3Config(vocab_size=VOCAB, lora_adaptations=TASKS, lora_rank=4, lora_alpha=1,
-                                   **{k: v for k, v in SHAPES[0].items() if not k.startswith("lora")}).to_dict()
-    cfg.update(extra)
-    (tmp_path / "config.json").write_text(json.dumps(cfg))
-    return tmp_path
+    """family_zoo's config-only directory (shape 0, rank 4, alpha 1) with the adapters' tasks."""
+    return config_dir("jina_embeddings_v3", tmp_path, **{"lora_adaptations": TASKS, **extra})
 
 
 @pytest.mark.parametrize("extra,match", [

@@ -7,60 +7,33 @@ padfree's per-sequence positions give the same result.
 """
 from __future__ import annotations
 
-import copy
 import json
 
 import pytest
 import torch
 import torch.nn.functional as F
-import transformers as t
 
 import padfree
 from padfree.ops import apply_rotary, gated_act, rotary_tables
 from padfree.ops import onednn_backend, torch_backend
 from padfree.ops.reference import gated_act_ref, rotary_ref, varlen_attention_ref
-from padfree.ops.registry import BACKENDS, PRIMITIVES, Backend, select
+from padfree.ops.registry import BACKENDS, Backend, select
 
-from family_zoo import (BF16_ATOL, LENGTHS, batch, build, check_hidden_bf16, check_saved_directory,
-                        check_sequence_classifier, hf_hidden, max_diff)
+from family_zoo import batch, config_dict, config_dir, hf_hidden, make_family, max_diff
 
-VOCAB = 60
 FP32_TOL = 1e-4
-SPECIAL = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2, cls_token_id=1, sep_token_id=2)
-SHAPES = [
-    # layers 0, 3 global; 1, 2 local with |i - j| <= 4; no biases anywhere (ModernBERT's defaults)
-    dict(hidden_size=32, num_attention_heads=2, num_hidden_layers=4, intermediate_size=40, local_attention=8,
-         max_position_embeddings=128),
-    # layers 0, 2 global; 1 local with |i - j| <= 8; every bias on, other RoPE bases, tanh GELU, eps 1e-6
-    dict(hidden_size=48, num_attention_heads=4, num_hidden_layers=3, intermediate_size=64, local_attention=16,
-         global_attn_every_n_layers=2, global_rope_theta=1000.0, local_rope_theta=300.0, norm_bias=True,
-         attention_bias=True, mlp_bias=True, hidden_activation="gelu_pytorch_tanh", norm_eps=1e-6,
-         max_position_embeddings=128),
-]
 
 
-def make(shape: int, kind: str = "base", seed: int = 0, attn: str = "sdpa", vocab: int = VOCAB, **extra):
-    cfg = t.ModernBertConfig(vocab_size=vocab, **SPECIAL, **{**SHAPES[shape], **extra})
-    cls = {"base": t.ModernBertModel, "seq": t.ModernBertForSequenceClassification,
-           "tok": t.ModernBertForTokenClassification, "mlm": t.ModernBertForMaskedLM}[kind]
-    return build(cls, cfg, seed, attn, norm=lambda name: name.endswith("norm.weight"))[0]
+def make(shape: int, kind: str = "base", **kw):
+    """family_zoo's random-weight ModernBERT (its shapes: FAMILIES["modernbert"]; both with global and local
+    layers)."""
+    return make_family("modernbert", shape, kind, **kw)
 
 
 # ---------------------------------------------------------------------------------------------- model parity
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
-@pytest.mark.parametrize("shape", [0, 1])
-def test_hidden_state_parity_fp32(shape, attn):
-    model = make(shape, attn=attn)
-    enc = padfree.from_pretrained(model)
-    assert enc.config.local_layers == ((1, 2) if shape == 0 else (1,))
-    for side in ("right", "left"):
-        ids, mask, _, kw = batch(model, LENGTHS, side)
-        out = enc(ids, mask).last_hidden_state
-        err = max_diff(out, hf_hidden(model, ids, mask, kw), mask)
-        assert err <= FP32_TOL, f"shape {shape} {attn} {side}: {err:.2e}"
-        assert float(out[~mask.bool()].abs().max()) == 0.0
-
-
+# The parity every family shares (fp32 with both attention implementations and paddings, HF's default position
+# numbering, bf16, the classifiers, saved directories and sentence-transformers, the masked-LM checkpoint, an
+# unused weight, the named and Triton backends) is test_families.py's test_rotary_*; here what only ModernBERT has.
 def test_long_sequences_many_window_blocks():
     """Lengths far beyond the window: the CPU attention runs several query blocks per sequence."""
     model = make(1, num_hidden_layers=2)
@@ -71,40 +44,6 @@ def test_long_sequences_many_window_blocks():
         assert err <= FP32_TOL, f"{side}: {err:.2e}"
 
 
-@pytest.mark.parametrize("shape", [0, 1])
-def test_hidden_state_parity_bf16(shape):
-    check_hidden_bf16(make(shape), LENGTHS)
-
-
-@pytest.mark.parametrize("pooling", ["cls", "mean"])
-@pytest.mark.parametrize("shape", [0, 1])
-def test_sequence_classification(shape, pooling):
-    model = make(shape, "seq", classifier_pooling=pooling, num_labels=3,
-                 classifier_activation="gelu" if shape == 0 else "silu", classifier_bias=shape == 1)
-    check_sequence_classifier(model, LENGTHS, pooling, FP32_TOL)
-
-
-@pytest.mark.parametrize("shape", [0, 1])
-def test_token_classification(shape):
-    """ModernBertForTokenClassification: the prediction head (dense, activation, LayerNorm) then the classifier,
-    on every real token; right and left padding; fp32 and bf16."""
-    model = make(shape, "tok", num_labels=5, classifier_activation="gelu" if shape == 0 else "silu",
-                 classifier_bias=shape == 1)
-    clf = padfree.TokenClassifier.from_pretrained(model)
-    clf16 = padfree.TokenClassifier.from_pretrained(model, dtype=torch.bfloat16)
-    for side in ("right", "left"):
-        ids, mask, _, kw = batch(model, LENGTHS, side)
-        with torch.no_grad():
-            ref = model(input_ids=ids, attention_mask=mask, **kw).logits
-            theirs = copy.deepcopy(model).to(torch.bfloat16)(input_ids=ids, attention_mask=mask, **kw).logits
-        ours = clf(ids, mask).logits
-        assert ours.shape == ref.shape
-        err = max_diff(ours, ref, mask)
-        assert err <= FP32_TOL, f"{side}: {err:.2e}"
-        ours16, theirs16 = max_diff(clf16(ids, mask).logits, ref, mask), max_diff(theirs, ref, mask)
-        assert ours16 <= 2 * theirs16 + BF16_ATOL, f"bf16 {side}: {ours16:.3f} vs {theirs16:.3f}"
-
-
 def test_layer0_has_no_attention_norm_and_norms_have_no_bias():
     enc = padfree.from_pretrained(make(0))
     assert enc.layers[0].attn_norm is None and all(l.attn_norm is not None for l in enc.layers[1:])
@@ -112,21 +51,7 @@ def test_layer0_has_no_attention_norm_and_norms_have_no_bias():
     assert enc.layers[0].ffn_in.weight.shape == (2 * 40, 32)  # [input | gate]
 
 
-def test_load_from_saved_directory_and_sentence_encoder(tmp_path):
-    """A saved ModernBERT directory with its tokenizer: from_pretrained and SentenceEncoder (mean pooling by
-    default, as sentence-transformers builds it) against sentence-transformers."""
-    check_saved_directory(lambda vocab: make(1, vocab=vocab), tmp_path, FP32_TOL)
-
-
 # ---------------------------------------------------------------------------------------------- config / loading
-def _config_dir(tmp_path, **extra):
-    """A directory holding only a config.json: a config error must come before any weight is read."""
-    cfg = t.ModernBertConfig(vocab_size=VOCAB, **SPECIAL, **SHAPES[0]).to_dict()
-    cfg.update(extra)
-    (tmp_path / "config.json").write_text(json.dumps(cfg))
-    return tmp_path
-
-
 @pytest.mark.parametrize("extra,match", [
     (dict(hidden_activation="mish"), "unsupported activation 'mish'"),
     (dict(rope_parameters={"full_attention": {"rope_type": "linear", "rope_theta": 1e4, "factor": 2.0},
@@ -136,27 +61,17 @@ def _config_dir(tmp_path, **extra):
 ])
 def test_unsupported_config_raises_before_weights(tmp_path, extra, match):
     with pytest.raises(ValueError, match=match):
-        padfree.from_pretrained(_config_dir(tmp_path, **extra))
+        padfree.from_pretrained(config_dir("modernbert", tmp_path, **extra))
 
 
 def test_thetas_and_layer_types_from_old_style_config():
     """Configs written before transformers 5 carry global/local_rope_theta and global_attn_every_n_layers."""
     from padfree.models.families import family_for
-    c = t.ModernBertConfig(vocab_size=VOCAB, **SPECIAL, **SHAPES[0]).to_dict()
+    c = config_dict("modernbert")
     del c["layer_types"], c["rope_parameters"]
     c.update(global_attn_every_n_layers=2, global_rope_theta=5000.0, local_rope_theta=70.0)
     cfg = family_for("modernbert").make_config(c)
     assert cfg.local_layers == (1, 3) and (cfg.rotary_theta, cfg.local_rotary_theta) == (5000.0, 70.0)
-
-
-def test_unused_base_weight_is_an_error():
-    for kind in ("base", "seq"):
-        model = make(0, kind)
-        base = model if kind == "base" else model.model
-        base.embeddings.planted = torch.nn.Parameter(torch.ones(3))
-        key = "embeddings.planted" if kind == "base" else "model.embeddings.planted"
-        with pytest.raises(ValueError, match=f"does not use.*{key}"):
-            padfree.from_pretrained(model)
 
 
 def test_unsupported_pooling(tmp_path):
@@ -312,34 +227,6 @@ def test_attention_with_rotary_and_window():
         assert max_diff(out, ref) <= 2e-5, f"{name}: {max_diff(out, ref):.2e}"
 
 
-@pytest.mark.parametrize("shape", [0, 1])
-def test_triton_allowed_here(shape, triton_everywhere):
-    """With the Triton backend allowed on this device (its interpreter on a CPU), ModernBERT runs on it whole,
-    named or under "auto": rotary and the sliding window (local layers, sequences longer than the window) in the
-    attention kernel, the bias-free embedding LayerNorm, GeGLU; it matches HF in fp32. Shape 1 (every bias on:
-    the QKV bias is added before the rotation) with heads of 16, a size the kernel has."""
-    model = make(shape, **({"num_attention_heads": 3} if shape == 1 else {}))
-    auto = padfree.from_pretrained(model).kernels.names  # the fused ops may be another backend's (CPU: oneDNN)
-    assert {auto[op] for op in PRIMITIVES if op in auto} == {"triton"}, auto
-    enc = padfree.from_pretrained(model, backend="triton")
-    assert set(enc.kernels.names.values()) == {"triton", "composed(triton)"}, enc.kernels.names
-    assert enc.config.window(1) < max(LENGTHS) - 1  # a local layer's band is narrower than the longest sequence
-    ids, mask, _, kw = batch(model, LENGTHS, "right")
-    assert max_diff(enc(ids, mask).last_hidden_state, hf_hidden(model, ids, mask, kw), mask) <= FP32_TOL
-    torch_enc = padfree.from_pretrained(model, backend="torch")
-    assert max_diff(enc(ids, mask).last_hidden_state, torch_enc(ids, mask).last_hidden_state, mask) <= FP32_TOL
-
-
-@pytest.mark.parametrize("backend", ["torch", "onednn"])
-def test_named_cpu_backends(backend):
-    """The torch backend alone (gated FFN composed from F.linear + gated_act) and oneDNN's fused ops."""
-    model = make(1)
-    enc = padfree.from_pretrained(model, backend=backend)
-    assert enc.kernels.names["linear_gated_act"] == ("composed(torch)" if backend == "torch" else "onednn")
-    ids, mask, _, kw = batch(model, LENGTHS, "left")
-    assert max_diff(enc(ids, mask).last_hidden_state, hf_hidden(model, ids, mask, kw), mask) <= FP32_TOL
-
-
 def test_features_outside_pre_norm_are_refused():
     from padfree.config import ModelConfig
     base = dict(family="x", vocab_size=10, hidden_size=8, num_layers=2, num_heads=2, intermediate_size=8,
@@ -354,17 +241,6 @@ def test_features_outside_pre_norm_are_refused():
         ModelConfig(**base, pre_norm=True, local_layers=(1,))
 
 
-@pytest.mark.parametrize("pooling", ["cls", "mean"])
-def test_cross_encoder_matches_sentence_transformers(pooling, tmp_path):
-    import numpy as np
-    from sentence_transformers import CrossEncoder as STCrossEncoder
-    from test_heads import TEXTS, save_with_tokenizer
-    save_with_tokenizer(make(1, "seq", num_labels=1, classifier_pooling=pooling), tmp_path)
-    pairs = [("query", p) for p in TEXTS] + [("python code", p) for p in TEXTS[:2]]
-    ref = STCrossEncoder(str(tmp_path), device="cpu").predict(pairs, convert_to_numpy=True)
-    assert np.abs(padfree.CrossEncoder.from_pretrained(tmp_path).score(pairs) - ref).max() <= FP32_TOL
-
-
 def test_layer_norms_without_bias_against_reference():
     """ModernBERT's bias-less LayerNorms through the ops that take a LayerNorm bias (None), vs the references."""
     from padfree.ops.reference import add_bias_residual_layer_norm_ref, embed_layer_norm_ref
@@ -377,16 +253,6 @@ def test_layer_norms_without_bias_against_reference():
     x, r = torch.randn(4, 16, generator=g), torch.randn(4, 16, generator=g)
     ref = add_bias_residual_layer_norm_ref(x, None, r, w, None, 1e-5)
     assert max_diff(padfree.ops.add_bias_residual_layer_norm(x, None, r, w, None, 1e-5), ref) <= 1e-6
-
-
-def test_masked_lm_checkpoint_gives_its_encoder(tmp_path):
-    """Hub ModernBERT checkpoints are *ForMaskedLM: the encoder under ``model.``, the MLM head and decoder outside."""
-    model = make(0, "mlm")
-    model.save_pretrained(tmp_path)
-    ids, mask, _, kw = batch(model, LENGTHS, "right")
-    ref = hf_hidden(model.model, ids, mask, kw)
-    for source in (model, tmp_path):
-        assert max_diff(padfree.from_pretrained(source)(ids, mask).last_hidden_state, ref, mask) <= FP32_TOL
 
 
 def test_bucketed_forward_on_triton(triton_everywhere):
