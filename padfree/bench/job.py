@@ -172,7 +172,6 @@ def main(argv: list[str]) -> dict:
     from .w2 import model_path
     p = argparse.ArgumentParser(prog="padfree bench --workload job", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--workload", default="job")
     p.add_argument("--quick", action="store_true",
                    help=f"1500 texts, 1 run (default: the W2 corpus repeated to >= {MIN_ROWS} rows, 3 runs)")
     p.add_argument("--texts", type=int)
@@ -181,9 +180,7 @@ def main(argv: list[str]) -> dict:
     p.add_argument("--model", help="a sentence-transformers directory (default: the bundled all-MiniLM-L6-v2)")
     p.add_argument("--json")
     p.add_argument("--markdown")
-    args, _ = p.parse_known_args(argv)
-    if args.workload != "job":
-        raise SystemExit("--workload job runs alone; run the other workloads in a separate command")
+    args = p.parse_args(argv)
     systems = [s.strip() for s in args.systems.split(",") if s.strip()]
     bad = [s for s in systems if s not in SYSTEMS]
     if bad:
@@ -197,7 +194,8 @@ def main(argv: list[str]) -> dict:
                               log=lambda s: print(f"[{time.strftime('%H:%M:%S')}] {s}", flush=True))
     result["meta"] = {"workload": "job", "machine": info, "machine_line": machine.describe(info),
                       "versions": machine.versions(), "git_revision": machine.git_revision(),
-                      "date": machine.now_utc(), "command": "padfree bench " + " ".join(argv), "model": model,
+                      "date": machine.now_utc(), "model": model,
+                      "command": " ".join(["padfree bench --workload job", *argv]),
                       "elapsed_s": time.perf_counter() - t0,
                       "method": (f"wall time of a fresh process per system and run (imports, model load, read, "
                                  f"encode, write), {runs} run(s) each, systems interleaved (order reversed every "

@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import sys
 import time
 
 import torch
@@ -41,6 +40,9 @@ from .workloads import (LONG_SHAPE, MODEL_SHAPES, Shape, attention_flops, build_
 W1_SYSTEMS = ("padfree", "hf-eager", "hf-sdpa", "hf-sdpa-compile", "ort", "openvino", "torch-varlen")
 LONG_SYSTEMS = ("padfree", "hf-sdpa", "openvino")  # eager (S x S in Python ops) and ORT's BERT graph do not fit
 WORKLOADS = ("w1", "w1-long", "w2", "w3")
+# workloads that run alone, each with its own options, in its own processes: --workload NAME -> module whose
+# main(argv) takes the other arguments
+STANDALONE = {"coldstart": "coldstart", "serve": "serve", "job": "job"}
 QUICK_POLICY = RunPolicy(runs=5, min_runs=3, budget_s=60.0)
 FULL_POLICY = RunPolicy(runs=10, min_runs=5, budget_s=600.0)
 QUICK_W2 = (1500, RunPolicy(runs=3, min_runs=3))
@@ -239,24 +241,30 @@ def _subset(result: dict, workload: str) -> dict:
     return out
 
 
-def _wants_workload(argv: list[str], workload: str) -> bool:
-    """Whether ``--workload`` (or ``--workload=``) names ``workload``."""
-    values = [v for i, a in enumerate(argv) for v in
-              ([argv[i + 1]] if a == "--workload" and i + 1 < len(argv) else
-               [a.split("=", 1)[1]] if a.startswith("--workload=") else [])]
-    return any(workload in v.split(",") for v in values)
+def standalone_workload(argv: list[str]) -> tuple[str | None, list[str]]:
+    """Which workload that runs alone (:data:`STANDALONE`) ``--workload`` names, and the other arguments (its own
+    options); ``(None, argv)`` for W1, W1-long, W2 and W3. The same ``--workload`` option as :func:`parse_args`'s,
+    parsed by argparse (``--workload X``, ``--workload=X``, an abbreviation; the last one given counts)."""
+    p = argparse.ArgumentParser(prog="padfree bench", add_help=False)  # --help: the chosen workload's parser
+    p.add_argument("--workload", default="w1,w2")
+    known, rest = p.parse_known_args(argv)
+    names = [w.strip() for w in known.workload.split(",") if w.strip()]
+    alone = [w for w in names if w in STANDALONE]
+    if not alone:
+        return None, argv
+    if len(names) > 1:
+        raise SystemExit(f"--workload {alone[0]} runs alone; run the other workloads in a separate command")
+    return alone[0], rest
 
 
-def main(argv: list[str] | None = None) -> dict:
+def main(argv: list[str]) -> dict:
+    """``padfree bench ARGS``: ``argv`` is what follows ``bench`` on the command line (padfree/cli.py)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    # workloads that run alone with their own options, in their own processes: cold start (coldstart.py),
-    # serving (serve.py), batch jobs (job.py)
-    argv = sys.argv[1:] if argv is None else argv
-    for workload, module in (("coldstart", "coldstart"), ("serve", "serve"), ("job", "job")):
-        if _wants_workload(argv, workload):
-            import importlib
-            return importlib.import_module(f".{module}", __package__).main(argv)
+    workload, rest = standalone_workload(argv)
+    if workload is not None:
+        import importlib
+        return importlib.import_module(f".{STANDALONE[workload]}", __package__).main(rest)
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)

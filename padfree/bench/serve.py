@@ -436,7 +436,6 @@ def markdown(result: dict) -> str:
 def parse_args(argv: list[str]):
     p = argparse.ArgumentParser(prog="padfree bench --workload serve", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--workload", default="serve")
     p.add_argument("--quick", action="store_true", help=f"{QUICK.max_requests} requests or {QUICK.duration_s:.0f} s "
                    f"per server and concurrency (default {FULL.max_requests} or {FULL.duration_s:.0f} s)")
     p.add_argument("--systems", default=",".join(SYSTEMS), help=f"comma list of {','.join(SYSTEMS)}")
@@ -461,9 +460,7 @@ def parse_args(argv: list[str]):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", help="write results as JSON ('{workload}' in the path becomes 'serve')")
     p.add_argument("--markdown", help="write a Markdown report (same '{workload}' rule)")
-    args, _ = p.parse_known_args(argv)
-    if args.workload != "serve":
-        raise SystemExit("--workload serve runs alone; run the other workloads in a separate command")
+    args = p.parse_args(argv)
     args.system_list = [s.strip() for s in args.systems.split(",") if s.strip()]
     bad = [s for s in args.system_list if s not in SYSTEMS]
     if bad or not args.system_list:
@@ -503,7 +500,7 @@ def main(argv: list[str]) -> dict:
     info = machine.machine_info("cpu")
     meta = {"workload": "serve", "machine": info, "machine_line": machine.describe(info),
             "versions": machine.versions(), "git_revision": machine.git_revision(), "date": machine.now_utc(),
-            "command": "padfree bench " + " ".join(argv), "model": model, "quick": args.quick,
+            "command": " ".join(["padfree bench --workload serve", *argv]), "model": model, "quick": args.quick,
             "policy": policy.__dict__, "systems": args.system_list, "concurrency": args.levels,
             "infinity": _infinity_versions(infinity) if infinity else None,
             "method": (f"closed loop, C client connections in one load-client process (aiohttp, HTTP/1.1 "
