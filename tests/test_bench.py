@@ -68,11 +68,18 @@ def test_shape_of_transformers_configs():
 
 # ------------------------------------------------------------------------------------------- timing
 def test_time_interleaved_records_errors_and_cuts_runs_to_the_budget():
+    import time
     calls = []
-    timings = time_interleaved({"a": lambda: calls.append("a"), "bad": lambda: 1 / 0},
-                               RunPolicy(runs=5, min_runs=3, budget_s=1e9))
-    assert len(timings["a"].times_s) == 5 and timings["a"].warmup_s is not None
+
+    def a():  # its first call (the warm-up) sleeps 0.1 s, the others return at once
+        calls.append("a")
+        if len(calls) == 1:
+            time.sleep(0.1)
+    timings = time_interleaved({"a": a, "bad": lambda: 1 / 0}, RunPolicy(runs=5, min_runs=3, budget_s=1e9))
+    assert len(calls) == 6 and len(timings["a"].times_s) == 5
+    assert timings["a"].warmup_s >= 0.1 > max(timings["a"].times_s)  # the warm-up's time, kept out of the runs
     assert timings["bad"].times_s == [] and "ZeroDivisionError" in timings["bad"].error
+    assert timings["bad"].warmup_s is None and timings["bad"].median_s is None
     cut = time_interleaved({"a": lambda: None}, RunPolicy(runs=50, min_runs=3, budget_s=0.0))
     assert len(cut["a"].times_s) == 3
 

@@ -3,6 +3,7 @@ against it in a real subprocess (concurrency 1 and 4, a handful of requests), th
 Infinity is never run here (its virtual environment is not built in CI); no timings are asserted."""
 import base64
 import json
+import time
 
 import numpy as np
 import pytest
@@ -80,14 +81,24 @@ def test_load_client_against_the_st_server_counts_and_cosines():
     words = "padding free inference packs every sequence of a batch end to end without pad tokens".split()
     texts = [" ".join(words[: 2 + (3 * i) % len(words)] * (1 + i % 4)) for i in range(50)]
     # one server start for both levels (fresh_per_level=False) keeps the test short
+    t0 = time.perf_counter()
     rows, corpus = serve.run_serve(["st"], [1, 4], policy, MODEL, texts=texts, fresh_per_level=False)
+    wall = time.perf_counter() - t0
     assert corpus["dim"] == 384 and corpus["texts"] == 50
     assert [(r["system"], r["concurrency"], r["status"]) for r in rows] == [("st", 1, "ok"), ("st", 4, "ok")], rows
     requests = serve.make_requests(50, 6, seed=0)
+    from transformers import AutoTokenizer
+    tokens = AutoTokenizer.from_pretrained(MODEL)([texts[t] for r in requests for t in r])["input_ids"]
     for r in rows:
         assert r["requests"] == 6 and r["errors"] == 0 and r["warmup_errors"] == 0
         assert r["texts"] == sum(map(len, requests)) == r["verified_texts"]
-        assert r["tokens"] > r["texts"] and r["texts_per_s"] > 0 and r["p50_ms"] <= r["p95_ms"] <= r["p99_ms"]
+        assert r["tokens"] == sum(map(len, tokens))  # [CLS] and [SEP] included, as the server sees them
+        # the measured window holds every request: one after the other at concurrency 1, each at 4
+        assert r["requests"] * r["mean_ms"] / 1e3 / r["concurrency"] <= r["seconds"] <= wall
+        assert r["max_ms"] / 1e3 <= r["seconds"]
+        assert r["texts_per_s"] == pytest.approx(r["texts"] / r["seconds"])
+        assert r["tokens_per_s"] == pytest.approx(r["tokens"] / r["seconds"])
+        assert r["p50_ms"] <= r["p95_ms"] <= r["p99_ms"] <= r["max_ms"]
         assert r["min_cosine_vs_st_fp32"] >= 0.99999
 
 
