@@ -21,9 +21,9 @@ from .models.encoder import Encoder
 from .ops.activations import apply_activation
 from .pooling import pool
 from .outputs import SequenceClassifierOutput, TokenClassifierOutput
-from .batching import DEFAULT_BATCH_TOKENS, run_batched
+from .batching import DEFAULT_BATCH_TOKENS
 from .directory import read_json, read_layout
-from .pipelines import ClassifyPipeline, activate, input_limit
+from .pipelines import ClassifyPipeline, Seq, TokenClassifyPipeline, activate
 from .tokenizer import Tokenizer, check_texts
 
 PROBLEM_TYPES = ("single_label_classification", "multi_label_classification", "regression")
@@ -177,7 +177,11 @@ class TokenClassifier:
     @torch.inference_mode()
     def logits_packed(self, batch: PackedBatch) -> torch.Tensor:
         """``[T, num_labels]`` fp32 logits, one row per real token."""
-        return F.linear(self.transform(self.encoder.forward_packed(batch)), *self.out).float()
+        return self.head(self.encoder.forward_packed(batch))
+
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The classifier on every token: ``[T, H]`` -> ``[T, num_labels]`` fp32."""
+        return F.linear(self.transform(hidden), *self.out).float()
 
     def __call__(self, input_ids, attention_mask=None, token_type_ids=None,
                  position_ids=None) -> TokenClassifierOutput:
@@ -191,16 +195,11 @@ class TokenClassifier:
         word's first sub-token; offsets are character spans in the text). Batched in order by a budget of
         ``batch_tokens`` real tokens. Needs a tokenizer."""
         texts = check_texts(texts)
-        tokenizer = _need_tokenizer(self.tokenizer)
-        enc = tokenizer.encode(texts, max_length=input_limit(tokenizer, self.encoder))
-
-        def run(idx: list[int]) -> list[list[dict]]:
-            batch = PackedBatch.from_sequences([enc[b].ids for b in idx], device=self.encoder.device)
-            logits = self.logits_packed(batch)
-            bounds = batch.cu_seqlens.tolist()
-            return [words_from_tokens(logits[bounds[j]:bounds[j + 1]], enc[b].word_ids, self.id2label,
-                                      enc[b].offsets, texts[b]) for j, b in enumerate(idx)]
-        return run_batched(run, list(range(len(enc))), [len(e.ids) for e in enc], batch_tokens)
+        pipeline = TokenClassifyPipeline(self, _need_tokenizer(self.tokenizer))
+        enc = pipeline.encodings(texts)
+        rows = pipeline.run_all([Seq(e.ids) for e in enc], batch_tokens)
+        return [words_from_tokens(torch.from_numpy(r), e.word_ids, self.id2label, e.offsets, text)
+                for r, e, text in zip(rows, enc, texts)]
 
 
 def words_from_tokens(logits: torch.Tensor, word_ids: Sequence[int | None], id2label: Sequence[str],

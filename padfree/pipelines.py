@@ -11,6 +11,7 @@ scores or probabilities, or reduced to its sparse weights, all done here, once. 
 - :class:`ClassifyPipeline`: per text or pair, its logits, its scores (the checkpoint's activation: reranking) or
   its probabilities.
 - :class:`SparsePipeline`: a SPLADE vector per sequence, as ``(indices, values)`` of its non-zero weights.
+- :class:`TokenClassifyPipeline`: per sequence, its tokens' logits (the library's named-entity tagging).
 
 Pipelines hold the model-side pieces they are given (encoder, pooling modes, heads) and import no front door.
 """
@@ -26,7 +27,7 @@ from .batch import PackedBatch
 from .batching import by_length, positive_int, run_batched
 from .pooling import normalize as unit_norm, pool
 from .text import ChunkLayout, TextSide
-from .tokenizer import InputTooLong, Tokenizer
+from .tokenizer import InputTooLong, Tokenizer, check_texts
 
 OUTPUTS = ("logits", "scores", "probabilities")  # what a classification sequence asks for
 WARM_UP_TEXTS = ["warm up the model", "and its kernels " * 8]
@@ -352,6 +353,40 @@ class ClassifyPipeline(Pipeline):
         if output == "scores" or self.num_labels == 1:
             return activate(logits, self.activation)
         return self.classifier.probabilities(logits)
+
+
+class TokenClassifyPipeline(Pipeline):
+    """Token classification (e.g. named entities): per sequence, its tokens' logits ``[n, num_labels]``.
+    ``classifier``: the model side (:class:`padfree.TokenClassifier`: ``head``, ``id2label``)."""
+    kind = "token-classify"
+
+    def __init__(self, classifier, tokenizer):
+        super().__init__(classifier.encoder)
+        if tokenizer is None:
+            raise ValueError("no tokenizer: load from a directory with tokenizer.json or pass tokenizer=")
+        self.classifier = classifier
+        self.tokenizer = Tokenizer.coerce(tokenizer)
+        self.id2label = classifier.id2label
+
+    @property
+    def max_input_length(self) -> int:
+        return input_limit(self.tokenizer, self.encoder)
+
+    def encodings(self, texts: Sequence[str], truncate: bool = True, side: str | None = None):
+        """The texts' ``tokenizers.Encoding`` objects (ids, word ids, character offsets); ``InputTooLong`` naming
+        a too-long text and the limit unless ``truncate``."""
+        enc = self.tokenizer.encode(check_texts(texts), max_length=self.max_input_length if truncate else None,
+                                    truncation_side=side)
+        self.check_lengths([e.ids for e in enc])
+        return enc
+
+    def prepare(self, texts: Sequence[str], truncate: bool = True, side: str | None = None) -> list[Seq]:
+        return [Seq(e.ids) for e in self.encodings(texts, truncate, side)]
+
+    def finish(self, hidden, batch, seqs):
+        """Per sequence its tokens' float32 logits ``[n, num_labels]``."""
+        logits = self.classifier.head(hidden).cpu().numpy()
+        return np.split(logits, np.cumsum(batch.host.lengths[:-1]))
 
 
 def input_limit(tokenizer: Tokenizer, encoder, max_length: int | None = None) -> int:
