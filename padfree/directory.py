@@ -28,18 +28,15 @@ class Module:
 class Layout:
     root: Path
     modules: tuple[Module, ...]  # () for a plain Hugging Face directory
-
-    @property
-    def modular(self) -> bool:
-        return (self.root / "modules.json").is_file()
+    modular: bool                # a sentence-transformers directory (it has modules.json)
 
     def find(self, *kinds: str) -> Module | None:
         """The last module of one of these kinds (sentence-transformers' own lookups take the last), or None."""
         found = [m for m in self.modules if m.kind in kinds]
         return found[-1] if found else None
 
-    def unsupported(self, supported: tuple[str, ...], what: str) -> None:
-        """``ValueError`` naming the first module not in ``supported`` (what ``what`` can run)."""
+    def check_kinds(self, supported: tuple[str, ...], what: str = "") -> None:
+        """``ValueError`` naming the first module not in ``supported`` (``what``: for which class)."""
         for m in self.modules:
             if m.kind not in supported:
                 raise ValueError(f"unsupported sentence-transformers module {m.type!r}{what}; padfree supports "
@@ -65,6 +62,7 @@ def read_layout(path) -> Layout:
     if not root.is_dir():
         raise ValueError(f"model path {str(root)!r} is not a directory")
     file = root / "modules.json"
-    entries = json.loads(file.read_text(encoding="utf-8")) if file.is_file() else []
+    modular = file.is_file()
+    entries = json.loads(file.read_text(encoding="utf-8")) if modular else []
     return Layout(root, tuple(Module(m["type"].rsplit(".", 1)[-1], m["type"], root / m.get("path", ""),
-                                     bool(m.get("path"))) for m in entries))
+                                     bool(m.get("path"))) for m in entries), modular)

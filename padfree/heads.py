@@ -17,7 +17,6 @@ import torch.nn.functional as F
 from .batch import PackedBatch
 from .loading import Loaded, load
 from .models.families import HeadSpec
-from .models.encoder import Encoder
 from .ops.activations import apply_activation
 from .pooling import pool
 from .outputs import SequenceClassifierOutput, TokenClassifierOutput
@@ -42,12 +41,6 @@ def _linear(state: dict, prefix: str, device, dtype) -> tuple[torch.Tensor, torc
 def _labels(hf_config: dict, num_labels: int) -> list[str]:
     id2label = {int(k): v for k, v in (hf_config.get("id2label") or {}).items()}
     return [id2label.get(i, f"LABEL_{i}") for i in range(num_labels)]
-
-
-def _need_tokenizer(tokenizer):
-    if tokenizer is None:
-        raise ValueError("no tokenizer: load from a directory with tokenizer.json or pass tokenizer=")
-    return tokenizer
 
 
 class _Transform:
@@ -146,7 +139,7 @@ class SequenceClassifier:
                 batch_tokens: int = DEFAULT_BATCH_TOKENS) -> list:
         """Labels for texts (or text pairs), in input order; batched in order by a budget of ``batch_tokens``
         real tokens. Needs a tokenizer."""
-        pipeline = ClassifyPipeline(self, _need_tokenizer(self.tokenizer))
+        pipeline = ClassifyPipeline(self, self.tokenizer)
         seqs = pipeline.prepare(texts, pairs, truncate=True, output="logits")
         if not seqs:
             return []
@@ -195,7 +188,7 @@ class TokenClassifier:
         word's first sub-token; offsets are character spans in the text). Batched in order by a budget of
         ``batch_tokens`` real tokens. Needs a tokenizer."""
         texts = check_texts(texts)
-        pipeline = TokenClassifyPipeline(self, _need_tokenizer(self.tokenizer))
+        pipeline = TokenClassifyPipeline(self, self.tokenizer)
         enc = pipeline.encodings(texts)
         rows = pipeline.run_all([Seq(e.ids) for e in enc], batch_tokens)
         return [words_from_tokens(torch.from_numpy(r), e.word_ids, self.id2label, e.offsets, text)

@@ -307,10 +307,8 @@ class ClassifyPipeline(Pipeline):
 
     def __init__(self, classifier, tokenizer, activation: str = "identity", max_length: int | None = None):
         super().__init__(classifier.encoder)
-        if tokenizer is None:
-            raise ValueError("no tokenizer: load from a directory with tokenizer.json or pass tokenizer=")
         self.classifier = classifier
-        self.tokenizer = Tokenizer.coerce(tokenizer)
+        self.tokenizer = _need_tokenizer(tokenizer)
         self.activation = activation
         self.max_length = max_length
         self.id2label = classifier.id2label
@@ -362,10 +360,8 @@ class TokenClassifyPipeline(Pipeline):
 
     def __init__(self, classifier, tokenizer):
         super().__init__(classifier.encoder)
-        if tokenizer is None:
-            raise ValueError("no tokenizer: load from a directory with tokenizer.json or pass tokenizer=")
         self.classifier = classifier
-        self.tokenizer = Tokenizer.coerce(tokenizer)
+        self.tokenizer = _need_tokenizer(tokenizer)
         self.id2label = classifier.id2label
 
     @property
@@ -387,6 +383,13 @@ class TokenClassifyPipeline(Pipeline):
         """Per sequence its tokens' float32 logits ``[n, num_labels]``."""
         logits = self.classifier.head(hidden).cpu().numpy()
         return np.split(logits, np.cumsum(batch.host.lengths[:-1]))
+
+
+def _need_tokenizer(tokenizer) -> Tokenizer:
+    """``tokenizer`` as a :class:`Tokenizer`; ``ValueError`` where there is none (an in-memory model)."""
+    if tokenizer is None:
+        raise ValueError("no tokenizer: load from a directory with tokenizer.json or pass tokenizer=")
+    return Tokenizer.coerce(tokenizer)
 
 
 def input_limit(tokenizer: Tokenizer, encoder, max_length: int | None = None) -> int:

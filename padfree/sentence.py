@@ -57,7 +57,7 @@ def read_modules(path: Path) -> tuple[Path, list[str], bool, bool]:
     normalize?) of a sentence-transformers directory; a plain Hugging Face one pools by mean, as
     sentence-transformers does."""
     layout = read_layout(path)
-    layout.unsupported(("Transformer", "Pooling", "Normalize"), "")
+    layout.check_kinds(("Transformer", "Pooling", "Normalize"))
     pooling = layout.find("Pooling")
     modes, include_prompt = _pooling(pooling.config()) if pooling else (["mean"], True)
     return layout.model_dir("Transformer"), modes, include_prompt, layout.find("Normalize") is not None

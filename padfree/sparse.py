@@ -73,10 +73,7 @@ def read_modules(path: Path) -> tuple[Path, str, str]:
     layout = read_layout(path)
     if not layout.modular:
         return path, "max", "relu"
-    for m in layout.modules:
-        if m.kind not in ("MLMTransformer", "Transformer", "SpladePooling"):
-            raise ValueError(f"unsupported sentence-transformers module {m.type!r} for SparseEncoder; padfree "
-                             "supports MLMTransformer (or Transformer with fill-mask) followed by SpladePooling")
+    layout.check_kinds(("MLMTransformer", "Transformer", "SpladePooling"), " for SparseEncoder")
     model, pooling = layout.find("MLMTransformer", "Transformer"), layout.find("SpladePooling")
     if model is None or pooling is None:
         raise ValueError(f"{path}: a SparseEncoder directory needs an MLMTransformer and a SpladePooling module")
