@@ -1,5 +1,6 @@
 # `make demo` and `make test` do all their own set-up from a fresh clone: a virtual environment, the
-# pinned CPU torch (constraints.txt: an unpinned torch would pull several GB of CUDA packages), the package.
+# pinned CPU torch (constraints.txt: an unpinned torch would pull several GB of CUDA packages), the package
+# (scripts/install.sh).
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -13,12 +14,10 @@ export TOKENIZERS_PARALLELISM := false
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml constraints.txt
-	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -c constraints.txt torch==2.13.0
-	$(PY) -m pip install -q -c constraints.txt -e ".[dev,bench]"
-	-$(PY) -m padfree.ops.native  # build the native small-batch layers now (~45 s), not in the first request
+# scripts/install.sh: the same steps the container image (Dockerfile) runs; the native small-batch layers are built
+# now (~45 s), not in the first request, and a failed build only means the Python forward
+$(STAMP): pyproject.toml constraints.txt scripts/install.sh
+	PYTHON=$(PYTHON) bash scripts/install.sh --venv $(VENV) --extras dev,bench --editable --native optional
 	touch $(STAMP)
 
 demo: $(STAMP)
