@@ -134,12 +134,16 @@ def test_shutdown_flushes_what_is_buffered(receiver):
 def test_two_tracings_in_one_process_keep_their_own_spans():
     with OtlpHttpReceiver() as a, OtlpGrpcReceiver() as b:
         ta, tb = Tracing.start(a.endpoint, a.protocol, service_name="one"), Tracing.start(b.endpoint, b.protocol)
-        with ta.request("POST", "/embed", [], route="/embed") as span:
-            span.set_attribute(HTTP_STATUS, 200)
+        for t, route in ((ta, "/embed"), (tb, "/rerank")):
+            with t.request("POST", route, [], route=route) as span:
+                span.set_attribute(HTTP_STATUS, 200)
         ta.shutdown()
-        tb.shutdown()
         assert [(s.name, s.resource["service.name"]) for s in a.spans] == [("POST /embed", "one")]
-        assert b.spans == []
+        with tb.request("POST", "/predict", [], route="/predict") as span:   # the other one still runs
+            span.set_attribute(HTTP_STATUS, 200)
+        tb.shutdown()
+        assert [(s.name, s.resource["service.name"]) for s in b.spans] == [("POST /rerank", "padfree"),
+                                                                           ("POST /predict", "padfree")]
 
 
 def test_endpoints_as_otel_reads_them():
@@ -188,7 +192,17 @@ def log_lines(fmt: logging.Formatter, emit) -> list[str]:
     return stream.getvalue().splitlines()
 
 
-def test_json_lines_carry_the_request_fields_and_exceptions():
+@pytest.fixture
+def local_time_not_utc(monkeypatch):
+    """The process's local time zone set to New York's (the log lines' times must still be UTC)."""
+    monkeypatch.setenv("TZ", "America/New_York")
+    time.tzset()
+    yield
+    monkeypatch.undo()
+    time.tzset()
+
+
+def test_json_lines_carry_the_request_fields_and_exceptions(local_time_not_utc):
     def emit(log):
         log.info("POST /v1/embeddings 200 minilm texts=%s\nsecond line", 3,
                  extra=request_fields("abc123", "POST", "/v1/embeddings", "minilm", 3, 17, 200, 12.34567))
@@ -209,6 +223,7 @@ def test_json_lines_carry_the_request_fields_and_exceptions():
     from datetime import datetime
     stamp = datetime.fromisoformat(req["time"].replace("Z", "+00:00")).timestamp()
     assert before - 1 <= stamp <= time.time() + 1
+    assert time.localtime().tm_gmtoff != 0     # the fixture did change the local time
     assert exc["level"] == "ERROR" and exc["message"] == "inference failed on model minilm"
     assert exc["exception"].startswith("Traceback") and "ZeroDivisionError" in exc["exception"]
     assert "exception" not in req

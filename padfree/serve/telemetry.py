@@ -117,8 +117,8 @@ class Tracing:
             span.set_status(self._error)
             raise
         else:
-            status = getattr(span, "attributes", None) or {}
-            if isinstance(status.get(HTTP_STATUS), int) and status[HTTP_STATUS] >= 500:
+            code = (getattr(span, "attributes", None) or {}).get(HTTP_STATUS)  # a sampled-out span has none
+            if isinstance(code, int) and code >= 500:
                 span.set_status(self._error)
         finally:
             span.end(end_time=self.epoch_ns(time.perf_counter()))
