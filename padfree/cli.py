@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 
@@ -11,16 +10,16 @@ from .cpu import DTYPE_CHOICES
 
 def demo(args: argparse.Namespace) -> None:
     """Embed a real corpus with all-MiniLM-L6-v2: padfree beside sentence-transformers, same texts."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import numpy as np
     import torch
 
     import padfree
     from padfree.bench.corpus import stdlib_paragraphs
 
+    from padfree.hub import resolve_model
     from padfree.startup import bundled_model_path, parse_dtype
-    try:
-        path = args.model or bundled_model_path()
+    try:  # a Hub ID resolved once: padfree and sentence-transformers read the same snapshot
+        path = str(resolve_model(args.model)) if args.model else bundled_model_path()
     except ValueError as e:
         sys.exit(f"padfree demo: error: {e}")
     dtype = parse_dtype(args.dtype)
@@ -28,7 +27,7 @@ def demo(args: argparse.Namespace) -> None:
     enc = padfree.SentenceEncoder.from_pretrained(path, dtype=dtype)
     n_tokens = sum(len(t) for t in enc.tokenize(texts))
     print(f"corpus: {len(texts)} paragraphs of Python standard-library docstrings, {n_tokens} tokens "
-          f"(mean {n_tokens / len(texts):.1f}); model: {path}; {str(dtype).removeprefix('torch.')}; {torch.get_num_threads()} threads")
+          f"(mean {n_tokens / len(texts):.1f}); model: {args.model or path}; {str(dtype).removeprefix('torch.')}; {torch.get_num_threads()} threads")
     enc.encode(texts[:64])  # warm-up
     t0 = time.perf_counter()
     ours = enc.encode(texts, batch_tokens=args.batch_tokens, show_progress_bar=True)
@@ -88,7 +87,8 @@ def main(argv: list[str] | None = None) -> None:
     d.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto",
                    help="auto: the fastest on this CPU (padfree info says which)")
     d.add_argument("--batch-tokens", type=int, default=8192, help="real-token budget per batch")
-    d.add_argument("--model", help="a sentence-transformers directory (default: the bundled all-MiniLM-L6-v2)")
+    d.add_argument("--model", help="a sentence-transformers directory or Hub ID, org/name (default: the bundled "
+                                   "all-MiniLM-L6-v2)")
     d.set_defaults(run=demo)
     i = sub.add_parser("info", help="this machine's CPU profile and the paths padfree takes on it")
     i.add_argument("--json", action="store_true", help="machine-readable output")

@@ -22,6 +22,7 @@ from .pooling import pool
 from .outputs import SequenceClassifierOutput, TokenClassifierOutput
 from .batching import DEFAULT_BATCH_TOKENS
 from .directory import read_json, read_layout
+from .hub import resolve_model, resolve_source
 from .pipelines import ClassifyPipeline, Seq, TokenClassifyPipeline, activate
 from .tokenizer import Tokenizer, check_texts
 
@@ -88,11 +89,14 @@ class SequenceClassifier:
 
     @classmethod
     def from_pretrained(cls, source, dtype: torch.dtype = torch.float32, device="cpu", backend: str = "auto",
-                        tokenizer=None, task: str | None = None) -> "SequenceClassifier":
-        """From a ``*ForSequenceClassification`` directory or in-memory model. A directory's fast tokenizer is
+                        tokenizer=None, task: str | None = None, *, revision: str | None = None,
+                        token: str | None = None) -> "SequenceClassifier":
+        """From a ``*ForSequenceClassification`` directory, its Hub ID (``org/name``; ``revision``, ``token``: see
+        :func:`padfree.hub.resolve_model`) or an in-memory model. A directory's fast tokenizer is
         loaded (for :meth:`predict`) unless ``tokenizer`` is given (a :class:`padfree.tokenizer.Tokenizer` or a
         ``transformers`` fast tokenizer). ``task``: the encoder's LoRA adapter merged at load (jina-embeddings-v3,
         see :func:`padfree.from_pretrained`)."""
+        source = resolve_source(source, revision, token)
         return cls(load(source, dtype, device, backend, task), tokenizer or _maybe_tokenizer(source))
 
     @torch.inference_mode()
@@ -164,7 +168,10 @@ class TokenClassifier:
 
     @classmethod
     def from_pretrained(cls, source, dtype: torch.dtype = torch.float32, device="cpu", backend: str = "auto",
-                        tokenizer=None, task: str | None = None) -> "TokenClassifier":
+                        tokenizer=None, task: str | None = None, *, revision: str | None = None,
+                        token: str | None = None) -> "TokenClassifier":
+        """As :meth:`SequenceClassifier.from_pretrained`, from a ``*ForTokenClassification`` checkpoint."""
+        source = resolve_source(source, revision, token)
         return cls(load(source, dtype, device, backend, task), tokenizer or _maybe_tokenizer(source))
 
     @torch.inference_mode()
@@ -238,8 +245,12 @@ class CrossEncoder:
 
     @classmethod
     def from_pretrained(cls, path, dtype: torch.dtype = torch.float32, device="cpu", backend: str = "auto",
-                        max_length: int | None = None) -> "CrossEncoder":
-        layout = read_layout(path)  # a modular layout: the Transformer module's folder holds the checkpoint
+                        max_length: int | None = None, *, revision: str | None = None,
+                        token: str | None = None) -> "CrossEncoder":
+        """From a CrossEncoder or ``*ForSequenceClassification`` directory, or its Hub ID (``org/name``;
+        ``revision``, ``token``: see :func:`padfree.hub.resolve_model`)."""
+        # a modular layout: the Transformer module's folder holds the checkpoint
+        layout = read_layout(resolve_model(path, revision, token))
         path, model_dir = layout.root, layout.model_dir("Transformer", "CrossEncoder")
         loaded = load(model_dir, dtype, device, backend)
         clf = SequenceClassifier(loaded, _maybe_tokenizer(model_dir) or _maybe_tokenizer(path))

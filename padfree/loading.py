@@ -18,6 +18,7 @@ import torch
 from ._hf import have_transformers, missing
 from .config import ModelConfig
 from .cpu import choose_dtype
+from .hub import resolve_source
 from .lora import TaskAdapters, check_task, read_lora_config, split_adapters
 from .models.encoder import Encoder
 from .models.families import Family, WeightTable, family_for_config
@@ -130,8 +131,14 @@ def _repeat_kv(qkv: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
 
 
 def from_pretrained(source, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
-                    backend: str = "auto", task: str | None = None) -> Encoder:
-    """A padfree :class:`Encoder` from a Hugging Face directory or in-memory ``transformers`` model.
+                    backend: str = "auto", task: str | None = None, *, revision: str | None = None,
+                    token: str | None = None) -> Encoder:
+    """A padfree :class:`Encoder` from a Hugging Face directory, a Hub ID (``org/name``) or an in-memory
+    ``transformers`` model.
+
+    A Hub ID is read from huggingface_hub's cache, the files padfree reads downloaded where missing
+    (:func:`padfree.hub.resolve_model`; ``HF_HUB_OFFLINE=1``: the cache only); ``revision``: its branch, tag or
+    commit (None: the default branch); ``token``: for private and gated repos (None: ``HF_TOKEN`` or the login).
 
     ``dtype``: a torch.dtype, a name (fp32, bf16, fp16) or "auto": the fastest on this machine
     (:func:`padfree.cpu.choose_dtype`: bf16 where the CPU's bf16 products beat fp32, else fp32; a bf16 asked where
@@ -144,7 +151,7 @@ def from_pretrained(source, dtype: torch.dtype = torch.float32, device: torch.de
     (``encoder(ids, mask, task=...)``, :meth:`Encoder.for_task`), merged on first use (see
     :class:`padfree.lora.TaskAdapters` for the memory this costs).
     """
-    return load(source, dtype, device, backend, task).encoder
+    return load(resolve_source(source, revision, token), dtype, device, backend, task).encoder
 
 
 @dataclass

@@ -16,6 +16,7 @@ import torch
 from .batch import PackedBatch
 from .batching import DEFAULT_BATCH_TOKENS, check_budget
 from .directory import read_layout
+from .hub import resolve_model
 from .loading import from_pretrained
 from .models.encoder import Encoder
 from .pipelines import EmbedPipeline
@@ -87,8 +88,10 @@ class SentenceEncoder:
     @classmethod
     def from_pretrained(cls, path, dtype: torch.dtype = torch.float32, device="cpu", backend: str = "auto",
                         max_seq_length: int | None = None, prompts: dict[str, str] | None = None,
-                        default_prompt_name: str | None = None, task: str | None = None) -> "SentenceEncoder":
-        """From a sentence-transformers directory (or a plain Hugging Face one: mean pooling).
+                        default_prompt_name: str | None = None, task: str | None = None, *,
+                        revision: str | None = None, token: str | None = None) -> "SentenceEncoder":
+        """From a sentence-transformers directory (or a plain Hugging Face one: mean pooling), or its Hub ID
+        (``org/name``; ``revision``, ``token``: see :func:`padfree.hub.resolve_model`).
 
         ``max_seq_length`` overrides ``sentence_bert_config.json`` (up to the model's position limit);
         ``prompts`` / ``default_prompt_name`` override those of ``config_sentence_transformers.json``
@@ -96,7 +99,7 @@ class SentenceEncoder:
         at load for a model with task adapters (jina-embeddings-v3; see :func:`padfree.from_pretrained`);
         ``encode(..., task=...)`` picks another per call.
         """
-        path = Path(path)
+        path = resolve_model(path, revision, token)
         transformer_dir, modes, include_prompt, normalize_ = read_modules(path)
         encoder = from_pretrained(transformer_dir, dtype=dtype, device=device, backend=backend, task=task)
         text = TextSide.from_dir(transformer_dir, path, encoder.config.max_sequence_length, max_seq_length,

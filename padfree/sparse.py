@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from .batch import PackedBatch
 from .batching import check_budget, positive_int
 from .directory import read_json, read_layout
+from .hub import resolve_model
 from .heads import _linear
 from .loading import Loaded, load
 from .ops.activations import apply_activation, canonical_activation
@@ -108,11 +109,13 @@ class SparseEncoder:
 
     @classmethod
     def from_pretrained(cls, path, dtype: torch.dtype = torch.float32, device="cpu", backend: str = "auto",
-                        max_seq_length: int | None = None, head_tokens: int | None = None) -> "SparseEncoder":
-        """From a sentence-transformers SparseEncoder directory or a plain ``*ForMaskedLM`` directory.
+                        max_seq_length: int | None = None, head_tokens: int | None = None, *,
+                        revision: str | None = None, token: str | None = None) -> "SparseEncoder":
+        """From a sentence-transformers SparseEncoder directory or a plain ``*ForMaskedLM`` directory, or its Hub
+        ID (``org/name``; ``revision``, ``token``: see :func:`padfree.hub.resolve_model`).
         ``max_seq_length`` overrides the directory's (``sentence_bert_config.json``, else the tokenizer's
         ``model_max_length``, capped by the model's position limit)."""
-        path = Path(path)
+        path = resolve_model(path, revision, token)
         model_dir, strategy, activation = read_modules(path)
         loaded = load(model_dir, dtype, device, backend)
         head = MLMHead(loaded)  # fails before the tokenizer is read if there is no head

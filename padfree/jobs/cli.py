@@ -3,7 +3,6 @@ resumable after a crash (run the same command again)."""
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 from ..cpu import DTYPE_CHOICES
@@ -17,7 +16,13 @@ def parse_args(kind: str, argv):
     p.add_argument("--model", help="a sentence-transformers directory" + (" (default: the bundled all-MiniLM-L6-v2)"
                                                                        if kind == "embed" else
                                                                        " or *ForSequenceClassification / CrossEncoder "
-                                                                       "directory"), required=kind != "embed")
+                                                                       "directory") + ", or its Hugging Face Hub ID "
+                   "(org/name: read from the Hugging Face cache, HF_HUB_CACHE, downloaded where missing unless "
+                   "HF_HUB_OFFLINE=1)", required=kind != "embed")
+    p.add_argument("--revision", help="with a Hub ID: its branch, tag or commit (default: the default branch); "
+                   "recorded in the output's manifest")
+    p.add_argument("--hf-token-file", metavar="FILE", help="with a Hub ID: a file holding the Hub token of a private "
+                   "or gated model (default: HF_TOKEN or the huggingface-cli login); never written to the output")
     p.add_argument("--column", default="text", help="the text column (default: text)")
     if kind == "embed":
         p.add_argument("--task", dest="adapter", metavar="TASK",
@@ -53,15 +58,18 @@ def parse_args(kind: str, argv):
 
 def main(kind: str, argv) -> None:
     args = parse_args(kind, argv)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from .runner import JobSpec, run_job
-    spec = JobSpec(kind=kind, input=args.input, output=args.output, model=args.model, column=args.column,
+    spec = JobSpec(kind=kind, input=args.input, output=args.output, model=args.model, revision=args.revision,
+                   column=args.column,
                    pair_column=getattr(args, "pair_column", None), id_column=args.id_column,
                    keep=[c.strip() for c in args.keep.split(",") if c.strip()], dtype=args.dtype,
                    max_batch_tokens=args.max_batch_tokens, format=args.format, shard_rows=args.shard_rows,
                    skip_empty=args.skip_empty, overwrite=args.overwrite, progress=not args.no_progress,
                    adapter=getattr(args, "adapter", None))
     try:
+        if args.hf_token_file is not None:
+            from ..hub import read_token_file
+            spec.token = read_token_file(args.hf_token_file)
         if spec.model is None:
             from ..startup import bundled_model_path
             spec.model = bundled_model_path()

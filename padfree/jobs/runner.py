@@ -55,13 +55,17 @@ class JobSpec:
     overwrite: bool = False
     progress: bool = True
     adapter: str | None = None      # embed: the task adapter of a model with task LoRA adapters (jina-v3)
+    revision: str | None = None     # where model is a Hub ID: its branch, tag or commit (None: the default branch)
+    token: str | None = field(default=None, repr=False)  # the Hub token: passed to start-up, never in the manifest
 
     def options(self, fmt: str) -> dict:
         d = asdict(self)
         # the dtype "auto" resolved on this machine: a job resumed where auto picks another is refused, not mixed
-        d.update(model=str(Path(self.model).resolve()), format=fmt, dtype=dtype_name(parse_dtype(self.dtype)))
+        # a directory by its absolute path, a Hub ID as it is (with its revision where given)
+        model = str(Path(self.model).resolve()) if Path(self.model).is_dir() else self.model
+        d.update(model=model, format=fmt, dtype=dtype_name(parse_dtype(self.dtype)))
         # the adapter only where given, so that the manifests of jobs without one stay as they were
-        return {k: d[k] for k in OUTPUT_OPTIONS + (("adapter",) if self.adapter else ())}
+        return {k: d[k] for k in OUTPUT_OPTIONS + (("adapter",) if self.adapter else ()) + (("revision",) if self.revision else ())}
 
 
 def _say(msg: str) -> None:
@@ -216,7 +220,8 @@ def run_job(spec: JobSpec) -> dict:
             _say(f"padfree {spec.kind}: {out} is complete ({old.get('rows', '?')} rows in {shards} shards): "
                  "nothing to do")
             return {**old.get("summary", {}), "nothing_to_do": True}
-    pipeline = open_pipeline(spec.model, spec.dtype, spec.kind, spec.adapter, warm=False)
+    pipeline = open_pipeline(spec.model, spec.dtype, spec.kind, spec.adapter, warm=False, revision=spec.revision,
+                             token=spec.token)
     summary = _write_shards(spec, pipeline, _Rows(io.read_batches(files, fmt, text_cols, other), spec.shard_rows),
                             io.parquet_rows(files, fmt), manifest if old is None else None)
     out.mkdir(parents=True, exist_ok=True)

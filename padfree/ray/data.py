@@ -46,13 +46,14 @@ class _PipelineBatches:
 
     def __init__(self, model: str, column: str = "text", id_column: str | None = None, keep=(),
                  dtype: str = "auto", max_batch_tokens: int = DEFAULT_BATCH_TOKENS, skip_empty: bool = False,
-                 pair_column: str | None = None, adapter: str | None = None, done_ids: pa.Array | None = None):
+                 pair_column: str | None = None, adapter: str | None = None, done_ids: pa.Array | None = None,
+                 revision: str | None = None, token: str | None = None):
         self.spec = JobSpec(kind=self.kind, input="", output="", model=str(model), column=column,
                             pair_column=pair_column, id_column=id_column, keep=list(keep), dtype=dtype,
                             max_batch_tokens=max_batch_tokens, skip_empty=skip_empty, progress=False,
-                            adapter=adapter)
+                            adapter=adapter, revision=revision, token=token)
         check_spec(self.spec)
-        self.pipeline = open_pipeline(model, dtype, self.kind, adapter, warm=False)
+        self.pipeline = open_pipeline(model, dtype, self.kind, adapter, warm=False, revision=revision, token=token)
         if done_ids is not None and not id_column:
             raise ValueError("done_ids needs the id_column they are ids of")
         self.done = done_ids
@@ -174,7 +175,8 @@ def run_job(spec: JobSpec, address: str | None = "local", actors: int = 1, actor
         fn_constructor_kwargs=dict(model=spec.model, column=spec.column, id_column=spec.id_column,
                                    keep=spec.keep, dtype=spec.dtype, max_batch_tokens=spec.max_batch_tokens,
                                    skip_empty=spec.skip_empty, pair_column=spec.pair_column,
-                                   adapter=spec.adapter, done_ids=done))
+                                   adapter=spec.adapter, done_ids=done, revision=spec.revision,
+                                   token=spec.token))
     before = 0 if done is None else len(done)  # the ids read from the kept files
     ds.write_parquet(str(out), ray_remote_args=IO_REMOTE_ARGS, mode=ray.data.SaveMode.APPEND)
     seconds = time.perf_counter() - t0
