@@ -62,6 +62,8 @@ def resolve_model(source, revision: str | None = None, token: str | None = None,
         if revision is not None:
             raise ValueError(f"revision {revision!r} applies to Hub IDs only; {str(source)!r} is a local directory")
         return path
+    if path.exists():
+        raise ValueError(f"model path {str(source)!r} is not a directory")
     repo_id = check_repo_id(str(source))
     return download(repo_id, revision, token, cache_dir, endpoint)
 

@@ -21,7 +21,6 @@ import subprocess
 import sys
 import threading
 import urllib.parse
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -101,6 +100,7 @@ class FakeHub:
 
     def __init__(self, repos: dict[str, dict[str, bytes]], sha: str = REV, aliases=("main", "v1.0")):
         self.repos, self.sha, self.revisions = repos, sha, {sha, *aliases}
+        self.etags = {d: hashlib.sha256(d).hexdigest() for files in repos.values() for d in files.values()}
         self.requests: list[tuple[str, str, dict]] = []
         self.status: int | None = None
         self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
@@ -164,7 +164,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             data = hub.repos[m[1]].get(urllib.parse.unquote(m[3]))
             if data is None:
                 return self.error(404, "EntryNotFound", body)
-            return self.send(200, data, body, {"ETag": f'"{hashlib.sha256(data).hexdigest()}"',
+            return self.send(200, data, body, {"ETag": f'"{hub.etags[data]}"',
                                                "X-Repo-Commit": hub.sha,
                                                "Content-Type": "application/octet-stream"})
         return self.error(404, "RepoNotFound", body)
@@ -211,6 +211,8 @@ def test_directory_is_used_as_it_is(tmp_path):
     with pytest.raises(ValueError, match="neither a directory nor a Hugging Face Hub ID") as e:
         padfree.SentenceEncoder.from_pretrained(str(tmp_path / "no" / "such" / "dir"))
     one_line(e)
+    with pytest.raises(ValueError, match="is not a directory"):  # a file, even where its name is a valid ID
+        resolve_model(minilm_path() / "config.json")
 
 
 def test_token_file(tmp_path):
@@ -316,21 +318,18 @@ def test_unknown_revision_and_unreachable_hub(online, hub):
 # ---------------------------------------------------------------------------------------------------- CLI
 
 def test_embed_cli_by_id_offline(cache, expected, tmp_path):
-    """``padfree embed --model org/name`` from the cache, offline; a missing ID: one line on stderr, exit 2."""
+    """``padfree embed --model org/name --revision REV --hf-token-file FILE`` from the cache, offline, in a process
+    with a clean Hugging Face environment: the embeddings, the manifest's model and revision, no token in it."""
     (tmp_path / "in.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS))
     (tmp_path / "token").write_text("hf_never_written\n")
     # no Hugging Face setting of this process's (HOME kept: torch's extension cache holds the native module)
     env = {**{k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGING", "TRANSFORMERS_"))},
            "PYTHONPATH": str(REPO), "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1",
            "TOKENIZERS_PARALLELISM": "false"}
-    common = [sys.executable, "-m", "padfree.cli", "embed", str(tmp_path / "in.jsonl")]
-    runs = [common + [str(tmp_path / "out"), "--model", CACHED_ID, "--revision", REV, "--hf-token-file",
-                      str(tmp_path / "token"), "--dtype", "fp32", "--no-progress"],
-            common + [str(tmp_path / "out2"), "--model", "padfree-test/absent", "--no-progress"]]
-    with ThreadPoolExecutor(2) as ex:
-        good, bad = ex.map(lambda cmd: subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300),
-                           runs)
-    assert good.returncode == 0, good.stderr
+    p = subprocess.run([sys.executable, "-m", "padfree.cli", "embed", tmp_path / "in.jsonl", tmp_path / "out",
+                        "--model", CACHED_ID, "--revision", REV, "--hf-token-file", tmp_path / "token",
+                        "--dtype", "fp32", "--no-progress"], env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
     table = pq.read_table(tmp_path / "out")
     got = np.asarray(table.column("embedding").combine_chunks().flatten().to_numpy(), np.float32).reshape(-1, 384)
     np.testing.assert_allclose(got, expected, atol=1e-5)
@@ -338,7 +337,21 @@ def test_embed_cli_by_id_offline(cache, expected, tmp_path):
     options = json.loads(manifest)["options"]
     assert options["model"] == CACHED_ID and options["revision"] == REV, options
     assert "hf_never_written" not in manifest
-    assert bad.returncode == 2, bad.stderr
-    lines = [ln for ln in bad.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("padfree embed: error: model 'padfree-test/absent'"), bad.stderr
-    assert str(cache) in lines[0]
+
+
+def test_embed_cli_bad_id_is_one_line(monkeypatch, cache, tmp_path, capsys):
+    """A model neither a directory nor cached (offline): one line on stderr, exit 2 (the CLI's main, in this
+    process: a second interpreter start costs more than the rest of the file)."""
+    from padfree.jobs.cli import main
+    use_cache(monkeypatch, cache)
+    (tmp_path / "in.jsonl").write_text(json.dumps({"text": "hi"}) + "\n")
+    (tmp_path / "token").write_text("\n")
+    for args, needle in ((["--model", "padfree-test/absent"], "model 'padfree-test/absent' (revision 'main')"),
+                         (["--model", "not/a/valid/id"], "neither a directory nor a Hugging Face Hub ID"),
+                         (["--model", CACHED_ID, "--hf-token-file", str(tmp_path / "token")], "is empty")):
+        with pytest.raises(SystemExit) as e:
+            main("embed", [str(tmp_path / "in.jsonl"), str(tmp_path / "out"), "--no-progress", *args])
+        assert e.value.code == 2
+        lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+        assert len(lines) == 1 and lines[0].startswith("padfree embed: error: ") and needle in lines[0], lines
+        assert "absent" not in args[1] or str(cache) in lines[0], lines  # the cache searched
