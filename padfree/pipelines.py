@@ -6,8 +6,9 @@ the final row of each sequence in the order given: normalized, cut to its Matryo
 scores or probabilities, or reduced to its sparse weights, all done here, once. The library's classes
 (:class:`padfree.SentenceEncoder`, ...), the HTTP routes, the jobs and the Ray adapters only move rows in and out.
 
-- :class:`EmbedPipeline`: a pooled vector per sequence, every token's hidden state (``Seq.tokens``), or one
-  pooled vector per chunk (``Seq.chunks``, late chunking).
+- :class:`EmbedPipeline`: a pooled vector per sequence (through the directory's modules after Pooling: Dense,
+  LayerNorm, Normalize), every token's hidden state (``Seq.tokens``), or one pooled vector per chunk
+  (``Seq.chunks``, late chunking); float32 or quantized (``Seq.precision``).
 - :class:`ClassifyPipeline`: per text or pair, its logits, its scores (the checkpoint's activation: reranking) or
   its probabilities.
 - :class:`SparsePipeline`: a SPLADE vector per sequence, as ``(indices, values)`` of its non-zero weights.
@@ -17,7 +18,7 @@ Pipelines hold the model-side pieces they are given (encoder, pooling modes, hea
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import numpy as np
@@ -26,6 +27,7 @@ import torch
 from .batch import PackedBatch
 from .batching import by_length, positive_int, run_batched
 from .pooling import normalize as unit_norm, pool
+from .quantize import RANGED, check_precision, check_ranges, quantize, width
 from .text import ChunkLayout, TextSide
 from .tokenizer import InputTooLong, Tokenizer, check_texts
 
@@ -45,6 +47,8 @@ class Seq:
     chunks: ChunkLayout | None = None  # one pooled vector per chunk [n_chunks, D] (late chunking)
     normalize: bool = False          # unit norm (after the cut to ``dimensions``)
     dimensions: int | None = None    # Matryoshka: the first this many dimensions
+    precision: str = "float32"       # quantized after the cut and the norm: one of padfree.quantize.PRECISIONS
+    ranges: np.ndarray | None = field(default=None, compare=False)  # int8/uint8: [2, D'] bounds; None: per vector
     # classification
     output: str = "probabilities"    # one of OUTPUTS
 
@@ -145,59 +149,110 @@ class Pipeline:
 
 
 class EmbedPipeline(Pipeline):
-    """Pooled embeddings of a sentence-transformers directory (or a plain encoder: mean pooling)."""
+    """Pooled embeddings of a sentence-transformers directory (or a plain encoder: mean pooling).
+
+    ``steps``: the directory's modules between Pooling and a final Normalize (Dense, LayerNorm, a Normalize in
+    the middle), as fp32 torch modules on the encoder's device, applied in order to every pooled vector and to
+    every chunk vector of late chunking (so that chunks live in the space of the texts' vectors); never to
+    ``Seq.tokens`` (the raw hidden states). ``normalizes``: the directory ends in Normalize (the default of
+    ``normalize``, which a caller may turn off). ``truncate_dim``: ``config_sentence_transformers.json``'s
+    Matryoshka cut, the default of ``dimensions``."""
     kind = "embed"
 
-    def __init__(self, encoder, text: TextSide, pooling: list[str], normalizes: bool):
+    def __init__(self, encoder, text: TextSide, pooling: list[str], normalizes: bool,
+                 steps: Sequence[torch.nn.Module] = (), truncate_dim: int | None = None):
         super().__init__(encoder)
         self.text = text
         self.tokenizer = text.tokenizer
         self.pooling = pooling
         self.normalizes = normalizes  # the directory ends in Normalize: its default
+        self.steps = tuple(steps)
+        self.truncate_dim = truncate_dim
 
     @property
     def max_input_length(self) -> int:
         return self.text.max_seq_length
 
     @property
-    def dimension(self) -> int:
+    def pooled_dimension(self) -> int:
+        """The width of the pooled vectors, before the steps."""
         return self.encoder.config.hidden_size * len(self.pooling)
 
-    def output_options(self, normalize: bool | None = None, dimensions: int | None = None) -> dict:
+    @property
+    def dimension(self) -> int:
+        """The model's full output width: the last Dense's ``out_features``, else the pooled width."""
+        return next((s.out_features for s in reversed(self.steps) if hasattr(s, "out_features")),
+                    self.pooled_dimension)
+
+    @property
+    def truncate_dim(self) -> int | None:
+        """The default of ``dimensions`` (sentence-transformers' ``truncate_dim``); None: the full width."""
+        return self._truncate_dim
+
+    @truncate_dim.setter
+    def truncate_dim(self, value: int | None) -> None:
+        if value is not None:
+            positive_int("truncate_dim", value)
+        self._truncate_dim = value
+
+    def output_options(self, normalize: bool | None = None, dimensions: int | None = None,
+                       precision: str = "float32", ranges=None) -> dict:
         """``Seq`` fields of an embedding output: ``normalize`` (None: the directory's), ``dimensions``
-        (Matryoshka, at most the model's); ``ValueError`` naming a bad one."""
+        (Matryoshka, at most the model's; None: ``truncate_dim``), ``precision`` (one of
+        :data:`padfree.quantize.PRECISIONS`) and, for int8 / uint8, ``ranges`` ``[2, D']`` (per-dimension min and
+        max of the D' output dimensions, e.g. :func:`padfree.quantize.calibration_ranges`; None: each vector's
+        own; dropped for the other precisions); ``ValueError`` naming a bad one."""
         if dimensions is not None:
             positive_int("dimensions", dimensions)
             if dimensions > self.dimension:
                 raise ValueError(f"dimensions={dimensions} is more than the model's {self.dimension}")
-        return {"normalize": self.normalizes if normalize is None else bool(normalize), "dimensions": dimensions}
+        elif self.truncate_dim is not None and self.truncate_dim < self.dimension:
+            dimensions = self.truncate_dim
+        check_precision(precision)
+        if ranges is not None and precision in RANGED:
+            ranges = check_ranges(ranges, dimensions or self.dimension)
+        return {"normalize": self.normalizes if normalize is None else bool(normalize), "dimensions": dimensions,
+                "precision": precision, "ranges": ranges if precision in RANGED else None}
+
+    def width(self, options: dict) -> int:
+        """The width of a row for :meth:`output_options`' ``options``: ``dimensions`` (or the model's), or its
+        bytes for binary precisions."""
+        return width(options.get("dimensions") or self.dimension, options.get("precision", "float32"))
+
+    def project(self, x: torch.Tensor) -> torch.Tensor:
+        """The steps after pooling, in order: pooled vectors ``[n, pooled_dimension]`` -> ``[n, dimension]``
+        fp32."""
+        for step in self.steps:
+            x = step(x)
+        return x
 
     def prepare(self, texts: Sequence[str], truncate: bool = True, side: str | None = None,
                 prompt: str | None = None, tokens: bool = False, chunks=None, chunk_tokens: int | None = None,
-                adapter: str | None = None, normalize: bool | None = None, dimensions: int | None = None
-                ) -> list[Seq]:
+                adapter: str | None = None, normalize: bool | None = None, dimensions: int | None = None,
+                precision: str = "float32", ranges=None) -> list[Seq]:
         """Texts with ``prompt`` prepended; ``InputTooLong`` naming a too-long text and the limit unless
         ``truncate``. With ``chunks`` or ``chunk_tokens`` each text is a document of late chunking (its row is
-        ``[n_chunks, D]``, its spans in ``Seq.chunks``). ``tokens``: every token's hidden state (never normalized
-        nor cut). ``adapter``: the LoRA adapter to run (jina-embeddings-v3)."""
+        ``[n_chunks, D]``, its spans in ``Seq.chunks``). ``tokens``: every token's hidden state (never through
+        the steps, normalized, cut nor quantized). ``adapter``: the LoRA adapter to run (jina-embeddings-v3).
+        ``normalize``, ``dimensions``, ``precision``, ``ranges``: see :meth:`output_options`."""
         if chunks is not None or chunk_tokens is not None:
             return self.prepare_chunks(texts, chunks, chunk_tokens, truncate, side, prompt, adapter, normalize,
-                                       dimensions)
+                                       dimensions, precision, ranges)
         self.check_adapter(adapter)
-        options = self.output_options(normalize, dimensions)
+        options = self.output_options(normalize, dimensions, precision, ranges)
         ids = self.text.tokenize(texts, truncate=truncate, prompt=prompt, truncation_side=side)
         skip = self.text.prompt_skip(prompt)
         return [Seq(s, skip=skip, tokens=tokens, adapter=adapter, **options) for s in ids]
 
     def prepare_chunks(self, documents: Sequence[str], chunks=None, chunk_tokens: int | None = None,
                        truncate: bool = True, side: str | None = None, prompt: str | None = None,
-                       adapter: str | None = None, normalize: bool | None = None, dimensions: int | None = None
-                       ) -> list[Seq]:
+                       adapter: str | None = None, normalize: bool | None = None, dimensions: int | None = None,
+                       precision: str = "float32", ranges=None) -> list[Seq]:
         """Documents of late chunking (exactly one of ``chunks`` / ``chunk_tokens``, see
         :meth:`padfree.SentenceEncoder.encode_chunks`): each row is ``[n_chunks, D]``, its spans in
         ``Seq.chunks``; other arguments as :meth:`prepare`'s."""
         self.check_adapter(adapter)
-        options = self.output_options(normalize, dimensions)
+        options = self.output_options(normalize, dimensions, precision, ranges)
         ids, layouts = self.chunk_layouts(documents, chunks, chunk_tokens, truncate, prompt, side)
         return [Seq(s, chunks=c, adapter=adapter, **options) for s, c in zip(ids, layouts)]
 
@@ -232,7 +287,7 @@ class EmbedPipeline(Pipeline):
             sizes += [b - a for a, b in ranges]
             counts.append(len(ranges))
         if not sizes:
-            pooled = torch.zeros(0, self.dimension, device=hidden.device)
+            pooled = torch.zeros(0, self.pooled_dimension, device=hidden.device)
         else:
             sizes = np.asarray(sizes, dtype=np.int64)
             index = np.repeat(np.asarray(firsts, dtype=np.int64) - (np.cumsum(sizes) - sizes), sizes) \
@@ -242,22 +297,23 @@ class EmbedPipeline(Pipeline):
         return [p if layout is not None else None for p, layout in zip(pooled.split(counts), layouts)]
 
     def finish(self, hidden, batch, seqs):
-        """Per sequence: its vector ``[D']`` or chunk vectors ``[n_chunks, D']`` (cut to ``dimensions`` D',
-        then normalized if asked), or its tokens' hidden states ``[n, H]``; float32 numpy."""
+        """Per sequence: its vector ``[D']`` or chunk vectors ``[n_chunks, D']`` (through the steps, cut to
+        ``dimensions`` D', normalized if asked, then quantized to its ``precision``: float32, or int8 / uint8
+        ``[D']``, binary / ubinary ``[ceil(D'/8)]``), or its tokens' hidden states ``[n, H]`` float32; numpy."""
         out: list = [None] * len(seqs)
         pooled_rows = [b for b, s in enumerate(seqs) if not s.tokens and s.chunks is None]
         if pooled_rows:
             skips = torch.tensor([s.skip for s in seqs], device=hidden.device)
-            pooled = self.pooled(hidden, batch, skips if skips.any() else 0)  # [B, D]
-            for rows, (norm, dims) in _groups(seqs, pooled_rows):
+            pooled = self.project(self.pooled(hidden, batch, skips if skips.any() else 0))  # [B, D]
+            for rows in _groups(seqs, pooled_rows):
                 x = pooled if len(rows) == len(seqs) else pooled[rows]
-                for b, v in zip(rows, _post(x, norm, dims).cpu().numpy()):
+                for b, v in zip(rows, _post(x, seqs[rows[0]])):
                     out[b] = v
         if any(s.chunks is not None for s in seqs):
             chunked = self.pooled_chunks(hidden, batch, [s.chunks for s in seqs])
             for b, (s, c) in enumerate(zip(seqs, chunked)):
                 if c is not None:
-                    out[b] = _post(c, s.normalize, s.dimensions).cpu().numpy()
+                    out[b] = _post(self.project(c), s)
         if any(s.tokens for s in seqs):
             start = 0
             for b, (s, n) in enumerate(zip(seqs, batch.host.lengths)):
@@ -267,19 +323,24 @@ class EmbedPipeline(Pipeline):
         return out
 
 
-def _groups(seqs: Sequence[Seq], rows: list[int]) -> list[tuple[list[int], tuple[bool, int | None]]]:
-    """``rows`` grouped by their output options (normalize, dimensions), in first-seen order."""
-    groups: dict[tuple[bool, int | None], list[int]] = {}
+def _groups(seqs: Sequence[Seq], rows: list[int]) -> list[list[int]]:
+    """``rows`` grouped by their output options (normalize, dimensions, precision, the ranges object), in
+    first-seen order."""
+    groups: dict[tuple, list[int]] = {}
     for b in rows:
-        groups.setdefault((seqs[b].normalize, seqs[b].dimensions), []).append(b)
-    return [(r, key) for key, r in groups.items()]
+        s = seqs[b]
+        groups.setdefault((s.normalize, s.dimensions, s.precision, id(s.ranges)), []).append(b)
+    return list(groups.values())
 
 
-def _post(x: torch.Tensor, normalize: bool, dimensions: int | None) -> torch.Tensor:
-    """Vectors ``[n, D]`` cut to their first ``dimensions`` (Matryoshka), then of unit norm if ``normalize``."""
-    if dimensions is not None:
-        x = x[:, :dimensions]
-    return unit_norm(x) if normalize else x
+def _post(x: torch.Tensor, seq: Seq) -> np.ndarray:
+    """Vectors ``[n, D]`` cut to their first ``seq.dimensions`` (Matryoshka), of unit norm if ``seq.normalize``,
+    then at ``seq.precision`` (:func:`padfree.quantize.quantize`): numpy ``[n, D']`` (``[n, ceil(D'/8)]``
+    binary)."""
+    if seq.dimensions is not None:
+        x = x[:, :seq.dimensions]
+    x = (unit_norm(x) if seq.normalize else x).cpu().numpy()
+    return x if seq.precision == "float32" else quantize(x, seq.precision, seq.ranges)
 
 
 def _without_prefix(hidden: torch.Tensor, batch: PackedBatch, skip: int | torch.Tensor

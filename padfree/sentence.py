@@ -1,7 +1,7 @@
 """SentenceEncoder: a sentence-transformers directory run padding-free.
 
-Reads ``modules.json`` (Transformer -> Pooling -> optional Normalize) and ``config_sentence_transformers.json``
-(prompts), tokenizes with the directory's ``tokenizer.json`` (no ``transformers`` import), batches texts in
+Reads ``modules.json`` (Transformer -> Pooling -> any of Dense, LayerNorm, Normalize, in order) and
+``config_sentence_transformers.json`` (prompts, ``truncate_dim``), tokenizes with the directory's ``tokenizer.json`` (no ``transformers`` import), batches texts in
 arrival order by a budget of real tokens (and optionally a count of texts), and returns embeddings in input order.
 A facade over :class:`padfree.pipelines.EmbedPipeline`, which does the work for every front door.
 """
@@ -15,11 +15,13 @@ import torch
 
 from .batch import PackedBatch
 from .batching import DEFAULT_BATCH_TOKENS, check_budget
-from .directory import read_layout
+from .directory import Module, read_json, read_layout
 from .hub import resolve_model
-from .loading import from_pretrained
+from .loading import from_pretrained, read_weights
 from .models.encoder import Encoder
 from .pipelines import EmbedPipeline
+from .pooling import normalize as unit_norm
+from .quantize import DTYPES, RANGED, calibration_ranges
 from .text import ChunkLayout, TextSide
 from .tokenizer import Tokenizer, check_texts
 
@@ -35,6 +37,13 @@ _POOLING_KEYS = {
 }
 _POOLING_NAMES = {"cls": "cls", "max": "max", "mean": "mean", "mean_sqrt_len_tokens": "mean_sqrt_len",
                   "lasttoken": "lasttoken"}  # sentence-transformers >= 6 "pooling_mode" values
+STEP_KINDS = ("Dense", "LayerNorm", "Normalize")  # modules after Pooling, applied to the pooled vector in order
+MODULE_KINDS = ("Transformer", "Pooling") + STEP_KINDS
+# the torch.nn activations a Dense may name, built with no arguments: an allow-list, since the name is code to import
+ACTIVATIONS = ("Identity", "Tanh", "ReLU", "ReLU6", "GELU", "Sigmoid", "SiLU", "Mish", "ELU", "SELU", "CELU",
+               "LeakyReLU", "Softplus", "Softsign", "Hardtanh", "Hardswish", "Hardsigmoid", "Tanhshrink", "LogSigmoid")
+_ACTIVATION_FILES = {"Identity": "linear"}  # torch.nn.modules.<file>.<name>; the others are in activation
+_EMBEDDING = "sentence_embedding"  # the feature a step reads and writes (its module_input_name / module_output_name)
 
 
 def _pooling(conf: dict) -> tuple[list[str], bool]:
@@ -53,15 +62,130 @@ def _pooling(conf: dict) -> tuple[list[str], bool]:
     return modes, bool(conf.get("include_prompt", True))
 
 
-def read_modules(path: Path) -> tuple[Path, list[str], bool, bool]:
-    """(transformer dir, pooling modes in sentence-transformers' concatenation order, include_prompt,
-    normalize?) of a sentence-transformers directory; a plain Hugging Face one pools by mean, as
-    sentence-transformers does."""
+class EmbedModules(NamedTuple):
+    """What an embedding directory's ``modules.json`` and configs say, read before any weight."""
+    transformer_dir: Path
+    pooling: list[str]             # padfree modes, in sentence-transformers' concatenation order
+    include_prompt: bool
+    normalize: bool                # modules.json ends in Normalize: the default of normalize_embeddings
+    steps: tuple[Module, ...]      # the modules after Pooling (Dense, LayerNorm, Normalize), a final Normalize aside
+    truncate_dim: int | None       # config_sentence_transformers.json's Matryoshka cut
+
+
+def read_embed_modules(path) -> EmbedModules:
+    """The :class:`EmbedModules` of a sentence-transformers directory (a plain Hugging Face one pools by mean, as
+    sentence-transformers does). ``ValueError`` naming an unsupported module, a step before Pooling, or a Dense
+    with an activation outside :data:`ACTIVATIONS`, before any weight is read."""
     layout = read_layout(path)
-    layout.check_kinds(("Transformer", "Pooling", "Normalize"))
+    layout.check_kinds(MODULE_KINDS)
+    kinds = [m.kind for m in layout.modules]
+    after = kinds.index("Pooling") + 1 if "Pooling" in kinds else len(kinds)
+    early = [m for m in layout.modules[:after] if m.kind in STEP_KINDS]
+    if early:
+        raise ValueError(f"module {early[0].type!r} comes before Pooling; padfree applies {', '.join(STEP_KINDS)} "
+                         "to the pooled vector (a sentence-transformers directory lists them after Pooling)")
+    steps = layout.modules[after:]
+    for m in steps:
+        check_step(m)
+    normalize = bool(steps) and steps[-1].kind == "Normalize"
     pooling = layout.find("Pooling")
     modes, include_prompt = _pooling(pooling.config()) if pooling else (["mean"], True)
-    return layout.model_dir("Transformer"), modes, include_prompt, layout.find("Normalize") is not None
+    truncate_dim = read_json(layout.root / "config_sentence_transformers.json").get("truncate_dim")
+    return EmbedModules(layout.model_dir("Transformer"), modes, include_prompt, normalize,
+                        steps[:-1] if normalize else steps, truncate_dim)
+
+
+def read_modules(path: Path) -> tuple[Path, list[str], bool, bool]:
+    """(transformer dir, pooling modes, include_prompt, normalize?): the first fields of
+    :func:`read_embed_modules`."""
+    return tuple(read_embed_modules(path))[:4]
+
+
+def check_step(module: Module) -> dict:
+    """A step's config; ``ValueError`` naming what padfree does not run: another feature than the sentence
+    embedding, or a Dense activation outside :data:`ACTIVATIONS`."""
+    conf = module.config()
+    for key in ("module_input_name", "module_output_name"):
+        if conf.get(key) not in (None, _EMBEDDING):
+            raise ValueError(f"{module.type} in {module.path} has {key}={conf[key]!r}; padfree applies the modules "
+                             f"after Pooling to {_EMBEDDING!r} only")
+    if module.kind == "Dense":
+        _activation(conf.get("activation_function"), module)
+    return conf
+
+
+def _activation(name: str | None, module: Module) -> torch.nn.Module:
+    """The Dense's activation (sentence-transformers' default, Tanh, where its config names none) from the
+    allow-list; ``ValueError`` naming it and the list otherwise."""
+    if name is None:
+        return torch.nn.Tanh()
+    for cls in ACTIVATIONS:
+        if name in (f"torch.nn.modules.{_ACTIVATION_FILES.get(cls, 'activation')}.{cls}", f"torch.nn.{cls}"):
+            return getattr(torch.nn, cls)()
+    raise ValueError(f"Dense in {module.path} has activation_function {name!r}; padfree runs the torch.nn "
+                     f"activations {', '.join(ACTIVATIONS)}")
+
+
+class DenseStep(torch.nn.Module):
+    """sentence-transformers' Dense: ``activation(x·Wᵀ + b)`` (plus ``x``, or ``x·Rᵀ`` where the widths differ,
+    with ``use_residual``): ``[n, in_features]`` -> ``[n, out_features]``."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, activation: torch.nn.Module,
+                 use_residual: bool):
+        super().__init__()
+        self.in_features, self.out_features, self.use_residual = in_features, out_features, use_residual
+        self.linear = torch.nn.Linear(in_features, out_features, bias=bias)
+        self.activation = activation
+        if use_residual and in_features != out_features:
+            self.residual = torch.nn.Linear(in_features, out_features, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.activation(self.linear(x))
+        if self.use_residual:
+            out = out + (x if self.in_features == self.out_features else self.residual(x))
+        return out
+
+
+class NormalizeStep(torch.nn.Module):
+    """A Normalize in the middle of the chain: unit L2 norm of ``[n, D]``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return unit_norm(x)
+
+
+def build_steps(modules: Sequence[Module], width: int, device) -> list[torch.nn.Module]:
+    """The steps of :attr:`EmbedModules.steps` with their weights (``model.safetensors`` or ``pytorch_model.bin``
+    in each module's folder), fp32 on ``device``, for pooled vectors ``width`` wide; ``ValueError`` naming a
+    module whose width or weights do not fit."""
+    out = []
+    for m in modules:
+        step = _build_step(m, check_step(m), width)
+        step.to(device=device, dtype=torch.float32).requires_grad_(False).eval()
+        width = getattr(step, "out_features", width)
+        out.append(step)
+    return out
+
+
+def _build_step(module: Module, conf: dict, width: int) -> torch.nn.Module:
+    """One step from its config, for vectors ``width`` wide, with its weights."""
+    if module.kind == "Normalize":
+        return NormalizeStep()
+    key = "in_features" if module.kind == "Dense" else "dimension"
+    if conf.get(key) != width:
+        raise ValueError(f"{module.type} in {module.path} has {key}={conf.get(key)!r}, but the vectors it receives "
+                         f"are {width} wide")
+    if module.kind == "Dense":
+        step = DenseStep(width, int(conf["out_features"]), bool(conf.get("bias", True)),
+                         _activation(conf.get("activation_function"), module), bool(conf.get("use_residual")))
+        state = read_weights(module.path)
+    else:
+        step = torch.nn.LayerNorm(width)
+        state = {k.removeprefix("norm."): v for k, v in read_weights(module.path).items()}
+    try:
+        step.load_state_dict(state)
+    except RuntimeError as e:
+        raise ValueError(f"the weights of {module.type} in {module.path} do not fit it: {e}") from None
+    return step
 
 
 class SentenceEncoder:
@@ -74,10 +198,11 @@ class SentenceEncoder:
 
     def __init__(self, encoder: Encoder, tokenizer: Tokenizer, pooling: list[str], normalize_embeddings: bool,
                  max_seq_length: int, do_lower_case: bool = False, prompts: dict[str, str] | None = None,
-                 default_prompt_name: str | None = None, include_prompt: bool = True):
+                 default_prompt_name: str | None = None, include_prompt: bool = True,
+                 steps: Sequence[torch.nn.Module] = (), truncate_dim: int | None = None):
         text = TextSide(tokenizer, encoder.config.max_sequence_length, max_seq_length, do_lower_case, prompts,
                         default_prompt_name, include_prompt)
-        self.pipeline = EmbedPipeline(encoder, text, pooling, normalize_embeddings)
+        self.pipeline = EmbedPipeline(encoder, text, pooling, normalize_embeddings, steps, truncate_dim)
 
     @classmethod
     def from_pipeline(cls, pipeline: EmbedPipeline) -> "SentenceEncoder":
@@ -100,21 +225,38 @@ class SentenceEncoder:
         ``encode(..., task=...)`` picks another per call.
         """
         path = resolve_model(path, revision, token)
-        transformer_dir, modes, include_prompt, normalize_ = read_modules(path)
-        encoder = from_pretrained(transformer_dir, dtype=dtype, device=device, backend=backend, task=task)
-        text = TextSide.from_dir(transformer_dir, path, encoder.config.max_sequence_length, max_seq_length,
-                                 prompts, default_prompt_name, include_prompt)
-        return cls.from_pipeline(EmbedPipeline(encoder, text, modes, normalize_))
+        found = read_embed_modules(path)  # unsupported modules refused here, before any weight is read
+        encoder = from_pretrained(found.transformer_dir, dtype=dtype, device=device, backend=backend, task=task)
+        text = TextSide.from_dir(found.transformer_dir, path, encoder.config.max_sequence_length, max_seq_length,
+                                 prompts, default_prompt_name, found.include_prompt)
+        steps = build_steps(found.steps, encoder.config.hidden_size * len(found.pooling), encoder.device)
+        return cls.from_pipeline(EmbedPipeline(encoder, text, found.pooling, found.normalize, steps,
+                                               found.truncate_dim))
 
     # the pipeline's parts, as sentence-transformers names them
     encoder = property(lambda self: self.pipeline.encoder)
     tokenizer = property(lambda self: self.pipeline.text.tokenizer)
     pooling = property(lambda self: self.pipeline.pooling)
-    dimension = property(lambda self: self.pipeline.dimension)
     do_lower_case = property(lambda self: self.pipeline.text.do_lower_case)
     prompts = property(lambda self: self.pipeline.text.prompts)
     default_prompt_name = property(lambda self: self.pipeline.text.default_prompt_name)
     include_prompt = property(lambda self: self.pipeline.text.include_prompt)
+
+    @property
+    def dimension(self) -> int:
+        """The width of ``encode``'s float vectors: ``truncate_dim`` where it cuts, else the model's (the last
+        Dense's ``out_features``, else the pooled width), as sentence-transformers' ``get_embedding_dimension``."""
+        return min(self.pipeline.dimension, self.truncate_dim or self.pipeline.dimension)
+
+    @property
+    def truncate_dim(self) -> int | None:
+        """The default Matryoshka cut of ``encode`` (``config_sentence_transformers.json``'s ``truncate_dim``);
+        may be set, as ``SentenceTransformer.truncate_dim`` can."""
+        return self.pipeline.truncate_dim
+
+    @truncate_dim.setter
+    def truncate_dim(self, value: int | None) -> None:
+        self.pipeline.truncate_dim = value
 
     @property
     def normalize_embeddings(self) -> bool:
@@ -159,8 +301,10 @@ class SentenceEncoder:
     def encode(self, texts: Iterable[str] | str, normalize_embeddings: bool | None = None,
                batch_tokens: int | None = None, truncate: bool = True, show_progress_bar: bool = False,
                batch_size: int | None = None, prompt_name: str | None = None, prompt: str | None = None,
-               convert_to_numpy: bool = True, task: str | None = None) -> np.ndarray:
-        """Embeddings ``[N, D]`` (float32 numpy) in the order of ``texts``; one string gives ``[D]``.
+               convert_to_numpy: bool = True, task: str | None = None, precision: str = "float32",
+               calibration_embeddings=None, truncate_dim: int | None = None) -> np.ndarray:
+        """Embeddings ``[N, D]`` (float32 numpy, or quantized: see ``precision``) in the order of ``texts``; one
+        string gives ``[D]``.
 
         Texts (any iterable of strings) are taken in arrival order into batches of at most ``batch_tokens`` real
         tokens (default 8192 when neither limit is given; a text longer than the budget forms its own batch) and,
@@ -171,17 +315,35 @@ class SentenceEncoder:
         (jina-embeddings-v3), the adapter to run (None: the one chosen at load); each task's merged weights are
         built on its first use and kept (about one model's memory per task used, see
         :class:`padfree.lora.TaskAdapters`). The task does not choose a prompt: pass ``prompt_name`` for that.
+        ``truncate_dim``: the Matryoshka cut of this call (default: the model's :attr:`truncate_dim`), applied
+        before ``normalize_embeddings`` (sentence-transformers normalizes first where the directory ends in
+        Normalize, so its cut vectors are not of unit norm; padfree's are).
+
+        ``precision`` (as sentence-transformers' ``quantize_embeddings``, after the cut and the norm): "float32",
+        "int8" / "uint8" ``[N, D]`` (each dimension in 256 steps between the per-dimension min and max of
+        ``calibration_embeddings`` ``[n, D]`` where given, else between each vector's own min and max: not the
+        batch's, so a vector never depends on the texts beside it), "binary" / "ubinary" ``[N, ceil(D/8)]``
+        (bits ``x > 0`` packed; binary int8 = the bytes - 128, ubinary uint8). See :mod:`padfree.quantize`.
         """
         single = isinstance(texts, str)
         texts = [texts] if single else check_texts(texts)
         budget = check_budget(batch_tokens, batch_size)
         text_prompt = self.resolve_prompt(prompt, prompt_name)
+        options = self.output_options(normalize_embeddings, truncate_dim, precision, calibration_embeddings)
         if len(texts) == 0:
-            return np.empty((0, self.dimension), dtype=np.float32)
-        seqs = self.pipeline.prepare(texts, truncate, prompt=text_prompt, adapter=task,
-                                     normalize=normalize_embeddings)
+            return np.empty((0, self.pipeline.width(options)), dtype=DTYPES[precision])
+        seqs = self.pipeline.prepare(texts, truncate, prompt=text_prompt, adapter=task, **options)
         out = np.stack(self._run(seqs, budget, batch_size, show_progress_bar))
         return out[0] if single else out
+
+    def output_options(self, normalize_embeddings: bool | None = None, truncate_dim: int | None = None,
+                       precision: str = "float32", calibration_embeddings=None) -> dict:
+        """The pipeline's output options (:meth:`padfree.pipelines.EmbedPipeline.output_options`) of ``encode``'s
+        arguments; ``ValueError`` naming a bad one."""
+        ranges = None
+        if calibration_embeddings is not None and precision in RANGED:
+            ranges = calibration_ranges(calibration_embeddings)
+        return self.pipeline.output_options(normalize_embeddings, truncate_dim, precision, ranges)
 
     def _run(self, seqs, budget: int, batch_size: int | None, show_progress_bar: bool) -> list:
         """The pipeline's rows of ``seqs`` in token-budget batches of arrival order, with a progress bar."""
@@ -214,9 +376,11 @@ class SentenceEncoder:
 
         Special tokens ([CLS], [SEP]) and the prompt's tokens are in no chunk: they are context only. Each chunk
         is pooled with the directory's pooling (mean, max, mean_sqrt_len; several concatenated as in
-        :meth:`encode`); a model that pools one token per text (cls, lasttoken) is refused with a
-        ``ValueError``, since that token has no per-chunk meaning. ``normalize_embeddings``, ``prompt`` /
-        ``prompt_name`` and ``batch_tokens`` (documents batched in arrival order) as in :meth:`encode`.
+        :meth:`encode`), then goes through the directory's modules after Pooling (Dense, LayerNorm, Normalize) and
+        its ``truncate_dim``, as a text's vector does, so that chunks and texts live in one space; a model that
+        pools one token per text (cls, lasttoken) is refused with a ``ValueError``, since that token has no
+        per-chunk meaning. ``normalize_embeddings``, ``prompt`` / ``prompt_name`` and ``batch_tokens`` (documents
+        batched in arrival order) as in :meth:`encode`.
 
         Past ``max_seq_length``: with ``truncate`` (default) a document is cut as :meth:`encode` cuts it (on the
         tokenizer's truncation side); a chunk partly past the cut is pooled over its tokens before it, a chunk

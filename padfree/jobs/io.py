@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Iterator
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pcsv
 import pyarrow.json as pjson
@@ -116,6 +117,12 @@ def check_files(files: list[Path], fmt: str, text_columns: list[str], other_colu
         except (pa.ArrowException, OSError) as e:
             raise ValueError(f"cannot read {str(f)!r} as {fmt}: {str(e).splitlines()[0]}") from None
         check_schema(schema, f, text_columns, other_columns)
+
+
+def vectors(rows: np.ndarray, width: int) -> pa.FixedSizeListArray:
+    """``rows [n, width]`` as one ``fixed_size_list<T>[width]`` column, T the rows' dtype (float32; int8 / uint8
+    for quantized embeddings, the binary ones packed ``ceil(D/8)`` bytes wide)."""
+    return pa.FixedSizeListArray.from_arrays(pa.array(rows.reshape(-1), pa.from_numpy_dtype(rows.dtype)), width)
 
 
 def parquet_rows(files: list[Path], fmt: str) -> int | None:

@@ -25,6 +25,7 @@ import pyarrow.parquet as pq
 from ..batching import positive_int
 from ..cpu import dtype_name
 from ..pipelines import Pipeline
+from ..quantize import DTYPES, check_precision
 from ..startup import open_pipeline, parse_dtype
 from . import io
 
@@ -57,6 +58,7 @@ class JobSpec:
     adapter: str | None = None      # embed: the task adapter of a model with task LoRA adapters (jina-v3)
     revision: str | None = None     # where model is a Hub ID: its branch, tag or commit (None: the default branch)
     token: str | None = field(default=None, repr=False)  # the Hub token: passed to start-up, never in the manifest
+    precision: str = "float32"      # embed: float32, int8, uint8, binary or ubinary (padfree.quantize)
 
     def options(self, fmt: str) -> dict:
         d = asdict(self)
@@ -64,8 +66,10 @@ class JobSpec:
         # a directory by its absolute path, a Hub ID as it is (with its revision where given)
         model = str(Path(self.model).resolve()) if Path(self.model).is_dir() else self.model
         d.update(model=model, format=fmt, dtype=dtype_name(parse_dtype(self.dtype)))
-        # the adapter only where given, so that the manifests of jobs without one stay as they were
-        return {k: d[k] for k in OUTPUT_OPTIONS + (("adapter",) if self.adapter else ()) + (("revision",) if self.revision else ())}
+        # the adapter and a quantized precision only where given, so that the manifests of jobs without them
+        # stay as they were
+        return {k: d[k] for k in OUTPUT_OPTIONS + (("adapter",) if self.adapter else ()) + (("revision",) if self.revision else ())
+                + (("precision",) if self.precision != "float32" else ())}
 
 
 def _say(msg: str) -> None:
@@ -158,23 +162,24 @@ def compute_shard(spec: JobSpec, pipeline: Pipeline, table: pa.Table) -> tuple[p
         texts = [texts[i] for i in keep]
         pairs = None if pairs is None else [pairs[i] for i in keep]
     if pipeline.kind == "embed":
-        seqs = pipeline.prepare(texts, truncate=True, adapter=spec.adapter)
+        options = pipeline.output_options(precision=spec.precision)
+        seqs = pipeline.prepare(texts, truncate=True, adapter=spec.adapter, **options)
     else:
         seqs = pipeline.prepare(texts, pairs, truncate=True, output="probabilities")
     lengths = [len(s.ids) for s in seqs]
     counts = {"rows": len(seqs), "tokens": int(sum(lengths)), "skipped": int(empty.sum()) if spec.skip_empty else 0,
               "empty": int(empty.sum()), "at_limit": sum(n >= pipeline.max_input_length for n in lengths)}
     cols = _columns(spec, table)
-    width = pipeline.dimension if pipeline.kind == "embed" else pipeline.num_labels
+    width = pipeline.width(options) if pipeline.kind == "embed" else pipeline.num_labels
     rows = np.stack(pipeline.run_all(seqs, spec.max_batch_tokens, sort_all=True)) if seqs \
-        else np.zeros((0, width), np.float32)
+        else np.zeros((0, width), DTYPES[spec.precision])
     if pipeline.kind == "embed":
-        cols["embedding"] = pa.FixedSizeListArray.from_arrays(pa.array(rows.reshape(-1)), width)
+        cols["embedding"] = io.vectors(rows, width)
     else:
         best = rows.argmax(1) if len(rows) else np.zeros(0, int)
         cols["label"] = pa.array([pipeline.id2label[i] for i in best], pa.string())
         cols["score"] = pa.array(rows[np.arange(len(best)), best], pa.float32())
-        cols["scores"] = pa.FixedSizeListArray.from_arrays(pa.array(rows.reshape(-1)), width)
+        cols["scores"] = io.vectors(rows, width)
     return pa.table(cols), counts
 
 
@@ -186,6 +191,9 @@ def check_spec(spec: JobSpec) -> None:
         raise ValueError("--pair-column is for classify (cross-encoders)")
     if spec.kind != "embed" and spec.adapter:
         raise ValueError("--task (a task adapter) is for embed")
+    if spec.kind != "embed" and spec.precision != "float32":
+        raise ValueError("--precision (quantized embeddings) is for embed")
+    check_precision(spec.precision)
     parse_dtype(spec.dtype)
 
 
