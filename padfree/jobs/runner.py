@@ -62,13 +62,14 @@ class JobSpec:
 
     def options(self, fmt: str) -> dict:
         d = asdict(self)
-        # the dtype "auto" resolved on this machine: a job resumed where auto picks another is refused, not mixed
         # a directory by its absolute path, a Hub ID as it is (with its revision where given)
         model = str(Path(self.model).resolve()) if Path(self.model).is_dir() else self.model
+        # the dtype "auto" resolved on this machine: a job resumed where auto picks another is refused, not mixed
         d.update(model=model, format=fmt, dtype=dtype_name(parse_dtype(self.dtype)))
-        # the adapter and a quantized precision only where given, so that the manifests of jobs without them
-        # stay as they were
-        return {k: d[k] for k in OUTPUT_OPTIONS + (("adapter",) if self.adapter else ()) + (("revision",) if self.revision else ())
+        # the adapter, the revision and a quantized precision only where given, so that the manifests of jobs
+        # without them stay as they were
+        return {k: d[k] for k in OUTPUT_OPTIONS + (("adapter",) if self.adapter else ())
+                + (("revision",) if self.revision else ())
                 + (("precision",) if self.precision != "float32" else ())}
 
 
