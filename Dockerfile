@@ -37,8 +37,8 @@ FROM ${BASE} AS runtime
 RUN apt-get update \
     && apt-get install -y --no-install-recommends libgomp1 \
     && rm -rf /var/lib/apt/lists/* \
-    && groupadd --system --gid 10001 padfree \
-    && useradd --system --uid 10001 --gid padfree --home-dir /home/padfree --create-home padfree \
+    && groupadd --gid 10001 padfree \
+    && useradd --uid 10001 --gid padfree --home-dir /home/padfree --create-home --shell /usr/sbin/nologin padfree \
     && mkdir -p /data \
     && chown padfree:padfree /data
 COPY --from=builder /opt/padfree /opt/padfree
