@@ -21,17 +21,17 @@ IGNORED = ("onnx/*", "openvino/*", "coreml/*")  # other runtimes' exports: never
 ALLOWED = tuple(p for name in READ_FILES for p in (name, f"*/{name}")) + SAFETENSORS
 
 
-def read_token_file(path) -> str:
-    """The Hub token in the file ``path`` (``--hf-token-file``), surrounding whitespace stripped; ``ValueError``
-    where the file cannot be read or holds nothing."""
+def read_secret(path, what: str = "Hub token") -> str:
+    """The secret in the file ``path`` (``--hf-token-file``, ``--api-key-file``), surrounding whitespace stripped;
+    ``ValueError`` naming ``what`` where the file cannot be read or holds nothing."""
     try:
-        token = Path(path).read_text(encoding="utf-8").strip()
+        secret = Path(path).read_text(encoding="utf-8").strip()
     except (OSError, UnicodeDecodeError) as e:
-        raise ValueError(f"cannot read the Hub token file {str(path)!r}: {e.__class__.__name__}: "
+        raise ValueError(f"cannot read the {what} file {str(path)!r}: {e.__class__.__name__}: "
                          f"{getattr(e, 'strerror', None) or e}") from None
-    if not token:
-        raise ValueError(f"the Hub token file {str(path)!r} is empty")
-    return token
+    if not secret:
+        raise ValueError(f"the {what} file {str(path)!r} is empty")
+    return secret
 
 
 def resolve_source(source, revision: str | None = None, token: str | None = None):

@@ -74,27 +74,33 @@ def embedder_dir(path: Path, seed: int) -> Path:
 
 
 class Server:
-    """``padfree serve ARGS`` on a free port, as a child process; ``stop()`` sends SIGTERM and waits."""
+    """``padfree serve ARGS`` on a free port, as a child process, once ``/ready`` answers 200 (``wait=False``:
+    at once); ``stop()`` sends SIGTERM and waits."""
 
-    def __init__(self, args: list[str], log_path: Path, timeout: float = 180.0):
+    def __init__(self, args: list[str], log_path: Path, timeout: float = 180.0, env: dict | None = None,
+                 wait: bool = True):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         self.proc = subprocess.Popen([sys.executable, "-m", "padfree.cli", "serve", "--port", str(self.port), *args],
                                      stdout=open(log_path, "w"), stderr=subprocess.STDOUT, env=env)
+        if wait:
+            self.wait_ready(timeout)
+
+    def wait_ready(self, timeout: float = 180.0) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"padfree serve exited with {self.proc.returncode}:\n{self.log()}")
             try:
-                if httpx.get(self.url + "/health", timeout=30).status_code == 200:
+                if httpx.get(self.url + "/ready", timeout=30).status_code == 200:
                     return
             except httpx.TransportError:
                 pass
             time.sleep(0.25)
         self.proc.kill()
-        raise RuntimeError(f"padfree serve did not become healthy in {timeout} s:\n{self.log()}")
+        raise RuntimeError(f"padfree serve did not become ready in {timeout} s:\n{self.log()}")
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")

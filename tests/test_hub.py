@@ -30,7 +30,7 @@ import torch
 from huggingface_hub import constants
 
 import padfree
-from padfree.hub import read_token_file, resolve_model
+from padfree.hub import read_secret, resolve_model
 from padfree.startup import open_pipeline
 from serving import minilm_path
 
@@ -218,12 +218,12 @@ def test_directory_is_used_as_it_is(tmp_path):
 def test_token_file(tmp_path):
     f = tmp_path / "token"
     f.write_text("  hf_secret\n")
-    assert read_token_file(f) == "hf_secret"
+    assert read_secret(f) == "hf_secret"
     f.write_text(" \n")
     with pytest.raises(ValueError, match="is empty"):
-        read_token_file(f)
+        read_secret(f)
     with pytest.raises(ValueError, match="cannot read the Hub token file"):
-        read_token_file(tmp_path / "absent")
+        read_secret(tmp_path / "absent")
 
 
 class _Asked(Exception):

@@ -223,6 +223,72 @@ def test_rerank_and_predict_match_sentence_transformers(server, corpus, models):
         assert max(abs(p["score"] - want["abc".index(p["label"][-1])]) for p in got) <= 1e-5
 
 
+def test_cohere_client_v2_embed_and_rerank(server, corpus, models, offline):
+    """The real cohere SDK's ClientV2 (its current client) on /v2/embed and /v2/rerank: every embedding type
+    equal to padfree offline quantized by sentence-transformers' quantize_embeddings (per-vector ranges), the
+    ranking equal to sentence-transformers' CrossEncoder."""
+    import cohere
+    from sentence_transformers import CrossEncoder
+    from sentence_transformers.util.quantization import quantize_embeddings
+
+    co = cohere.ClientV2(api_key="unused", base_url=server.url)
+    texts = corpus[100:104] + corpus[-4:]
+    r = co.embed(texts=texts, model="minilm", input_type="search_document",
+                 embedding_types=["float", "int8", "uint8", "binary", "ubinary", "base64"])
+    ref = offline.encode(texts)
+    e = r.embeddings
+    assert np.abs(np.array(e.float_) - ref).max() <= FP32_TOL and r.texts == texts
+    assert r.meta.billed_units.input_tokens == sum(len(x) for x in offline.tokenize(texts))
+    for kind in ("int8", "uint8"):
+        want = np.stack([quantize_embeddings(v[None], kind, ranges=np.array([[v.min()] * 384, [v.max()] * 384]))[0]
+                         for v in np.array(e.float_, np.float32)])
+        assert np.array_equal(np.array(getattr(e, kind)), want)
+    for kind in ("binary", "ubinary"):
+        assert np.array_equal(np.array(getattr(e, kind)), quantize_embeddings(np.array(e.float_, np.float32), kind))
+    assert np.array_equal(np.stack([np.frombuffer(base64.b64decode(b), "<f4") for b in e.base64]),
+                          np.array(e.float_, np.float32))
+    oa = post(server, "/v1/embeddings", {"input": texts, "model": "minilm", "encoding_format": "ubinary"}).json()
+    assert np.array_equal(np.array([d["embedding"] for d in oa["data"]]), np.array(e.ubinary))
+    short = co.embed(texts=texts[:2], model="minilm", input_type="search_query", embedding_types=["float"],
+                     output_dimension=64, max_tokens=5)
+    tok = t.AutoTokenizer.from_pretrained(str(minilm_path()))
+    cut = [x[:tok(x, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"][4][1]]
+           for x in texts[:2]]
+    want = offline.encode(cut, normalize_embeddings=False)[:, :64]
+    assert np.abs(np.array(short.embeddings.float_) - want / np.linalg.norm(want, axis=1, keepdims=True)).max() \
+        <= 1e-4
+    query, docs = "how to open a file", corpus[130:140]
+    ce = CrossEncoder(str(models["rerank"]), device="cpu").predict([(query, d) for d in docs], convert_to_numpy=True)
+    rr = co.rerank(model="rerank", query=query, documents=docs, top_n=4)
+    assert [x.index for x in rr.results] == list(np.argsort(-ce, kind="stable")[:4])
+    assert max(abs(x.relevance_score - ce[x.index]) for x in rr.results) <= 1e-5
+    with pytest.raises(cohere.core.ApiError) as err:
+        co.embed(texts=["a"], model="rerank", input_type="search_query", embedding_types=["float"])
+    assert err.value.status_code == 400 and "cannot do embeddings" in str(err.value.body)
+
+
+def test_huggingface_hub_inference_client_on_tei_root_route(server, corpus, models, offline, monkeypatch):
+    """huggingface_hub's InferenceClient(base_url=...) - what LangChain, LlamaIndex and Haystack use for a TEI
+    endpoint - posts to /: embeddings from the embedding model, labels from the classifier."""
+    import huggingface_hub
+    from huggingface_hub import InferenceClient
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)  # the suite runs offline (Makefile)
+    emb = InferenceClient(base_url=server.url).feature_extraction(corpus[5])
+    assert emb.shape == (1, 384) and np.abs(emb[0] - offline.encode(corpus[5])).max() <= FP32_TOL
+    hf = t.AutoModelForSequenceClassification.from_pretrained(str(models["clf"])).eval()
+    tok = t.AutoTokenizer.from_pretrained(str(models["clf"]))
+    with torch.no_grad():
+        logits = hf(**tok(corpus[7], return_tensors="pt")).logits[0]
+    body = {"inputs": corpus[7], "model": "clf"}  # text_classification's body (this server's default embeds)
+    got = httpx.post(server.url + "/", json=body).json()[0]
+    assert [x["label"] for x in got] == [f"label_{'abc'[i]}" for i in torch.argsort(-logits).tolist()]
+    assert max(abs(x["score"] - logits.softmax(-1)["abc".index(x["label"][-1])].item()) for x in got) <= 1e-5
+    sig = httpx.post(server.url + "/", json={**body, "parameters": {"function_to_apply": "sigmoid", "top_k": 2}})
+    assert len(sig.json()[0]) == 2
+    assert max(abs(x["score"] - logits.sigmoid()["abc".index(x["label"][-1])].item()) for x in sig.json()[0]) <= 1e-5
+
+
 # ---------------------------------------------------------------------------------------------- bad input
 LONG = "word " * 400  # 402 tokens, past MiniLM's 256
 
@@ -243,6 +309,13 @@ BAD = [  # (path, body or raw bytes, status, words the message must contain)
     ("/embed", b'{"inputs": ["a"', 400, "not valid JSON"),
     ("/embed", b'{"inputs": "\xff\xfe"}', 400, "UTF-8"),
     ("/embed", b"[1, 2]", 422, "the body must be a JSON object"),
+    ("/v2/embed", {"texts": ["a"], "embedding_types": ["int4"]}, 422, "`embedding_types.0`"),
+    ("/v2/embed", {"texts": ["a"], "input_type": "poetry"}, 422, "input_type 'poetry' is not one of"),
+    ("/v2/embed", {"texts": [LONG], "truncate": "NONE"}, 413, "402 tokens, more than the limit of 256"),
+    ("/v2/rerank", {"query": "q", "documents": ["a"]}, 400, "cannot do reranking"),
+    ("/", {"inputs": "a", "dimensions": 0}, 422, "`dimensions`"),
+    ("/", {"inputs": "a", "model": "clf", "parameters": {"top_k": 0}}, 422, "`top_k`"),
+    ("/v1/embeddings", {"input": "a", "encoding_format": "int4"}, 422, "`encoding_format`"),
     ("/rerank", {"query": "", "texts": ["a"], "model": "rerank"}, 422, "`query` is an empty string"),
     ("/rerank", {"query": "q", "texts": [], "model": "rerank"}, 422, "`texts` is empty"),
     ("/rerank", {"query": "q", "texts": ["a"], "model": "clf"}, 400, "reranking needs one score"),
@@ -254,7 +327,6 @@ BAD = [  # (path, body or raw bytes, status, words the message must contain)
     ("/v1/embeddings", {"input": [[]]}, 422, "input 0 is an empty list of token ids"),
     ("/v1/embeddings", {"input": [[1, 99999999]]}, 422, "token id 99999999 is not an int in [0, 30522)"),
     ("/v1/embeddings", {"input": [1.5]}, 422, "`input"),
-    ("/v1/embeddings", {"input": "a", "encoding_format": "int8"}, 422, "`encoding_format`"),
     ("/v1/embeddings", {"input": "a", "model": "nope"}, 404, "model 'nope' is not served"),
     ("/v1/rerank", {"model": "rerank", "query": "q", "documents": ["a"], "top_n": 0}, 422, "`top_n`"),
     ("/v1/rerank", {"model": "rerank", "query": "q", "documents": [{"txt": "a"}]}, 422, "`documents"),

@@ -73,8 +73,8 @@ def main(kind: str, argv) -> None:
                    adapter=getattr(args, "adapter", None), precision=getattr(args, "precision", "float32"))
     try:
         if args.hf_token_file is not None:
-            from ..hub import read_token_file
-            spec.token = read_token_file(args.hf_token_file)
+            from ..hub import read_secret
+            spec.token = read_secret(args.hf_token_file)
         if spec.model is None:
             from ..startup import bundled_model_path
             spec.model = bundled_model_path()

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from ray import serve
 
-from ..serve.app import ServeConfig
+from ..serve.app import ModelSpec, ServeConfig
 from ..startup import open_pipeline, parse_dtype
 
 
@@ -19,10 +19,11 @@ from ..startup import open_pipeline, parse_dtype
 class PadfreeServer:
     """One replica: its models loaded and warmed up, then ``create_app`` over them."""
 
-    def __init__(self, models: list[tuple[str, str]], dtype: str, config: ServeConfig):
+    def __init__(self, models: list[ModelSpec], config: ServeConfig):
         from ..serve.app import Served
 
-        self.served = [Served(name, open_pipeline(path, dtype), str(path)) for name, path in models]
+        self.served = [Served(m.name, open_pipeline(m.source, m.dtype, revision=m.revision, token=m.token),
+                              m.source) for m in models]
         self.config = config
 
     def __serve_build_asgi_app__(self):
@@ -30,10 +31,11 @@ class PadfreeServer:
         return create_app(self.served, self.config)
 
 
-def serve_app(models: list[tuple[str, str]], dtype: str = "auto", config: ServeConfig | None = None,
+def serve_app(models: list[tuple[str, str] | ModelSpec], dtype: str = "auto", config: ServeConfig | None = None,
               num_replicas: int | str = 1, autoscaling_config: dict | None = None,
               ray_actor_options: dict | None = None):
-    """A Ray Serve application serving ``models`` ([(name, path)], the first is the default) as
+    """A Ray Serve application serving ``models`` ([(name, path or Hub ID)] in ``dtype``, or
+    :class:`padfree.serve.app.ModelSpec`; the first is the default) as
     ``padfree serve`` does: ``serve.run(serve_app([("minilm", path)]), route_prefix="/")``.
 
     ``num_replicas``: replicas (each loads every model and batches its own requests); or
@@ -49,5 +51,5 @@ def serve_app(models: list[tuple[str, str]], dtype: str = "auto", config: ServeC
         options["num_replicas"] = num_replicas
     if ray_actor_options is not None:
         options["ray_actor_options"] = ray_actor_options
-    return PadfreeServer.options(**options).bind([(str(n), str(p)) for n, p in models], dtype,
-                                                 config or ServeConfig())
+    specs = [m if isinstance(m, ModelSpec) else ModelSpec(str(m[0]), str(m[1]), dtype) for m in models]
+    return PadfreeServer.options(**options).bind(specs, config or ServeConfig())

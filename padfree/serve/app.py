@@ -17,30 +17,32 @@ import json
 import logging
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
-from typing import Any, Sequence
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
 
 import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
+from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import __version__, cpu, info
 from ..batching import positive_int
-from ..pipelines import Pipeline, Seq
-from ..startup import KINDS
+from ..engine import AsyncEngine, ModelNotFound, Served
+from ..pipelines import Seq
+from ..quantize import quantize
 from ..tokenizer import InputTooLong
 from . import schemas as s
 from .metrics import CONTENT_TYPE_LATEST, Metrics
-from .scheduler import BatchStats, Scheduler
+from .telemetry import HTTP_STATUS, Tracing, request_fields, request_id
 
 log = logging.getLogger("padfree.serve")
 
 # routes that run a model: the in-flight limit and the request log's text/token counts apply to these
-INFERENCE_ROUTES = {"/v1/embeddings", "/embed", "/embed_all", "/embed_sparse", "/rerank", "/predict", "/v1/rerank"}
-OPEN_ROUTES = {"/health", "/metrics"}  # no API key needed
+INFERENCE_ROUTES = {"/v1/embeddings", "/embed", "/embed_all", "/embed_sparse", "/rerank", "/predict", "/v1/rerank",
+                    "/v2/embed", "/v2/rerank", "/"}
+OPEN_ROUTES = {"/health", "/ready", "/metrics"}  # no API key needed (probes, scrapes)
 HEALTH_FRESH_S = 10.0                   # a batch that ran this recently proves the model can run
 
 
@@ -62,15 +64,15 @@ class ServeConfig:
             raise ValueError("the API key is empty")
 
 
-@dataclass
-class Served:
-    """One model the server serves: its name, its pipeline and where it came from."""
+@dataclass(frozen=True)
+class ModelSpec:
+    """A model the server loads after binding its socket: served as ``name``, from ``source`` (a directory or a
+    Hub ID at ``revision``)."""
     name: str
-    pipeline: Pipeline
-    source: str = ""
-    created: int = field(default_factory=lambda: int(time.time()))
-    last_ok: float = 0.0                   # perf_counter of its last good batch
-    last_error: str | None = None          # the last batch's error, until a batch succeeds
+    source: str
+    dtype: str = "auto"
+    revision: str | None = None
+    token: str | None = None
 
 
 class ApiError(Exception):
@@ -109,8 +111,10 @@ def _outcome(status: int) -> str:
 
 
 class Guard:
-    """Pure ASGI middleware in front of the routes: API key (constant-time comparison), the in-flight limit
-    (429 at once), the payload limit (413 before the body is parsed), and one INFO log line per request."""
+    """Pure ASGI middleware in front of the routes: the request id (``x-request-id``, the client's or a new one),
+    the request's trace span (when tracing is on), API key (constant-time comparison), readiness (503 while
+    loading or draining), the in-flight limit (429 at once), the payload limit (413 before the body is parsed),
+    and one INFO log line per request."""
 
     def __init__(self, app, state: "ServerState"):
         self.app, self.state = app, state
@@ -119,60 +123,77 @@ class Guard:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         st, path, t0 = self.state, scope["path"], time.perf_counter()
+        rid = request_id(scope["headers"])
+        extra = scope.setdefault("state", {})
+        extra["request_id"] = rid
         status = {"code": 500}
 
         async def send_wrapper(message):
             if message["type"] == "http.response.start":
                 status["code"] = message["status"]
+                message["headers"] = [*message.get("headers", []), (b"x-request-id", rid.encode())]
+                if "ran" in extra:
+                    st.trace(extra, "postprocess", extra["ran"], time.perf_counter())
             await send(message)
 
+        route = path if path in st.routes else None
+        span = st.tracing.request(scope["method"], path, scope["headers"], route) if st.tracing is not None \
+            else contextlib.nullcontext()
+        with span as extra["span"]:
+            try:
+                await self._serve(scope, receive, send_wrapper)
+            finally:
+                code = status["code"]
+                if extra["span"] is not None:
+                    extra["span"].set_attribute(HTTP_STATUS, code)
+                if extra.get("gone"):
+                    outcome = "cancelled"
+                else:
+                    outcome = _outcome(code)
+                    if code >= 400:
+                        st.metrics.failures.labels(_FAILURE_KINDS.get(code, "backend" if code >= 500 else
+                                                                      "validation")).inc()
+                st.metrics.requests.labels(route or "other", outcome).inc()
+                ms = (time.perf_counter() - t0) * 1e3
+                log.info("%s %s %s %s texts=%s tokens=%s %.1fms id=%s", scope["method"], path, code,
+                         extra.get("model", "-"), extra.get("texts", "-"), extra.get("tokens", "-"), ms, rid,
+                         extra=request_fields(rid, scope["method"], path, extra.get("model"), extra.get("texts"),
+                                              extra.get("tokens"), code, ms))
+
+    async def _serve(self, scope, receive, send) -> None:
+        st, path = self.state, scope["path"]
+
         async def reply(e: ApiError):
-            await send_wrapper({"type": "http.response.start", "status": e.status,
-                                "headers": [(b"content-type", b"application/json")]})
-            await send_wrapper({"type": "http.response.body", "body": error_body(path, e)})
+            await send({"type": "http.response.start", "status": e.status,
+                        "headers": [(b"content-type", b"application/json")]})
+            await send({"type": "http.response.body", "body": error_body(path, e)})
 
         inference = path in INFERENCE_ROUTES
-        scope.setdefault("state", {})
+        if st.config.api_key is not None and path not in OPEN_ROUTES and not self._authorized(scope):
+            return await reply(ApiError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'",
+                                        "Unauthorized", code="invalid_api_key"))
+        reason = st.unready() if inference else None
+        if reason is not None:
+            return await reply(ApiError(503, reason, "Unhealthy"))
+        if inference and st.in_flight >= st.config.max_concurrent_requests:
+            return await reply(ApiError(429, f"model is overloaded: {st.in_flight} requests in flight, the "
+                                             f"limit is {st.config.max_concurrent_requests} "
+                                             "(--max-concurrent-requests); retry later", "Overloaded",
+                                        code="rate_limit_exceeded"))
+        if inference:
+            st.in_flight += 1
+            st.metrics.in_flight.inc()
         try:
-            if st.config.api_key is not None and path not in OPEN_ROUTES and not self._authorized(scope):
-                return await reply(ApiError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'",
-                                            "Unauthorized", code="invalid_api_key"))
-            if inference and st.in_flight >= st.config.max_concurrent_requests:
-                return await reply(ApiError(429, f"model is overloaded: {st.in_flight} requests in flight, the "
-                                                 f"limit is {st.config.max_concurrent_requests} "
-                                                 "(--max-concurrent-requests); retry later", "Overloaded",
-                                            code="rate_limit_exceeded"))
-            if st.draining and inference:
-                return await reply(ApiError(503, "the server is shutting down", "Unhealthy"))
-            if inference:
-                st.in_flight += 1
-                st.metrics.in_flight.inc()
-            try:
-                body = await self._read_body(scope, receive)
-                if body is None:
-                    return await reply(ApiError(413, f"request body is larger than the payload limit of "
-                                                     f"{st.config.payload_limit} bytes (--payload-limit)",
-                                                "PayloadTooLarge"))
-                await self.app(scope, _replay(body, receive), send_wrapper)
-            finally:
-                if inference:
-                    st.in_flight -= 1
-                    st.metrics.in_flight.dec()
+            body = await self._read_body(scope, receive)
+            if body is None:
+                return await reply(ApiError(413, f"request body is larger than the payload limit of "
+                                                 f"{st.config.payload_limit} bytes (--payload-limit)",
+                                            "PayloadTooLarge"))
+            await self.app(scope, _replay(body, receive), send)
         finally:
-            code = status["code"]
-            extra = scope["state"]
-            if extra.get("gone"):
-                outcome = "cancelled"
-            else:
-                outcome = _outcome(code)
-                if code >= 400:
-                    st.metrics.failures.labels(_FAILURE_KINDS.get(code, "backend" if code >= 500 else
-                                                                  "validation")).inc()
-            route = path if path in st.routes else "other"
-            st.metrics.requests.labels(route, outcome).inc()
-            log.info("%s %s %s %s texts=%s tokens=%s %.1fms", scope["method"], path, code,
-                     scope["state"].get("model", "-"), extra.get("texts", "-"), extra.get("tokens", "-"),
-                     (time.perf_counter() - t0) * 1e3)
+            if inference:
+                st.in_flight -= 1
+                st.metrics.in_flight.dec()
 
     def _authorized(self, scope) -> bool:
         expected = f"Bearer {self.state.config.api_key}".encode()
@@ -215,44 +236,82 @@ def _replay(body: bytes, receive):
 
 
 class ServerState:
-    def __init__(self, models: Sequence[Served], config: ServeConfig):
-        if not models:
+    """What the routes share: the :class:`padfree.engine.AsyncEngine` (models, scheduler, tokenization pool),
+    the config, the metrics, and the server's phase: loading (models named in ``pending`` load after the socket
+    is bound), ready, or draining (after SIGTERM)."""
+
+    def __init__(self, models: Sequence[Served], config: ServeConfig, pending: Sequence[ModelSpec] = (),
+                 tracing: Tracing | None = None):
+        names = [m.name for m in models] + [p.name for p in pending]
+        if not names:
             raise ValueError("no model to serve")
-        names = [m.name for m in models]
         if len(set(names)) != len(names):
             raise ValueError(f"model names must be unique; got {names}")
-        self.models = {m.name: m for m in models}
-        self.default = models[0].name
         self.config = config
+        self.tracing = tracing
         self.metrics = Metrics()
-        self.scheduler = Scheduler(config.max_batch_tokens, on_batch=self._on_batch)
+        self.engine = AsyncEngine((), config.max_batch_tokens, config.tokenization_workers, self.metrics.batch)
         for m in models:
-            self.scheduler.add_queue(m.name, m.pipeline.run)
-            self.metrics.watch_queue(m.name, lambda name=m.name: self.scheduler.queued(name))
-        self.tokenizers = ThreadPoolExecutor(config.tokenization_workers, thread_name_prefix="padfree-tokenize")
+            self.watch(self.engine.add(m))
+        self.engine.default = names[0]
+        self.pending = list(pending)
+        self.load_error: str | None = None
+        self.on_fatal: Callable[[], None] | None = None  # set by padfree serve: stop when a model cannot load
         self.in_flight = 0
         self.draining = False
         self.routes: set[str] = set()
         self.cpu_info = info.report(cpu.current())  # the CPU profile and its paths (padfree info's): fixed per process
 
-    def _on_batch(self, stats: BatchStats) -> None:
-        self.metrics.batch(stats)
-        m = self.models[stats.queue]
-        if stats.error is None:
-            m.last_ok, m.last_error = time.perf_counter(), None
-        else:
-            m.last_error = f"{type(stats.error).__name__}: {stats.error}"
+    models = property(lambda self: self.engine.models)
+
+    def trace(self, extra: dict, name: str, start: float, end: float, **attributes) -> None:
+        """A finished child span ``name`` of the request's span (``extra``: the request's ASGI state), from
+        ``start`` to ``end`` (``time.perf_counter()`` readings); nothing when tracing is off."""
+        if self.tracing is not None and extra.get("span") is not None:
+            self.tracing.child(extra["span"], name, self.tracing.epoch_ns(start), self.tracing.epoch_ns(end),
+                               attributes)
+
+    def watch(self, m: Served) -> None:
+        """Export the queue size of a model the engine serves."""
+        self.metrics.watch_queue(m.name, lambda name=m.name: self.engine.scheduler.queued(name))
+
+    async def load_pending(self) -> None:
+        """Load the models of ``pending`` in order (on a thread each: the server answers meanwhile); the first
+        that fails sets ``load_error`` and calls ``on_fatal``."""
+        while self.pending:
+            spec = self.pending[0]
+            try:
+                m = await self.engine.load(spec.name, spec.source, spec.dtype, revision=spec.revision,
+                                           token=spec.token)
+            except Exception as e:  # a bad path, ID, dtype or checkpoint: the server cannot serve what it was told
+                self.load_error = f"--model {spec.name}={spec.source}: {e}"
+                log.error("padfree serve: error: %s", self.load_error)
+                if self.on_fatal is not None:
+                    self.on_fatal()
+                return
+            self.pending.pop(0)
+            self.watch(m)
+        log.info("padfree serve: ready: %s", ", ".join(self.models))
+
+    def unready(self) -> str | None:
+        """Why the server takes no inference request now (None: it does)."""
+        if self.load_error is not None:
+            return f"a model failed to load: {self.load_error}"
+        if self.draining:
+            return "the server is shutting down"
+        if self.pending:
+            return f"loading model {self.pending[0].name!r} ({len(self.models)} of " \
+                   f"{len(self.models) + len(self.pending)} loaded); retry later"
+        return None
 
     def model(self, name: str | None, kind: str | None = None, what: str = "") -> Served:
         """The served model named ``name`` (None: the default), checked to be of ``kind`` (to do ``what``)."""
-        m = self.models.get(name or self.default)
-        if m is None:
-            raise ApiError(404, f"model {name!r} is not served; served models: {sorted(self.models)}", "NotFound",
-                           param="model", code="model_not_found")
-        if kind is not None and m.pipeline.kind != kind:
-            can = KINDS[m.pipeline.kind] + (" (/embed_sparse)" if m.pipeline.kind == "sparse" else "")
-            raise ApiError(400, f"model {m.name!r} cannot do {what}: it serves {can}", param="model")
-        return m
+        try:
+            return self.engine.model(name, kind, what)
+        except ModelNotFound as e:
+            raise ApiError(404, str(e), "NotFound", param="model", code="model_not_found") from None
+        except ValueError as e:
+            raise ApiError(400, str(e), param="model") from None
 
     def check_count(self, n: int, field_name: str) -> None:
         if n == 0:
@@ -263,23 +322,26 @@ class ServerState:
                            param=field_name)
 
     async def tokenize(self, request: Request, m: Served, fn, *args, **kwargs) -> list[Seq]:
-        """``fn(*args, **kwargs)`` on the tokenization pool; ValueError -> 413/422 naming the problem."""
+        """``fn(*args, **kwargs)`` on the engine's tokenization pool; ValueError -> 413/422 naming the problem."""
         t0 = time.perf_counter()
         try:
-            seqs = await asyncio.get_running_loop().run_in_executor(self.tokenizers, lambda: fn(*args, **kwargs))
+            seqs = await self.engine.prepare(fn, *args, **kwargs)
         except ValueError as e:
             raise ApiError(413 if isinstance(e, InputTooLong) else 422, str(e)) from None
-        request.state.tokenization_s = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        request.state.tokenization_s = t1 - t0
         self.metrics.tokenization_seconds.labels(m.name).observe(request.state.tokenization_s)
+        self.trace(request.scope["state"], "tokenize", t0, t1, **{"padfree.model": m.name,
+                                                                   "padfree.inputs": len(seqs)})
         return seqs
 
     async def run(self, request: Request, m: Served, seqs: list[Seq]) -> list[np.ndarray]:
-        """The rows of ``seqs`` through the scheduler; a client that leaves first is dropped (its sequences
-        not yet batched are never computed)."""
+        """The rows of ``seqs`` through the engine's scheduler; a client that leaves first is dropped (its
+        sequences not yet batched are never computed)."""
         request.state.model = m.name
         request.state.texts = len(seqs)
         request.state.tokens = sum(len(q.ids) for q in seqs)
-        ticket = self.scheduler.submit(m.name, seqs, [len(q.ids) for q in seqs])
+        ticket = self.engine.submit(m, seqs)
         gone = asyncio.ensure_future(_disconnected(request))
         try:
             await asyncio.wait({ticket.future, gone}, return_when=asyncio.FIRST_COMPLETED)
@@ -293,6 +355,12 @@ class ServerState:
         self.metrics.queue_seconds.labels(m.name).observe(ticket.queue_s)
         self.metrics.inference_seconds.labels(m.name).observe(ticket.inference_s)
         request.state.queue_s, request.state.inference_s = ticket.queue_s, ticket.inference_s
+        ran = request.state.ran = time.perf_counter()
+        started = ticket.started or ran
+        self.trace(request.scope["state"], "queue", ticket.submitted, started, **{"padfree.model": m.name})
+        self.trace(request.scope["state"], "inference", started, ran,
+                   **{"padfree.model": m.name, "padfree.sequences": len(seqs),
+                      "padfree.tokens": request.state.tokens, "padfree.forward_seconds": ticket.inference_s})
         try:
             return ticket.future.result()
         except Exception as e:
@@ -333,13 +401,6 @@ def _texts(inputs: str | list[str]) -> list[str]:
     return texts
 
 
-def _prompt(task: EmbedTask | SparseTask, prompt_name: str | None) -> str | None:
-    try:
-        return task.st.resolve_prompt(prompt_name=prompt_name)
-    except ValueError as e:
-        raise ApiError(422, str(e), param="prompt_name") from None
-
-
 def _prompt(m: Served, prompt_name: str | None) -> str | None:
     try:
         return m.pipeline.text.resolve_prompt(prompt_name=prompt_name)
@@ -353,6 +414,16 @@ def _embed_options(m: Served, normalize: bool | None, dimensions: int | None) ->
         return m.pipeline.output_options(normalize, dimensions)
     except ValueError as e:
         raise ApiError(422, str(e), param="dimensions") from None
+
+
+def _encoded(rows: np.ndarray, encoding: str) -> list:
+    """Vectors ``[N, D]`` as a route sends them: ``float`` lists, ``base64`` of their float32 bytes
+    (little-endian), or quantized lists (:func:`padfree.quantize.quantize`: int8, uint8, binary, ubinary)."""
+    if encoding == "float":
+        return rows.tolist()
+    if encoding == "base64":
+        return [base64.b64encode(v.astype("<f4").tobytes()).decode() for v in rows]
+    return quantize(rows, encoding).tolist()
 
 
 def _state(request: Request) -> ServerState:
@@ -380,11 +451,7 @@ async def openai_embeddings(body: s.OpenAIEmbeddingRequest, request: Request):
     else:
         seqs = await state.tokenize(request, m, m.pipeline.prepare, _texts(inp), state.config.auto_truncate,
                                     **options)
-    rows = await state.run(request, m, seqs)
-    if body.encoding_format == "base64":
-        data = [base64.b64encode(v.astype("<f4").tobytes()).decode() for v in rows]
-    else:
-        data = [v.tolist() for v in rows]
+    data = _encoded(np.stack(await state.run(request, m, seqs)), body.encoding_format)
     n = request.state.tokens
     out = {"object": "list", "model": m.name, "usage": {"prompt_tokens": n, "total_tokens": n},
            "data": [{"object": "embedding", "index": i, "embedding": e} for i, e in enumerate(data)]}
@@ -442,8 +509,9 @@ async def tei_rerank(body: s.RerankRequest, request: Request):
 
 
 async def _rerank(state: ServerState, request: Request, m: Served, query: str, texts: list[str], field_name: str,
-                  truncate: bool | None, side: str, raw: bool) -> np.ndarray:
-    """Scores ``[N]`` of (query, text) pairs: the checkpoint's activation, or the raw logits."""
+                  truncate: bool | None, side: str, raw: bool, max_tokens: int | None = None) -> np.ndarray:
+    """Scores ``[N]`` of (query, text) pairs: the checkpoint's activation, or the raw logits; each text cut to
+    ``max_tokens`` tokens first where given."""
     if m.pipeline.num_labels != 1:
         raise ApiError(400, f"model {m.name!r} has {m.pipeline.num_labels} labels; reranking needs one score",
                        param="model")
@@ -453,6 +521,8 @@ async def _rerank(state: ServerState, request: Request, m: Served, query: str, t
     for i, t in enumerate(texts):
         if not t:
             raise ApiError(422, f"`{field_name}` {i} is an empty string", "Empty", param=field_name)
+    if max_tokens is not None:
+        texts = await state.engine.prepare(_cut_tokens, m.pipeline.tokenizer, texts, max_tokens)
     seqs = await state.tokenize(request, m, m.pipeline.prepare, [query] * len(texts), texts,
                                 _truncate(state, truncate), side, output="logits" if raw else "scores")
     return np.stack(await state.run(request, m, seqs))[:, 0]
@@ -460,6 +530,14 @@ async def _rerank(state: ServerState, request: Request, m: Served, query: str, t
 
 async def tei_predict(body: s.PredictRequest, request: Request):
     t0, state = time.perf_counter(), _state(request)
+    single, out = await _predict(state, request, body, "logits" if body.raw_scores else "probabilities")
+    return _json(out[0] if single else out, _timing_headers(request, t0))
+
+
+async def _predict(state: ServerState, request: Request, body: s.PredictRequest, output: str,
+                   function: str | None = None) -> tuple[bool, list]:
+    """(one input given?, per input its labels and scores, best first) of /predict's body; ``function``
+    (softmax, sigmoid) applied to the logits instead of the checkpoint's own ``output``."""
     m = state.model(body.model, "classify", "classification")
     inp = body.inputs
     single = isinstance(inp, str) or (len(inp) == 2 and all(isinstance(x, str) for x in inp))
@@ -477,11 +555,15 @@ async def tei_predict(body: s.PredictRequest, request: Request):
         raise ApiError(422, "mix of single texts and pairs in one request; send one kind", param="inputs")
     seqs = await state.tokenize(request, m, m.pipeline.prepare, texts, pairs if all(has_pairs) else None,
                                 _truncate(state, body.truncate), _side(body.truncation_direction),
-                                output="logits" if body.raw_scores else "probabilities")
+                                output="logits" if function else output)
+    rows = await state.run(request, m, seqs)
+    if function == "softmax":
+        rows = [np.exp(r - r.max()) / np.exp(r - r.max()).sum() for r in rows]
+    elif function == "sigmoid":
+        rows = [1 / (1 + np.exp(-r)) for r in rows]
     labels = m.pipeline.id2label
-    out = [[{"score": float(p[j]), "label": labels[j]} for j in np.argsort(-p, kind="stable")]
-           for p in await state.run(request, m, seqs)]
-    return _json(out[0] if single else out, _timing_headers(request, t0))
+    return single, [[{"score": float(p[j]), "label": labels[j]} for j in np.argsort(-p, kind="stable")]
+                    for p in rows]
 
 
 async def tei_embed_sparse(body: s.EmbedSparseRequest, request: Request):
@@ -505,8 +587,7 @@ async def tei_tokenize(body: s.TokenizeRequest, request: Request):
     prompt = _prompt(m, body.prompt_name) if m.pipeline.kind == "embed" else None
     full = [(prompt or "") + t for t in texts]
     tokenizer = m.pipeline.tokenizer
-    encodings = await asyncio.get_running_loop().run_in_executor(
-        state.tokenizers, lambda: tokenizer.encode(full, add_special_tokens=body.add_special_tokens))
+    encodings = await state.engine.prepare(tokenizer.encode, full, add_special_tokens=body.add_special_tokens)
     special = tokenizer.special_ids
     out = []
     for text, e in zip(full, encodings):
@@ -542,18 +623,28 @@ async def tei_info(request: Request, model: str | None = None):
 
 
 async def health(request: Request):
+    """Liveness: 200 while the process serves (loading and draining included), 503 when a loaded model cannot
+    run (its last batch failed, and a tiny probe fails too)."""
     state = _state(request)
-    for m in state.models.values():
+    for m in list(state.models.values()):
         if m.last_error is None and time.perf_counter() - m.last_ok < HEALTH_FRESH_S:
             continue
         # nothing ran lately, or the last batch failed: prove the model runs on a tiny input
-        probe = m.pipeline.prepare(["health"], truncate=True)
-        ticket = state.scheduler.submit(m.name, probe, [len(q.ids) for q in probe])
+        ticket = state.engine.submit(m, m.pipeline.prepare(["health"], truncate=True))
         with contextlib.suppress(Exception):
             await asyncio.wait_for(asyncio.shield(ticket.future), 30)
         if m.last_error is not None:
             raise ApiError(503, f"model {m.name!r} cannot run: {m.last_error}", "Unhealthy")
     return Response(status_code=200)
+
+
+async def ready(request: Request):
+    """Readiness: 200 once every model is loaded and warmed up, 503 naming why not (loading, a model that
+    failed to load, draining after SIGTERM)."""
+    reason = _state(request).unready()
+    if reason is not None:
+        raise ApiError(503, reason, "Unhealthy")
+    return _json({"status": "ready", "models": sorted(_state(request).models)})
 
 
 async def metrics(request: Request):
@@ -571,6 +662,103 @@ async def cohere_rerank(body: s.CohereRerankRequest, request: Request):
                 **({"document": {"text": docs[i]}} if body.return_documents else {})} for i in order]
     return _json({"id": str(uuid.uuid4()), "model": m.name, "results": results,
                   "usage": {"total_tokens": request.state.tokens}}, _timing_headers(request, t0))
+
+
+# ---------------------------------------------------------------------- Cohere v2 (cohere.ClientV2)
+# Cohere's input types -> the prompt names a sentence-transformers model may have for them, in order
+_INPUT_PROMPTS = {"search_query": ("search_query", "query"),
+                  "search_document": ("search_document", "document", "passage"),
+                  "classification": ("classification",), "clustering": ("clustering",)}
+
+
+def _input_prompt(m: Served, input_type: str | None) -> str | None:
+    """The model's prompt for a Cohere ``input_type`` (None where the model has none for it)."""
+    if input_type is None:
+        return None
+    names = _INPUT_PROMPTS.get(input_type)
+    if names is None:
+        raise ApiError(422, f"input_type {input_type!r} is not one of {', '.join(_INPUT_PROMPTS)}",
+                       param="input_type")
+    prompts = m.pipeline.text.prompts or {}
+    return next((prompts[n] for n in names if n in prompts), None)
+
+
+def _cut_tokens(tokenizer, texts: list[str], n: int, side: str = "right") -> list[str]:
+    """Each text cut to ``n`` of its tokens (special tokens not counted) on ``side``, at a character boundary."""
+    out = []
+    for text, e in zip(texts, tokenizer.encode(texts, add_special_tokens=False)):
+        if len(e.offsets) <= n:
+            out.append(text)
+        else:
+            out.append(text[:e.offsets[n - 1][1]] if side == "right" else text[e.offsets[-n][0]:])
+    return out
+
+
+async def cohere_embed(body: s.CohereEmbedRequest, request: Request):
+    t0, state = time.perf_counter(), _state(request)
+    m = state.model(body.model, "embed", "embeddings")
+    texts = _texts(body.texts)
+    state.check_count(len(texts), "texts")
+    side = "left" if body.truncate == "START" else "right"
+    if body.max_tokens is not None:
+        texts = await state.engine.prepare(_cut_tokens, m.pipeline.tokenizer, texts, body.max_tokens, side)
+    seqs = await state.tokenize(request, m, m.pipeline.prepare, texts, body.truncate != "NONE", side,
+                                _input_prompt(m, body.input_type), **_embed_options(m, None, body.output_dimension))
+    rows = np.stack(await state.run(request, m, seqs))
+    embeddings = {kind: _encoded(rows, kind) for kind in dict.fromkeys(body.embedding_types)}
+    return _json({"id": str(uuid.uuid4()), "response_type": "embeddings_by_type", "embeddings": embeddings,
+                  "texts": body.texts, "meta": {"api_version": {"version": "2"},
+                                                "billed_units": {"input_tokens": request.state.tokens}}},
+                 _timing_headers(request, t0, sum(map(len, texts))))
+
+
+async def cohere_rerank_v2(body: s.CohereV2RerankRequest, request: Request):
+    t0, state = time.perf_counter(), _state(request)
+    m = state.model(body.model, "classify", "reranking")
+    scores = await _rerank(state, request, m, body.query, body.documents, "documents", True, "right", False,
+                           body.max_tokens_per_doc)
+    order = np.argsort(-scores, kind="stable")[:body.top_n]
+    return _json({"id": str(uuid.uuid4()),
+                  "results": [{"index": int(i), "relevance_score": float(scores[i])} for i in order],
+                  "meta": {"api_version": {"version": "2"}, "billed_units": {"search_units": 1}}},
+                 _timing_headers(request, t0))
+
+
+# ---------------------------------------------------------------------- TEI's POST / (huggingface_hub's client)
+async def tei_compat(request: Request):
+    """TEI's ``POST /``: the body of /embed, /embed_sparse, /rerank (a body with ``query``) or /predict, by the
+    model's kind, as huggingface_hub's ``InferenceClient(base_url=...)`` sends it (``feature_extraction``,
+    ``text_classification`` with its ``parameters``: ``function_to_apply``, ``top_k``). Classification answers
+    one list of labels per input, as that client reads it."""
+    state = _state(request)
+    try:
+        data = json.loads(await request.body())
+    except ValueError as e:
+        raise ApiError(400, f"the body is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise ApiError(422, "the body must be a JSON object, sent with 'Content-Type: application/json'")
+    kind = state.model(data.get("model") if isinstance(data.get("model"), str) else None).pipeline.kind
+    if kind == "embed":
+        return await tei_embed(_validated(s.EmbedRequest, data), request)
+    if kind == "sparse":
+        return await tei_embed_sparse(_validated(s.EmbedSparseRequest, data), request)
+    if "query" in data:
+        return await tei_rerank(_validated(s.RerankRequest, data), request)
+    t0 = time.perf_counter()
+    params = _validated(s.ClassificationParameters, data.get("parameters") or {})
+    body = _validated(s.PredictRequest, data)
+    function = None if params.function_to_apply in (None, "none") else params.function_to_apply
+    output = "logits" if params.function_to_apply == "none" or body.raw_scores else "probabilities"
+    single, out = await _predict(state, request, body, output, function)
+    return _json([labels[:params.top_k] for labels in out], _timing_headers(request, t0))
+
+
+def _validated(schema, data: dict):
+    """``schema`` of ``data``; a validation error as the routes answer it (422 naming the field)."""
+    try:
+        return schema.model_validate(data)
+    except ValidationError as e:
+        raise RequestValidationError([{**err, "loc": ("body", *err["loc"])} for err in e.errors()]) from None
 
 
 @dataclass(frozen=True)
@@ -596,8 +784,12 @@ ROUTES = (
     Route("/tokenize", tei_tokenize, response_model=list[list[s.SimpleToken]]),
     Route("/info", tei_info, "GET"),
     Route("/health", health, "GET"),
+    Route("/ready", ready, "GET", errors=(503,)),
     Route("/metrics", metrics, "GET"),
     Route("/v1/rerank", cohere_rerank, tag=_COHERE, response_model=s.CohereRerankResponse, errors=(413, 422)),
+    Route("/v2/embed", cohere_embed, tag=_COHERE, response_model=s.CohereEmbedResponse, errors=(413, 422)),
+    Route("/v2/rerank", cohere_rerank_v2, tag=_COHERE, response_model=s.CohereV2RerankResponse, errors=(413, 422)),
+    Route("/", tei_compat, errors=(413, 422)),
 )
 
 
@@ -633,18 +825,24 @@ async def _http_error(request: Request, e: StarletteHTTPException):
     return await _api_error(request, ApiError(e.status_code, message, kind))
 
 
-def create_app(models: Sequence[Served], config: ServeConfig | None = None) -> FastAPI:
-    """The FastAPI app serving ``models`` (the first is the default): :data:`ROUTES` over one
-    :class:`ServerState`, behind :class:`Guard`."""
-    state = ServerState(models, config or ServeConfig())
+def create_app(models: Sequence[Served] = (), config: ServeConfig | None = None,
+               pending: Sequence[ModelSpec] = (), tracing: Tracing | None = None) -> FastAPI:
+    """The FastAPI app serving ``models`` (loaded) and then ``pending`` (loaded once the app starts, while it
+    answers ``/health``, and 503 on ``/ready`` and the inference routes); the first is the default:
+    :data:`ROUTES` over one :class:`ServerState`, behind :class:`Guard`. ``tracing``: where request spans go
+    (None: nowhere); it is shut down (its buffered spans sent) when the app stops."""
+    state = ServerState(models, config or ServeConfig(), pending, tracing)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
-        state.scheduler.start()
+        state.engine.scheduler.start()
+        loading = asyncio.get_running_loop().create_task(state.load_pending(), name="padfree-load")
         yield
-        state.draining = True       # uvicorn has closed the socket and let running requests finish
-        await state.scheduler.stop()
-        state.tokenizers.shutdown(wait=False)
+        state.draining = True       # no new inference request; the running ones have finished
+        loading.cancel()
+        await state.engine.close()
+        if tracing is not None:
+            tracing.shutdown()
 
     app = FastAPI(title="padfree serve", version=__version__, lifespan=lifespan,
                   description="Padding-free embeddings, reranking and classification: OpenAI, "

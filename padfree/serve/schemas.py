@@ -25,7 +25,10 @@ _TASK = ("the task adapter to run, for a model with task LoRA adapters (jina-emb
 class OpenAIEmbeddingRequest(_Body):
     input: str | list[str] | list[int] | list[list[int]] = Field(
         description="a text, a list of texts, or token ids of the model's vocabulary (one list, or a list of lists)")
-    encoding_format: Literal["float", "base64"] = "float"
+    encoding_format: Literal["float", "base64", "int8", "uint8", "binary", "ubinary"] = Field(
+        "float", description="float or base64 (float32 bytes, little-endian), as OpenAI; or quantized (a padfree "
+                             "extension): int8 / uint8 (255 steps between each vector's min and max), binary / "
+                             "ubinary (sign bits packed 8 to a byte), as sentence-transformers' quantize_embeddings")
     dimensions: int | None = Field(None, ge=1, description="keep the first N dimensions, then re-normalize")
     user: str | None = None
     task: str | None = Field(None, description=_TASK)
@@ -189,3 +192,61 @@ class CohereRerankResponse(BaseModel):
     model: str
     results: list[CohereResult]
     usage: CohereUsage
+
+
+# ---------------------------------------------------------------- Cohere v2 (cohere.ClientV2)
+EmbeddingType = Literal["float", "int8", "uint8", "binary", "ubinary", "base64"]
+
+
+class CohereEmbedRequest(_Body):
+    """Cohere's ``POST /v2/embed``. ``input_type`` picks the model's prompt of that name, or of its usual
+    sentence-transformers name (search_query: query; search_document: document or passage), where the model
+    has one; ``truncate`` NONE refuses a text past the model's limit (413), START / END cut it on that side."""
+    texts: list[str]
+    input_type: str | None = Field(None, description="search_query, search_document, classification, clustering")
+    embedding_types: list[EmbeddingType] = Field(
+        ["float"], min_length=1, description="int8 / uint8: 255 steps between each vector's min and max; binary "
+                                             "/ ubinary: sign bits packed 8 to a byte (as sentence-transformers' "
+                                             "quantize_embeddings); base64: the float32 bytes, little-endian")
+    truncate: Literal["NONE", "START", "END"] = "END"
+    output_dimension: int | None = Field(None, ge=1, description="keep the first N dimensions (then normalize)")
+    max_tokens: int | None = Field(None, ge=1, description="cut each text to at most this many tokens")
+
+
+class CohereV2RerankRequest(_Body):
+    """Cohere's ``POST /v2/rerank``: documents are plain strings."""
+    query: str
+    documents: list[str]
+    top_n: int | None = Field(None, ge=1)
+    max_tokens_per_doc: int | None = Field(None, ge=1, description="cut each document to this many tokens")
+
+
+class CohereV2Result(BaseModel):
+    index: int
+    relevance_score: float
+
+
+class CohereMeta(BaseModel):
+    api_version: dict = {"version": "2"}
+    billed_units: dict
+
+
+class CohereV2RerankResponse(BaseModel):
+    id: str
+    results: list[CohereV2Result]
+    meta: CohereMeta
+
+
+class CohereEmbedResponse(BaseModel):
+    id: str
+    response_type: Literal["embeddings_by_type"] = "embeddings_by_type"
+    embeddings: dict[str, list[list[float]] | list[list[int]] | list[str]]
+    texts: list[str]
+    meta: CohereMeta
+
+
+class ClassificationParameters(BaseModel):
+    """``parameters`` of a classification body on TEI's ``POST /`` (huggingface_hub's ``text_classification``)."""
+    model_config = ConfigDict(extra="ignore")
+    function_to_apply: Literal["sigmoid", "softmax", "none"] | None = None
+    top_k: int | None = Field(None, ge=1)
