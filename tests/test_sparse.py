@@ -166,7 +166,7 @@ def test_bad_inputs(root, tmp_path):
         shutil.copy(minilm_path() / f, base / f)
     with pytest.raises(ValueError, match=r"no masked-LM head .*\*ForMaskedLM.*BertModel"):
         padfree.SparseEncoder.from_pretrained(base)
-    with pytest.raises(ValueError, match="is not a directory"):
+    with pytest.raises(ValueError, match="is neither a directory nor a Hugging Face Hub ID"):
         padfree.SparseEncoder.from_pretrained(tmp_path / "nope")
 
     path = splade_dir(tmp_path / "st", mlm_dir(tmp_path / "mlm", "bert"))
