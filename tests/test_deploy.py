@@ -19,6 +19,9 @@ from padfree.serve.cli import parse_args
 from otlp_receiver import OtlpHttpReceiver
 from serving import Server, classifier_dir, free_port, minilm_path
 from test_engine import hf_probabilities
+from test_hub import write_cache
+
+MINILM = "sentence-transformers/all-MiniLM-L6-v2"  # served by its Hub ID, under that name
 
 FP32_TOL = 1e-5
 
@@ -127,9 +130,9 @@ def test_binds_at_once_503_while_loading_and_a_model_that_fails_to_load_ends_the
 
 
 def test_configured_by_environment_then_drained_by_sigterm(tmp_path, monkeypatch):
-    """A server configured only through PADFREE_* (models, key, limits, drain delay): auth on inference routes
-    but not on the probes, the limits in force, huggingface_hub's InferenceClient on the default model (a
-    classifier); after SIGTERM /ready and new requests answer 503 for the drain delay while a request in flight
+    """A server configured only through PADFREE_* (models, one by Hub ID from the cache, key, limits, drain delay,
+    tracing, JSON logs): auth on inference routes but not on the probes, the limits in force, the request's trace
+    and log line, huggingface_hub's InferenceClient on the default model (a classifier); after SIGTERM /ready and new requests answer 503 for the drain delay while a request in flight
     finishes, then the process exits 0."""
     import huggingface_hub
     from huggingface_hub import InferenceClient
@@ -137,8 +140,12 @@ def test_configured_by_environment_then_drained_by_sigterm(tmp_path, monkeypatch
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)  # the suite runs offline (Makefile)
     offline = padfree.SentenceEncoder.from_pretrained(minilm_path())
     clf = classifier_dir(tmp_path / "clf", 3, seed=2)
+    root = minilm_path()  # MiniLM by Hub ID, from a Hugging Face cache, offline
+    write_cache(tmp_path / "hf", MINILM, {p.relative_to(root).as_posix(): p.read_bytes()
+                                          for p in root.rglob("*") if p.is_file()})
     collector = OtlpHttpReceiver()
-    env = {"PADFREE_MODEL": f"clf={clf},minilm={minilm_path()}", "PADFREE_API_KEY": "env-key-123",
+    env = {"PADFREE_MODEL": f"clf={clf},{MINILM}", "HF_HUB_CACHE": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1",
+           "PADFREE_API_KEY": "env-key-123",
            "PADFREE_MAX_CLIENT_BATCH_SIZE": "40", "PADFREE_DRAIN_DELAY": "3", "PADFREE_AUTO_TRUNCATE": "1",
            "PADFREE_OTLP_ENDPOINT": collector.endpoint, "PADFREE_JSON_LOGS": "yes",
            "OTEL_BSP_SCHEDULE_DELAY": "100"}
@@ -147,10 +154,13 @@ def test_configured_by_environment_then_drained_by_sigterm(tmp_path, monkeypatch
     try:
         # tracing: the client's traceparent is the parent of the request's span, which has the four children
         trace_id, parent = "0af7651916cd43dd8448eb211c80319c", "b7ad6b7169203331"
-        r = httpx.post(s.url + "/v1/embeddings", json={"input": ["traced text", "and another"], "model": "minilm"},
+        r = httpx.post(s.url + "/v1/embeddings", json={"input": ["traced text", "and another"], "model": MINILM},
                        headers={**key, "traceparent": f"00-{trace_id}-{parent}-01", "x-request-id": "req-42"})
         assert r.status_code == 200 and r.headers["x-request-id"] == "req-42"
-        spans = [x for x in collector.wait_for(5, timeout=20) if x.trace_id == trace_id]
+        deadline = time.monotonic() + 20  # the probes' spans arrive too: wait for this trace's five
+        while len(spans := [x for x in collector.spans if x.trace_id == trace_id]) < 5 \
+                and time.monotonic() < deadline:
+            time.sleep(0.05)
         root = next(x for x in spans if x.kind == "SERVER")
         assert root.name == "POST /v1/embeddings" and root.parent_span_id == parent
         assert root.attributes["http.response.status_code"] == 200 and root.status != "ERROR"
@@ -164,15 +174,15 @@ def test_configured_by_environment_then_drained_by_sigterm(tmp_path, monkeypatch
         lines = [json.loads(line) for line in s.log().splitlines() if line.startswith("{")]
         mine = [x for x in lines if x.get("request_id") == "req-42"]
         assert len(mine) == 1 and mine[0]["route"] == "/v1/embeddings" and mine[0]["status"] == 200
-        assert mine[0]["model"] == "minilm" and mine[0]["texts"] == 2 and mine[0]["tokens"] > 0
+        assert mine[0]["model"] == MINILM and mine[0]["texts"] == 2 and mine[0]["tokens"] > 0
         assert all(line.startswith("{") for line in s.log().splitlines() if line.strip())  # uvicorn's too
 
-        assert httpx.get(s.url + "/ready").json() == {"status": "ready", "models": ["clf", "minilm"]}
-        assert httpx.post(s.url + "/embed", json={"inputs": ["x"], "model": "minilm"}).status_code == 401
-        r = httpx.post(s.url + "/embed", json={"inputs": ["x"] * 41, "model": "minilm"}, headers=key)
+        assert httpx.get(s.url + "/ready").json() == {"status": "ready", "models": ["clf", MINILM]}
+        assert httpx.post(s.url + "/embed", json={"inputs": ["x"], "model": MINILM}).status_code == 401
+        r = httpx.post(s.url + "/embed", json={"inputs": ["x"] * 41, "model": MINILM}, headers=key)
         assert r.status_code == 413 and "limit of 40" in r.json()["error"]
         texts = [f"text number {i} " * (1 + i % 30) for i in range(40)]
-        r = httpx.post(s.url + "/embed", json={"inputs": texts, "model": "minilm"}, headers=key)
+        r = httpx.post(s.url + "/embed", json={"inputs": texts, "model": MINILM}, headers=key)
         assert r.status_code == 200 and np.abs(np.array(r.json()) - offline.encode(texts)).max() <= FP32_TOL
         labels = InferenceClient(base_url=s.url, api_key="env-key-123").text_classification(texts[3], top_k=2)
         want = hf_probabilities(clf, [texts[3]])[0]
@@ -183,7 +193,7 @@ def test_configured_by_environment_then_drained_by_sigterm(tmp_path, monkeypatch
         big = [t * 20 for t in texts]  # cut at 256 tokens: a request that is still running at SIGTERM
 
         def send():
-            slow["r"] = httpx.post(s.url + "/embed", json={"inputs": big, "model": "minilm"}, headers=key,
+            slow["r"] = httpx.post(s.url + "/embed", json={"inputs": big, "model": MINILM}, headers=key,
                                    timeout=120)
 
         th = threading.Thread(target=send)

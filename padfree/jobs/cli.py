@@ -78,8 +78,6 @@ def main(kind: str, argv) -> None:
         if spec.model is None:
             from ..startup import bundled_model_path
             spec.model = bundled_model_path()
-        if args.ray is not None and spec.precision != "float32":  # padfree.ray.Embed has no precision yet
-            raise ValueError("--precision with --ray is not supported yet; run the job without --ray")
         if args.ray is not None:
             try:
                 from ..ray import run_job as run_on_ray

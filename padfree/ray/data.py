@@ -47,11 +47,11 @@ class _PipelineBatches:
     def __init__(self, model: str, column: str = "text", id_column: str | None = None, keep=(),
                  dtype: str = "auto", max_batch_tokens: int = DEFAULT_BATCH_TOKENS, skip_empty: bool = False,
                  pair_column: str | None = None, adapter: str | None = None, done_ids: pa.Array | None = None,
-                 revision: str | None = None, token: str | None = None):
+                 revision: str | None = None, token: str | None = None, precision: str = "float32"):
         self.spec = JobSpec(kind=self.kind, input="", output="", model=str(model), column=column,
                             pair_column=pair_column, id_column=id_column, keep=list(keep), dtype=dtype,
                             max_batch_tokens=max_batch_tokens, skip_empty=skip_empty, progress=False,
-                            adapter=adapter, revision=revision, token=token)
+                            adapter=adapter, revision=revision, token=token, precision=precision)
         check_spec(self.spec)
         self.pipeline = open_pipeline(model, dtype, self.kind, adapter, warm=False, revision=revision, token=token)
         if done_ids is not None and not id_column:
@@ -71,7 +71,8 @@ class _PipelineBatches:
 
 class Embed(_PipelineBatches):
     """``ds.map_batches(Embed, fn_constructor_kwargs={"model": path}, batch_format="pyarrow",
-    compute=ray.data.ActorPoolStrategy(size=N))``: adds ``embedding`` (fixed_size_list<float32>[D]). Keyword
+    compute=ray.data.ActorPoolStrategy(size=N))``: adds ``embedding`` (fixed_size_list<float32>[D], or int8 /
+    uint8 with a quantized ``precision``). Keyword
     arguments: those of the local job (:class:`padfree.jobs.JobSpec`), and ``done_ids`` (ids of ``id_column``
     to leave out)."""
     kind = "embed"
@@ -176,7 +177,7 @@ def run_job(spec: JobSpec, address: str | None = "local", actors: int = 1, actor
                                    keep=spec.keep, dtype=spec.dtype, max_batch_tokens=spec.max_batch_tokens,
                                    skip_empty=spec.skip_empty, pair_column=spec.pair_column,
                                    adapter=spec.adapter, done_ids=done, revision=spec.revision,
-                                   token=spec.token))
+                                   token=spec.token, precision=spec.precision))
     before = 0 if done is None else len(done)  # the ids read from the kept files
     ds.write_parquet(str(out), ray_remote_args=IO_REMOTE_ARGS, mode=ray.data.SaveMode.APPEND)
     seconds = time.perf_counter() - t0
