@@ -37,6 +37,12 @@ EOF
 export CONTAINERS_CONF=$work/containers.conf
 
 step() { printf '\n== %s\n' "$*"; }
+# the Debian archive this machine's apt uses (DEBIAN_MIRROR overrides): the first URI of its sources
+debian_mirror() {
+    [ -n "${DEBIAN_MIRROR:-}" ] && { echo "$DEBIAN_MIRROR"; return; }
+    { grep -h '^URIs:' /etc/apt/sources.list.d/*.sources 2>/dev/null | awk '{print $2}'
+      grep -h '^deb ' /etc/apt/sources.list 2>/dev/null | awk '{print $2}'; } | head -n 1
+}
 
 # 1. the base: Debian 12 from Debian's archive, with this machine's CA bundle (TLS to PyPI goes through its proxy)
 #    and Python's headers (python:3.11-slim has them; torch's extension builder includes Python.h)
@@ -44,7 +50,7 @@ if ! podman image exists "$base"; then
     if ! podman image exists "$base-root"; then
         step "debootstrap bookworm -> $base-root"
         [ -x "$work/rootfs/usr/bin/python3" ] || debootstrap --variant=minbase \
-            --include=python3,python3-venv,ca-certificates bookworm "$work/rootfs" http://deb.debian.org/debian \
+            --include=python3,python3-venv,ca-certificates bookworm "$work/rootfs" "$(debian_mirror)" \
             > "$work/debootstrap.log"
         cp /etc/ssl/certs/ca-certificates.crt "$work/rootfs/etc/ssl/certs/ca-certificates.crt"
         tar -C "$work/rootfs" -c . | podman import \
