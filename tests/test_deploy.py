@@ -59,6 +59,14 @@ def test_help_names_each_variable(capsys):
         assert f"[env {name}]" in out
 
 
+def test_a_model_that_is_neither_a_directory_nor_an_id_is_refused_before_binding(tmp_path):
+    from padfree.serve.cli import main
+    with pytest.raises(SystemExit) as e:
+        main(["--model", str(tmp_path / "absent"), "--port", str(free_port())])
+    assert str(e.value) == (f"padfree serve: error: --model {tmp_path / 'absent'}: model '{tmp_path / 'absent'}' "
+                            "is neither a directory nor a Hugging Face Hub ID (org/name)")
+
+
 class _HeldHub:
     """A loopback stand-in for the Hub that holds every request for the model until released, then answers 404:
     a model that takes as long as the test wants to load, and then fails."""

@@ -284,7 +284,8 @@ class ServerState:
                 m = await self.engine.load(spec.name, spec.source, spec.dtype, revision=spec.revision,
                                            token=spec.token)
             except Exception as e:  # a bad path, ID, dtype or checkpoint: the server cannot serve what it was told
-                self.load_error = f"--model {spec.name}={spec.source}: {e}"
+                named = spec.source if spec.name == spec.source else f"{spec.name}={spec.source}"
+                self.load_error = f"--model {named}: {e}"
                 log.error("padfree serve: error: %s", self.load_error)
                 if self.on_fatal is not None:
                     self.on_fatal()

@@ -119,6 +119,7 @@ def _env_bool(parser, name: str, raw: str) -> bool:
 def _model_specs(args) -> list:
     """The models to load, as ``ModelSpec``s: ``NAME=SOURCE`` or ``SOURCE`` (named by the Hub ID, or by the
     directory's name); the bundled MiniLM where none is given. ``SystemExit`` naming a bad one."""
+    from ..hub import check_repo_id
     from .app import ModelSpec
     token = _read_secret("--hf-token-file", args.hf_token_file, "Hub token")
     if not args.model:
@@ -134,8 +135,13 @@ def _model_specs(args) -> list:
             name, source = (Path(spec).name if Path(spec).is_dir() else spec.rstrip("/")), spec
         if not name or not source:
             raise SystemExit(f"padfree serve: error: --model {spec!r}: expected NAME=ID_OR_PATH or ID_OR_PATH")
-        revision = None if Path(source).is_dir() else args.revision
-        out.append(ModelSpec(name, source, args.dtype, revision, token))
+        local = Path(source).is_dir()
+        if not local:  # refused now, before the socket is bound, where it cannot be a Hub ID either
+            try:
+                check_repo_id(source)
+            except ValueError as e:
+                raise SystemExit(f"padfree serve: error: --model {spec}: {e}")
+        out.append(ModelSpec(name, source, args.dtype, None if local else args.revision, token))
     return out
 
 
