@@ -462,7 +462,7 @@ def test_csv_text_that_looks_numeric_stays_text(tmp_path):
 
 # ------------------------------------------------------------------------------- crash, resume, rerun policies
 
-KILL_ROWS, KILL_SHARD = 1500, 125  # 12 shards: killed after the first, most still to go
+KILL_ROWS, KILL_SHARD = 240, 20  # 12 shards: killed after the first, most still to go
 
 
 def test_kill_and_resume(tmp_path):
