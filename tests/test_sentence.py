@@ -178,7 +178,7 @@ def test_prompts_as_sentence_transformers(tmp_path, texts, include_prompt):
         update_json(d / "1_Pooling" / "config.json", include_prompt=include_prompt)
     path = modified_copy(tmp_path, edit)
     ours, theirs = padfree.SentenceEncoder.from_pretrained(path), st_model(path)
-    sample = MIXED + texts[:20]
+    sample = MIXED + texts[:6]
     assert ours.default_prompt_name == "query" and ours.include_prompt is include_prompt
     for kw in ({}, {"prompt_name": "passage"}, {"prompt_name": "none"}, {"prompt": "Represent this: "},
                {"prompt": "search_query: ", "prompt_name": "passage"}):  # prompt= wins over prompt_name=
