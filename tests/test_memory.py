@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -81,8 +82,9 @@ def test_onednn_reads_the_capacity_set_from_python():
         for _ in range(3):
             torch.ops.mkldnn._linear_pointwise(torch.randn(5, 32), w, None, "none", [], "")
     """
-    default = _run(code, env={"ONEDNN_VERBOSE": "profile_create"})
-    zero = _run(code, env={"ONEDNN_VERBOSE": "profile_create", "ZERO": "1"})
+    with ThreadPoolExecutor(2) as ex:  # two independent interpreters at once
+        default, zero = ex.map(lambda extra: _run(code, env={"ONEDNN_VERBOSE": "profile_create", **extra}),
+                               ({}, {"ZERO": "1"}))
     if "cache_hit" not in default:
         pytest.skip("oneDNN verbose output does not report cache hits here")
     assert "cache_hit" not in zero
@@ -157,7 +159,6 @@ def test_an_8192_token_sequence_needs_memory_linear_in_its_length():
     same model with an attention that holds its scores, grows by more than that, so the measurement can tell."""
     if not os.access("/proc/self/clear_refs", os.W_OK):
         pytest.skip("needs Linux's /proc/self/clear_refs to reset the peak RSS")
-    from concurrent.futures import ThreadPoolExecutor
     with ThreadPoolExecutor(2) as ex:  # two interpreters at once: each measures its own peak (VmHWM)
         linear, quadratic = (float(r.strip()) for r in ex.map(
             lambda explicit: _run(_LONG_SEQUENCE.format(explicit=explicit), timeout=300), (False, True)))
@@ -193,8 +194,10 @@ def test_the_trimmer_hands_freed_heap_memory_back():
     """Freed activations that sit between live small blocks stay resident in glibc's heap; the trimmer thread
     of level_memory() releases them at its next periodic trim (its period cut to 1 s here). The control, with
     the same malloc settings and no trimmer, keeps them: that is what the thread exists for."""
-    before, held, after, trims = map(int, _run(_HOLES.format(control=False)).split())
+    with ThreadPoolExecutor(2) as ex:  # the check and its control in two interpreters at once
+        fixed, control = ex.map(lambda c: _run(_HOLES.format(control=c)), (False, True))
+    before, held, after, trims = map(int, fixed.split())
     assert held - before > 350, (before, held)
     assert after - before < 100 and trims >= 1, f"RSS {before} -> {held} -> {after} MiB after free, {trims} trims"
-    before, held, after, trims = map(int, _run(_HOLES.format(control=True)).split())
+    before, held, after, trims = map(int, control.split())
     assert after - before > 350, f"the control released its holes by itself ({before} -> {held} -> {after} MiB)"
