@@ -28,14 +28,14 @@ def cluster():
     ray.shutdown()
 
 
-def _input(path):
+def _input(path, n=200, row_group_size=64):
     from padfree.bench.corpus import stdlib_paragraphs
-    texts = stdlib_paragraphs(limit=200)
+    texts = stdlib_paragraphs(limit=n)
     texts = [None if i % 17 == 5 else ("" if i % 29 == 3 else t) for i, t in enumerate(texts)]
     table = pa.table({"doc": pa.array([f"d{i:04d}" for i in range(len(texts))]), "text": pa.array(texts, pa.string()),
                       "year": pa.array(range(2000, 2000 + len(texts)), pa.int64()),
                       "other": pa.array(["x"] * len(texts))})
-    pq.write_table(table, path, row_group_size=64)  # several row groups: several blocks
+    pq.write_table(table, path, row_group_size=row_group_size)  # several row groups: several blocks
     return table
 
 
@@ -45,9 +45,10 @@ def test_ray_data_job_equals_local_job(cluster, tmp_path, skip_empty, actors, cp
     from padfree.jobs.runner import JobSpec, run_job
     from padfree.ray import run_job as run_on_ray
 
-    _input(tmp_path / "in.parquet")
+    n = 100  # 4 row groups of 32 (several blocks), map_batches of 24 rows
+    _input(tmp_path / "in.parquet", n, row_group_size=32)
     common = dict(kind="embed", input=str(tmp_path / "in.parquet"), model=str(minilm_path()), id_column="doc",
-                  keep=["year"], skip_empty=skip_empty, progress=False, shard_rows=48)
+                  keep=["year"], skip_empty=skip_empty, progress=False, shard_rows=24)
     run_job(JobSpec(output=str(tmp_path / "local"), **common))
     summary = run_on_ray(JobSpec(output=str(tmp_path / "ray"), **common), actors=actors, actor_cpus=cpus)
     local = pq.read_table(tmp_path / "local")
@@ -58,7 +59,7 @@ def test_ray_data_job_equals_local_job(cluster, tmp_path, skip_empty, actors, cp
     theirs = pa.concat_tables(parts).sort_by("doc")
     assert theirs.schema.equals(local.schema), (theirs.schema, local.schema)
     assert summary["rows"] == local.num_rows == theirs.num_rows
-    assert (local.num_rows < 200) == skip_empty
+    assert (local.num_rows < n) == skip_empty
     assert theirs.column("doc").to_pylist() == local.column("doc").to_pylist()
     assert theirs.column("year").to_pylist() == local.column("year").to_pylist()
     a = np.stack(theirs.column("embedding").to_numpy(zero_copy_only=False))
@@ -91,13 +92,14 @@ def test_ray_job_resumes_by_id_after_the_driver_dies(cluster, tmp_path):
     from padfree.jobs.runner import JobSpec, run_job
     from padfree.ray import run_job as run_on_ray
 
-    _input(tmp_path / "in.parquet")
+    n = 96  # 6 files of 16 rows: one deleted, one cut short, four kept
+    _input(tmp_path / "in.parquet", n)
     common = dict(kind="embed", input=str(tmp_path / "in.parquet"), model=str(minilm_path()), id_column="doc",
-                  keep=["year"], progress=False, shard_rows=32, dtype="fp32")
+                  keep=["year"], progress=False, shard_rows=16, dtype="fp32")
     run_job(JobSpec(output=str(tmp_path / "local"), **common))
     out = tmp_path / "ray"
     first = run_on_ray(JobSpec(output=str(out), **common))
-    assert first["rows"] == 200 and first["rows_done_before"] == 0
+    assert first["rows"] == n and first["rows_done_before"] == 0
     files = sorted(out.glob("*.parquet"))
     assert len(files) >= 3, files
     manifest = json.loads((out / "_manifest.json").read_text())
@@ -107,7 +109,7 @@ def test_ray_job_resumes_by_id_after_the_driver_dies(cluster, tmp_path):
     files[1].write_bytes(files[1].read_bytes()[:1000])  # cut short
     kept = sum(pq.ParquetFile(f).metadata.num_rows for f in files[2:])
     again = run_on_ray(JobSpec(output=str(out), **common))
-    assert again["rows_done_before"] == kept and again["rows"] == 200
+    assert again["rows_done_before"] == kept and again["rows"] == n
     local = pq.read_table(tmp_path / "local")
     theirs = pa.concat_tables([pq.read_table(f) for f in out.glob("*.parquet")]).sort_by("doc")
     assert theirs.column("doc").to_pylist() == local.column("doc").to_pylist()  # each id once
@@ -126,7 +128,7 @@ def test_ray_job_resumes_by_id_after_the_driver_dies(cluster, tmp_path):
     (tmp_path / "noid" / "_manifest.json").write_text(json.dumps({**manifest, "complete": False}))
     with pytest.raises(ValueError, match="resumes by its ids"):
         run_on_ray(JobSpec(output=str(tmp_path / "noid"), **no_ids))
-    assert run_on_ray(JobSpec(output=str(tmp_path / "noid"), **no_ids, overwrite=True))["rows"] == 200
+    assert run_on_ray(JobSpec(output=str(tmp_path / "noid"), **no_ids, overwrite=True))["rows"] == n
 
 
 def test_ray_job_resumes_after_its_driver_is_killed(cluster, tmp_path):
@@ -141,14 +143,14 @@ def test_ray_job_resumes_after_its_driver_is_killed(cluster, tmp_path):
     from padfree.jobs.runner import JobSpec, run_job
     from padfree.ray import run_job as run_on_ray
 
-    texts = stdlib_paragraphs(limit=600)  # 12 shards of 50: killed after the first
+    texts = stdlib_paragraphs(limit=240)  # 12 shards of 20: killed after the first
     pq.write_table(pa.table({"doc": [f"d{i:05d}" for i in range(len(texts))], "text": texts}),
-                   tmp_path / "in.parquet", row_group_size=50)
+                   tmp_path / "in.parquet", row_group_size=20)
     common = dict(kind="embed", input=str(tmp_path / "in.parquet"), model=str(minilm_path()), id_column="doc",
-                  progress=False, shard_rows=50)
+                  progress=False, shard_rows=20)
     out = tmp_path / "ray"
     cmd = [sys.executable, "-m", "padfree.cli", "embed", common["input"], str(out), "--id-column", "doc",
-           "--model", common["model"], "--shard-rows", "50", "--no-progress",
+           "--model", common["model"], "--shard-rows", "20", "--no-progress",
            "--ray", ray.get_runtime_context().gcs_address]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
     code, killed_log = kill_when(cmd, env, tmp_path / "killed.log", lambda: any(out.glob("*.parquet")))
@@ -161,7 +163,7 @@ def test_ray_job_resumes_after_its_driver_is_killed(cluster, tmp_path):
     manifest = json.loads((out / "_manifest.json").read_text())
     assert manifest["complete"] is False
     again = run_on_ray(JobSpec(output=str(out), **common))
-    assert again["rows"] == 600 and again["rows_done_before"] < 600
+    assert again["rows"] == 240 and again["rows_done_before"] < 240
     run_job(JobSpec(output=str(tmp_path / "local"), **common))
     local = pq.read_table(tmp_path / "local")
     theirs = pa.concat_tables([pq.read_table(f) for f in out.glob("*.parquet")]).sort_by("doc")
@@ -192,32 +194,36 @@ def test_ray_serve_answers_like_padfree_serve(cluster, tmp_path):
     from padfree.ray import serve_app
     from padfree.bench.corpus import stdlib_paragraphs
 
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(serve_app([("minilm", str(minilm_path()))]), name="padfree", route_prefix="/")
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while httpx.get(url + "/health", timeout=30).status_code != 200:
-        assert time.monotonic() < deadline, "the Ray Serve app did not become healthy"
-        time.sleep(0.5)
-
-    texts = stdlib_paragraphs(limit=40)
-    client = openai.OpenAI(base_url=url + "/v1", api_key="unused")
-    got = client.embeddings.create(model="minilm", input=texts)
-    ours = np.array([d.embedding for d in got.data], np.float32)
-    expected = padfree.SentenceEncoder.from_pretrained(str(minilm_path())).encode(texts)
-    np.testing.assert_allclose(ours, expected, atol=1e-5)
-    assert got.usage.prompt_tokens > len(texts)
-
-    reference = Server(["--model", f"minilm={minilm_path()}"], tmp_path / "serve.log")
+    # the reference server starts while the Ray Serve app deploys (it is waited for before its first request)
+    reference = Server(["--model", f"minilm={minilm_path()}"], tmp_path / "serve.log", wait=False)
     try:
-        for path, body in BAD:
-            r, want = _post(url, path, body), _post(reference.url, path, body)
-            assert 400 <= want.status_code < 500, (path, want.text)
-            assert (r.status_code, json.loads(r.content)) == (want.status_code, json.loads(want.content)), path
-        with pytest.raises(openai.NotFoundError) as e:
-            client.embeddings.create(model="nope", input="a")
-        assert e.value.body["code"] == "model_not_found"
+        port = free_port()
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.run(serve_app([("minilm", str(minilm_path()))]), name="padfree", route_prefix="/")
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 60
+        while httpx.get(url + "/health", timeout=30).status_code != 200:
+            assert time.monotonic() < deadline, "the Ray Serve app did not become healthy"
+            time.sleep(0.5)
+
+        texts = stdlib_paragraphs(limit=40)
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused")
+        got = client.embeddings.create(model="minilm", input=texts)
+        ours = np.array([d.embedding for d in got.data], np.float32)
+        expected = padfree.SentenceEncoder.from_pretrained(str(minilm_path())).encode(texts)
+        np.testing.assert_allclose(ours, expected, atol=1e-5)
+        assert got.usage.prompt_tokens > len(texts)
+
+        try:
+            reference.wait_ready()
+            for path, body in BAD:
+                r, want = _post(url, path, body), _post(reference.url, path, body)
+                assert 400 <= want.status_code < 500, (path, want.text)
+                assert (r.status_code, json.loads(r.content)) == (want.status_code, json.loads(want.content)), path
+            with pytest.raises(openai.NotFoundError) as e:
+                client.embeddings.create(model="nope", input="a")
+            assert e.value.body["code"] == "model_not_found"
+        finally:
+            serve.delete("padfree")
     finally:
         reference.stop()
-        serve.delete("padfree")
