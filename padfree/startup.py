@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import logging
 import time
-from pathlib import Path
 
 import torch
 
@@ -36,10 +35,9 @@ def bundled_model_path() -> str:
 
 
 def model_name(source, revision: str | None = None) -> str:
-    """How logs name a model: a directory by its name, a Hub ID as it is (``@revision`` where given), not by the
-    snapshot directory it resolves to."""
-    name = Path(source).name if Path(source).is_dir() else str(source)
-    return f"{name}@{revision}" if revision else name
+    """How logs name a model: a directory by its path (its own name may say nothing: the bundled model's is
+    "model"), a Hub ID as it is (``@revision`` where given), not by the snapshot directory it resolves to."""
+    return f"{source}@{revision}" if revision else str(source)
 
 
 def parse_dtype(dtype, device="cpu") -> torch.dtype:
