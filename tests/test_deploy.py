@@ -206,7 +206,9 @@ def test_configured_by_environment_then_drained_by_sigterm(tmp_path, monkeypatch
 
         th = threading.Thread(target=send)
         th.start()
-        while "padfree_requests_in_flight 1.0" not in httpx.get(s.url + "/metrics").text:
+        deadline = time.monotonic() + 60  # until the request is in the server (or, on a fast machine, done)
+        while th.is_alive() and "padfree_requests_in_flight 1.0" not in httpx.get(s.url + "/metrics").text \
+                and time.monotonic() < deadline:
             time.sleep(0.005)
         t0 = time.monotonic()
         s.proc.send_signal(signal.SIGTERM)
