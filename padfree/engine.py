@@ -103,8 +103,8 @@ class AsyncEngine:
         if m is None:
             raise ModelNotFound(f"model {name!r} is not served; served models: {sorted(self.models)}")
         if kind is not None and m.pipeline.kind != kind:
-            can = KINDS[m.pipeline.kind] + (" (/embed_sparse)" if m.pipeline.kind == "sparse" else "")
-            raise ValueError(f"model {m.name!r} cannot do {what or KINDS[kind]}: it serves {can}")
+            raise ValueError(f"model {m.name!r} cannot do {what or KINDS[kind]}: it serves "
+                             f"{KINDS[m.pipeline.kind]}")
         return m
 
     def _on_batch(self, stats: BatchStats) -> None:
@@ -185,8 +185,7 @@ class AsyncEngine:
         """Scores ``[N]`` of (query, document) pairs, in the order of ``documents``: the checkpoint's activation
         (as :meth:`padfree.CrossEncoder.score`), or its logits with ``raw_scores``."""
         m = self.model(model, "classify", "reranking")
-        if m.pipeline.num_labels != 1:
-            raise ValueError(f"model {m.name!r} has {m.pipeline.num_labels} labels; reranking needs one score")
+        m.pipeline.check_reranker(m.name)
         _, docs = _texts(documents)
         if not isinstance(query, str):
             raise ValueError(f"query must be a string; got {type(query).__name__}")

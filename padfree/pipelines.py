@@ -382,6 +382,12 @@ class ClassifyPipeline(Pipeline):
     def num_labels(self) -> int:
         return self.classifier.num_labels
 
+    def check_reranker(self, name: str) -> None:
+        """``ValueError`` where the model (served as ``name``) has more than one label: reranking needs one
+        score."""
+        if self.num_labels != 1:
+            raise ValueError(f"model {name!r} has {self.num_labels} labels; reranking needs one score")
+
     def prepare(self, texts: Sequence[str], pairs: Sequence[str] | None = None, truncate: bool = False,
                 side: str | None = None, output: str = "probabilities") -> list[Seq]:
         """Texts (or text pairs); ``InputTooLong`` naming a too-long input and the limit unless ``truncate``.

@@ -95,12 +95,6 @@ def read_embed_modules(path) -> EmbedModules:
                         steps[:-1] if normalize else steps, truncate_dim)
 
 
-def read_modules(path: Path) -> tuple[Path, list[str], bool, bool]:
-    """(transformer dir, pooling modes, include_prompt, normalize?): the first fields of
-    :func:`read_embed_modules`."""
-    return tuple(read_embed_modules(path))[:4]
-
-
 def check_step(module: Module) -> dict:
     """A step's config; ``ValueError`` naming what padfree does not run: another feature than the sentence
     embedding, or a Dense activation outside :data:`ACTIVATIONS`."""

@@ -43,12 +43,16 @@ def openvino_encoder(path: str, dtype: torch.dtype, log=print):
 
     import transformers as tf
 
-    from ..sentence import read_modules
+    from ..sentence import read_embed_modules
     from .baselines import Skip, build_openvino
 
-    transformer_dir, modes, _, normalize_ = read_modules(Path(path))
+    found = read_embed_modules(Path(path))
+    transformer_dir, modes, normalize_ = found.transformer_dir, found.pooling, found.normalize
     if modes not in (["mean"], ["cls"]):
         raise Skip(f"the OpenVINO W2 baseline implements mean or CLS pooling, not {modes}")
+    if found.steps or found.truncate_dim:
+        raise Skip("the OpenVINO W2 baseline implements Transformer -> Pooling -> Normalize only, not the "
+                   f"modules after Pooling ({', '.join(m.kind for m in found.steps)}) or truncate_dim")
     conf_file = transformer_dir / "sentence_bert_config.json"
     max_len = json.loads(conf_file.read_text()).get("max_seq_length", 512) if conf_file.is_file() else 512
     hf = tf.AutoModel.from_pretrained(str(transformer_dir), attn_implementation="sdpa").eval()

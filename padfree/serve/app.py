@@ -513,9 +513,10 @@ async def _rerank(state: ServerState, request: Request, m: Served, query: str, t
                   truncate: bool | None, side: str, raw: bool, max_tokens: int | None = None) -> np.ndarray:
     """Scores ``[N]`` of (query, text) pairs: the checkpoint's activation, or the raw logits; each text cut to
     ``max_tokens`` tokens first where given."""
-    if m.pipeline.num_labels != 1:
-        raise ApiError(400, f"model {m.name!r} has {m.pipeline.num_labels} labels; reranking needs one score",
-                       param="model")
+    try:
+        m.pipeline.check_reranker(m.name)
+    except ValueError as e:
+        raise ApiError(400, str(e), param="model") from None
     if not query:
         raise ApiError(422, "`query` is an empty string", "Empty", param="query")
     state.check_count(len(texts), field_name)
