@@ -189,6 +189,7 @@ class CpuPlan:
     bf16_native_rows: int    # bf16 batches of at most this many tokens on the native stack
     onednn_stack_rows: int   # fp32 batches above own_product_rows, up to this, through the stack on oneDNN's products
     attention_len: int       # the longest sequence the native attention takes (PyTorch's flash kernel above)
+    int8_isa: str            # the native int8 products' kernels ("avx2", which AVX-512 CPUs run too), "" (none)
     pin_threads: bool        # torch's OpenMP workers pinned one per CPU (padfree.ops.native.pin_workers)
     reasons: dict[str, str] = field(default_factory=dict, compare=False)
 
@@ -204,7 +205,8 @@ class CpuPlan:
                         "l2_kib": p.l2_kib, "l3_kib": p.l3_kib, "features": p.isa_summary},
                 "plan": {k: getattr(self, k) for k in ("native_isa", "bf16_compute", "bf16_dot", "onednn_bf16",
                                                        "own_product_rows", "bf16_native_rows", "onednn_stack_rows",
-                                                       "mkl_small_rows", "attention_len", "pin_threads")},
+                                                       "mkl_small_rows", "attention_len", "int8_isa",
+                                                       "pin_threads")},
                 "reasons": dict(self.reasons)}
 
 
@@ -237,10 +239,13 @@ def plan_for(profile: CpuProfile, settings: Settings = Settings()) -> CpuPlan:
     why["mkl_small_rows"] = "PADFREE_SMALL_ROWS" if settings.small_rows is not None else (
         "MKL's sgemm is 2-3x oneDNN's on AMD (NOTES 19)" if amd else "no MKL off x86" if not profile.x86 else
         "MKL's packed sgemm wins to 64 rows on Intel (NOTES 15)")
+    int8 = "avx2" if isa in ("avx2", "avx512") else ""
+    why["int8_isa"] = ("the native AVX2 int8 products (vpmaddwd on int8 values held as int16; NOTES 26)" if int8 else
+                       "int8 products need the native module's AVX2 kernels: " + why["native_isa"])
     limits = _LIMITS.get((isa, "amd" if amd else "intel"), _NO_KERNELS)
     why["row_limits"] = limits["why"]
     return CpuPlan(profile=profile, native_isa=isa, bf16_dot=bf16_dot, bf16_compute=fast_bf16,
-                   onednn_bf16=onednn_bf16, mkl_small_rows=small, pin_threads=settings.pin_threads, reasons=why,
+                   onednn_bf16=onednn_bf16, mkl_small_rows=small, int8_isa=int8, pin_threads=settings.pin_threads, reasons=why,
                    **{k: v for k, v in limits.items() if k != "why"})
 
 
@@ -290,14 +295,14 @@ EXAMPLES: dict[str, CpuProfile] = {
 }
 
 
-DTYPE_CHOICES = ("auto", "fp32", "bf16")  # what the CLI, jobs and Ray take (auto: choose_dtype's pick)
+DTYPE_CHOICES = ("auto", "fp32", "bf16", "int8")  # what the CLI, jobs and Ray take (auto: choose_dtype's pick)
 _DTYPE_NAMES = {"fp32": "float32", "float32": "float32", "bf16": "bfloat16", "bfloat16": "bfloat16",
-                "fp16": "float16", "float16": "float16"}
+                "fp16": "float16", "float16": "float16", "int8": "int8"}
 
 
 def dtype_name(dtype: torch.dtype) -> str:
-    """The short name of a dtype the CLI takes ("fp32", "bf16", "fp16")."""
-    return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+    """The short name of a dtype the CLI takes ("fp32", "bf16", "fp16", "int8")."""
+    return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.int8: "int8"}[dtype]
 
 
 def choose_dtype(dtype, device="cpu", plan: CpuPlan | None = None):
@@ -305,7 +310,8 @@ def choose_dtype(dtype, device="cpu", plan: CpuPlan | None = None):
     fp32/bf16/fp16 (or float32, ...), or "auto": bfloat16 where the plan says bf16 products are faster than fp32
     here (and on a GPU), float32 elsewhere; the choice is logged. An explicit bf16 is kept: where bf16 products are
     slower than fp32 the encoder computes in fp32 on the bf16 weights, or says at load why it is slow
-    (:meth:`padfree.models.encoder.Encoder.prepare`). ``ValueError`` for any other value."""
+    (:meth:`padfree.models.encoder.Encoder.prepare`). "int8" gives ``torch.int8``: fp32 weights and activations
+    with every product on int8 operands (:mod:`padfree.ops.int8_backend`). ``ValueError`` for any other value."""
     plan = plan or current()
     on_cpu = torch.device(device).type == "cpu"
     if isinstance(dtype, str):
@@ -316,6 +322,6 @@ def choose_dtype(dtype, device="cpu", plan: CpuPlan | None = None):
                      "GPU" if not on_cpu else plan.reasons["bf16_compute"])
             return chosen
         if name not in _DTYPE_NAMES:
-            raise ValueError(f"dtype {dtype!r} is not supported; use auto, fp32, bf16 or fp16 (or a torch.dtype)")
+            raise ValueError(f"dtype {dtype!r} is not supported; use auto, fp32, bf16, fp16 or int8 (or a torch.dtype)")
         dtype = getattr(torch, _DTYPE_NAMES[name])
     return dtype

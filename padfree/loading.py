@@ -17,6 +17,7 @@ import torch
 
 from ._hf import have_transformers, missing
 from .config import ModelConfig
+from . import int8
 from .cpu import choose_dtype
 from .hub import resolve_source
 from .lora import TaskAdapters, check_task, read_lora_config, split_adapters
@@ -163,9 +164,13 @@ class Loaded:
     hf_state: dict[str, torch.Tensor]  # every checkpoint tensor, by its Hugging Face name
 
 
-def check_dtype(dtype: torch.dtype) -> None:
-    if dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        raise ValueError(f"dtype {dtype} is not supported; use torch.float32, torch.bfloat16 or torch.float16")
+def check_dtype(dtype: torch.dtype, device="cpu") -> None:
+    if dtype not in (torch.float32, torch.bfloat16, torch.float16, torch.int8):
+        raise ValueError(f"dtype {dtype} is not supported; use torch.float32, torch.bfloat16, torch.float16 or "
+                         "torch.int8 (int8 products)")
+    if dtype == torch.int8 and torch.device(device).type != "cpu":
+        raise ValueError(f"dtype int8 runs on the CPU only (padfree's native int8 products); on {device} use bf16 "
+                         "or fp16")
 
 
 def load(source, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
@@ -174,7 +179,9 @@ def load(source, dtype: torch.dtype = torch.float32, device: torch.device | str 
     ``task``: the LoRA adapter merged into the weights (see :func:`from_pretrained`); ``dtype``: a torch.dtype, a
     name (fp32, bf16, fp16) or "auto" (:func:`padfree.cpu.choose_dtype`: the fastest for this CPU)."""
     dtype = choose_dtype(dtype, device)
-    check_dtype(dtype)
+    check_dtype(dtype, device)
+    products = "int8" if dtype == torch.int8 else "float"  # int8: fp32 weights, int8 products (padfree.int8)
+    dtype = torch.float32 if dtype == torch.int8 else dtype
     hf_config = read_config(source)
     family = family_for_config(hf_config)
     cfg = family.make_config(hf_config)  # unsupported types/activations fail here, before any weight is read
@@ -191,7 +198,9 @@ def load(source, dtype: torch.dtype = torch.float32, device: torch.device | str 
     adapters = TaskAdapters.build(family, cfg, lora, factors, state) if lora is not None else None
     merged = adapters.merged(task, dtype, device) if task is not None else None  # once: W + scale * B A, then cast
     model = Encoder.from_state(cfg, state, dtype=dtype, device=device, backend=backend, replace=merged,
-                               task=task, adapters=adapters)
+                               task=task, adapters=adapters, products=products)
+    if products == "int8":
+        int8.gate(model, str(source) if isinstance(source, (str, Path)) else type(source).__name__)
     if adapters is not None:
         adapters.register(model)
     return Loaded(model, family, hf_config, hf_state)

@@ -187,4 +187,4 @@ class TaskAdapters:
         with torch.inference_mode(False), torch.no_grad():  # may be called from a forward (inference mode)
             return Encoder.from_state(like.config, dict(like.state_dict()), dtype=like.dtype, device=like.device,
                                       backend=like.backend, replace=self.merged(task, like.dtype, like.device),
-                                      task=task, adapters=self)
+                                      task=task, adapters=self, products=like.products)

@@ -64,7 +64,8 @@ class Pipeline:
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.encoder.dtype
+        """What the model was loaded as: its weights' dtype, or ``torch.int8`` for int8 products."""
+        return torch.int8 if self.encoder.products == "int8" else self.encoder.dtype
 
     @property
     def max_input_length(self) -> int:

@@ -101,8 +101,9 @@ def test_dtype_auto_picks_by_the_plan(caplog):
     assert cpu.choose_dtype("auto", "cpu", zen4) == torch.bfloat16
     assert cpu.choose_dtype("auto", "cuda", zen3) == torch.bfloat16
     assert cpu.choose_dtype("bf16", "cpu", zen3) == cpu.choose_dtype(torch.bfloat16, "cpu", zen4) == torch.bfloat16
-    with pytest.raises(ValueError, match="dtype 'int8' is not supported"):
-        cpu.choose_dtype("int8")
+    assert cpu.choose_dtype("int8", "cpu", zen3) == torch.int8  # int8 products (padfree.ops.int8_backend)
+    with pytest.raises(ValueError, match="dtype 'int4' is not supported"):
+        cpu.choose_dtype("int4")
 
 
 def test_a_bf16_model_computes_in_fp32_where_bf16_is_slow_or_says_why(caplog):

@@ -158,6 +158,7 @@ class Encoder(nn.Module):
         self.backend = "auto"  # the backend asked of prepare()
         self.cpu_plan: CpuPlan | None = None  # the CPU paths prepare() resolved the kernels for
         self.compute_dtype: torch.dtype | None = None  # the forward's arithmetic (prepare(): _compute_dtype)
+        self.products = "float"  # the product ops' arithmetic: "float" (compute_dtype) or "int8" (from_state)
         self.task: str | None = None  # the task LoRA adapter merged into these weights (None: base weights)
         self.adapters = None  # padfree.lora.TaskAdapters of a checkpoint with task adapters (jina-embeddings-v3)
         if self.device.type != "meta":  # meta weights: nothing to run yet (from_state prepares after assigning)
@@ -167,13 +168,15 @@ class Encoder(nn.Module):
     def from_state(cls, cfg: ModelConfig, state: dict[str, torch.Tensor], *, dtype: torch.dtype,
                    device: torch.device | str, backend: str = "auto",
                    replace: dict[str, torch.Tensor] | None = None, task: str | None = None,
-                   adapters=None) -> "Encoder":
+                   adapters=None, products: str = "float") -> "Encoder":
         """An encoder whose parameters are ``state``'s tensors (padfree names; a pooler where it holds
         ``pooler.weight``), prepared for ``backend``: built on the meta device (no allocation, no init), every shape
         checked (``ValueError`` naming those that do not fit ``cfg``), the tensors cast to ``dtype`` on ``device``
         (a tensor already there is used as it is, not copied) and assigned. ``replace``: tensors taken instead of
         ``state``'s, as they are (a task adapter's merged weights). ``task`` / ``adapters``: what the weights
-        merged, and the :class:`padfree.lora.TaskAdapters` they came from."""
+        merged, and the :class:`padfree.lora.TaskAdapters` they came from. ``products``: "int8" runs every product
+        op on int8 weights and per-token int8 activations (:mod:`padfree.ops.int8_backend`; ``dtype`` then float32),
+        "float" in ``dtype``."""
         with torch.device("meta"), _SkipInit():  # no init on meta tensors: it would import torch._dynamo (~1 s)
             model = cls(cfg, has_pooler="pooler.weight" in state)
         expected = model.state_dict()
@@ -185,7 +188,7 @@ class Encoder(nn.Module):
         state = {k: v.to(device=device, dtype=dtype) for k, v in state.items() if k not in replace}
         state.update(replace)
         model.load_state_dict(state, assign=True, strict=True)
-        model.task, model.adapters = task, adapters
+        model.task, model.adapters, model.products = task, adapters, products
         return model.prepare(backend)
 
     def prepare(self, backend: str = "auto", plan: CpuPlan | None = None) -> "Encoder":
@@ -197,7 +200,7 @@ class Encoder(nn.Module):
         self.compute_dtype = self._compute_dtype(w.device, w.dtype, backend)
         self.kernels = Kernels.resolve(w.device, self.compute_dtype, self.config.head_dim, backend,
                                        relative_scores=self.relative is not None, features=self.config.features,
-                                       plan=self.cpu_plan)
+                                       plan=self.cpu_plan, products=self.products)
         self.eval()
         return self
 
@@ -359,11 +362,11 @@ class Encoder(nn.Module):
             extra["window"] = cfg.window(i)
         ctx = k.qkv_varlen_attention(h, t.qkv_weight, t.qkv_bias, batch.cu_seqlens, batch.max_seqlen,
                                      cfg.num_heads, cfg.attention_scale, runs=batch.runs, **extra)  # [T, H]
-        x = x + F.linear(ctx, t.attn_out_weight, t.attn_out_bias)
+        x = k.linear_residual(ctx, t.attn_out_weight, t.attn_out_bias, x)
         h = self._norm(x, t.ffn_norm_weight, t.ffn_norm_bias)
         act = k.linear_gated_act if cfg.gated_ffn else k.linear_bias_act
         f = act(h, t.ffn_in_weight, t.ffn_in_bias, cfg.activation)  # [T, F]
-        return x + F.linear(f, t.ffn_out_weight, t.ffn_out_bias)
+        return k.linear_residual(f, t.ffn_out_weight, t.ffn_out_bias, x)
 
     def _norm(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """A pre-LN norm: RMSNorm (EuroBERT, the ``rms_norm`` op) or LayerNorm (ModernBERT)."""

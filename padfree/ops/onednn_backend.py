@@ -53,7 +53,8 @@ _PACKERS = {"onednn": lambda w: torch.ops.mkldnn._reorder_linear_weight(w),
             "mkl": lambda w: torch.ops.mkl._mkl_reorder_linear_weight(w, 64),
             "blocks": lambda w: native.module().pack_blocks(w),  # the native product's blocks (fp32 or bf16)
             "pairs": lambda w: native.module().pack_pairs(w),  # the native bf16 dot product's blocks
-            "fp32": lambda w: w.float()}  # a bf16 vector as fp32
+            "fp32": lambda w: w.float(),  # a bf16 vector as fp32
+            "int8": lambda w: native.module().pack_int8(w)}  # (int8 packing, per-column scales): int8_backend
 # (id(weight), layout) -> (weight ref, version, packed)
 _packed: dict[tuple[int, str], tuple[weakref.ref, int, torch.Tensor]] = {}
 _packing = threading.Lock()  # serialises filling _packed (the hit path reads it without a lock)
@@ -135,6 +136,12 @@ def linear_gated_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     """``act(input) * gate`` of ``x @ weight.T + bias = [input | gate]``: ``[T, K] -> [T, N / 2]`` (the bias
     inside the product)."""
     return torch_backend.gated_act(_linear(x, weight, bias, plan or cpu.current()), None, activation)
+
+
+def linear_residual(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor,
+                    plan: CpuPlan | None = None) -> torch.Tensor:
+    """``x @ weight.T + bias + residual``: ``[T, K] -> [T, N]`` (a pre-LN layer's output products)."""
+    return _linear(x, weight, bias, plan or cpu.current()).add_(residual)
 
 
 def linear_residual_layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -246,8 +253,16 @@ def post_ln_layers(x: torch.Tensor, layers, runs, num_heads: int, scale: float, 
     small-batch path (MKL's products) without Python between them."""
     plan = plan or cpu.current()
     weights = layers[0].tensors().qkv_weight.dtype  # bf16 weights with fp32 x: a bf16 model computing in fp32
-    if activation not in _NATIVE_ACTIVATIONS or x.dtype not in (weights, torch.float32) \
-            or (layout := stack_path(weights, x.shape[0], plan)) is None or native.module() is None:
+    if x.dtype not in (weights, torch.float32) or (layout := stack_path(weights, x.shape[0], plan)) is None:
+        return None
+    return run_stack(x, layers, runs, num_heads, scale, eps, activation, layout, plan)
+
+
+def run_stack(x: torch.Tensor, layers, runs, num_heads: int, scale: float, eps: float, activation: str, layout: str,
+              plan: CpuPlan) -> torch.Tensor | None:
+    """The native stack's call for ``layout`` (a :func:`stack_path` or "int8": :mod:`.int8_backend`'s products);
+    None where it does not apply (another activation, a tensor the stack lacks, no native module)."""
+    if activation not in _NATIVE_ACTIVATIONS or native.module() is None:
         return None
     stack = []
     for layer in layers:
@@ -272,20 +287,27 @@ def _stack_layer(layer, layout: str):
     if any(v is None for v in t):
         return None
     named = native.module().StackLayer(
-        packing=layout,
-        qkv_weight=t.qkv_weight, qkv_packed=packed_weight(t.qkv_weight, layout), qkv_bias=_fp32(t.qkv_bias),
-        attn_out_weight=t.attn_out_weight, attn_out_packed=packed_weight(t.attn_out_weight, layout),
-        attn_out_bias=_fp32(t.attn_out_bias),
+        packing=layout, **_linear_fields("qkv", t.qkv_weight, t.qkv_bias, layout),
+        **_linear_fields("attn_out", t.attn_out_weight, t.attn_out_bias, layout),
         attn_norm_weight=_fp32(t.attn_norm_weight), attn_norm_bias=_fp32(t.attn_norm_bias),
-        ffn_in_weight=t.ffn_in_weight, ffn_in_packed=packed_weight(t.ffn_in_weight, layout),
-        ffn_in_bias=_fp32(t.ffn_in_bias),
-        ffn_out_weight=t.ffn_out_weight, ffn_out_packed=packed_weight(t.ffn_out_weight, layout),
-        ffn_out_bias=_fp32(t.ffn_out_bias),
+        **_linear_fields("ffn_in", t.ffn_in_weight, t.ffn_in_bias, layout),
+        **_linear_fields("ffn_out", t.ffn_out_weight, t.ffn_out_bias, layout),
         ffn_norm_weight=_fp32(t.ffn_norm_weight), ffn_norm_bias=_fp32(t.ffn_norm_bias))
     versions = tuple((p, p._version) for p in t if not p.is_inference())  # inference tensors keep no counter
     with _packing:
         _stack_cache.setdefault(layer, {})[layout] = (t, versions, named)
     return named
+
+
+def _linear_fields(name: str, weight: torch.Tensor, bias: torch.Tensor, layout: str) -> dict[str, torch.Tensor]:
+    """One linear's ``StackLayer`` fields: its weight, packing (and the int8 packing's scales) and fp32 bias."""
+    packed = packed_weight(weight, layout)
+    fields = {f"{name}_weight": weight, f"{name}_bias": _fp32(bias)}
+    if layout == "int8":
+        fields[f"{name}_packed"], fields[f"{name}_scales"] = packed
+    else:
+        fields[f"{name}_packed"] = packed
+    return fields
 
 
 # layer -> {layout: (its tensors, their versions, its StackLayer)}

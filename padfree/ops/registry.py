@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from .. import cpu
 from ..cpu import CpuPlan
+from . import native
 
 log = logging.getLogger("padfree")
 
@@ -49,6 +50,10 @@ def _compose_linear_tanh() -> Callable:
     return lambda x, w, b: torch.tanh(F.linear(x, w, b))
 
 
+def _compose_linear_residual() -> Callable:
+    return lambda x, w, b, residual: F.linear(x, w, b).add_(residual)
+
+
 def _compose_post_ln_layers() -> Callable:
     return lambda x, layers, runs, heads, scale, eps, activation: None  # no fused stack: the encoder runs each layer
 
@@ -69,6 +74,8 @@ class Op:
     uses: frozenset[str] = frozenset()   # model features (ModelConfig.features) that change what this op must
                                          # do; a backend runs it for such a model only if it lists them
     only_for: str | None = None          # resolved only for models with this feature (e.g. "gated_ffn")
+    product: bool = False                # multiplies by a weight: under int8 products (Encoder.products) only a
+                                         # backend listing them runs it (never a composition on F.linear)
 
 
 # Every op, once. Primitives first; the fused ops are a linear together with what consumes its output: a backend
@@ -89,21 +96,25 @@ OPS: dict[str, Op] = {op.name: op for op in (
        uses=frozenset({"norm_without_bias"})),
     Op("qkv_varlen_attention", "(x [T, H], weight [3H, H], bias, cu_seqlens, max_seqlen, num_heads, scale=None, "
        "rel=None, runs=None, rotary=None, window=None) -> [T, H]", attention=True, composed_from="varlen_attention",
-       compose=_compose_qkv_attention, uses=_ATTENTION_FEATURES),
+       compose=_compose_qkv_attention, uses=_ATTENTION_FEATURES, product=True),
     Op("linear_bias_act", "(x [T, K], weight [N, K], bias, activation) -> act(x W^T + b) [T, N]",
-       composed_from="bias_act", compose=_compose_linear_bias_act),
+       composed_from="bias_act", compose=_compose_linear_bias_act, product=True),
     Op("linear_gated_act", "(x [T, K], weight [2F, K], bias, activation) -> gated_act(x W^T + b) [T, F]",
-       composed_from="gated_act", compose=_compose_linear_gated_act, only_for="gated_ffn"),
+       composed_from="gated_act", compose=_compose_linear_gated_act, only_for="gated_ffn", product=True),
     Op("linear_residual_layer_norm", "(x [T, K], weight [N, K], bias, residual [T, N], ln_weight, ln_bias, eps) "
-       "-> [T, N]", composed_from="add_bias_residual_layer_norm", compose=_compose_linear_residual_layer_norm),
+       "-> [T, N]", composed_from="add_bias_residual_layer_norm", compose=_compose_linear_residual_layer_norm,
+       product=True),
     # BERT's pooler over the first token of each sequence (a few rows: a pass over the weight); composed of torch
     # ops alone (no primitive has tanh)
     Op("linear_tanh", "(x [B, K], weight [N, K], bias) -> tanh(x W^T + b) [B, N]", compose=_compose_linear_tanh,
-       named_after="bias_act"),
+       named_after="bias_act", product=True),
+    # a pre-LN layer's output products, added to the residual stream
+    Op("linear_residual", "(x [T, K], weight [N, K], bias, residual [T, N]) -> x W^T + b + residual [T, N]",
+       compose=_compose_linear_residual, named_after="bias_act", product=True),
     # the whole post-LN stack of a plain layer (no relative terms, rotary or gated FFN) in one call where a backend
     # has it for this batch; its composition calls nothing and answers None: run the layers one by one
     Op("post_ln_layers", "(x [T, H], layers [EncoderLayer], runs, num_heads, scale, eps, activation) -> [T, H] or "
-       "None", compose=_compose_post_ln_layers, named_after="bias_act"),
+       "None", compose=_compose_post_ln_layers, named_after="bias_act", product=True),
 )}
 PRIMITIVES = tuple(name for name, op in OPS.items() if op.compose is None)
 FUSED_OPS = tuple(name for name, op in OPS.items() if op.compose is not None)
@@ -128,15 +139,20 @@ class Backend:
                                              # embedding LayerNorm
     takes_plan: bool = False                 # its functions take the CPU plan (``plan=``, padfree.cpu.CpuPlan):
                                              # the registry binds the encoder's
+    products: frozenset[str] = frozenset({"float"})  # the products its product ops compute: "float" (in the
+                                             # activations' dtype) or "int8" (quantized weights and activations)
+    needs_plan: str | None = None            # a CpuPlan field that must be set for it to run (its reason says why not)
+    needs_native: bool = False               # runs on padfree's native module (padfree.ops.native), built if missing
 
     def validate(self, op: str | None, device: torch.device, dtype: torch.dtype, head_dim: int | None = None,
                  relative_scores: bool = False, features: frozenset[str] = frozenset(),
-                 plan: CpuPlan | None = None) -> list[str]:
+                 plan: CpuPlan | None = None, products: str = "float") -> list[str]:
         """Every reason this backend cannot run ``op`` here (empty list = it can); ``op=None``: any op of its.
 
         ``relative_scores``: the caller will pass relative-position score terms to the attention;
         ``features``: the model's :attr:`padfree.config.ModelConfig.features`; ``plan``: the CPU's (default: this
-        machine's, :func:`padfree.cpu.current`)."""
+        machine's, :func:`padfree.cpu.current`); ``products``: what the model's product ops compute ("float" or
+        "int8"; the primitives are float whatever it is)."""
         reasons = []
         if op is not None and op not in self.ops:
             reasons.append(f"does not implement {op}")
@@ -152,6 +168,12 @@ class Backend:
         lacking = sorted((features & OPS[op].uses) - self.features) if op is not None else []
         if lacking:
             reasons.append(f"no {' or '.join(lacking)} in its {op}")
+        if op is not None and OPS[op].product and products not in self.products:
+            reasons.append(f"no {products} products")
+        if self.needs_plan and device.type == "cpu" and not getattr(plan := plan or cpu.current(), self.needs_plan):
+            reasons.append(plan.reasons[self.needs_plan])
+        if self.needs_native and not reasons and native.module() is None:
+            reasons.append(f"padfree's native module is unavailable ({native.why_not()})")
         if self.requires and importlib.util.find_spec(self.requires) is None:
             reasons.append(f"package {self.requires!r} is not installed")
         if self.needs_mkldnn and not torch.backends.mkldnn.is_available():
@@ -183,6 +205,12 @@ BACKENDS: list[Backend] = [
     Backend("onednn", frozenset({"cpu"}), frozenset({torch.float32, torch.bfloat16}), "padfree.ops.onednn_backend",
             frozenset(FUSED_OPS) | {"embed_layer_norm"}, needs_mkldnn=True, relative_scores=True,
             primitives_from="torch", features=_ATTENTION_FEATURES | {"norm_without_bias"}, takes_plan=True),
+    # every product op with int8 weights and per-token int8 activations on the native module's kernels (the pooler
+    # in fp32: a few rows); its primitives, the attention among them, are the torch backend's, in fp32
+    Backend("int8", frozenset({"cpu"}), frozenset({torch.float32}), "padfree.ops.int8_backend",
+            frozenset(name for name, op in OPS.items() if op.product), relative_scores=True, primitives_from="torch",
+            features=_ATTENTION_FEATURES, takes_plan=True, products=frozenset({"int8"}), needs_plan="int8_isa",
+            needs_native=True),
     Backend("torch", frozenset({"cpu", "cuda"}), _FLOATS, "padfree.ops.torch_backend", frozenset(PRIMITIVES),
             relative_scores=True, features=_ATTENTION_FEATURES | {"norm_without_bias"}),
 ]
@@ -193,7 +221,7 @@ def _reasons(reasons: dict[str, list[str]]) -> str:
 
 
 def _candidates(op: str, device: torch.device, dtype: torch.dtype, head_dim: int | None, backend: str,
-                relative_scores: bool, features: frozenset[str], plan: CpuPlan | None
+                relative_scores: bool, features: frozenset[str], plan: CpuPlan | None, products: str
                 ) -> tuple[list[Backend], dict[str, list[str]]]:
     """The backends to try for ``op`` in order, and the reasons already known against the others."""
     if backend == "auto":
@@ -205,13 +233,13 @@ def _candidates(op: str, device: torch.device, dtype: torch.dtype, head_dim: int
     if op in b.ops or b.primitives_from is None or op not in PRIMITIVES:
         return [b], {}
     # a backend of fused ops only, named alone, runs with another's primitives; only where it can run itself
-    why = b.validate(None, device, dtype, head_dim, relative_scores, features, plan)
+    why = b.validate(None, device, dtype, head_dim, relative_scores, features, plan, products)
     return ([] if why else [x for x in BACKENDS if x.name == b.primitives_from]), ({b.name: why} if why else {})
 
 
 def select(op: str, device: torch.device | str, dtype: torch.dtype, head_dim: int | None = None,
            backend: str = "auto", relative_scores: bool = False, features: frozenset[str] = frozenset(),
-           plan: CpuPlan | None = None) -> tuple[str, Callable]:
+           plan: CpuPlan | None = None, products: str = "float") -> tuple[str, Callable]:
     """``(backend name, function)`` for ``op``, the one way kernels are resolved (``Kernels.resolve`` calls it
     for each op; the per-call functions of ``padfree.ops`` too). A fused op no candidate implements is
     composed from F.linear and its primitive, named ``composed(<backend>)`` after the primitive's backend (one whose
@@ -221,20 +249,25 @@ def select(op: str, device: torch.device | str, dtype: torch.dtype, head_dim: in
     ``relative_scores``: the model passes relative-position score terms to the attention; ``features``: the
     model's other needs (``ModelConfig.features``: rotary, sliding window, LayerNorm without bias), which every
     chosen backend must handle in the ops that use them (``Op.uses``); ``plan``: the CPU plan the CPU backend's
-    functions are bound to and validated against (default: this machine's, :func:`padfree.cpu.current`)."""
+    functions are bound to and validated against (default: this machine's, :func:`padfree.cpu.current`);
+    ``products``: "float", or "int8" for a model whose product ops run on int8 weights (never composed: F.linear
+    is a float product)."""
     device = torch.device(device)
     spec = OPS.get(op)
     if spec is None:
         raise ValueError(f"unknown op {op!r}; ops: {list(OPS)}")
     features = frozenset(features)
-    candidates, reasons = _candidates(op, device, dtype, head_dim, backend, relative_scores, features, plan)
+    if products not in ("float", "int8"):
+        raise ValueError(f"unknown products {products!r}; known: float, int8")
+    candidates, reasons = _candidates(op, device, dtype, head_dim, backend, relative_scores, features, plan,
+                                      products)
     for b in candidates:
-        why = b.validate(op, device, dtype, head_dim, relative_scores, features, plan)
+        why = b.validate(op, device, dtype, head_dim, relative_scores, features, plan, products)
         if not why:
             log.info("padfree: %s uses backend %s%s", op, b.name, f" ({_reasons(reasons)})" if reasons else "")
             return b.name, b.function(op, plan)
         reasons[b.name] = why
-    if spec.compose is not None:
+    if spec.compose is not None and not (spec.product and products != "float"):
         primitive = spec.composed_from or spec.named_after
         try:
             name, fn = select(primitive, device, dtype, head_dim, backend, relative_scores, features, plan)
@@ -247,6 +280,7 @@ def select(op: str, device: torch.device | str, dtype: torch.dtype, head_dim: in
         log.info("padfree: %s composed from F.linear and %s (%s)", op, name, _reasons(reasons))
         return f"composed({name})", spec.compose(fn)
     raise ValueError(f"no backend can run {op} on {device.type} with {dtype}"
+                     f"{'' if products == 'float' else f' and {products} products'}"
                      f"{'' if head_dim is None else f' and head size {head_dim}'}: {_reasons(reasons)}")
 
 
@@ -264,8 +298,8 @@ class Kernels:
     @classmethod
     def resolve(cls, device, dtype: torch.dtype, head_dim: int, backend: str = "auto",
                 relative_scores: bool = False, features: frozenset[str] = frozenset(),
-                plan: CpuPlan | None = None) -> "Kernels":
-        chosen = {op: select(op, device, dtype, head_dim, backend, relative_scores, features, plan)
+                plan: CpuPlan | None = None, products: str = "float") -> "Kernels":
+        chosen = {op: select(op, device, dtype, head_dim, backend, relative_scores, features, plan, products)
                   for op in needed_ops(features)}
         return cls({op: fn for op, (_, fn) in chosen.items()}, {op: n for op, (n, _) in chosen.items()}, features)
 

@@ -28,6 +28,7 @@
 #include <algorithm>
 #include <array>
 #include <cmath>
+#include <cstring>
 #include <sstream>
 #include <string>
 #include <type_traits>
@@ -161,6 +162,7 @@ constexpr int kRows = 12;         // rows per kernel call: 24 accumulators, 2 we
 constexpr int kSplit = 11;        // rows per call where a block takes several: the 12-row kernel keeps 12 row
                                   // pointers and spills one per step (section 21)
 constexpr int64_t kAhead = 4096;  // prefetch distance in bytes
+constexpr int64_t kQCols = 16;    // output columns per panel of an int8 packing (pack_int8)
 
 // weight [N, K] -> [ceil(N / 32), K, 32], columns padded with zeros. fp32 in column order; bf16 in the word order
 // that unpacking each 128-bit lane against zeros (low words, then high words) turns into columns 0-15 and 16-31 as
@@ -1088,6 +1090,122 @@ PADFREE_AVX2 void attend(const float* q, const float* k, const float* v, int64_t
     rows[std::min(kGroup, n - i) - 1](q + i * ld, ld, s.kt.data(), v, ld, s, out + i * ldo, ldo, n, d, scale);
 }
 
+// -- int8 products: y [M, N] = act(sx * sw * (xq @ wq^T) + bias) (+ residual) --
+// The weight is quantized per output column to int8 (pack_int8: sw = max|w| / 127), x per row to `levels` levels
+// (quantize_rows: sx = max|x| / levels, xq = round(x / sx); default_levels: 12 bits). Both are held as int16 values so
+// that vpmaddwd multiplies pairs of k exactly into int32 (AVX2 has no 8-bit product that is exact for 8-bit signed
+// operands: vpmaddubsw saturates its int16 pair sums; benchmarks/NOTES.md, sections 25 and 26). The weight is stored
+// as int8 and sign-extended in registers (a quarter of fp32's bytes). A panel is 16 columns: per pair of k, 32 bytes,
+// two 8-lane vectors once widened; a call takes kQRows rows over one panel and the whole of K, its 12 accumulators
+// exact int32 (|sum| <= K * 127 * levels < 2^31: check_levels).
+constexpr int kQRows = 6;
+
+// One row: x [K] fp32 -> q [padded] int16 in [-levels, levels] (zeros past K); returns its scale sx
+PADFREE_AVX2 float quantize_row(const float* x, int64_t K, int16_t* q, int64_t padded, float levels) {
+  const __m256 magnitude = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+  __m256 mx = _mm256_setzero_ps();
+  int64_t k = 0;
+  for (; k + 8 <= K; k += 8) mx = _mm256_max_ps(mx, _mm256_and_ps(_mm256_loadu_ps(x + k), magnitude));
+  if (k < K) mx = _mm256_max_ps(mx, _mm256_and_ps(load8(x + k, K - k), magnitude));
+  const float amax = reduce_max(mx), inv = amax > 0 ? levels / amax : 0.f;
+  const __m256 scale = _mm256_set1_ps(inv);
+  for (k = 0; k + 16 <= K; k += 16) {  // packs_epi32 interleaves the 128-bit lanes: the permute restores the order
+    const __m256i a = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x + k), scale));
+    const __m256i b = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x + k + 8), scale));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + k), _mm256_permute4x64_epi64(_mm256_packs_epi32(a, b), 0xD8));
+  }
+  for (; k < K; ++k) q[k] = int16_t(std::nearbyint(x[k] * inv));  // round half to even, as cvtps_epi32
+  for (; k < padded; ++k) q[k] = 0;
+  return amax > 0 ? amax / levels : 1.f;
+}
+
+// R rows of xq (ldx int16 apart, pairs of k) times one panel w, dequantized with the rows' scales xs and the
+// columns' ws, plus bias (may be null), activated, plus residual (Res: res, N apart), into y (the first `cols` of
+// the panel's columns real)
+template <int R, Act A, bool Res>
+PADFREE_AVX2 void qblock(const int16_t* xq, int64_t ldx, int64_t pairs, const int8_t* w, const float* xs,
+                         const float* ws, const float* bias, const float* res, float* y, int64_t N, int64_t cols) {
+  __m256i acc[R][2];
+  PADFREE_UNROLL for (int m = 0; m < R; ++m) acc[m][0] = acc[m][1] = _mm256_setzero_si256();
+  for (int64_t p = 0; p < pairs; ++p) {
+    const __m256i w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + 32 * p)));
+    const __m256i w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + 32 * p + 16)));
+    PADFREE_UNROLL for (int m = 0; m < R; ++m) {
+      int32_t pair;
+      std::memcpy(&pair, xq + m * ldx + 2 * p, sizeof(pair));
+      const __m256i a = _mm256_set1_epi32(pair);
+      acc[m][0] = _mm256_add_epi32(acc[m][0], _mm256_madd_epi16(a, w0));
+      acc[m][1] = _mm256_add_epi32(acc[m][1], _mm256_madd_epi16(a, w1));
+    }
+  }
+  PADFREE_UNROLL for (int u = 0; u < 2; ++u) {
+    const int64_t c = 8 * u, left = cols - c;
+    if (left <= 0) continue;
+    const __m256 sw = load8(ws + c, left), b = bias ? load8(bias + c, left) : _mm256_setzero_ps();
+    PADFREE_UNROLL for (int m = 0; m < R; ++m) {
+      __m256 v = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[m][u]), _mm256_mul_ps(sw, _mm256_set1_ps(xs[m])), b);
+      v = act8<A>(v);
+      if constexpr (Res) v = _mm256_add_ps(v, load8(res + m * N + c, left));
+      store8(y + m * N + c, left, v);
+    }
+  }
+}
+
+using QBlockFn = void (*)(const int16_t*, int64_t, int64_t, const int8_t*, const float*, const float*, const float*,
+                          const float*, float*, int64_t, int64_t);
+template <Act A, bool Res, size_t... R>
+constexpr std::array<QBlockFn, kQRows> qblock_table(std::index_sequence<R...>) {
+  return {qblock<int(R) + 1, A, Res>...};
+}
+template <Act A, bool Res>
+constexpr auto qblocks = qblock_table<A, Res>(std::make_index_sequence<kQRows>());
+
+// The kernels of an epilogue (activation, residual or not)
+const std::array<QBlockFn, kQRows>& qblocks_for(Act act, bool res) {
+  switch (act) {
+    case Act::gelu: return res ? qblocks<Act::gelu, true> : qblocks<Act::gelu, false>;
+    case Act::gelu_tanh: return res ? qblocks<Act::gelu_tanh, true> : qblocks<Act::gelu_tanh, false>;
+    case Act::relu: return res ? qblocks<Act::relu, true> : qblocks<Act::relu, false>;
+    case Act::silu: return res ? qblocks<Act::silu, true> : qblocks<Act::silu, false>;
+    case Act::none: break;
+  }
+  return res ? qblocks<Act::none, true> : qblocks<Act::none, false>;
+}
+
+// Rows are taken in chunks of even sizes whose quantized x fits in L2 beside a panel (at most kQChunk bytes): each thread runs a chunk's
+// rows over a range of panels, the panel reused from L1/L2 by every kQRows rows of the chunk. Chunks are split over
+// the threads; where there are too few of them for the threads (short batches), the panels are split too.
+constexpr int64_t kQChunk = 196608;
+
+void qproduct(const int16_t* xq, const float* xs, int64_t M, int64_t pairs, const int8_t* w, const float* ws,
+              int64_t panels, const float* bias, const float* res, float* y, int64_t N, Act act) {
+  if (M == 0 || N == 0) return;
+  const auto& table = qblocks_for(act, res != nullptr);
+  const int64_t ldx = 2 * pairs;
+  const int64_t most = std::max<int64_t>(kQRows, kQChunk / (ldx * 2) / kQRows * kQRows);
+  const int64_t threads = at::get_num_threads(), least = (M + most - 1) / most;
+  // as many chunks for each thread (or one each, where there are few rows); each cut into `parts` panel ranges
+  const int64_t chunks = least >= threads ? (least + threads - 1) / threads * threads : least;
+  const int64_t rows = ((M + chunks - 1) / chunks + kQRows - 1) / kQRows * kQRows;  // chunks of even sizes
+  const int64_t parts = chunks >= threads ? 1 : std::min(panels, threads);
+  const int64_t per_part = (panels + parts - 1) / parts;
+  at::parallel_for(0, chunks * parts, 1, [&](int64_t first, int64_t last) {
+    for (int64_t task = first; task < last; ++task) {
+      const int64_t m_begin = task / parts * rows, m_end = std::min(M, m_begin + rows);
+      const int64_t j_begin = task % parts * per_part, j_end = std::min(panels, j_begin + per_part);
+      for (int64_t j = j_begin; j < j_end; ++j) {
+        const int64_t n0 = j * kQCols, cols = std::min(kQCols, N - n0);
+        const int8_t* wj = w + j * pairs * 2 * kQCols;
+        for (int64_t m0 = m_begin; m0 < m_end; m0 += kQRows) {
+          const int64_t r = std::min<int64_t>(kQRows, m_end - m0);
+          table[r - 1](xq + m0 * ldx, ldx, pairs, wj, xs + m0, ws + n0, bias ? bias + n0 : nullptr,
+                       res ? res + m0 * N + n0 : nullptr, y + m0 * N + n0, N, cols);
+        }
+      }
+    }
+  });
+}
+
 }  // namespace avx2
 
 #endif  // PADFREE_X86
@@ -1144,6 +1262,98 @@ Tensor multiply_packed(const Tensor& x, const Tensor& packed, int64_t N, const T
 // blocks_linear: multiply_packed for Python, the packing told by its rank (pack_pairs' are 4-D, pack_blocks' 3-D)
 Tensor blocks_linear(const Tensor& x, const Tensor& packed, int64_t N, const Tensor& bias, const std::string& isa) {
   return multiply_packed(x, packed, N, bias, packed.dim() == 4, parse_isa(isa, "blocks_linear"), "blocks_linear");
+}
+
+// ---- int8 products (the AVX2 kernels, which AVX-512 CPUs run too) ----
+
+std::string describe(const Tensor& t);
+
+// The int8 products' ISA: "avx2" on any CPU with AVX2 and FMA; an error naming the op otherwise
+void check_int8_isa(const std::string& isa, const char* op) {
+  TORCH_CHECK(isa == "avx2", op, ": int8 products have AVX2 kernels only (isa 'avx2'), got isa '", isa, "'");
+  const std::string why = lacks(isa);
+  TORCH_CHECK(why.empty(), op, ": isa 'avx2' cannot run here: ", why);
+}
+
+// The activations' quantization levels (x in [-levels, levels]) that keep a product's int32 sums exact: an int16
+// value (vpmaddwd's operands) with |sum| <= K * 127 * levels < 2^31
+void check_levels(int64_t levels, int64_t K, const char* op) {
+  TORCH_CHECK(levels >= 1 && levels <= 32767 && K * 127 * levels < (int64_t(1) << 31), op, ": levels ", levels,
+              " must be in [1, 32767] with K * 127 * levels < 2^31 (K = ", K, ")");
+}
+
+// The activations' levels int8_linear takes by default: 12 bits (the AVX2 kernels multiply int16 values, so more
+// bits than 8 cost nothing, and took the error to the int8 weights' alone: benchmarks/NOTES.md, section 26), fewer
+// where K is so large that 12 bits could overflow the int32 sums
+int64_t default_levels(int64_t K) {
+  return std::min<int64_t>(2047, ((int64_t(1) << 31) - 1) / (127 * std::max<int64_t>(K, 1)));
+}
+
+// weight [N, K] (fp32 or bf16) -> (packed int8 [ceil(N / 16), ceil(K / 2), 16, 2], scales fp32 [N]): each column
+// (output feature) quantized symmetrically, scale = max|w| / 127 (1 for an all-zero column), values round(w / scale)
+// in [-127, 127]; columns and an odd K's last pair padded with zeros.
+std::tuple<Tensor, Tensor> pack_int8(const Tensor& weight) {
+  TORCH_CHECK(weight.dim() == 2 && (weight.scalar_type() == at::kFloat || weight.scalar_type() == at::kBFloat16),
+              "pack_int8: an fp32 or bf16 [N, K] weight");
+  const Tensor w = weight.to(at::kFloat);
+  const int64_t N = w.size(0), K = w.size(1), panels = (N + kQCols - 1) / kQCols, pairs = (K + 1) / 2;
+  const Tensor amax = w.abs().amax(1);
+  const Tensor scales = at::where(amax > 0, amax / 127.f, at::ones_like(amax)).contiguous();
+  const Tensor q = at::round(w / scales.unsqueeze(1)).clamp_(-127, 127).to(at::kChar);
+  auto padded = at::zeros({panels * kQCols, 2 * pairs}, q.options());
+  padded.slice(0, 0, N).slice(1, 0, K).copy_(q);
+  return {padded.view({panels, kQCols, pairs, 2}).permute({0, 2, 1, 3}).contiguous(), scales};
+}
+
+// x [M, K] fp32 -> (xq int16 [M, K rounded up to even], scales fp32 [M]): each row quantized symmetrically to
+// [-levels, levels], scale = max|x| / levels (1 for an all-zero row), xq = round(x * (levels / max|x|)), half to even
+std::tuple<Tensor, Tensor> quantize_rows(const Tensor& x, int64_t levels, const std::string& isa) {
+  check_int8_isa(isa, "quantize_rows");
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(),
+              "quantize_rows: a contiguous fp32 [M, K] tensor");
+  check_levels(levels, x.size(1), "quantize_rows");
+  const int64_t M = x.size(0), K = x.size(1), padded = K + K % 2;
+  auto q = at::empty({M, padded}, x.options().dtype(at::kShort));
+  auto s = at::empty({M}, x.options());
+#if PADFREE_X86
+  const float* xp = x.data_ptr<float>();
+  int16_t* qp = q.data_ptr<int16_t>();
+  float* sp = s.data_ptr<float>();
+  at::parallel_for(0, M, std::max<int64_t>(1, kNormGrain / std::max<int64_t>(K, 1)), [&](int64_t first, int64_t last) {
+    for (int64_t m = first; m < last; ++m)
+      sp[m] = avx2::quantize_row(xp + m * K, K, qp + m * padded, padded, float(levels));
+  });
+#endif
+  return {q, s};
+}
+
+// act(x @ W^T + bias) + residual with x [M, K] fp32 quantized per row here (quantize_rows to `levels`, None:
+// default_levels), W packed by pack_int8 (packed, scales; N columns): exact int32 sums, dequantized in fp32. bias [N]
+// and residual [M, N] fp32 or None; activation: none, gelu, gelu_tanh, relu or silu. -> [M, N] fp32
+Tensor int8_linear(const Tensor& x, const Tensor& packed, const Tensor& scales, int64_t N,
+                   const std::optional<Tensor>& bias, const std::string& activation,
+                   const std::optional<Tensor>& residual, std::optional<int64_t> levels, const std::string& isa) {
+  check_int8_isa(isa, "int8_linear");
+  const Act act = activation == "none" ? Act::none : parse_activation(activation);
+  const int64_t M = x.size(0), K = x.dim() == 2 ? x.size(1) : -1, pairs = (K + 1) / 2;
+  TORCH_CHECK(x.dim() == 2 && packed.dim() == 4 && packed.scalar_type() == at::kChar && packed.is_contiguous() &&
+                  packed.size(1) == pairs && packed.size(2) == kQCols && packed.size(0) * kQCols >= N &&
+                  scales.scalar_type() == at::kFloat && scales.numel() == N && scales.is_contiguous(),
+              "int8_linear: x [M, K] and pack_int8's packing and scales of a [N, K] weight; got x ", describe(x),
+              ", packing ", describe(packed), ", scales ", describe(scales), ", N ", N);
+  TORCH_CHECK(!bias || (bias->scalar_type() == at::kFloat && bias->numel() == N && bias->is_contiguous()),
+              "int8_linear: bias must be a contiguous fp32 [N] tensor");
+  TORCH_CHECK(!residual || (residual->scalar_type() == at::kFloat && residual->dim() == 2 && residual->size(0) == M &&
+                            residual->size(1) == N && residual->is_contiguous()),
+              "int8_linear: residual must be a contiguous fp32 [M, N] tensor");
+  const auto [xq, xs] = quantize_rows(x.to(at::kFloat).contiguous(), levels ? *levels : default_levels(K), isa);
+  auto y = at::empty({M, N}, x.options().dtype(at::kFloat));
+#if PADFREE_X86
+  avx2::qproduct(xq.data_ptr<int16_t>(), xs.data_ptr<float>(), M, pairs, packed.data_ptr<int8_t>(),
+                 scales.data_ptr<float>(), packed.size(0), bias ? bias->data_ptr<float>() : nullptr,
+                 residual ? residual->data_ptr<float>() : nullptr, y.data_ptr<float>(), N, act);
+#endif
+  return y;
 }
 
 // The FFN activation in place on a contiguous fp32 tensor, split over the threads (isa aten: ATen's own)
@@ -1324,13 +1534,14 @@ Tensor attention(const Tensor& qkv, const std::vector<int64_t>& runs, int64_t he
 // bf16 dot products on x rounded to bf16, its attention on bf16 dot products too; isa avx512 with AVX-512 BF16),
 // onednn or mkl (those libraries' packings of fp32 weights, torch.ops.mkldnn._reorder_linear_weight and
 // torch.ops.mkl._mkl_reorder_linear_weight; any isa).
-enum class Packing { blocks, pairs, onednn, mkl };
+enum class Packing { blocks, pairs, onednn, mkl, int8 };
 
 Packing parse_packing(const std::string& name) {
   if (name == "blocks") return Packing::blocks;
   if (name == "pairs") return Packing::pairs;
   if (name == "onednn") return Packing::onednn;
-  TORCH_CHECK(name == "mkl", "StackLayer: unknown packing '", name, "' (blocks, pairs, onednn or mkl)");
+  if (name == "int8") return Packing::int8;
+  TORCH_CHECK(name == "mkl", "StackLayer: unknown packing '", name, "' (blocks, pairs, onednn, mkl or int8)");
   return Packing::mkl;
 }
 
@@ -1340,14 +1551,15 @@ const char* packing_name(Packing packing) {
     case Packing::pairs: return "pairs";
     case Packing::onednn: return "onednn";
     case Packing::mkl: return "mkl";
+    case Packing::int8: return "int8";
   }
   return "?";
 }
 
 // One linear of a layer: weight [N, K] (fp32, or bf16 in a bf16 model), packed (the weight in the layer's packing),
-// bias (fp32 [N])
+// bias (fp32 [N]); scales (fp32 [N]): the int8 packing's per-column scales (pack_int8), undefined for the others
 struct Linear {
-  Tensor weight, packed, bias;
+  Tensor weight, packed, bias, scales;
 };
 
 // One LayerNorm of a layer: weight and bias, fp32 [H]
@@ -1402,14 +1614,20 @@ void check_linear(const Linear& l, const std::string& name, Packing packing, int
   } else if (packing == Packing::pairs) {
     fits = p.dim() == 4 && p.size(0) == blocks && p.size(1) == (K + 1) / 2 && p.size(2) == kCols && p.size(3) == 2;
     expected << "pack_pairs' [" << blocks << ", " << (K + 1) / 2 << ", " << kCols << ", 2]";
+  } else if (packing == Packing::int8) {
+    const int64_t panels = (N + kQCols - 1) / kQCols;
+    fits = p.dim() == 4 && p.size(0) == panels && p.size(1) == (K + 1) / 2 && p.size(2) == kQCols && p.size(3) == 2;
+    expected << "pack_int8's [" << panels << ", " << (K + 1) / 2 << ", " << kQCols << ", 2]";
   } else {
     fits = p.is_mkldnn() && p.dim() == 2 && (packing == Packing::mkl || (p.size(0) == N && p.size(1) == K));
     expected << (packing == Packing::onednn ? "oneDNN's packing [" : "MKL's packing [") << N << ", " << K << "]";
   }
-  TORCH_CHECK(fits && p.scalar_type() == dtype && (p.is_mkldnn() || p.is_contiguous()), "StackLayer: ", name,
-              "_packed must be ", expected.str(), " of ", name, "_weight (", dtype, ") for packing '",
+  const auto packed_dtype = packing == Packing::int8 ? at::kChar : dtype;
+  TORCH_CHECK(fits && p.scalar_type() == packed_dtype && (p.is_mkldnn() || p.is_contiguous()), "StackLayer: ", name,
+              "_packed must be ", expected.str(), " of ", name, "_weight (", packed_dtype, ") for packing '",
               packing_name(packing), "', got ", describe(p));
   check_vector(l.bias, name + "_bias", N);
+  if (packing == Packing::int8) check_vector(l.scales, name + "_scales", N);
 }
 
 // A StackLayer from its fields, each checked against the packing and the hidden size (qkv_weight's K) and FFN size
@@ -1418,13 +1636,16 @@ StackLayer make_stack_layer(const std::string& packing, Tensor qkv_weight, Tenso
                             Tensor attn_out_weight, Tensor attn_out_packed, Tensor attn_out_bias,
                             Tensor attn_norm_weight, Tensor attn_norm_bias, Tensor ffn_in_weight,
                             Tensor ffn_in_packed, Tensor ffn_in_bias, Tensor ffn_out_weight, Tensor ffn_out_packed,
-                            Tensor ffn_out_bias, Tensor ffn_norm_weight, Tensor ffn_norm_bias) {
+                            Tensor ffn_out_bias, Tensor ffn_norm_weight, Tensor ffn_norm_bias,
+                            const std::optional<Tensor>& qkv_scales, const std::optional<Tensor>& attn_out_scales,
+                            const std::optional<Tensor>& ffn_in_scales, const std::optional<Tensor>& ffn_out_scales) {
+  const auto defined = [](const std::optional<Tensor>& t) { return t ? *t : Tensor(); };
   StackLayer layer{parse_packing(packing),
-                   {qkv_weight, qkv_packed, qkv_bias},
-                   {attn_out_weight, attn_out_packed, attn_out_bias},
+                   {qkv_weight, qkv_packed, qkv_bias, defined(qkv_scales)},
+                   {attn_out_weight, attn_out_packed, attn_out_bias, defined(attn_out_scales)},
                    {attn_norm_weight, attn_norm_bias},
-                   {ffn_in_weight, ffn_in_packed, ffn_in_bias},
-                   {ffn_out_weight, ffn_out_packed, ffn_out_bias},
+                   {ffn_in_weight, ffn_in_packed, ffn_in_bias, defined(ffn_in_scales)},
+                   {ffn_out_weight, ffn_out_packed, ffn_out_bias, defined(ffn_out_scales)},
                    {ffn_norm_weight, ffn_norm_bias}};
   TORCH_CHECK(qkv_weight.dim() == 2, "StackLayer: qkv_weight must be a [3H, H] tensor (H: the hidden size), got ",
               describe(qkv_weight));
@@ -1448,6 +1669,7 @@ Tensor multiply(const Tensor& x, const Linear& l, Packing packing, Isa isa) {
     case Packing::blocks: return multiply_packed(x, l.packed, l.weight.size(0), l.bias, false, isa, "post_ln_layers");
     case Packing::pairs: return multiply_packed(x, l.packed, l.weight.size(0), l.bias, true, isa, "post_ln_layers");
     case Packing::onednn: return onednn_linear(x, l.packed, l.bias);
+    case Packing::int8: return int8_linear(x, l.packed, l.scales, l.weight.size(0), l.bias, "none", {}, {}, "avx2");
     case Packing::mkl: break;
   }
   return mkl_linear(x, l.packed, l.weight, l.bias);
@@ -1462,6 +1684,7 @@ void check_layer_call(const StackLayer* layer, size_t i, const Tensor& x, Isa is
     TORCH_CHECK(isa != Isa::aten, "post_ln_layers: layer ", i, "'s packing '", packing_name(layer->packing),
                 "' needs isa 'avx2' or 'avx512' (the module's own products), got 'aten'");
   if (layer->packing == Packing::pairs) check_dot(isa, "post_ln_layers");
+  if (layer->packing == Packing::int8) check_int8_isa("avx2", "post_ln_layers");
 }
 
 // One post-LN layer: x [T, H] fp32 -> [T, H] fp32 (see post_ln_layers)
@@ -1513,7 +1736,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
            py::arg("qkv_packed"), py::arg("qkv_bias"), py::arg("attn_out_weight"), py::arg("attn_out_packed"),
            py::arg("attn_out_bias"), py::arg("attn_norm_weight"), py::arg("attn_norm_bias"), py::arg("ffn_in_weight"),
            py::arg("ffn_in_packed"), py::arg("ffn_in_bias"), py::arg("ffn_out_weight"), py::arg("ffn_out_packed"),
-           py::arg("ffn_out_bias"), py::arg("ffn_norm_weight"), py::arg("ffn_norm_bias"))
+           py::arg("ffn_out_bias"), py::arg("ffn_norm_weight"), py::arg("ffn_norm_bias"),
+           py::arg("qkv_scales") = py::none(), py::arg("attn_out_scales") = py::none(),
+           py::arg("ffn_in_scales") = py::none(), py::arg("ffn_out_scales") = py::none())
       .def_property_readonly("packing", [](const StackLayer& layer) { return packing_name(layer.packing); });
   m.def("post_ln_layers", &post_ln_layers, py::call_guard<py::gil_scoped_release>());
   m.def("cpu_runs", &cpu_runs);
@@ -1525,4 +1750,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("pack_blocks", &pack_blocks);
   m.def("pack_pairs", &pack_pairs);
   m.def("blocks_linear", &blocks_linear, py::call_guard<py::gil_scoped_release>());
+  m.def("pack_int8", &pack_int8);
+  m.def("quantize_rows", &quantize_rows, py::call_guard<py::gil_scoped_release>());
+  m.def("int8_linear", &int8_linear, py::call_guard<py::gil_scoped_release>());
 }
