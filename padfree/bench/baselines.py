@@ -18,7 +18,9 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "int8": torch.int8}
+INT8 = torch.int8  # each system in its own int8 form: padfree dtype="int8", transformers with torch's dynamic int8
+                   # Linear (Infinity's --dtype int8), ORT's quantize_dynamic, OpenVINO with NNCF's int8 weights
 
 
 class Skip(Exception):
@@ -29,7 +31,7 @@ Runner = Callable[[object], torch.Tensor]
 
 
 def _hf(model, dtype, device, attn: str):
-    m = copy.deepcopy(model).to(device=device, dtype=dtype)
+    m = copy.deepcopy(model).to(device=device, dtype=torch.float32 if dtype == INT8 else dtype)
     try:
         m.set_attn_implementation(attn)
     except ValueError as e:  # e.g. DeBERTa has no sdpa attention in transformers
@@ -57,12 +59,32 @@ def build_padfree(model, dtype, device) -> Runner:
     return run
 
 
+def build_padfree_fp32(model, dtype, device) -> Runner:
+    """padfree fp32, run beside padfree int8 (the int8 table's reference for speed and accuracy)."""
+    if dtype != INT8:
+        raise Skip("runs beside int8 only (padfree fp32 is the padfree row of the fp32 table)")
+    return build_padfree(model, torch.float32, device)
+
+
+def _no_int8(dtype, name: str) -> None:
+    if dtype == INT8:
+        raise Skip(f"{name} has no int8 form here (transformers' int8 is the hf-sdpa row: torch's dynamic int8 Linear)")
+
+
 def build_hf_eager(model, dtype, device) -> Runner:
+    _no_int8(dtype, "transformers eager")
     return _call_hf(_hf(model, dtype, device, "eager"), device)
 
 
 def build_hf_sdpa(model, dtype, device) -> Runner:
-    return _call_hf(_hf(model, dtype, device, "sdpa"), device)
+    """transformers sdpa; int8: every Linear swapped for torch's dynamic int8 one (``quantize_dynamic``, per-tensor
+    activations: what Infinity's ``--dtype int8`` runs)."""
+    m = _hf(model, dtype, device, "sdpa")
+    if dtype == INT8:
+        if device != "cpu":
+            raise Skip("torch's dynamic int8 Linear runs on the CPU only")
+        m = torch.ao.quantization.quantize_dynamic(m, {torch.nn.Linear}, dtype=torch.qint8)
+    return _call_hf(m, device)
 
 
 def build_hf_sdpa_compiled(model, dtype, device, allowed: bool = True, why_not: str = "") -> Runner:
@@ -70,6 +92,7 @@ def build_hf_sdpa_compiled(model, dtype, device, allowed: bool = True, why_not: 
     The compilation happens in the warm-up call, whose time the report shows."""
     if not allowed:
         raise Skip(why_not)
+    _no_int8(dtype, "torch.compile of transformers")
     m = _hf(model, dtype, device, "sdpa")
     compiled = torch.compile(m, dynamic=True)
     return _call_hf(compiled, device)
@@ -100,8 +123,10 @@ def build_ort(model, dtype, device, shape_name: str, log=print) -> Runner:
     provider = "CUDAExecutionProvider" if device.startswith("cuda") else "CPUExecutionProvider"
     if provider not in ort.get_available_providers():
         raise Skip(f"onnxruntime has no {provider} (installed: {ort.get_available_providers()})")
-    if device == "cpu" and dtype != torch.float32:
-        raise Skip("ONNX Runtime's CPU provider has no bf16/fp16 kernels for BERT (MatMul, Attention); fp32 only")
+    if device == "cpu" and dtype not in (torch.float32, INT8):
+        raise Skip("ONNX Runtime's CPU provider has no bf16/fp16 kernels for BERT (MatMul, Attention); fp32 and int8")
+    if dtype == INT8 and device != "cpu":
+        raise Skip("ONNX Runtime's dynamic int8 runs on its CPU provider")
     cfg = model.config
     tmp = tempfile.mkdtemp(prefix="padfree-ort-")
     raw, opt_path = os.path.join(tmp, "model.onnx"), os.path.join(tmp, "model_opt.onnx")
@@ -123,6 +148,8 @@ def build_ort(model, dtype, device, shape_name: str, log=print) -> Runner:
         opt.convert_float_to_float16(keep_io_types=True)
     opt.save_model_to_file(opt_path)
     fused = {k: v for k, v in opt.get_fused_operator_statistics().items() if v}
+    if dtype == INT8:
+        opt_path = _ort_int8(opt_path, log)
     so = ort.SessionOptions()
     so.intra_op_num_threads = torch.get_num_threads()
     # Systems take turns on the same cores. ORT's workers otherwise spin after each run and keep those cores
@@ -154,6 +181,21 @@ def _ov_type(t) -> str:
     return {"f32": "fp32", "f16": "fp16"}.get(name, name)
 
 
+def _ort_int8(path: str, log) -> str:
+    """ORT's dynamic quantization of the optimized graph, as sentence-transformers exports its ``qint8`` models:
+    int8 weights per channel, activations quantized per tensor at run time; ``reduce_range`` (7-bit weights) on a
+    CPU without VNNI, whose u8 x s8 products saturate otherwise (NOTES.md section 25)."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+    from padfree import cpu
+    vnni = bool({"avx512_vnni", "avx_vnni", "amx_int8"} & cpu.current().profile.features)
+    out = path.replace(".onnx", "_qint8.onnx")
+    import onnx
+    quantize_dynamic(path, out, weight_type=QuantType.QInt8, per_channel=True, reduce_range=not vnni,
+                     extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})  # the fused ops' outputs
+    log(f"  ORT: quantize_dynamic QInt8, per channel, reduce_range={not vnni}")
+    return out
+
+
 def build_openvino(model, dtype, device, log=print) -> Runner:
     """OpenVINO on the CPU: ``openvino.convert_model`` of the same transformers model (traced with a padded
     example, so the mask is applied), reshaped to dynamic ``[-1, -1]`` inputs (one compiled model serves every
@@ -167,6 +209,12 @@ def build_openvino(model, dtype, device, log=print) -> Runner:
     if not str(device).startswith("cpu"):
         raise Skip("the OpenVINO baseline runs on OpenVINO's CPU device only")
     hint = openvino_precision(dtype)
+    if dtype == INT8:
+        try:
+            import nncf
+        except ImportError:
+            raise Skip("missing package: nncf (pip install padfree[bench]): OpenVINO's int8 weights") from None
+        hint = "f32"
     if hint == "unsupported":
         raise Skip(f"OpenVINO is compared in fp32 and in its default precision (against padfree bf16), not {dtype}")
     core = ov.Core()
@@ -192,6 +240,9 @@ def build_openvino(model, dtype, device, log=print) -> Runner:
         _OV_MODELS.clear()
         _OV_MODELS[id(model)] = (model, ov_model)
     ov_model = _OV_MODELS[id(model)][1]
+    if dtype == INT8:  # NNCF's data-free int8 weight compression (asymmetric per channel); activations fp32
+        ov_model = nncf.compress_weights(ov_model.clone())
+        log("  openvino: nncf.compress_weights (INT8_ASYM weights)")
     config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": torch.get_num_threads()}
     if hint:
         config["INFERENCE_PRECISION_HINT"] = hint
@@ -272,6 +323,7 @@ class PackedTorchBert:
 
 
 def build_torch_varlen(model, dtype, device) -> Runner:
+    _no_int8(dtype, "the packed PyTorch baseline")
     if not device.startswith("cuda"):
         raise Skip("torch.nn.attention.varlen.varlen_attn runs on CUDA only")
     try:

@@ -93,6 +93,8 @@ def matmul_peak(dtype: torch.dtype, device: str = "cpu", n: int = 4096, runs: in
     models in fp32 (no fast bf16 products: :attr:`padfree.cpu.CpuPlan.bf16_compute`), the bf16 peak is the fp32
     one, which is what padfree's bf16 runs there compute on (and a bf16 ``torch.mm`` of this size takes minutes)."""
     from padfree import cpu
+    if dtype == torch.int8:  # no int8 product in PyTorch to measure a peak on (NOTES.md section 25)
+        return {**matmul_peak(torch.float32, device, n, runs), "computed_as": "fp32: int8 rows against the fp32 peak"}
     if device == "cpu" and dtype == torch.bfloat16 and not cpu.current().bf16_compute:
         return {**matmul_peak(torch.float32, device, n, runs), "computed_as": "fp32 (bf16 computes in fp32 here)"}
     a = torch.randn(n, n, dtype=dtype, device=device)

@@ -89,6 +89,10 @@ def _header(result: dict, title: str) -> list[str]:
     return lines + [""]
 
 
+def _cosine_cell(r: dict) -> str:
+    return f"{_f(r.get('cos_vs_fp32_min'), '{:.4f}')} / {_f(r.get('cos_vs_fp32_mean'), '{:.5f}')}"
+
+
 def w1_markdown(result: dict) -> str:
     rows = result.get("w1", [])
     if rows and all(r.get("workload") == "w1-long" for r in rows):
@@ -105,8 +109,11 @@ def w1_markdown(result: dict) -> str:
         systems = list(dict.fromkeys(r["system"] for r in sub if r["status"] == "ok"))  # columns: what ran
         baselines = [s for s in systems if s != "padfree"]
         lines += [f"## {shape}, {dtype}", ""]
+        accuracy = any("cos_vs_fp32_min" in r for r in sub)  # int8: each system's cosine to padfree fp32
         head = ["batch", "max len", "valid tokens", "padfree ms", "tokens/s", "GFLOP/s", "% peak"]
-        head += [f"{b} ms (padfree ×)" for b in baselines]
+        head += ["padfree cos to fp32 (min / mean)"] if accuracy else []
+        head += [f"{b} ms (padfree ×{'; cos min / mean' if accuracy and b != 'padfree-fp32' else ''})"
+                 for b in baselines]
         lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         configs = sorted({(r["batch"], r["max_len"]) for r in sub}, key=lambda c: (c[1], c[0]))
         for b, s in configs:
@@ -115,12 +122,15 @@ def w1_markdown(result: dict) -> str:
             cells = [str(b), str(s), str(p.get("tokens", next(iter(at.values()))["tokens"])),
                      _f(p.get("median_ms"), "{:.1f}"), _f(p.get("tokens_per_s"), "{:.0f}"),
                      _f(p.get("gflops"), "{:.0f}"), _f(p.get("pct_peak"), "{:.0f}%")]
+            if accuracy:
+                cells.append(_cosine_cell(p))
             for base in baselines:
                 r = at.get(base)
                 if r is None or r["status"] != "ok":
                     cells.append("skipped")
                 else:
-                    cells.append(f"{r['median_ms']:.1f} ({_f(r.get('speedup'), '{:.2f}×')})")
+                    cos = f"; {_cosine_cell(r)}" if accuracy and base != "padfree-fp32" else ""
+                    cells.append(f"{r['median_ms']:.1f} ({_f(r.get('speedup'), '{:.2f}×')}{cos})")
             lines.append("| " + " | ".join(cells) + " |")
         gm = {s["baseline"]: s for s in summary if s["model_shape"] == shape and s["dtype"] == dtype}
         if gm:

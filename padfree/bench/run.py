@@ -37,7 +37,8 @@ from .w3 import W3_BATCHES, W3_LENGTHS, W3_MODELS, W3_REGIMES, W3_SYSTEMS, run_w
 from .workloads import (LONG_SHAPE, MODEL_SHAPES, Shape, attention_flops, build_hf_model, encoder_flops,
                         make_w1_case, position_limit, w1_grid, w1_long_grid)
 
-W1_SYSTEMS = ("padfree", "hf-eager", "hf-sdpa", "hf-sdpa-compile", "ort", "openvino", "torch-varlen")
+W1_SYSTEMS = ("padfree", "padfree-fp32", "hf-eager", "hf-sdpa", "hf-sdpa-compile", "ort", "openvino", "torch-varlen")
+ONLY_BESIDE = {"padfree-fp32": "int8"}  # systems built for one dtype's table only (no skipped rows elsewhere)
 LONG_SYSTEMS = ("padfree", "hf-sdpa", "openvino")  # eager (S x S in Python ops) and ORT's BERT graph do not fit
 WORKLOADS = ("w1", "w1-long", "w2", "w3")
 # workloads that run alone, each with its own options, in its own processes: --workload NAME -> module whose
@@ -55,7 +56,8 @@ def parse_args(argv):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="batch 16, max length 64/128/256/512, fewer runs, W2 on 1500 texts")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
-    p.add_argument("--dtype", help="comma list of fp32,bf16,fp16 (default: fp32,bf16 on CPU; fp16,bf16 on GPU)")
+    p.add_argument("--dtype", help="comma list of fp32,bf16,fp16,int8 (default: fp32,bf16 on CPU; fp16,bf16 on GPU); "
+                   "int8: each system in its own int8 form, beside padfree fp32, with each one's cosine to fp32")
     p.add_argument("--workload", default="w1,w2", help="comma list of w1,w1-long,w2,w3 (default w1,w2); coldstart, serve "
                    "and job run alone, each with its own options (padfree bench --workload job --help)")
     p.add_argument("--model-shape", help=f"W1 and W1-long model shapes, comma list of {','.join(MODEL_SHAPES)} "
@@ -110,6 +112,7 @@ def _builders(args, shape: str):
            "its timed runs); run without --quick or with --compile on")
     return {
         "padfree": lambda m, d: bl.build_padfree(m, d, args.device),
+        "padfree-fp32": lambda m, d: bl.build_padfree_fp32(m, d, args.device),
         "hf-eager": lambda m, d: bl.build_hf_eager(m, d, args.device),
         "hf-sdpa": lambda m, d: bl.build_hf_sdpa(m, d, args.device),
         "hf-sdpa-compile": lambda m, d: bl.build_hf_sdpa_compiled(m, d, args.device, compile_ok, why),
@@ -122,6 +125,13 @@ def _builders(args, shape: str):
 def _valid_max_diff(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor) -> float:
     m = mask.to(a.device).bool()
     return float((a.float()[m] - b.float().to(a.device)[m]).abs().max())
+
+
+def _cosines(out: torch.Tensor, fp32: torch.Tensor, mask: torch.Tensor) -> dict:
+    """Cosine of each real token's output to padfree fp32's (min and mean): the int8 table's accuracy columns."""
+    m = mask.bool()
+    cos = torch.nn.functional.cosine_similarity(out.double()[m], fp32.double()[m], dim=-1)
+    return {"cos_vs_fp32_min": cos.min().item(), "cos_vs_fp32_mean": cos.mean().item()}
 
 
 def run_w1(args, peaks: dict, result: dict, long: bool = False) -> None:
@@ -143,7 +153,7 @@ def run_w1(args, peaks: dict, result: dict, long: bool = False) -> None:
             _log(f"W1 {shape} {dname}: building systems")
             runners, skipped = {}, {}
             for name, build in _builders(args, shape).items():
-                if name not in systems:
+                if name not in systems or ONLY_BESIDE.get(name, dname) != dname:
                     continue
                 try:
                     runners[name] = build(model, dtype)
@@ -167,6 +177,7 @@ def run_w1(args, peaks: dict, result: dict, long: bool = False) -> None:
                             tokens=case.tokens, padded_tokens=case.padded_tokens, flops=flops)
                 t_pf = timings["padfree"].median_s if "padfree" in timings else None
                 ref = outputs.get("hf-sdpa")
+                fp32 = outputs.get("padfree-fp32")  # int8: each system's accuracy against fp32
                 for name, tm in timings.items():
                     row = dict(base, system=name, status="ok" if tm.error is None else "skipped", reason=tm.error,
                                times_ms=[t * 1e3 for t in tm.times_s], warmup_s=tm.warmup_s)
@@ -176,14 +187,16 @@ def run_w1(args, peaks: dict, result: dict, long: bool = False) -> None:
                                    pct_peak=100 * flops / tm.median_s / 1e9 / peaks[dname]["gflops"])
                         if name != "padfree" and t_pf:
                             row["speedup"] = tm.median_s / t_pf
-                        if ref is not None and name in outputs and name != "hf-sdpa":
+                        if ref is not None and name in outputs and name != "hf-sdpa" and fp32 is None:
                             row["max_abs_diff_vs_hf_sdpa"] = _valid_max_diff(outputs[name], ref, case.attention_mask)
+                        if fp32 is not None and name in outputs and name != "padfree-fp32":
+                            row.update(_cosines(outputs[name], fp32, case.attention_mask))
                     result["w1"].append(row)
                 for name, reason in skipped.items():
                     result["w1"].append(dict(base, system=name, status="skipped", reason=reason))
                 _log(f"{workload.upper()} {shape} {dname} b{batch} s{s} T={case.tokens}: " + ", ".join(
                     f"{n} {t.median_s * 1e3:.0f}ms" for n, t in timings.items() if t.median_s))
-            if not long and not args.no_mha and "padfree" in runners:
+            if not long and not args.no_mha and "padfree" in runners and dname != "int8":  # int8 attends in fp32
                 run_mha(args, model, dname, runners["padfree"].encoder, grid, policy, peaks, result)
             del runners
 
