@@ -18,6 +18,10 @@ Paths timed (each a whole product: what a layer would call, including the activa
   ``onednn u7s8``: the same with 7-bit activations (+-63 steps): without VNNI, oneDNN multiplies with AVX2's
   ``vpmaddubsw``, whose int16 sums of two u8 x s8 products saturate with 8-bit activations (the error column
   shows it), as fbgemm's ``reduce_range`` avoids.
+- ``padfree blocks``: padfree's own fp32 product (the native stack's, for short batches: pack_blocks).
+- ``padfree int8``: padfree's int8 product (``int8_linear``: per-column int8 weight, per-row activations in 12 bits
+  held as int16, vpmaddwd; quantization, dequantization and bias included); ``padfree int8/8``: the same with 8-bit
+  activations (``levels=127``), to show what the extra bits cost (nothing) and buy (the error column).
 """
 from __future__ import annotations
 
@@ -82,6 +86,15 @@ def paths(k: int, n: int, m: int) -> dict:
         "onednn only": lambda: torch.ops.onednn.qlinear_pointwise(xu8, xs, 128, packed_q, w_scale, w_zp, b, 1.0, 0,
                                                                   torch.float32, "none", [], ""),
     }
+    from padfree import cpu
+    from padfree.ops import native
+    mod, isa = native.module(), cpu.current().int8_isa
+    if mod is not None and isa:
+        blocks = mod.pack_blocks(w)
+        pq, ps = mod.pack_int8(w)
+        out["padfree blocks"] = lambda: mod.blocks_linear(x, blocks, n, b, cpu.current().native_isa)
+        out["padfree int8"] = lambda: mod.int8_linear(x, pq, ps, n, b, "none", None, None, isa)
+        out["padfree int8/8"] = lambda: mod.int8_linear(x, pq, ps, n, b, "none", None, 127, isa)
     ref = (x.double() @ w.double().t() + b.double())
     errors = {name: float(((fn().double() - ref).abs().max() / ref.abs().max()))
               for name, fn in out.items() if not name.endswith("only")}
@@ -121,7 +134,7 @@ def main(argv=None) -> None:
              f"# features: {profile.isa_summary() if callable(profile.isa_summary) else profile.isa_summary}",
              "# median ms per call over rounds x reps, interleaved; speed-up = fp32 / path; rel. error: max |out -"
              " fp64 reference| / max |reference|",
-             f"{'shape':10} {'K x N':>11} {'path':12} {'ms':>8} {'vs fp32':>8} {'rel.err':>9}"]
+             f"{'shape':10} {'K x N':>11} {'path':15} {'ms':>8} {'vs fp32':>8} {'rel.err':>9}"]
     total: dict[str, float] = {}
     for name, (k, n) in SHAPES.items():
         fns, errors = paths(k, n, args.tokens)
@@ -136,7 +149,7 @@ def main(argv=None) -> None:
             ms = statistics.median(times[key])
             total[key] = total.get(key, 0.0) + ms
             err = f"{errors[key]:.2e}" if key in errors else "-"
-            lines.append(f"{name:10} {f'{k}x{n}':>11} {key:12} {ms:8.3f} {base / ms:7.2f}x {err:>9}")
+            lines.append(f"{name:10} {f'{k}x{n}':>11} {key:15} {ms:8.3f} {base / ms:7.2f}x {err:>9}")
     lines.append(f"{'layer':10} {'all four':>11} " + "; ".join(f"{k} {v:.2f} ms ({total['fp32'] / v:.2f}x)"
                                                               for k, v in total.items()))
     text = "\n".join(lines)

@@ -23,6 +23,9 @@ INT8 = torch.int8  # each system in its own int8 form: padfree dtype="int8", tra
                    # Linear (Infinity's --dtype int8), ORT's quantize_dynamic, OpenVINO with NNCF's int8 weights
 
 
+ONLY_BESIDE = {"padfree-fp32": "int8"}  # systems built for one dtype's table only (no skipped rows elsewhere)
+
+
 class Skip(Exception):
     """A system that cannot run here; the message is the reason shown in the report."""
 

@@ -38,7 +38,6 @@ from .workloads import (LONG_SHAPE, MODEL_SHAPES, Shape, attention_flops, build_
                         make_w1_case, position_limit, w1_grid, w1_long_grid)
 
 W1_SYSTEMS = ("padfree", "padfree-fp32", "hf-eager", "hf-sdpa", "hf-sdpa-compile", "ort", "openvino", "torch-varlen")
-ONLY_BESIDE = {"padfree-fp32": "int8"}  # systems built for one dtype's table only (no skipped rows elsewhere)
 LONG_SYSTEMS = ("padfree", "hf-sdpa", "openvino")  # eager (S x S in Python ops) and ORT's BERT graph do not fit
 WORKLOADS = ("w1", "w1-long", "w2", "w3")
 # workloads that run alone, each with its own options, in its own processes: --workload NAME -> module whose
@@ -153,7 +152,7 @@ def run_w1(args, peaks: dict, result: dict, long: bool = False) -> None:
             _log(f"W1 {shape} {dname}: building systems")
             runners, skipped = {}, {}
             for name, build in _builders(args, shape).items():
-                if name not in systems or ONLY_BESIDE.get(name, dname) != dname:
+                if name not in systems or bl.ONLY_BESIDE.get(name, dname) != dname:
                     continue
                 try:
                     runners[name] = build(model, dtype)

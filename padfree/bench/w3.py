@@ -39,7 +39,7 @@ from .workloads import W1Case, _case_seed
 W3_BATCHES = (1, 4)
 W3_LENGTHS = (8, 16, 32, 64, 128)
 W3_MODELS = ("minilm", "bert-base")
-W3_SYSTEMS = ("padfree", "hf-sdpa", "ort", "openvino")
+W3_SYSTEMS = ("padfree", "padfree-fp32", "hf-sdpa", "ort", "openvino")  # padfree-fp32: beside int8
 W3_REGIMES = {"back-to-back": RunPolicy(runs=30, min_runs=30, warmup=5, block=5, settle_s=0.1),
               "idle": RunPolicy(runs=30, min_runs=30, warmup=5, idle_s=0.02)}
 
@@ -85,7 +85,7 @@ def run_w3(models, dtypes, builders: dict, systems, seed: int = 0, grid=None,
     """Rows: one per (model, dtype, batch, length, regime, system). ``builders``: name -> ``(model, dtype) ->
     runner`` (``baselines.Skip`` for a system that cannot run); ``regimes``: name -> timing policy
     (default :data:`W3_REGIMES`)."""
-    from .baselines import DTYPES, Skip
+    from .baselines import DTYPES, ONLY_BESIDE, Skip
     rows = []
     grid = grid or w3_grid()
     for mname in models:
@@ -99,6 +99,8 @@ def run_w3(models, dtypes, builders: dict, systems, seed: int = 0, grid=None,
             dtype = DTYPES[dname]
             runners, skipped, precision, build_s = {}, {}, {}, {}
             for name in systems:
+                if ONLY_BESIDE.get(name, dname) != dname:
+                    continue
                 try:
                     t0 = time.perf_counter()
                     runners[name] = builders[name](model, dtype)
@@ -126,7 +128,7 @@ def run_w3(models, dtypes, builders: dict, systems, seed: int = 0, grid=None,
 def _w3_rows(base: dict, timings: dict, precision: dict, build_s: dict | None) -> list[dict]:
     """The rows of one configuration and regime; ``build_s``: set on the run's first timing (cold start)."""
     t_pf = timings["padfree"].median_s if "padfree" in timings else None
-    peers = {n: t.median_s for n, t in timings.items() if n != "padfree" and t.median_s}
+    peers = {n: t.median_s for n, t in timings.items() if not n.startswith("padfree") and t.median_s}
     fastest = min(peers, key=peers.get) if peers else None
     rows = []
     for name, tm in timings.items():
