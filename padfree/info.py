@@ -22,6 +22,8 @@ def report(plan: CpuPlan, this_machine: bool = True) -> dict:
     out["paths"] = {str(dtype).removeprefix("torch."): {n: names[stack_path(dtype, n, plan)]
                                                          for n in (1, 16, 64, 128, 256)}
                     for dtype in (torch.float32, torch.bfloat16)}
+    out["paths"]["int8"] = dict.fromkeys((1, 16, 64, 128, 256), "native stack, int8 products" if plan.int8_isa else
+                                         f"not available ({plan.reasons['int8_isa']})")
     if this_machine:
         if not plan.native_isa:
             out["native_module"] = f"not used ({plan.reasons['native_isa']})"

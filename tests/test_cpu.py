@@ -148,10 +148,15 @@ def test_padfree_info_prints_the_profile_and_the_plan():
     report = json.loads(run.stdout)
     assert report["plan"]["native_isa"] == cpu.current().native_isa
     assert report["cpu"]["features"] == cpu.current().profile.isa_summary
-    assert set(report["paths"]) == {"float32", "bfloat16"} and "native_module" in report
+    assert set(report["paths"]) == {"float32", "bfloat16", "int8"} and "native_module" in report
+    assert report["plan"]["int8_isa"] == cpu.current().int8_isa
     text = subprocess.run([sys.executable, "-m", "padfree.cli", "info", "--as", "zen4"], capture_output=True,
                           text=True, timeout=300)
     assert text.returncode == 0 and "AMD Zen 4" in text.stdout and "bf16 dot products" in text.stdout
+    assert "int8: 1: native stack, int8 products" in text.stdout
+    sse = subprocess.run([sys.executable, "-m", "padfree.cli", "info", "--as", "x86-sse"], capture_output=True,
+                         text=True, timeout=300)
+    assert "int8: 1: not available (int8 products need the native module's AVX2 kernels" in sse.stdout
     bad = subprocess.run([sys.executable, "-m", "padfree.cli", "info", "--as", "pentium"], capture_output=True,
                          text=True, timeout=300)
     assert bad.returncode != 0 and bad.stderr.strip().count("\n") == 0 and "unknown CPU kind 'pentium'" in bad.stderr

@@ -261,7 +261,7 @@ def build_openvino(model, dtype, device, log=print) -> Runner:
         feed = {"input_ids": case.input_ids.numpy(), "attention_mask": case.attention_mask.numpy()}
         res = request.infer({n: feed[n] for n in names})
         return torch.from_numpy(res[out_port].copy())
-    run.precision = precision
+    run.precision = f"int8 weights, {precision}" if dtype == INT8 else precision
     run.compiled = compiled
     return run
 

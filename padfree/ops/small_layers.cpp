@@ -1172,9 +1172,10 @@ const std::array<QBlockFn, kQRows>& qblocks_for(Act act, bool res) {
   return res ? qblocks<Act::none, true> : qblocks<Act::none, false>;
 }
 
-// Rows are taken in chunks of even sizes whose quantized x fits in L2 beside a panel (at most kQChunk bytes): each thread runs a chunk's
-// rows over a range of panels, the panel reused from L1/L2 by every kQRows rows of the chunk. Chunks are split over
-// the threads; where there are too few of them for the threads (short batches), the panels are split too.
+// Rows are taken in chunks of even sizes whose quantized x fits in L2 beside a panel (at most kQChunk bytes): each
+// thread runs a chunk's rows over a range of panels, the panel reused from L1/L2 by every kQRows rows of the chunk.
+// Chunks are split over the threads; where there are too few of them for the threads (short batches), the panels
+// are split too.
 constexpr int64_t kQChunk = 196608;
 
 void qproduct(const int16_t* xq, const float* xs, int64_t M, int64_t pairs, const int8_t* w, const float* ws,
