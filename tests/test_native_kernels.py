@@ -270,7 +270,7 @@ def test_a_stack_layer_states_its_packing():
     layer = small_stack(layers=1)[0]
     blocks = layer_fields(layer, mod.pack_blocks)
     assert mod.StackLayer(packing="blocks", **blocks).packing == "blocks"
-    with pytest.raises(RuntimeError, match=r"StackLayer: unknown packing 'fp32' \(blocks, pairs, onednn or mkl\)"):
+    with pytest.raises(RuntimeError, match=r"StackLayer: unknown packing 'fp32' \(blocks, pairs, onednn, mkl or int8\)"):
         mod.StackLayer(packing="fp32", **blocks)
     with pytest.raises(RuntimeError, match=r"StackLayer: qkv_packed must be oneDNN's packing \[192, 64\]"):
         mod.StackLayer(packing="onednn", **blocks)

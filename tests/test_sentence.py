@@ -235,5 +235,5 @@ def test_loading_errors(tmp_path):
     save_file(state, tmp_path / "model.safetensors")
     with pytest.raises(ValueError, match=r"missing 1 weights.*layer.3.attention.self.key.weight"):
         padfree.from_pretrained(tmp_path)
-    with pytest.raises(ValueError, match="dtype"):
-        padfree.from_pretrained(tmp_path, dtype=torch.int8)
+    with pytest.raises(ValueError, match="dtype torch.int16 is not supported"):
+        padfree.from_pretrained(tmp_path, dtype=torch.int16)
