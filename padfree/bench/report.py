@@ -185,19 +185,23 @@ def w2_markdown(result: dict) -> str:
                   f"{c['p50_tokens']}, p99 {c['p99_tokens']}, max {c['max_tokens']}) — {c['source']}; "
                   f"model {c['model']}.", ""]
     lines += ["Columns 6-7 (padfree rows): padfree's speedup over sentence-transformers; column 8 (other rows): "
-              "padfree's speedup over that system, same dtype.", "",
+              "padfree's speedup over that system, same dtype. int8 rows: each system in its own int8 form "
+              "(sentence-transformers with torch's dynamic int8 Linear), padfree fp32 beside them, and each one's "
+              "embeddings against sentence-transformers fp32: the smallest cosine and the share of the 10 nearest "
+              "texts of each of the first 100 that agree.", "",
               "| dtype | system | seconds | texts/s | tokens/s | padfree × ST (same dtype) | padfree × ST fp32 | "
-              "padfree × this system | min cosine vs ST (same dtype) | min cosine vs ST fp32 |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
+              "padfree × this system | min cosine vs ST (same dtype) | min cosine vs ST fp32 | top-10 vs ST fp32 |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in result.get("w2", []):
         system = r["system"] if r.get("precision") in (None, r["dtype"]) else f"{r['system']} ({r['precision']})"
         if r["status"] != "ok":
-            lines.append(f"| {r['dtype']} | {system} | skipped: {r['reason']} | | | | | | | |")
+            lines.append(f"| {r['dtype']} | {system} | skipped: {r['reason']} | | | | | | | | |")
             continue
         lines.append(f"| {r['dtype']} | {system} | {r['median_s']:.2f} | {r['texts_per_s']:.0f} | "
                      f"{r['tokens_per_s']:.0f} | {_f(r.get('speedup_vs_st'), '{:.2f}×')} | "
                      f"{_f(r.get('speedup_vs_st_fp32'), '{:.2f}×')} | {_f(r.get('padfree_speedup'), '{:.2f}×')} | "
-                     f"{_f(r.get('min_cosine_vs_st'), '{:.7f}')} | {_f(r.get('min_cosine_vs_st_fp32'), '{:.7f}')} |")
+                     f"{_f(r.get('min_cosine_vs_st'), '{:.7f}')} | {_f(r.get('min_cosine_vs_st_fp32'), '{:.7f}')} | "
+                     f"{_f(r.get('top10_vs_st_fp32'), '{:.3f}')} |")
     return "\n".join(lines) + "\n"
 
 

@@ -32,6 +32,26 @@ def min_cosine(a: np.ndarray, b: np.ndarray) -> float:
     return float(cos.min())
 
 
+def top10_overlap(a: np.ndarray, reference: np.ndarray, queries: int = 100) -> float:
+    """Mean share of the 10 nearest texts (cosine, the query itself left out) of each of the first ``queries`` texts
+    that ``a``'s embeddings and ``reference``'s agree on: the ranking a search would return."""
+    tops = []
+    for e in (a, reference):
+        e = e.astype(np.float64) / np.linalg.norm(e, axis=1, keepdims=True)
+        sims = e[:queries] @ e.T
+        sims[np.arange(len(sims)), np.arange(len(sims))] = -np.inf
+        tops.append(np.argsort(-sims, axis=1)[:, :10])
+    return float(np.mean([len(set(x) & set(y)) / 10 for x, y in zip(*tops)]))
+
+
+def _int8_sentence_transformer(path: str, device: str):
+    """sentence-transformers in fp32 with every Linear swapped for torch's dynamic int8 one: what Infinity's
+    ``--dtype int8`` runs."""
+    from sentence_transformers import SentenceTransformer
+    st = SentenceTransformer(path, device=device)
+    return torch.ao.quantization.quantize_dynamic(st, {torch.nn.Linear}, dtype=torch.qint8)
+
+
 def openvino_encoder(path: str, dtype: torch.dtype, log=print):
     """``encode(texts) -> numpy [N, D]`` with OpenVINO, batched as sentence-transformers does: texts sorted by
     length (longest first), batches of 32, each padded to its longest text by the model's tokenizer, then the
@@ -86,7 +106,7 @@ def run_w2(texts: list[str], dtypes: list[str], device: str, policy: RunPolicy, 
     from sentence_transformers import SentenceTransformer
 
     import padfree
-    from .baselines import DTYPES
+    from .baselines import DTYPES, INT8
 
     path = model_path(path)
     rows, fp32_reference = [], None
@@ -94,7 +114,8 @@ def run_w2(texts: list[str], dtypes: list[str], device: str, policy: RunPolicy, 
     for name in dtypes:
         dtype = DTYPES[name]
         enc = padfree.SentenceEncoder.from_pretrained(path, dtype=dtype, device=device)
-        st = SentenceTransformer(path, device=device, model_kwargs={"dtype": dtype})
+        st = _int8_sentence_transformer(path, device) if dtype == INT8 else \
+            SentenceTransformer(path, device=device, model_kwargs={"dtype": dtype})
         from .baselines import Skip
         try:
             ov = openvino_encoder(path, dtype, log) if device == "cpu" else None
@@ -116,6 +137,15 @@ def run_w2(texts: list[str], dtypes: list[str], device: str, policy: RunPolicy, 
             outputs["padfree"] = enc.encode(texts, batch_tokens=batch_tokens)
 
         systems = {"sentence-transformers": st_run, "padfree": pf_run}
+        if dtype == INT8:  # padfree fp32 beside int8, and the fp32 embeddings each int8 system is held against
+            enc32 = padfree.SentenceEncoder.from_pretrained(path, dtype=torch.float32, device=device)
+
+            def pf32_run():
+                outputs["padfree-fp32"] = enc32.encode(texts, batch_tokens=batch_tokens)
+            systems["padfree-fp32"] = pf32_run
+            if fp32_reference is None:
+                fp32_reference = SentenceTransformer(path, device=device).encode(
+                    texts, batch_size=32, convert_to_numpy=True).astype(np.float32)
         if ov is not None:
             def ov_run():
                 outputs["openvino"] = ov(texts, batch_size=32)
@@ -140,6 +170,12 @@ def run_w2(texts: list[str], dtypes: list[str], device: str, policy: RunPolicy, 
                     row["min_cosine_vs_st"] = min_cosine(outputs["openvino"], outputs["st"])
                     if fp32_reference is not None:
                         row["min_cosine_vs_st_fp32"] = min_cosine(outputs["openvino"], fp32_reference)
+            if dtype == INT8 and tm.median_s:  # every system's accuracy against sentence-transformers fp32
+                out = outputs[{"sentence-transformers": "st"}.get(system, system)]
+                row.update(min_cosine_vs_st_fp32=min_cosine(out, fp32_reference),
+                           top10_vs_st_fp32=top10_overlap(out, fp32_reference),
+                           precision={"sentence-transformers": "torch dynamic int8", "padfree-fp32": "fp32"}.get(
+                               system, row.get("precision", name)))
             if system == "padfree" and tm.median_s and t_st:
                 row["speedup_vs_st"] = t_st / tm.median_s
                 row["min_cosine_vs_st"] = min_cosine(outputs["padfree"], outputs["st"])
