@@ -245,7 +245,8 @@ def plan_for(profile: CpuProfile, settings: Settings = Settings()) -> CpuPlan:
     limits = _LIMITS.get((isa, "amd" if amd else "intel"), _NO_KERNELS)
     why["row_limits"] = limits["why"]
     return CpuPlan(profile=profile, native_isa=isa, bf16_dot=bf16_dot, bf16_compute=fast_bf16,
-                   onednn_bf16=onednn_bf16, mkl_small_rows=small, int8_isa=int8, pin_threads=settings.pin_threads, reasons=why,
+                   onednn_bf16=onednn_bf16, mkl_small_rows=small, int8_isa=int8, pin_threads=settings.pin_threads,
+                   reasons=why,
                    **{k: v for k, v in limits.items() if k != "why"})
 
 

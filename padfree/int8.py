@@ -58,14 +58,15 @@ def probe_batch(vocab_size: int, max_length: int, device="cpu") -> PackedBatch:
 def check_accuracy(encoder) -> Int8Check:
     """Run the probe through ``encoder`` (an int8 :class:`padfree.models.encoder.Encoder`) with its int8 products
     and with float ones, and compare (see the module docstring). The encoder's kernels are swapped for the float
-    run and restored: call it before the encoder is shared (the loader does)."""
+    run and restored: call it before the encoder is shared (the loader does). The float run takes the torch
+    backend (``F.linear`` on the parameters): the CPU backend would pack and keep an fp32 copy of every weight."""
     cfg = encoder.config
     batch = probe_batch(cfg.vocab_size, cfg.max_sequence_length, encoder.device)
     hidden_int8 = encoder.forward_packed(batch)
     backend, plan = encoder.backend, encoder.cpu_plan
     encoder.products = "float"
     try:
-        hidden_float = encoder.prepare(backend, plan).forward_packed(batch)
+        hidden_float = encoder.prepare("torch", plan).forward_packed(batch)
     finally:
         encoder.products = "int8"
         encoder.prepare(backend, plan)

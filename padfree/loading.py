@@ -15,9 +15,9 @@ from pathlib import Path
 
 import torch
 
+from . import int8
 from ._hf import have_transformers, missing
 from .config import ModelConfig
-from . import int8
 from .cpu import choose_dtype
 from .hub import resolve_source
 from .lora import TaskAdapters, check_task, read_lora_config, split_adapters

@@ -195,6 +195,17 @@ def test_minilm_on_real_text_keeps_vectors_and_ranking(minilm_vectors):
     assert np.mean([len(set(x) & set(y)) / 10 for x, y in zip(*overlap)]) >= 0.9
 
 
+def test_an_int8_model_keeps_no_float_packing_of_its_weights():
+    """The int8 packing is the only packed copy an int8 model's products need: neither the load gate's float run
+    nor a forward leaves an fp32 (oneDNN, MKL, native) packing of a weight cached beside it."""
+    from padfree.ops import onednn_backend
+    enc = padfree.from_pretrained(minilm_path(), dtype="int8")
+    enc.forward_packed(PackedBatch.from_sequences([[101, 2000, 102], list(range(1000, 1300))]))
+    ids = {id(p) for p in enc.parameters()}
+    layouts = {layout for (i, layout) in onednn_backend._packed if i in ids}
+    assert layouts == {"int8"}
+
+
 def test_a_classifier_keeps_its_argmax(tmp_path):
     from padfree.bench.corpus import stdlib_paragraphs
     from transformers import AutoTokenizer
