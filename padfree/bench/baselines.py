@@ -188,11 +188,11 @@ def _ort_int8(path: str, log) -> str:
     """ORT's dynamic quantization of the optimized graph, as sentence-transformers exports its ``qint8`` models:
     int8 weights per channel, activations quantized per tensor at run time; ``reduce_range`` (7-bit weights) on a
     CPU without VNNI, whose u8 x s8 products saturate otherwise (NOTES.md section 25)."""
+    import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
     from padfree import cpu
     vnni = bool({"avx512_vnni", "avx_vnni", "amx_int8"} & cpu.current().profile.features)
     out = path.replace(".onnx", "_qint8.onnx")
-    import onnx
     quantize_dynamic(path, out, weight_type=QuantType.QInt8, per_channel=True, reduce_range=not vnni,
                      extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})  # the fused ops' outputs
     log(f"  ORT: quantize_dynamic QInt8, per channel, reduce_range={not vnni}")
